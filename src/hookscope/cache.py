@@ -1,0 +1,327 @@
+"""ActivationCache: a dict of activations that merges batches and saves to safetensors.
+
+Layout of the values (``P`` = slots of the target positions, see ``hookscope.positions``):
+
+* activations (``resid_out_3``, ``logits``, ...): ``[batch, P, ...]``
+* ``position_mask``: ``[batch, P]`` bool, False for slots that pad a shorter selection
+* ``input_ids``: ``[batch, seq]`` as given; batches of different length are right-padded with
+  ``pad_token_id`` when merged
+* ``mapping_index``: each position item -> its slot indices, e.g. ``{"last": [0], 0: [1]}``
+* ``batch_saver``: a dict of whatever ``extract_cache``'s ``batch_saver`` returned, merged
+  across batches (tensors concatenated, lists extended)
+
+Batches whose items select a different number of slots (``"all"`` over batches of different
+lengths) are re-laid on merge: each item gets the widest count, shorter rows are zero-padded and
+masked. Merging happens once, when a value is first read, so appending is linear.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator, MutableMapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import HookscopeError
+from .points import parse_point
+
+METADATA_KEYS = ("mapping_index", "batch_saver")
+_FORMAT = "hookscope.ActivationCache/1"
+
+
+def _position_axes(key: str, value: torch.Tensor) -> tuple[int, ...]:
+    """Which axes of a tensor value index the target-position slots."""
+    if key == "input_ids" or value.dim() < 2:
+        return ()
+    return (1,)
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+class ActivationCache(MutableMapping):
+    """Activations by name, dict-like (``[]``, ``in``, ``keys``, ``items``, ``len``).
+
+    Example:
+        >>> cache = hm.forward(batch, ["last"], ExtractionConfig(extract_resid_out=True))
+        >>> cache["resid_out_3"].shape        # [batch, positions, d_model]
+        >>> cache.stack("resid_out").shape    # [layers, batch, positions, d_model]
+    """
+
+    def __init__(self, data: dict[str, Any] | None = None, pad_token_id: int = 0):
+        self._data: dict[str, Any] = dict(data or {})
+        self._pending: list[dict[str, Any]] = []
+        self.pad_token_id = pad_token_id
+
+    # -- dict protocol -------------------------------------------------------------------------
+    def __getitem__(self, key: str) -> Any:
+        self._merge_pending()
+        if key not in self._data:
+            raise KeyError(f"{key!r} is not in this cache; keys: {list(self._data)}")
+        return self._data[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._merge_pending()
+        self._data[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        self._merge_pending()
+        del self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        self._merge_pending()
+        return iter(list(self._data))
+
+    def __len__(self) -> int:
+        self._merge_pending()
+        return len(self._data)
+
+    def __contains__(self, key: object) -> bool:
+        self._merge_pending()
+        return key in self._data
+
+    # -- batches -------------------------------------------------------------------------------
+    def cat(self, other: ActivationCache | dict[str, Any]) -> ActivationCache:
+        """Append the batch in ``other`` (rows after this cache's rows). Returns ``self``."""
+        batch = dict(other.items())
+        if not self._data and not self._pending:
+            self._data = batch
+        else:
+            self._pending.append(batch)
+        return self
+
+    def _merge_pending(self) -> None:
+        if self._pending:
+            self._data = _merge_batches([self._data, *self._pending], self.pad_token_id)
+            self._pending = []
+
+    # -- views ---------------------------------------------------------------------------------
+    def stack(self, kind: str) -> torch.Tensor:
+        """Stack every layer of one kind: ``stack("resid_out")`` -> ``[layers, batch, P, d]``.
+
+        Raises:
+            HookscopeError: when the cache holds no ``{kind}_{layer}`` key.
+        """
+        by_layer = {}
+        for key in self:
+            try:
+                point = parse_point(key)
+            except ValueError:
+                continue
+            if point.kind == kind and point.layer is not None and point.head is None:
+                by_layer[point.layer] = self._data[key]
+        if not by_layer:
+            kinds = sorted({k.rsplit("_", 1)[0] for k in self if k[-1:].isdigit()})
+            raise HookscopeError(f"no '{kind}_{{layer}}' keys in this cache; per-layer kinds here: {kinds}")
+        return torch.stack([by_layer[layer] for layer in sorted(by_layer)])
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor value, by key (``mapping_index`` and ``batch_saver`` aside)."""
+        return {k: v for k, v in self.items() if isinstance(v, torch.Tensor)}
+
+    def to(self, device: str | torch.device) -> ActivationCache:
+        """Move every tensor (batch_saver tensors included) to ``device``, in place. Returns self."""
+        self._merge_pending()
+        for key, value in self._data.items():
+            if isinstance(value, torch.Tensor):
+                self._data[key] = value.to(device)
+            elif key == "batch_saver" and isinstance(value, dict):
+                self._data[key] = {
+                    k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in value.items()
+                }
+        return self
+
+    def cpu(self) -> ActivationCache:
+        """Same as ``to("cpu")``."""
+        return self.to("cpu")
+
+    def memory_size(self) -> int:
+        """Bytes held by the tensors of this cache."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def __repr__(self) -> str:
+        self._merge_pending()
+        lines = [f"ActivationCache({len(self._data)} keys, {_human_bytes(self.memory_size())})"]
+        width = max((len(k) for k in self._data), default=0)
+        for key, value in self._data.items():
+            if isinstance(value, torch.Tensor):
+                desc = f"{list(value.shape)} {str(value.dtype).removeprefix('torch.')} {value.device}"
+            else:
+                desc = repr(value) if len(repr(value)) < 80 else f"{type(value).__name__}(...)"
+            lines.append(f"  {key:<{width}}  {desc}")
+        return "\n".join(lines)
+
+    # -- disk ----------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the cache to one safetensors file (tensors) with JSON metadata; atomic.
+
+        Non-tensor ``batch_saver`` values must be JSON-serialisable (never pickled).
+        """
+        path = Path(path)
+        tensors = {k: v.detach().contiguous().clone() for k, v in self.tensors().items()}
+        saver = self._data.get("batch_saver") or {}
+        saver_json = {}
+        for key, value in saver.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"batch_saver/{key}"] = value.detach().contiguous().clone()
+            else:
+                try:
+                    saver_json[key] = json.loads(json.dumps(value))
+                except TypeError as error:
+                    raise HookscopeError(
+                        f"batch_saver value {key!r} ({type(value).__name__}) is neither a tensor "
+                        "nor JSON-serialisable; hookscope never pickles."
+                    ) from error
+        metadata = {
+            "format": _FORMAT,
+            "mapping_index": json.dumps(_encode_mapping(self._data.get("mapping_index"))),
+            "batch_saver": json.dumps(saver_json),
+            "pad_token_id": str(self.pad_token_id),
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(handle)
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str = "cpu") -> ActivationCache:
+        """Read a cache written by :meth:`save`."""
+        with safe_open(str(path), framework="pt", device=device) as handle:
+            metadata = handle.metadata() or {}
+            if metadata.get("format") != _FORMAT:
+                raise HookscopeError(f"{path} is not a hookscope ActivationCache file.")
+            data: dict[str, Any] = {}
+            saver: dict[str, Any] = json.loads(metadata.get("batch_saver", "{}"))
+            for key in handle.keys():
+                if key.startswith("batch_saver/"):
+                    saver[key.removeprefix("batch_saver/")] = handle.get_tensor(key)
+                else:
+                    data[key] = handle.get_tensor(key)
+        mapping = _decode_mapping(json.loads(metadata["mapping_index"]))
+        if mapping is not None:
+            data["mapping_index"] = mapping
+        if saver:
+            data["batch_saver"] = saver
+        return cls(data, pad_token_id=int(metadata.get("pad_token_id", 0)))
+
+
+# -- mapping index encoding --------------------------------------------------------------------
+def _encode_mapping(mapping: dict | None) -> list | None:
+    if mapping is None:
+        return None
+    encoded = []
+    for item, slots in mapping.items():
+        kind = "tuple" if isinstance(item, tuple) else type(item).__name__
+        encoded.append([kind, list(item) if isinstance(item, tuple) else item, list(slots)])
+    return encoded
+
+
+def _decode_mapping(encoded: list | None) -> dict | None:
+    if encoded is None:
+        return None
+    return {(tuple(item) if kind == "tuple" else item): slots for kind, item, slots in encoded}
+
+
+# -- merging -----------------------------------------------------------------------------------
+def _merge_batches(batches: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
+    """Concatenate batch dicts along the batch axis, re-laying slots where widths differ."""
+    keys = list(batches[0])
+    for index, batch in enumerate(batches[1:], start=1):
+        if set(batch) != set(keys):
+            raise HookscopeError(
+                f"cannot merge batch {index}: its keys differ from the first batch's "
+                f"(missing {sorted(set(keys) - set(batch))}, extra {sorted(set(batch) - set(keys))})."
+            )
+    mappings = [batch.get("mapping_index") for batch in batches]
+    layout = _common_layout(mappings)
+    merged: dict[str, Any] = {}
+    for key in keys:
+        values = [batch[key] for batch in batches]
+        if key == "mapping_index":
+            merged[key] = layout[0] if layout else values[0]
+        elif key == "batch_saver":
+            merged[key] = _merge_saver(values)
+        elif isinstance(values[0], torch.Tensor):
+            axes = _position_axes(key, values[0])
+            if key == "input_ids":
+                merged[key] = _cat_padded(values, pad_token_id)
+            elif layout and axes:
+                merged[key] = torch.cat(
+                    [_relay(v, m, layout, axes) for v, m in zip(values, mappings, strict=True)]
+                )
+            else:
+                merged[key] = torch.cat(values)
+        else:
+            merged[key] = values
+    return merged
+
+
+def _common_layout(mappings: list[dict | None]) -> tuple[dict, dict] | None:
+    """``(merged mapping, widths per item)`` if the batches' slot layouts differ, else None."""
+    if all(m == mappings[0] for m in mappings):
+        return None
+    items = list(mappings[0])
+    if any(list(m) != items for m in mappings):
+        raise HookscopeError(
+            f"cannot merge batches with different position items: {[list(m) for m in mappings]}"
+        )
+    widths = {item: max(len(m[item]) for m in mappings) for item in items}
+    merged, start = {}, 0
+    for item in items:
+        merged[item] = list(range(start, start + widths[item]))
+        start += widths[item]
+    return merged, widths
+
+
+def _relay(value: torch.Tensor, mapping: dict, layout: tuple[dict, dict], axes: tuple[int, ...]):
+    """Copy each item's slots of ``value`` into the merged layout (zeros / False elsewhere)."""
+    merged_mapping, _ = layout
+    total = sum(len(slots) for slots in merged_mapping.values())
+    for axis in axes:
+        shape = list(value.shape)
+        shape[axis] = total
+        out = value.new_zeros(shape)
+        for item, slots in mapping.items():
+            target = merged_mapping[item][: len(slots)]
+            out.index_copy_(axis, torch.tensor(target, device=value.device), value.index_select(
+                axis, torch.tensor(slots, device=value.device)))
+        value = out
+    return value
+
+
+def _cat_padded(values: list[torch.Tensor], pad_value: int) -> torch.Tensor:
+    """Concatenate ``[batch, seq]`` tensors of different ``seq``, right-padding with ``pad_value``."""
+    length = max(v.shape[1] for v in values)
+    return torch.cat(
+        [torch.nn.functional.pad(v, (0, length - v.shape[1]), value=pad_value) for v in values]
+    )
+
+
+def _merge_saver(values: list[dict[str, Any]]) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for key in values[0]:
+        parts = [v.get(key) for v in values]
+        if all(isinstance(p, torch.Tensor) for p in parts):
+            merged[key] = torch.cat([p if p.dim() else p.unsqueeze(0) for p in parts])
+        elif all(isinstance(p, list) for p in parts):
+            merged[key] = [x for p in parts for x in p]
+        else:
+            merged[key] = parts
+    return merged

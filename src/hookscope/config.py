@@ -1,0 +1,135 @@
+"""Configuration dataclasses: how to load a model, and what to extract from it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+import torch
+
+# ExtractionConfig flags that request activations of one kind in every (selected) layer.
+LAYER_FLAGS: dict[str, tuple[str, ...]] = {
+    "extract_resid_in": ("resid_in",),
+    "extract_resid_mid": ("resid_mid",),
+    "extract_resid_out": ("resid_out",),
+    "extract_resid_in_post_layernorm": ("resid_in_post_layernorm",),
+    "extract_attn_in": ("attn_in",),
+    "extract_attn_out": ("attn_out",),
+    "extract_mlp_out": ("mlp_out",),
+    "extract_queries": ("queries",),
+    "extract_keys": ("keys",),
+    "extract_values": ("values",),
+}
+# Flags that request one model-level point.
+MODEL_FLAGS: dict[str, str] = {
+    "extract_embed": "input_embeddings",
+    "extract_last_layernorm": "last_layernorm",
+}
+# Per-head and attention-pattern flags: implemented by the attention-internals work (issue 3).
+ATTENTION_FLAGS = (
+    "extract_attn_pattern",
+    "extract_avg_attn_pattern",
+    "extract_values_vectors_projected",
+    "extract_avg_values_vectors_projected",
+    "extract_head_out",
+    "extract_head_queries",
+    "extract_head_keys",
+    "extract_head_values",
+)
+
+
+@dataclass
+class HookedModelConfig:
+    """How to load the model that a :class:`~hookscope.HookedModel` wraps.
+
+    Attributes:
+        model_name: an HF folder, a hub id, a ``.gguf`` file, or ``None`` for the embedded
+            default model (SmolLM2-135M-Instruct).
+        device_map: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, or an accelerate map (``"auto"``,
+            ``"balanced"``, a dict). ``None`` picks ``"cuda"`` when available, else ``"cpu"``.
+        torch_dtype: the dtype to load in (``torch.float32``, ``torch.bfloat16``, ...) or
+            ``"auto"`` for the checkpoint's own.
+        attn_implementation: the attention kernel (``"sdpa"``, ``"eager"``, ``"flash_attention_2"``,
+            ...); ``None`` keeps transformers' default for the family.
+        batch_size: batch size used when hookscope batches raw strings itself.
+        gguf_file: the GGUF file name inside ``model_name`` (a folder), if loading from GGUF.
+        revision: the hub revision to load.
+    """
+
+    model_name: str | None = None
+    device_map: str | dict[str, Any] | None = None
+    torch_dtype: torch.dtype | str = "auto"
+    attn_implementation: str | None = "sdpa"
+    batch_size: int = 8
+    gguf_file: str | None = None
+    revision: str | None = None
+
+
+@dataclass
+class ExtractionConfig:
+    """What to extract in a forward pass. Every ``extract_*`` flag adds cache keys.
+
+    Per layer (keys ``{kind}_{layer}``, see ``hookscope.points.KINDS`` for definitions):
+    ``extract_resid_in``, ``extract_resid_mid``, ``extract_resid_out``,
+    ``extract_resid_in_post_layernorm``, ``extract_attn_in``, ``extract_attn_out``,
+    ``extract_mlp_out``, ``extract_queries``, ``extract_keys``, ``extract_values``.
+
+    Model level: ``extract_embed`` -> ``input_embeddings``; ``extract_last_layernorm`` ->
+    ``last_layernorm``; ``save_input_ids`` -> ``input_ids``; ``save_logits`` -> ``logits``
+    at the target positions (default on).
+
+    Attention internals (``extract_attn_pattern``, ``extract_head_out``, ...) and ``attn_heads`` /
+    ``attn_pattern_row_positions`` belong to the attention-internals work; until it lands they
+    raise ``NotImplementedError``.
+
+    Modifiers:
+        extract_avg: average over each position item's tokens (one slot per item).
+        layers: restrict per-layer extraction to these layers (default: all).
+        keep_gradient: run with autograd on and keep the graph through extracted tensors.
+    """
+
+    extract_embed: bool = False
+    extract_resid_in: bool = False
+    extract_resid_mid: bool = False
+    extract_resid_out: bool = False
+    extract_resid_in_post_layernorm: bool = False
+    extract_attn_in: bool = False
+    extract_attn_out: bool = False
+    extract_mlp_out: bool = False
+    extract_queries: bool = False
+    extract_keys: bool = False
+    extract_values: bool = False
+    extract_last_layernorm: bool = False
+    extract_attn_pattern: bool = False
+    extract_avg_attn_pattern: bool = False
+    extract_values_vectors_projected: bool = False
+    extract_avg_values_vectors_projected: bool = False
+    extract_head_out: bool = False
+    extract_head_queries: bool = False
+    extract_head_keys: bool = False
+    extract_head_values: bool = False
+    save_input_ids: bool = False
+    save_logits: bool = True
+    extract_avg: bool = False
+    attn_heads: list[dict[str, int]] | Literal["all"] = "all"
+    attn_pattern_row_positions: list[Any] | None = None
+    layers: list[int] | None = None
+    keep_gradient: bool = False
+
+    def is_not_empty(self) -> bool:
+        """True when at least one activation is requested (``save_logits`` aside)."""
+        flags = [*LAYER_FLAGS, *MODEL_FLAGS, *ATTENTION_FLAGS, "save_input_ids"]
+        return any(getattr(self, flag) for flag in flags)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly dict of every field."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ExtractionConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise a ``TypeError`` naming them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise TypeError(f"unknown ExtractionConfig fields {unknown}; valid: {sorted(known)}")
+        return cls(**data)

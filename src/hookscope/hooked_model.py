@@ -1,0 +1,352 @@
+"""HookedModel: the facade. It wires positions, capture hooks and the HF forward together."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .archs import ModelMap, resolve_architecture
+from .cache import ActivationCache
+from .capture import StopForward, capture_hooks, last_layer_needed, plan_capture, points_for
+from .config import ExtractionConfig, HookedModelConfig
+from .errors import HookscopeError, InputError, PositionError
+from .hooks import ModuleHook, as_module_hook, get_module, installed, register
+from .inputs import model_input_names, prepare_inputs, tokenize
+from .loading import load_model_and_tokenizer, prepare_tokenizer
+from .positions import PositionItem, ResolvedPositions, normalize_items, resolve_positions
+
+
+class HookedModel:
+    """A HuggingFace model, wrapped in place, that extracts activations at chosen positions.
+
+    Build it with :meth:`from_pretrained` (a folder, hub id, ``.gguf`` file, or nothing for the
+    embedded default SmolLM2-135M-Instruct) or :meth:`from_hf` (an already-built model).
+
+    Attributes:
+        hf_model: the wrapped ``PreTrainedModel`` (the same object: nothing is copied).
+        model_map: where layers, attention, MLP and norms live, and the model's dimensions.
+        config: the :class:`HookedModelConfig` it was built from.
+    """
+
+    def __init__(
+        self,
+        config: HookedModelConfig | None = None,
+        *,
+        hf_model: nn.Module | None = None,
+        tokenizer: Any = None,
+        processor: Any = None,
+    ):
+        self.config = config or HookedModelConfig()
+        if hf_model is None:
+            hf_model, tokenizer = load_model_and_tokenizer(self.config)
+        self.hf_model = hf_model
+        self.tokenizer = prepare_tokenizer(tokenizer)
+        self.processor = processor
+        self.model_map: ModelMap = resolve_architecture(hf_model)
+        self.model_name = self.config.model_name or getattr(hf_model, "name_or_path", None)
+        self._persistent_handles: list[RemovableHandle] = []
+
+    # -- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, model_name: str | None = None, **kwargs: Any) -> HookedModel:
+        """Load and wrap a model. ``kwargs`` are :class:`HookedModelConfig` fields
+        (``device_map``, ``torch_dtype``, ``attn_implementation``, ``batch_size``, ...)."""
+        return cls(HookedModelConfig(model_name=model_name, **kwargs))
+
+    @classmethod
+    def from_hf(cls, model: nn.Module, tokenizer: Any = None, processor: Any = None) -> HookedModel:
+        """Wrap an already-built HF model in place (its weights are not copied)."""
+        config = HookedModelConfig(
+            model_name=getattr(model, "name_or_path", None) or None,
+            attn_implementation=getattr(model.config, "_attn_implementation", None),
+        )
+        return cls(config, hf_model=model, tokenizer=tokenizer, processor=processor)
+
+    def __repr__(self) -> str:
+        m = self.model_map
+        return (
+            f"HookedModel({self.model_name!r}, {m.model_type}: {m.n_layers} layers, "
+            f"{m.n_heads} heads ({m.n_kv_heads} KV), d_model {m.d_model}, on {self.device()})"
+        )
+
+    # -- accessors -----------------------------------------------------------------------------
+    def get_tokenizer(self) -> Any:
+        """The tokenizer (or the processor, for a vision-language model that has one)."""
+        return self.processor if self.processor is not None else self.tokenizer
+
+    def get_text_tokenizer(self) -> Any:
+        """The text tokenizer, also for a model with a processor."""
+        if self.processor is not None and hasattr(self.processor, "tokenizer"):
+            return self.processor.tokenizer
+        return self.tokenizer
+
+    def get_processor(self) -> Any:
+        """The multimodal processor. Raises for a text-only model (use :meth:`get_tokenizer`)."""
+        if self.processor is None:
+            raise HookscopeError(
+                f"{self.model_name!r} is a text-only model and has no processor; use get_tokenizer()."
+            )
+        return self.processor
+
+    def device(self) -> torch.device:
+        """The device of the first parameter (where inputs go)."""
+        return next(self.hf_model.parameters()).device
+
+    def eval(self) -> HookedModel:
+        """Put the model in evaluation mode. Returns self."""
+        self.hf_model.eval()
+        return self
+
+    def get_module_from_string(self, component: str) -> nn.Module:
+        """The real submodule for a path like ``"model.layers[0].self_attn"``."""
+        return get_module(self.hf_model, component)
+
+    def to_string_tokens(self, tokens: torch.Tensor | Sequence[int]) -> list:
+        """Decode each token id on its own: ``[15496, 995]`` -> ``["Hello", " world"]``.
+
+        A ``[batch, seq]`` tensor gives one list per row.
+        """
+        tokenizer = self.get_text_tokenizer()
+        if isinstance(tokens, torch.Tensor):
+            if tokens.dim() == 2:
+                return [self.to_string_tokens(row) for row in tokens]
+            tokens = tokens.tolist()
+        return [tokenizer.decode([int(t)]) for t in tokens]
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def register_forward_hook(
+        self, component: str, hook_function: Callable[..., Any], when: str = "output"
+    ) -> RemovableHandle:
+        """Add a persistent hook on a module path; it runs in every forward until
+        :meth:`remove_hooks` removes it. ``hook_function(module, args, output)``."""
+        handle = register(self.hf_model, ModuleHook(component, hook_function, when))
+        self._persistent_handles.append(handle)
+        return handle
+
+    def create_hooks(
+        self,
+        positions: ResolvedPositions,
+        sink: dict[str, torch.Tensor],
+        extraction_config: ExtractionConfig,
+    ) -> list[ModuleHook]:
+        """The hooks that capture ``extraction_config``'s points at ``positions`` into ``sink``."""
+        points = points_for(extraction_config, self.model_map)
+        stop_after = None
+        if not extraction_config.save_logits and points:
+            last = last_layer_needed(points, self.model_map)
+            if last is not None and last < self.model_map.n_layers - 1:
+                stop_after = self.model_map.layers[last].block
+        return capture_hooks(
+            plan_capture(points, self.model_map),
+            positions,
+            sink,
+            average=extraction_config.extract_avg,
+            keep_gradient=extraction_config.keep_gradient,
+            stop_after=stop_after,
+        )
+
+    def set_hooks(self, hooks: Iterable[ModuleHook | dict[str, Any]]) -> list[RemovableHandle]:
+        """Register hooks now and return their handles (remove them with :meth:`remove_hooks`).
+        Prefer ``forward(..., hooks=[...])``, which removes them whatever happens."""
+        handles = []
+        try:
+            for hook in hooks:
+                handles.append(register(self.hf_model, as_module_hook(hook)))
+        except BaseException:
+            self.remove_hooks(handles)
+            raise
+        return handles
+
+    def remove_hooks(self, hook_handlers: Iterable[RemovableHandle] | None = None) -> None:
+        """Remove the given handles, or (with no argument) every persistent hook."""
+        if hook_handlers is None:
+            hook_handlers, self._persistent_handles = self._persistent_handles, []
+        for handle in hook_handlers:
+            handle.remove()
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(
+        self,
+        inputs: Any,
+        target_token_positions: Sequence[PositionItem] | PositionItem | None = None,
+        pivot_positions: Sequence[int] | None = None,
+        extraction_config: ExtractionConfig | None = None,
+        hooks: Sequence[ModuleHook | dict[str, Any]] | None = None,
+        move_to_cpu: bool = False,
+        seed: int = 0,
+        **model_kwargs: Any,
+    ) -> ActivationCache:
+        """Run one batch and return the requested activations at the target positions.
+
+        Args:
+            inputs: tokenizer output (``input_ids``, ``attention_mask``), a dict, an id tensor,
+                or raw text (a string or list of strings).
+            target_token_positions: position items (see ``hookscope.positions``), resolved per
+                example against its real tokens. With nothing requested it defaults to ``["all"]``
+                (logits at every real position).
+            pivot_positions: split points for ``"inputs-partition-k"`` items.
+            extraction_config: what to extract; default: logits only.
+            hooks: extra module hooks active for this call only (removed whatever happens);
+                they run before hookscope's capture hooks, so the cache sees their effect.
+            move_to_cpu: move the cache to the CPU before returning it.
+            seed: base seed of random position items.
+            **model_kwargs: passed to the HF forward.
+
+        Returns:
+            An :class:`ActivationCache` with ``[batch, positions, ...]`` tensors, ``logits``,
+            ``mapping_index`` and ``position_mask``.
+
+        Raises:
+            PositionError, InputError, ActivationPointError: for bad input, before the forward.
+        """
+        config = extraction_config or ExtractionConfig()
+        model_inputs = prepare_inputs(inputs, self.hf_model, self.get_text_tokenizer(), self.device())
+        model_inputs.update(model_kwargs)
+        if target_token_positions is None:
+            if points_for(config, self.model_map):
+                raise PositionError(
+                    "target_token_positions is required when activations are requested, "
+                    "e.g. target_token_positions=['last']."
+                )
+            target_token_positions = ["all"]
+        positions = resolve_positions(
+            normalize_items(target_token_positions),
+            model_inputs["attention_mask"],
+            model_inputs["input_ids"],
+            pivot_positions,
+            seed,
+        )
+        sink: dict[str, torch.Tensor] = {}
+        call_hooks = [as_module_hook(h) for h in hooks or []]
+        call_hooks += self.create_hooks(positions, sink, config)
+        if "use_cache" in model_input_names(self.hf_model):
+            model_inputs.setdefault("use_cache", False)
+
+        grad_mode = torch.enable_grad() if config.keep_gradient else torch.no_grad()
+        output = None
+        with grad_mode, installed(self.hf_model, call_hooks):
+            try:
+                output = self.hf_model(**model_inputs)
+            except StopForward:
+                pass
+        return self._assemble_cache(sink, output, positions, config, model_inputs, move_to_cpu)
+
+    __call__ = forward
+
+    def _assemble_cache(
+        self,
+        sink: dict[str, torch.Tensor],
+        output: Any,
+        positions: ResolvedPositions,
+        config: ExtractionConfig,
+        model_inputs: dict[str, Any],
+        move_to_cpu: bool,
+    ) -> ActivationCache:
+        cache = ActivationCache(sink, pad_token_id=self._pad_token_id())
+        if config.save_logits and output is not None:
+            logits = positions.select(output.logits)
+            logits = logits if config.keep_gradient else logits.detach()
+            cache["logits"] = positions.average(logits) if config.extract_avg else logits
+        if config.save_input_ids:
+            cache["input_ids"] = model_inputs["input_ids"]
+        if config.extract_avg:
+            cache["mapping_index"] = positions.averaged_mapping()
+            cache["position_mask"] = torch.ones(len(positions.mask), len(positions.items), dtype=torch.bool)
+        else:
+            cache["mapping_index"] = dict(positions.mapping_index)
+            cache["position_mask"] = positions.mask.clone()
+        return cache.cpu() if move_to_cpu else cache
+
+    def _pad_token_id(self) -> int:
+        pad = getattr(self.get_text_tokenizer(), "pad_token_id", None)
+        return int(pad) if pad is not None else 0
+
+    # -- datasets ------------------------------------------------------------------------------
+    def extract_cache(
+        self,
+        dataloader: Iterable[Any],
+        target_token_positions: Sequence[PositionItem] | PositionItem,
+        extraction_config: ExtractionConfig | None = None,
+        batch_saver: Callable[[Any], dict[str, Any] | None] | None = None,
+        move_to_cpu_after_forward: bool = True,
+        pivot_positions: Sequence[int] | None = None,
+        hooks: Sequence[ModuleHook | dict[str, Any]] | None = None,
+        seed: int = 0,
+        **model_kwargs: Any,
+    ) -> ActivationCache:
+        """Run :meth:`forward` over every batch and merge the results in order.
+
+        Args:
+            dataloader: an iterable of batches (dicts / ``BatchEncoding`` with ``input_ids`` and
+                ``attention_mask``, plus any fields of your own), or a list of strings, batched
+                here by ``config.batch_size``.
+            batch_saver: ``batch -> dict`` of things to keep per batch (labels, ids); merged
+                across batches into ``cache["batch_saver"]``.
+            move_to_cpu_after_forward: move each batch's activations off the accelerator at once.
+
+        Returns:
+            One :class:`ActivationCache` with every example, in dataloader order.
+        """
+        merged = ActivationCache(pad_token_id=self._pad_token_id())
+        for batch in self._batches(dataloader):
+            cache = self.forward(
+                batch,
+                target_token_positions,
+                pivot_positions=pivot_positions,
+                extraction_config=extraction_config,
+                hooks=hooks,
+                move_to_cpu=move_to_cpu_after_forward,
+                seed=seed,
+                **model_kwargs,
+            )
+            if batch_saver is not None:
+                payload = batch_saver(batch)
+                if payload is not None:
+                    if not isinstance(payload, dict):
+                        raise HookscopeError(
+                            f"batch_saver must return a dict (or None), got {type(payload).__name__}."
+                        )
+                    cache["batch_saver"] = payload
+            merged.cat(cache)
+        if len(merged) == 0:
+            raise InputError("extract_cache got an empty dataloader.")
+        return merged
+
+    def _batches(self, dataloader: Iterable[Any]) -> Iterator[Any]:
+        if isinstance(dataloader, list) and dataloader and isinstance(dataloader[0], str):
+            size = self.config.batch_size
+            for start in range(0, len(dataloader), size):
+                yield tokenize(self.get_text_tokenizer(), dataloader[start : start + size])
+            return
+        yield from dataloader
+
+    # -- generation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs: Any,
+        generation_config: Any = None,
+        return_text: bool = False,
+        **generate_kwargs: Any,
+    ) -> torch.Tensor | list[str]:
+        """Plain HF generation on ``inputs`` (text, ids or a tokenizer batch).
+
+        Returns the sequences ``[batch, seq + new]``, or the decoded new text per example when
+        ``return_text`` is True.
+        """
+        model_inputs = prepare_inputs(inputs, self.hf_model, self.get_text_tokenizer(), self.device())
+        model_inputs.pop("position_ids", None)  # generate derives them from the mask itself
+        tokenizer = self.get_text_tokenizer()
+        if tokenizer is not None and "pad_token_id" not in generate_kwargs:
+            generate_kwargs["pad_token_id"] = tokenizer.pad_token_id
+        sequences = self.hf_model.generate(
+            **model_inputs, generation_config=generation_config, **generate_kwargs
+        )
+        if not return_text:
+            return sequences
+        new_tokens = sequences[:, model_inputs["input_ids"].shape[1] :]
+        return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)

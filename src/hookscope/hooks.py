@@ -1,0 +1,95 @@
+"""Module hooks as data, and the one place that installs and removes them.
+
+A :class:`ModuleHook` names a module (an ``nn.Module`` or a path string such as
+``"model.layers[0].mlp"``), when it fires (``"output"``: after the module's forward, PyTorch's
+``register_forward_hook``; ``"input"``: before it, ``register_forward_pre_hook(with_kwargs=True)``)
+and the function. :func:`installed` guarantees removal, whatever the forward raises.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .errors import ArchitectureError, HookscopeError
+
+When = Literal["input", "output"]
+
+
+@dataclass
+class ModuleHook:
+    """One hook on one module.
+
+    ``fn`` has PyTorch's signatures: ``fn(module, args, output) -> output | None`` when
+    ``when="output"``; ``fn(module, args, kwargs) -> (args, kwargs) | None`` when ``when="input"``.
+    """
+
+    module: nn.Module | str
+    fn: Callable[..., Any]
+    when: When = "output"
+
+
+def get_module(model: nn.Module, path: str) -> nn.Module:
+    """The submodule at ``path``: ``"model.layers[0].self_attn"`` or ``"model.layers.0.self_attn"``.
+
+    Raises:
+        ArchitectureError: naming the path and the closest real module paths.
+    """
+    dotted = re.sub(r"\[(\d+)\]", r".\1", path.strip()).strip(".")
+    if dotted == "":
+        return model
+    try:
+        return model.get_submodule(dotted)
+    except AttributeError:
+        names = [name for name, _ in model.named_modules() if name]
+        close = difflib.get_close_matches(dotted, names, n=5, cutoff=0.5)
+        raise ArchitectureError(
+            f"no module at {path!r} in {type(model).__name__}. Closest paths: {close or names[:5]}."
+        ) from None
+
+
+def as_module_hook(hook: ModuleHook | dict[str, Any]) -> ModuleHook:
+    """Accept a :class:`ModuleHook` or the reference design's ``{"component", "intervention"}``
+    dict, whose component may end in ``.input`` or ``.output`` (default: output)."""
+    if isinstance(hook, ModuleHook):
+        return hook
+    if isinstance(hook, dict) and {"component", "intervention"} <= set(hook):
+        component, when = hook["component"], "output"
+        for suffix in (".input", ".output"):
+            if isinstance(component, str) and component.endswith(suffix):
+                component, when = component[: -len(suffix)], suffix[1:]
+        return ModuleHook(component, hook["intervention"], when)
+    raise HookscopeError(
+        f"a hook must be a hookscope.ModuleHook or a dict with 'component' and 'intervention', "
+        f"got {hook!r}."
+    )
+
+
+def register(model: nn.Module, hook: ModuleHook) -> RemovableHandle:
+    """Register one hook on ``model`` (resolving a path string) and return its handle."""
+    module = get_module(model, hook.module) if isinstance(hook.module, str) else hook.module
+    if hook.when == "input":
+        return module.register_forward_pre_hook(hook.fn, with_kwargs=True)
+    if hook.when == "output":
+        return module.register_forward_hook(hook.fn)
+    raise HookscopeError(f"hook 'when' must be 'input' or 'output', got {hook.when!r}.")
+
+
+@contextmanager
+def installed(model: nn.Module, hooks: Sequence[ModuleHook]) -> Iterator[list[RemovableHandle]]:
+    """Register ``hooks`` for the duration of the block; remove every one of them on exit."""
+    handles: list[RemovableHandle] = []
+    try:
+        for hook in hooks:
+            handles.append(register(model, hook))
+        yield handles
+    finally:
+        for handle in handles:
+            handle.remove()

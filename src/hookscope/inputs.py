@@ -1,0 +1,93 @@
+"""Model inputs: accept what users pass (strings, token lists, BatchEncoding, dicts), check it,
+and add what a padding-correct forward needs (attention mask, position ids)."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import InputError
+
+# Keys a batch may carry for the user's own purposes (batch_saver) that must not reach the model.
+_NEVER_FORWARDED = ("labels",)
+
+
+def model_input_names(model: nn.Module) -> set[str]:
+    """Named parameters of ``model.forward`` (``**kwargs`` excluded)."""
+    params = inspect.signature(model.forward).parameters.values()
+    return {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+
+
+def tokenize(tokenizer: Any, texts: str | list[str]) -> dict[str, torch.Tensor]:
+    """Tokenize one string or a list of strings into a padded batch."""
+    if tokenizer is None:
+        raise InputError("this HookedModel has no tokenizer: pass input_ids, not strings.")
+    return dict(tokenizer(texts if isinstance(texts, list) else [texts], return_tensors="pt", padding=True))
+
+
+def prepare_inputs(
+    inputs: Any,
+    model: nn.Module,
+    tokenizer: Any,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Turn ``inputs`` into keyword arguments for ``model`` on ``device``.
+
+    Accepts a string, a list of strings, a ``[batch, seq]`` (or ``[seq]``) id tensor, or a mapping
+    (``BatchEncoding``, dict) with ``input_ids`` and usually ``attention_mask``. Keys the model
+    does not take (a dataset's ``label``...) are dropped. Adds ``attention_mask`` (all ones) when
+    there is no padding, and ``position_ids`` derived from the mask when there is padding, so a
+    padded row computes exactly what it computes alone (absolute position embeddings under left
+    padding would otherwise shift).
+
+    Raises:
+        InputError: for a missing ``input_ids``, mismatched shapes, or padding without a mask.
+    """
+    if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], str)):
+        inputs = tokenize(tokenizer, inputs)
+    elif isinstance(inputs, torch.Tensor):
+        inputs = {"input_ids": inputs}
+    if not isinstance(inputs, Mapping):
+        raise InputError(
+            f"inputs must be a string, a list of strings, an id tensor or a mapping with input_ids; "
+            f"got {type(inputs).__name__}."
+        )
+    accepted = model_input_names(model) - set(_NEVER_FORWARDED)
+    kwargs = {k: v for k, v in inputs.items() if k in accepted and v is not None}
+    input_ids = kwargs.get("input_ids")
+    if input_ids is None:
+        raise InputError(f"inputs have no input_ids (keys: {sorted(inputs)}).")
+    input_ids = torch.as_tensor(input_ids)
+    if input_ids.dim() == 1:
+        input_ids = input_ids.unsqueeze(0)
+    if input_ids.dim() != 2:
+        raise InputError(f"input_ids must be [batch, seq], got shape {list(input_ids.shape)}.")
+    kwargs["input_ids"] = input_ids
+
+    mask = kwargs.get("attention_mask")
+    if mask is None:
+        pad_id = getattr(tokenizer, "pad_token_id", None)
+        if pad_id is not None and input_ids.shape[0] > 1 and bool((input_ids == pad_id).any()):
+            raise InputError(
+                f"input_ids contain the pad token (id {pad_id}) but no attention_mask was given: "
+                "pass the tokenizer's attention_mask (or attention_mask=torch.ones_like(input_ids) "
+                "if that id is a real token here)."
+            )
+        mask = torch.ones_like(input_ids)
+    mask = torch.as_tensor(mask)
+    if mask.dim() == 1:
+        mask = mask.unsqueeze(0)
+    if mask.shape != input_ids.shape:
+        raise InputError(
+            f"attention_mask has shape {list(mask.shape)} but input_ids has {list(input_ids.shape)}."
+        )
+    kwargs["attention_mask"] = mask
+    padded = not bool(mask.bool().all())
+    if padded and "position_ids" in accepted and kwargs.get("position_ids") is None:
+        position_ids = mask.long().cumsum(-1) - 1
+        kwargs["position_ids"] = position_ids.masked_fill(mask == 0, 1)
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}

@@ -1,0 +1,158 @@
+"""The activation-point grammar: cache key names <-> ``(kind, layer, head)``.
+
+Three shapes of name, parsed in this one place:
+
+* model-level: ``input_embeddings``, ``last_layernorm``, ``logits``, ``input_ids``
+* per layer: ``{kind}_{layer}``, e.g. ``resid_out_3``, ``attn_in_0``
+* per head: ``{kind}_L{layer}H{head}``, e.g. ``pattern_L2H5``, ``head_out_L0H1``
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from .errors import ActivationPointError, choices
+
+Scope = Literal["model", "layer", "head"]
+
+
+@dataclass(frozen=True)
+class PointKind:
+    """One kind of activation point, with its one-line definition (the docs table uses it)."""
+
+    name: str
+    scope: Scope
+    shape: str
+    definition: str
+
+
+KINDS: dict[str, PointKind] = {
+    kind.name: kind
+    for kind in (
+        PointKind(
+            "input_embeddings",
+            "model",
+            "[batch, pos, d_model]",
+            "What enters layer 0: token (+ position) embeddings after any embedding scaling.",
+        ),
+        PointKind(
+            "resid_in", "layer", "[batch, pos, d_model]", "Input of decoder layer l (the residual stream)."
+        ),
+        PointKind(
+            "resid_mid",
+            "layer",
+            "[batch, pos, d_model]",
+            "Residual stream between the attention and MLP sub-blocks: resid_in_l plus what "
+            "attention adds (not normalised). Absent in parallel-residual blocks.",
+        ),
+        PointKind("resid_out", "layer", "[batch, pos, d_model]", "Output of decoder layer l."),
+        PointKind(
+            "attn_in",
+            "layer",
+            "[batch, pos, d_model]",
+            "Input of the attention module of layer l (after the input norm, where there is one).",
+        ),
+        PointKind(
+            "resid_in_post_layernorm",
+            "layer",
+            "[batch, pos, d_model]",
+            "Reference-design name of attn_in_l: the residual stream after the input norm.",
+        ),
+        PointKind(
+            "attn_out",
+            "layer",
+            "[batch, pos, d_model]",
+            "Output of the attention module of layer l (after the output projection, before any "
+            "post-attention norm of sandwich-norm families).",
+        ),
+        PointKind(
+            "mlp_out",
+            "layer",
+            "[batch, pos, d_model]",
+            "Output of the MLP (or mixture-of-experts) module of layer l.",
+        ),
+        PointKind(
+            "queries",
+            "layer",
+            "[batch, pos, n_heads * d_head]",
+            "Query projection output of layer l, flat (before rotary embedding and any q-norm).",
+        ),
+        PointKind(
+            "keys",
+            "layer",
+            "[batch, pos, n_kv_heads * d_head]",
+            "Key projection output of layer l, flat (before rotary embedding and any k-norm).",
+        ),
+        PointKind(
+            "values",
+            "layer",
+            "[batch, pos, n_kv_heads * d_head]",
+            "Value projection output of layer l, flat.",
+        ),
+        PointKind(
+            "last_layernorm",
+            "model",
+            "[batch, pos, d_model]",
+            "Output of the final norm (what the unembedding reads).",
+        ),
+        PointKind("logits", "model", "[batch, pos, vocab]", "Model logits at the target positions."),
+        PointKind(
+            "input_ids", "model", "[batch, seq]", "The token ids of the batch, as given (all tokens)."
+        ),
+    )
+}
+
+_LAYER_NAME = re.compile(r"^(?P<kind>[a-z_]+?)_(?P<layer>\d+)$")
+_HEAD_NAME = re.compile(r"^(?P<kind>[a-z_]+?)_L(?P<layer>\d+)H(?P<head>\d+)$")
+
+
+@dataclass(frozen=True)
+class Point:
+    """One activation point: a kind, plus a layer (and a head) where the kind has one."""
+
+    kind: str
+    layer: int | None = None
+    head: int | None = None
+
+    @property
+    def name(self) -> str:
+        """The cache key: ``resid_out_3``, ``pattern_L2H5`` or ``input_embeddings``."""
+        if self.head is not None:
+            return f"{self.kind}_L{self.layer}H{self.head}"
+        if self.layer is not None:
+            return f"{self.kind}_{self.layer}"
+        return self.kind
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def parse_point(name: str) -> Point:
+    """Parse a cache key into a :class:`Point`.
+
+    Raises:
+        ActivationPointError: for a malformed name or an unknown kind (listing the valid kinds).
+    """
+    if not isinstance(name, str):
+        raise ActivationPointError(f"activation point names are strings, got {name!r}.")
+    if name in KINDS and KINDS[name].scope == "model":
+        return Point(name)
+    if match := _HEAD_NAME.match(name):
+        return Point(match["kind"], int(match["layer"]), int(match["head"]))
+    if (match := _LAYER_NAME.match(name)) and match["kind"] in KINDS:
+        return Point(match["kind"], int(match["layer"]))
+    layer_kinds = [k for k, v in KINDS.items() if v.scope == "layer"]
+    raise ActivationPointError(
+        f"unknown activation point {name!r}. Valid: {choices(k for k, v in KINDS.items() if v.scope == 'model')}, "
+        f"or '{{kind}}_{{layer}}' with kind in {choices(layer_kinds)}."
+    )
+
+
+def check_layer(layer: int, n_layers: int, what: str = "layer") -> None:
+    """Raise a clear error when ``layer`` is not in ``0..n_layers-1``."""
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
+        raise ActivationPointError(
+            f"{what} {layer!r} is out of range: this model has {n_layers} layers (valid 0..{n_layers - 1})."
+        )

@@ -1,0 +1,330 @@
+"""The token-position language: ``target_token_positions`` items -> per-example index tensors.
+
+Every item resolves **per example against that example's real tokens** (the positions where the
+attention mask is 1), so with left or right padding ``0`` is the first real token and ``"last"``
+the last real one. The items:
+
+=========================  =====================================================================
+``"last"`` / ``"first"``   the last / first real token
+``"last-k"``               same as the integer ``-k`` (``"last-1"`` is ``"last"``)
+``i`` (int)                the i-th real token; negative counts from the end
+``(start, end)``           a slice of the real tokens, Python semantics (negatives allowed, ``end``
+                           may equal the length); must select at least one token
+``"all"``                  every real token
+``"all-text"``             every text token (on a text-only model: every real token)
+``"random-text-N"``        N distinct text tokens, drawn with a seed derived from the example's
+                           own token ids (so a row draws the same tokens in any batch), sorted
+``"inputs-partition-k"``   the k-th group of real tokens split at ``pivot_positions``
+                           (``[0, p0)``, ``[p0, p1)``, ..., ``[p_last, length)``)
+=========================  =====================================================================
+
+Items may select a different number of tokens per example (``"all"`` under padding). Each item
+gets as many slots as its longest selection; shorter rows are padded, and ``mask`` says which
+slots are real. Padded slots hold zeros in every extracted tensor.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import PositionError, choices
+
+PositionItem = str | int | tuple[int, int]
+
+NAMED_ITEMS = ("last", "first", "all", "all-text")
+PATTERN_ITEMS = ("last-k", "random-text-N", "inputs-partition-k")
+IMAGE_ITEMS = (
+    "all-image",
+    "start-image",
+    "end-image",
+    "last-image",
+    "first-image",
+    "random-image",
+    "last_line_image",
+)
+_LAST_K = re.compile(r"^last-(\d+)$")
+_RANDOM_TEXT = re.compile(r"^random-text(?:-(\d+))?$")
+_PARTITION = re.compile(r"^inputs-partition-(\d+)$")
+_RANDOM_IMAGE = re.compile(r"^random-image(?:-\d+)?$")
+
+
+def _valid_choices() -> str:
+    return (
+        f"{choices(NAMED_ITEMS)}, 'last-k', 'random-text-N', 'inputs-partition-k' "
+        "(with pivot_positions), an int, or a (start, end) tuple"
+    )
+
+
+@dataclass
+class ResolvedPositions:
+    """Per-example token positions for one batch.
+
+    Attributes:
+        index: ``[batch, slots]`` long, absolute indices into the sequence axis of the batch.
+        mask: ``[batch, slots]`` bool, False for slots that pad a shorter selection.
+        mapping_index: each item -> its slot indices on the positions axis
+            (``{"last": [0], 0: [1]}``).
+        items: the items, in order.
+        widths: number of slots of each item.
+    """
+
+    index: torch.Tensor
+    mask: torch.Tensor
+    mapping_index: dict[PositionItem, list[int]]
+    items: list[PositionItem]
+    widths: list[int]
+    _on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, repr=False
+    )
+
+    def __post_init__(self) -> None:
+        #: True when no slot is padding (every item selects the same count in every row).
+        self.all_valid = bool(self.mask.all())
+
+    def _tensors_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._on_device:
+            self._on_device[device] = (self.index.to(device), self.mask.to(device))
+        return self._on_device[device]
+
+    def select(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Gather the slots from ``hidden`` ``[batch, seq, *rest]`` -> ``[batch, slots, *rest]``.
+
+        Only the selected rows are copied; padded slots are zero.
+        """
+        index, mask = self._tensors_on(hidden.device)
+        rest = hidden.shape[2:]
+        gather_index = index.view(*index.shape, *([1] * len(rest))).expand(*index.shape, *rest)
+        selected = hidden.gather(1, gather_index)
+        if not self.all_valid:
+            selected = selected.masked_fill(~mask.view(*mask.shape, *([1] * len(rest))), 0)
+        return selected
+
+    def average(self, selected: torch.Tensor) -> torch.Tensor:
+        """Mean over each item's real slots: ``[batch, slots, *rest]`` -> ``[batch, items, *rest]``."""
+        _, mask = self._tensors_on(selected.device)
+        pieces, start = [], 0
+        for width in self.widths:
+            block = selected[:, start : start + width]
+            weight = mask[:, start : start + width].to(selected.dtype)
+            weight = weight.view(*weight.shape, *([1] * (selected.dim() - 2)))
+            pieces.append((block * weight).sum(1) / weight.sum(1))
+            start += width
+        return torch.stack(pieces, dim=1)
+
+    def averaged_mapping(self) -> dict[PositionItem, list[int]]:
+        """The mapping index after :meth:`average`: one slot per item."""
+        return {item: [i] for i, item in enumerate(self.items)}
+
+
+def normalize_items(target_token_positions: object) -> list[PositionItem]:
+    """Accept a list of items (or one str / int item) and check each item's form.
+
+    Raises:
+        PositionError: for an empty list, duplicates, or an item of the wrong type or name.
+    """
+    if isinstance(target_token_positions, str | int) and not isinstance(
+        target_token_positions, bool
+    ):
+        target_token_positions = [target_token_positions]
+    if isinstance(target_token_positions, tuple) or not isinstance(
+        target_token_positions, Sequence
+    ):
+        raise PositionError(
+            f"target_token_positions must be a list of items, got {target_token_positions!r}. "
+            f"Wrap a slice in a list: [(2, 5)]. Valid items: {_valid_choices()}."
+        )
+    items = list(target_token_positions)
+    if not items:
+        raise PositionError(
+            f"target_token_positions is empty. Valid items: {_valid_choices()}; e.g. ['last']."
+        )
+    for item in items:
+        _check_form(item)
+    seen = set()
+    for item in items:
+        if item in seen:
+            raise PositionError(f"position item {item!r} appears twice in {items!r}.")
+        seen.add(item)
+    return items
+
+
+def _check_form(item: object) -> None:
+    if isinstance(item, bool):
+        raise PositionError(f"position item {item!r} is a bool. Valid items: {_valid_choices()}.")
+    if isinstance(item, int):
+        return
+    if isinstance(item, tuple):
+        if len(item) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in item):
+            return
+        raise PositionError(
+            f"position item {item!r}: a slice must be a (start, end) tuple of two ints."
+        )
+    if isinstance(item, list):
+        raise PositionError(
+            f"position item {item!r} is a list; write a slice as a tuple: {tuple(item)!r}."
+        )
+    if not isinstance(item, str):
+        raise PositionError(
+            f"position item {item!r} has type {type(item).__name__}. Valid items: {_valid_choices()}."
+        )
+    if item in IMAGE_ITEMS or _RANDOM_IMAGE.match(item):
+        raise PositionError(
+            f"position item {item!r} addresses image tokens, but this is a text-only model. "
+            f"Valid items here: {_valid_choices()}."
+        )
+    if item in NAMED_ITEMS:
+        return
+    match = _LAST_K.match(item)
+    if match and int(match.group(1)) >= 1:
+        return
+    match = _RANDOM_TEXT.match(item)
+    if match and (match.group(1) is None or int(match.group(1)) >= 1):
+        return
+    if _PARTITION.match(item):
+        return
+    raise PositionError(f"unknown position item {item!r}. Valid items: {_valid_choices()}.")
+
+
+def _example_seed(token_ids: torch.Tensor, seed: int) -> int:
+    """A seed from the example's own real token ids, so a row draws alike in any batch."""
+    data = token_ids.to(torch.int64).cpu().numpy().tobytes()
+    return zlib.crc32(data, seed & 0xFFFFFFFF)
+
+
+def _relative(
+    item: PositionItem,
+    length: int,
+    row: int,
+    token_ids: torch.Tensor | None,
+    pivot_positions: Sequence[int] | None,
+    seed: int,
+) -> list[int]:
+    """Indices into one example's real tokens (0 = first real token) selected by ``item``."""
+
+    def out_of_range(detail: str) -> PositionError:
+        return PositionError(
+            f"position item {item!r} is out of range for example {row}, which has {length} real "
+            f"tokens ({detail})."
+        )
+
+    if isinstance(item, int):
+        if not -length <= item < length:
+            raise out_of_range(f"valid ints: {-length}..{length - 1}")
+        return [item % length]
+    if isinstance(item, tuple):
+        start, end = item
+        if not (-length <= start <= length and -length <= end <= length):
+            raise out_of_range(f"slice bounds must lie in {-length}..{length}")
+        indices = list(range(length))[start:end]
+        if not indices:
+            raise out_of_range("the slice selects no token")
+        return indices
+    if item == "last":
+        return [length - 1]
+    if item == "first":
+        return [0]
+    if item in ("all", "all-text"):
+        return list(range(length))
+    if match := _LAST_K.match(item):
+        return _relative(-int(match.group(1)), length, row, token_ids, pivot_positions, seed)
+    if match := _RANDOM_TEXT.match(item):
+        count = int(match.group(1) or 1)
+        if count > length:
+            raise out_of_range(f"cannot draw {count} distinct tokens")
+        if token_ids is None:
+            raise PositionError(f"position item {item!r} needs input_ids to seed its draw.")
+        generator = torch.Generator().manual_seed(_example_seed(token_ids, seed))
+        return sorted(torch.randperm(length, generator=generator)[:count].tolist())
+    if match := _PARTITION.match(item):
+        return _partition(int(match.group(1)), length, row, pivot_positions)
+    raise PositionError(f"unknown position item {item!r}. Valid items: {_valid_choices()}.")
+
+
+def _partition(
+    group: int, length: int, row: int, pivot_positions: Sequence[int] | None
+) -> list[int]:
+    if not pivot_positions:
+        raise PositionError(
+            f"position item 'inputs-partition-{group}' needs pivot_positions (a list of ints that "
+            "split the real tokens into groups), got none."
+        )
+    pivots = sorted(pivot_positions)
+    if pivots[0] <= 0 or pivots[-1] >= length:
+        raise PositionError(
+            f"pivot_positions {list(pivot_positions)} must lie in 1..{length - 1} for example "
+            f"{row}, which has {length} real tokens."
+        )
+    bounds = [0, *pivots, length]
+    if group >= len(bounds) - 1:
+        raise PositionError(
+            f"position item 'inputs-partition-{group}': {len(pivots)} pivot(s) make "
+            f"{len(bounds) - 1} groups, valid: inputs-partition-0..{len(bounds) - 2}."
+        )
+    return list(range(bounds[group], bounds[group + 1]))
+
+
+def resolve_positions(
+    items: Sequence[PositionItem],
+    attention_mask: torch.Tensor,
+    input_ids: torch.Tensor | None = None,
+    pivot_positions: Sequence[int] | None = None,
+    seed: int = 0,
+) -> ResolvedPositions:
+    """Resolve ``items`` for every row of a batch.
+
+    Args:
+        items: position items, already checked by :func:`normalize_items`.
+        attention_mask: ``[batch, seq]``, 1 for real tokens.
+        input_ids: ``[batch, seq]``, used to seed random items.
+        pivot_positions: split points for ``inputs-partition-k``.
+        seed: base seed for random items.
+
+    Raises:
+        PositionError: naming the item and the example it does not fit.
+    """
+    mask = attention_mask.detach().to("cpu").bool()
+    batch = mask.shape[0]
+    real_positions = [torch.nonzero(mask[row]).squeeze(1) for row in range(batch)]
+    for row, positions in enumerate(real_positions):
+        if positions.numel() == 0:
+            raise PositionError(f"example {row} has no real token (its attention mask is all 0).")
+    ids = input_ids.detach().to("cpu") if input_ids is not None else None
+
+    columns, valid, mapping, widths = [], [], {}, []
+    for item in items:
+        per_row = [
+            _relative(
+                item,
+                len(real_positions[row]),
+                row,
+                ids[row, real_positions[row]] if ids is not None else None,
+                pivot_positions,
+                seed,
+            )
+            for row in range(batch)
+        ]
+        width = max(len(rel) for rel in per_row)
+        block = torch.empty(batch, width, dtype=torch.long)
+        block_valid = torch.zeros(batch, width, dtype=torch.bool)
+        for row, rel in enumerate(per_row):
+            absolute = real_positions[row][torch.tensor(rel, dtype=torch.long)]
+            block[row, : len(rel)] = absolute
+            block[row, len(rel) :] = real_positions[row][-1]  # any real index; masked below
+            block_valid[row, : len(rel)] = True
+        start = sum(widths)
+        mapping[item] = list(range(start, start + width))
+        widths.append(width)
+        columns.append(block)
+        valid.append(block_valid)
+    return ResolvedPositions(
+        index=torch.cat(columns, dim=1),
+        mask=torch.cat(valid, dim=1),
+        mapping_index=mapping,
+        items=list(items),
+        widths=widths,
+    )
