@@ -9,3 +9,27 @@ import torch  # noqa: E402
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    """A HookedModel around a tiny random Llama (4 heads, 2 KV heads, 2 layers)."""
+    from tiny_models import build_model, build_tokenizer
+
+    from hookscope import HookedModel
+
+    return HookedModel.from_hf(build_model("llama"), build_tokenizer())
+
+
+def hook_snapshot(model: torch.nn.Module) -> set:
+    """Every forward (pre-)hook registered on any submodule, as (module, kind, hook id).
+
+    Compare snapshots rather than expecting none: transformers itself installs persistent
+    output-capturing hooks the first time ``output_hidden_states=True`` is used.
+    """
+    return {
+        (name, kind, hook_id)
+        for name, module in model.named_modules()
+        for kind, hooks in (("fwd", module._forward_hooks), ("pre", module._forward_pre_hooks))
+        for hook_id in hooks
+    }

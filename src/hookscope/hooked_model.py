@@ -16,7 +16,7 @@ from .config import ExtractionConfig, HookedModelConfig
 from .errors import HookscopeError, InputError, PositionError
 from .hooks import ModuleHook, as_module_hook, get_module, installed, register
 from .inputs import model_input_names, prepare_inputs, tokenize
-from .loading import load_model_and_tokenizer, prepare_tokenizer
+from .loading import DEFAULT_MODEL_ID, load_model_and_tokenizer, prepare_tokenizer
 from .positions import PositionItem, ResolvedPositions, normalize_items, resolve_positions
 
 
@@ -41,13 +41,16 @@ class HookedModel:
         processor: Any = None,
     ):
         self.config = config or HookedModelConfig()
-        if hf_model is None:
+        loaded_here = hf_model is None
+        if loaded_here:
             hf_model, tokenizer = load_model_and_tokenizer(self.config)
         self.hf_model = hf_model
         self.tokenizer = prepare_tokenizer(tokenizer)
         self.processor = processor
         self.model_map: ModelMap = resolve_architecture(hf_model)
-        self.model_name = self.config.model_name or getattr(hf_model, "name_or_path", None)
+        self.model_name = self.config.model_name or (
+            DEFAULT_MODEL_ID if loaded_here else type(hf_model).__name__
+        )
         self._persistent_handles: list[RemovableHandle] = []
 
     # -- construction --------------------------------------------------------------------------

@@ -56,6 +56,7 @@ def default_model_dir() -> Path:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".smollm2-"))
     try:
         _convert_gguf(package_dir, DEFAULT_MODEL_GGUF, tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private
         if not target.exists():
             os.replace(tmp, target)  # atomic: a half-written folder is never visible
     finally:
