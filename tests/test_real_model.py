@@ -1,0 +1,65 @@
+"""The embedded default model, SmolLM2-135M-Instruct (Llama, 30 layers, 9 heads / 3 KV heads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_close_to_scale
+
+from hookscope import ExtractionConfig, HookedModel
+
+pytestmark = pytest.mark.real_model
+
+PROMPTS = ["The capital of France is", "Hello, my name is Alice and I", "1 2 3 4 5 6"]
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return HookedModel.from_pretrained()
+
+
+def test_default_model_loads(smol):
+    m = smol.model_map
+    assert (m.model_type, m.n_layers, m.n_heads, m.n_kv_heads, m.d_model) == ("llama", 30, 9, 3, 576)
+
+
+def test_paris(smol):
+    cache = smol.forward("The capital of France is", ["last"])
+    top = cache["logits"][0, 0].argmax()
+    assert smol.to_string_tokens([int(top)]) == [" Paris"]
+
+
+def test_plain_forward_bit_identical_and_hidden_states(smol):
+    batch = smol.get_tokenizer()(PROMPTS[1], return_tensors="pt")
+    cache = smol.forward(batch, ["all"], extraction_config=ExtractionConfig(extract_resid_in=True, layers=[0, 15, 29]))
+    with torch.no_grad():
+        reference = smol.hf_model(**batch, output_hidden_states=True)
+    assert torch.equal(cache["logits"], reference.logits)
+    for layer in (0, 15, 29):
+        assert torch.equal(cache[f"resid_in_{layer}"], reference.hidden_states[layer])
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_padded_batch_equals_one_by_one(smol, padding_side):
+    tokenizer = smol.get_tokenizer()
+    tokenizer.padding_side = padding_side
+    config = ExtractionConfig(extract_resid_out=True, extract_attn_out=True, layers=[0, 10, 29])
+    positions = ["last", 0, -2, (1, 3)]
+    try:
+        batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+        batched = smol.forward(batch, positions, extraction_config=config)
+        for row, prompt in enumerate(PROMPTS):
+            alone = smol.forward(tokenizer(prompt, return_tensors="pt"), positions, extraction_config=config)
+            for key, value in alone.tensors().items():
+                # 1e-4 of scale: float32 reduction order differs between batch shapes, and the error grows
+                # through 30 layers that carry ~2.5e3 "massive activations" (tiny models hold 1e-5).
+                assert_close_to_scale(batched[key][row], value[0], rtol=1e-4, msg=key)
+    finally:
+        tokenizer.padding_side = "right"
+
+
+def test_hub_name_falls_back_to_embedded_copy(smol):
+    again = HookedModel.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert again.model_map.n_layers == 30
+    cache = again.forward("The capital of France is", ["last"])
+    assert torch.equal(cache["logits"], smol.forward("The capital of France is", ["last"])["logits"])
