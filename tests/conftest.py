@@ -9,8 +9,6 @@ import torch  # noqa: E402
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 
-
-
 @pytest.fixture(scope="session")
 def tiny_llama():
     """A HookedModel around a tiny random Llama (4 heads, 2 KV heads, 2 layers)."""
@@ -35,7 +33,9 @@ def hook_snapshot(model: torch.nn.Module) -> set:
     }
 
 
-def assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5, msg: str = ""):
+def assert_close_to_scale(
+    actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5, msg: str = ""
+):
     """|actual - expected| <= rtol * max|expected| elementwise: float32 noise relative to the
     tensor's scale (real models carry "massive activations" of ~1e3 beside values near 0, so an
     elementwise relative tolerance is meaningless and an absolute one depends on the model)."""

@@ -12,7 +12,9 @@ CONFIG = ExtractionConfig(extract_resid_out=True, save_input_ids=True)
 
 def test_merge_equal_layouts_equals_one_big_batch(tiny_llama):
     tokenizer = build_tokenizer("left")
-    whole = tiny_llama.forward(tokenizer(PROMPTS, return_tensors="pt", padding=True), ["last", 0], extraction_config=CONFIG)
+    whole = tiny_llama.forward(
+        tokenizer(PROMPTS, return_tensors="pt", padding=True), ["last", 0], extraction_config=CONFIG
+    )
     merged = ActivationCache()
     for start in (0, 2):
         part = tokenizer(PROMPTS[start : start + 2], return_tensors="pt", padding=True)
@@ -24,18 +26,23 @@ def test_merge_equal_layouts_equals_one_big_batch(tiny_llama):
 
 def test_merge_relays_variable_width_items():
     """Batch A has 'all' 3 wide, batch B 5 wide: A's rows are padded into the 5-wide layout."""
-    a = ActivationCache({
-        "resid_out_0": torch.ones(1, 4, 2),
-        "position_mask": torch.tensor([[True, True, True, True]]),
-        "mapping_index": {"all": [0, 1, 2], "last": [3]},
-        "input_ids": torch.tensor([[7, 8, 9]]),
-    }, pad_token_id=0)
-    b = ActivationCache({
-        "resid_out_0": 2 * torch.ones(1, 6, 2),
-        "position_mask": torch.ones(1, 6, dtype=torch.bool),
-        "mapping_index": {"all": [0, 1, 2, 3, 4], "last": [5]},
-        "input_ids": torch.tensor([[1, 2, 3, 4, 5]]),
-    })
+    a = ActivationCache(
+        {
+            "resid_out_0": torch.ones(1, 4, 2),
+            "position_mask": torch.tensor([[True, True, True, True]]),
+            "mapping_index": {"all": [0, 1, 2], "last": [3]},
+            "input_ids": torch.tensor([[7, 8, 9]]),
+        },
+        pad_token_id=0,
+    )
+    b = ActivationCache(
+        {
+            "resid_out_0": 2 * torch.ones(1, 6, 2),
+            "position_mask": torch.ones(1, 6, dtype=torch.bool),
+            "mapping_index": {"all": [0, 1, 2, 3, 4], "last": [5]},
+            "input_ids": torch.tensor([[1, 2, 3, 4, 5]]),
+        }
+    )
     merged = ActivationCache(pad_token_id=0).cat(a).cat(b)
     assert merged["mapping_index"] == {"all": [0, 1, 2, 3, 4], "last": [5]}
     assert merged["resid_out_0"][0, :, 0].tolist() == [1, 1, 1, 0, 0, 1]
@@ -65,7 +72,10 @@ def test_stack_orders_layers(tiny_llama):
 def test_save_load_round_trip(tmp_path, tiny_llama):
     tokenizer = build_tokenizer()
     cache = tiny_llama.extract_cache(
-        [tokenizer(PROMPTS[:2], return_tensors="pt", padding=True) | {"label": torch.tensor([3, 4])}],
+        [
+            tokenizer(PROMPTS[:2], return_tensors="pt", padding=True)
+            | {"label": torch.tensor([3, 4])}
+        ],
         [(0, 2), "last"],
         extraction_config=CONFIG,
         batch_saver=lambda batch: {"label": batch["label"], "names": ["a", "b"]},

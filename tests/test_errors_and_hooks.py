@@ -53,8 +53,15 @@ def test_errors_are_value_errors(tiny_llama):
 
 
 def test_layer_out_of_range(tiny_llama):
-    with pytest.raises(ActivationPointError, match=r"layer.* 5 is out of range: this model has 2 layers \(valid 0..1\)"):
-        tiny_llama.forward(PROMPTS[0], ["last"], extraction_config=ExtractionConfig(extract_resid_out=True, layers=[5]))
+    with pytest.raises(
+        ActivationPointError,
+        match=r"layer.* 5 is out of range: this model has 2 layers \(valid 0..1\)",
+    ):
+        tiny_llama.forward(
+            PROMPTS[0],
+            ["last"],
+            extraction_config=ExtractionConfig(extract_resid_out=True, layers=[5]),
+        )
 
 
 def test_missing_attention_mask_with_padding(tiny_llama):
@@ -65,12 +72,20 @@ def test_missing_attention_mask_with_padding(tiny_llama):
 
 def test_attention_flags_are_not_silently_ignored(tiny_llama):
     with pytest.raises(NotImplementedError, match="extract_attn_pattern"):
-        tiny_llama.forward(PROMPTS[0], ["last"], extraction_config=ExtractionConfig(extract_attn_pattern=True))
+        tiny_llama.forward(
+            PROMPTS[0], ["last"], extraction_config=ExtractionConfig(extract_attn_pattern=True)
+        )
 
 
 def test_module_paths(tiny_llama):
-    assert tiny_llama.get_module_from_string("model.layers[0].self_attn") is tiny_llama.model_map.layers[0].attention
-    assert tiny_llama.get_module_from_string("model.layers.1.mlp") is tiny_llama.model_map.layers[1].mlp
+    assert (
+        tiny_llama.get_module_from_string("model.layers[0].self_attn")
+        is tiny_llama.model_map.layers[0].attention
+    )
+    assert (
+        tiny_llama.get_module_from_string("model.layers.1.mlp")
+        is tiny_llama.model_map.layers[1].mlp
+    )
     with pytest.raises(ArchitectureError, match="model.layers.0.self_attn"):
         tiny_llama.get_module_from_string("model.layers[0].self_atn")
 
@@ -84,18 +99,29 @@ def test_exception_in_user_hook_leaves_no_hook(tiny_llama):
         raise RuntimeError("user hook failed")
 
     with pytest.raises(RuntimeError, match="user hook failed"):
-        tiny_llama.forward(batch, ["last"], extraction_config=RESID, hooks=[ModuleHook("model.layers.1.mlp", broken)])
+        tiny_llama.forward(
+            batch,
+            ["last"],
+            extraction_config=RESID,
+            hooks=[ModuleHook("model.layers.1.mlp", broken)],
+        )
     assert hook_snapshot(tiny_llama.hf_model) == before
     assert torch.equal(_plain_logits(tiny_llama, batch), expected)
 
 
 def test_keyboard_interrupt_inside_a_hook_leaves_no_hook(tiny_llama):
     before = hook_snapshot(tiny_llama.hf_model)
+
     def interrupt(module, args, kwargs):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        tiny_llama.forward(PROMPTS[0], ["last"], extraction_config=RESID, hooks=[ModuleHook("model.layers.0", interrupt, "input")])
+        tiny_llama.forward(
+            PROMPTS[0],
+            ["last"],
+            extraction_config=RESID,
+            hooks=[ModuleHook("model.layers.0", interrupt, "input")],
+        )
     assert hook_snapshot(tiny_llama.hf_model) == before
 
 
@@ -115,12 +141,19 @@ def test_reference_style_hook_dict_runs_before_capture(tiny_llama):
     before = hook_snapshot(tiny_llama.hf_model)
     """A per-call hook that zeroes layer 0's MLP: the cache sees the zero, the logits change."""
     batch = _padded()
-    plain = tiny_llama.forward(batch, ["last"], extraction_config=ExtractionConfig(extract_mlp_out=True))
+    plain = tiny_llama.forward(
+        batch, ["last"], extraction_config=ExtractionConfig(extract_mlp_out=True)
+    )
     zeroed = tiny_llama.forward(
         batch,
         ["last"],
         extraction_config=ExtractionConfig(extract_mlp_out=True),
-        hooks=[{"component": "model.layers[0].mlp.output", "intervention": lambda m, a, out: torch.zeros_like(out)}],
+        hooks=[
+            {
+                "component": "model.layers[0].mlp.output",
+                "intervention": lambda m, a, out: torch.zeros_like(out),
+            }
+        ],
     )
     assert torch.all(zeroed["mlp_out_0"] == 0) and not torch.all(plain["mlp_out_0"] == 0)
     assert not torch.allclose(zeroed["logits"], plain["logits"])
@@ -158,12 +191,18 @@ def test_create_set_remove_hooks_by_hand(tiny_llama):
 
 def test_early_stop_skips_later_layers_and_keeps_values(tiny_llama):
     batch = _padded()
-    full = tiny_llama.forward(batch, ["last"], extraction_config=ExtractionConfig(extract_resid_out=True))
+    full = tiny_llama.forward(
+        batch, ["last"], extraction_config=ExtractionConfig(extract_resid_out=True)
+    )
     calls = []
     tiny_llama.register_forward_hook("model.layers.1", lambda m, a, o: calls.append(1))
     try:
         early = tiny_llama.forward(
-            batch, ["last"], extraction_config=ExtractionConfig(extract_resid_out=True, layers=[0], save_logits=False)
+            batch,
+            ["last"],
+            extraction_config=ExtractionConfig(
+                extract_resid_out=True, layers=[0], save_logits=False
+            ),
         )
     finally:
         tiny_llama.remove_hooks()
@@ -192,7 +231,11 @@ def test_structural_discovery_for_unknown_model_type():
     hm = HookedModel.from_hf(model, build_tokenizer())
     assert hm.model_map.discovered
     batch = build_tokenizer()(PROMPTS[0], return_tensors="pt")
-    cache = hm.forward(batch, ["all"], extraction_config=ExtractionConfig(extract_resid_in=True, extract_resid_mid=True))
+    cache = hm.forward(
+        batch,
+        ["all"],
+        extraction_config=ExtractionConfig(extract_resid_in=True, extract_resid_mid=True),
+    )
     with torch.no_grad():
         hidden = model(**batch, output_hidden_states=True).hidden_states
     assert torch.equal(cache["resid_in_1"], hidden[1])

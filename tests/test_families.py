@@ -91,7 +91,9 @@ def test_residual_identities(hooked, unpadded):
     _, _, cache = unpadded
     model_map = hooked.model_map
     for layer, parts in enumerate(model_map.layers):
-        resid_in, attn_out, mlp_out = (cache[f"{k}_{layer}"] for k in ("resid_in", "attn_out", "mlp_out"))
+        resid_in, attn_out, mlp_out = (
+            cache[f"{k}_{layer}"] for k in ("resid_in", "attn_out", "mlp_out")
+        )
         with torch.no_grad():
             attn_added = parts.attn_out_norm(attn_out) if parts.attn_out_norm else attn_out
             mlp_added = parts.mlp_out_norm(mlp_out) if parts.mlp_out_norm else mlp_out
@@ -146,7 +148,10 @@ def test_queries_keys_values_match_hand_computation(hooked, family, unpadded):
         torch.testing.assert_close(cache[f"queries_{layer}"], q, rtol=0, atol=1e-5)
         torch.testing.assert_close(cache[f"keys_{layer}"], k, rtol=0, atol=1e-5)
         torch.testing.assert_close(cache[f"values_{layer}"], v, rtol=0, atol=1e-5)
-        assert cache[f"keys_{layer}"].shape[-1] == hooked.model_map.n_kv_heads * hooked.model_map.d_head
+        assert (
+            cache[f"keys_{layer}"].shape[-1]
+            == hooked.model_map.n_kv_heads * hooked.model_map.d_head
+        )
 
 
 POSITIONS = ["last", "first", 0, 1, -2, (0, 2), (-3, -1), "last-2"]
@@ -160,10 +165,14 @@ def test_padded_batch_equals_one_by_one(hooked, padding_side):
     assert not batch["attention_mask"].bool().all(), "the test needs padding"
     batched = hooked.forward(batch, POSITIONS, extraction_config=config)
     for row, prompt in enumerate(PROMPTS):
-        alone = hooked.forward(tokenizer(prompt, return_tensors="pt"), POSITIONS, extraction_config=config)
+        alone = hooked.forward(
+            tokenizer(prompt, return_tensors="pt"), POSITIONS, extraction_config=config
+        )
         assert alone["mapping_index"] == batched["mapping_index"]
         for key, value in alone.tensors().items():
-            torch.testing.assert_close(batched[key][row], value[0], rtol=1e-5, atol=1e-5, msg=f"{key} row {row}")
+            torch.testing.assert_close(
+                batched[key][row], value[0], rtol=1e-5, atol=1e-5, msg=f"{key} row {row}"
+            )
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
@@ -178,8 +187,12 @@ def test_all_positions_under_padding_are_masked_not_misaligned(hooked, padding_s
     for row, prompt in enumerate(PROMPTS):
         n = int(lengths[row])
         assert cache["position_mask"][row].tolist() == [True] * n + [False] * (width - n) + [True]
-        alone = hooked.forward(tokenizer(prompt, return_tensors="pt"), ["all"], extraction_config=config)
-        torch.testing.assert_close(cache["resid_out_1"][row, :n], alone["resid_out_1"][0], rtol=1e-5, atol=1e-5)
+        alone = hooked.forward(
+            tokenizer(prompt, return_tensors="pt"), ["all"], extraction_config=config
+        )
+        torch.testing.assert_close(
+            cache["resid_out_1"][row, :n], alone["resid_out_1"][0], rtol=1e-5, atol=1e-5
+        )
         assert torch.all(cache["resid_out_1"][row, n:width] == 0)
 
 
@@ -187,7 +200,9 @@ def test_resid_mid_absent_in_parallel_residual():
     hooked = HookedModel.from_hf(build_model("gpt_neox"), build_tokenizer())
     assert hooked.model_map.parallel_residual
     with pytest.raises(ActivationPointError, match="parallel residual"):
-        hooked.forward(PROMPTS[0], ["last"], extraction_config=ExtractionConfig(extract_resid_mid=True))
+        hooked.forward(
+            PROMPTS[0], ["last"], extraction_config=ExtractionConfig(extract_resid_mid=True)
+        )
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
@@ -207,9 +222,13 @@ def test_plain_forward_bit_identical_under_padding(hooked, padding_side):
 
 def test_extract_avg_is_mean_of_item_positions(hooked):
     batch = build_tokenizer()(PROMPTS[:1], return_tensors="pt")
-    full = hooked.forward(batch, [(0, 3), "last"], extraction_config=ExtractionConfig(extract_resid_out=True))
+    full = hooked.forward(
+        batch, [(0, 3), "last"], extraction_config=ExtractionConfig(extract_resid_out=True)
+    )
     avg = hooked.forward(
-        batch, [(0, 3), "last"], extraction_config=ExtractionConfig(extract_resid_out=True, extract_avg=True)
+        batch,
+        [(0, 3), "last"],
+        extraction_config=ExtractionConfig(extract_resid_out=True, extract_avg=True),
     )
     assert avg["mapping_index"] == {(0, 3): [0], "last": [1]}
     torch.testing.assert_close(avg["resid_out_0"][:, 0], full["resid_out_0"][:, :3].mean(1))

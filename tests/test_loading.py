@@ -6,8 +6,7 @@ import pytest
 import torch
 from tiny_models import PROMPTS, build_model, build_tokenizer
 
-from hookscope import ExtractionConfig, HookedModel, HookedModelConfig
-from hookscope import loading
+from hookscope import ExtractionConfig, HookedModel, HookedModelConfig, loading
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +18,12 @@ def tiny_folder(tmp_path_factory):
 
 
 def test_from_pretrained_folder_matches_the_model(tiny_folder):
-    hm = HookedModel.from_pretrained(str(tiny_folder), device_map="cpu", torch_dtype=torch.float32, attn_implementation="sdpa")
-    same = HookedModel(HookedModelConfig(model_name=str(tiny_folder), device_map="cpu", torch_dtype=torch.float32))
+    hm = HookedModel.from_pretrained(
+        str(tiny_folder), device_map="cpu", torch_dtype=torch.float32, attn_implementation="sdpa"
+    )
+    same = HookedModel(
+        HookedModelConfig(model_name=str(tiny_folder), device_map="cpu", torch_dtype=torch.float32)
+    )
     batch = build_tokenizer()(PROMPTS[0], return_tensors="pt")
     with torch.no_grad():
         expected = build_model("llama")(**batch).logits
@@ -32,22 +35,34 @@ def test_from_pretrained_folder_matches_the_model(tiny_folder):
 
 def test_bfloat16_keeps_model_dtype_and_tracks_float32(tiny_folder):
     config = ExtractionConfig(extract_resid_out=True)
-    half = HookedModel.from_pretrained(str(tiny_folder), device_map="cpu", torch_dtype=torch.bfloat16)
-    full = HookedModel.from_pretrained(str(tiny_folder), device_map="cpu", torch_dtype=torch.float32)
+    half = HookedModel.from_pretrained(
+        str(tiny_folder), device_map="cpu", torch_dtype=torch.bfloat16
+    )
+    full = HookedModel.from_pretrained(
+        str(tiny_folder), device_map="cpu", torch_dtype=torch.float32
+    )
     low = half.forward(PROMPTS[0], ["last", 0], extraction_config=config)
     high = full.forward(PROMPTS[0], ["last", 0], extraction_config=config)
     assert low["resid_out_1"].dtype == torch.bfloat16
-    torch.testing.assert_close(low["resid_out_1"].float(), high["resid_out_1"], rtol=0.05, atol=0.05)
+    torch.testing.assert_close(
+        low["resid_out_1"].float(), high["resid_out_1"], rtol=0.05, atol=0.05
+    )
 
 
 def test_default_model_resolution(monkeypatch, tmp_path):
     monkeypatch.setattr(loading, "default_model_dir", lambda: tmp_path / "smol")
     monkeypatch.setattr(loading, "_in_hub_cache", lambda model_id: False)
     assert loading._resolve_source(HookedModelConfig()) == (tmp_path / "smol", {})
-    assert loading._resolve_source(HookedModelConfig(model_name=loading.DEFAULT_MODEL_ID)) == (tmp_path / "smol", {})
+    assert loading._resolve_source(HookedModelConfig(model_name=loading.DEFAULT_MODEL_ID)) == (
+        tmp_path / "smol",
+        {},
+    )
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"")
-    assert loading._resolve_source(HookedModelConfig(model_name=str(gguf))) == (tmp_path, {"gguf_file": "m.gguf"})
+    assert loading._resolve_source(HookedModelConfig(model_name=str(gguf))) == (
+        tmp_path,
+        {"gguf_file": "m.gguf"},
+    )
 
 
 def test_cache_dir_follows_environment(monkeypatch, tmp_path):

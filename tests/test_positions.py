@@ -127,7 +127,11 @@ def test_batched_resolution_equals_one_by_one(lengths, extra, side, items):
     for row, n in enumerate(lengths):
         real = mask[row].bool()
         try:
-            alone_rows.append(resolve_positions(items, torch.ones(1, n, dtype=torch.long), ids[row : row + 1, real]))
+            alone_rows.append(
+                resolve_positions(
+                    items, torch.ones(1, n, dtype=torch.long), ids[row : row + 1, real]
+                )
+            )
         except PositionError:
             # An item that does not fit one example alone must not fit the batch either.
             with pytest.raises(PositionError, match="out of range for example"):
@@ -142,8 +146,12 @@ def test_batched_resolution_equals_one_by_one(lengths, extra, side, items):
             slots = batched.mapping_index[item]
             width = len(alone.mapping_index[item])
             real_slots = slots[:width]
-            assert batched.mask[row, real_slots].all() and not batched.mask[row, slots[width:]].any()
-            assert torch.equal(selected[row, real_slots], alone_selected[0, alone.mapping_index[item]])
+            assert (
+                batched.mask[row, real_slots].all() and not batched.mask[row, slots[width:]].any()
+            )
+            assert torch.equal(
+                selected[row, real_slots], alone_selected[0, alone.mapping_index[item]]
+            )
 
 
 @settings(max_examples=100, deadline=None)
@@ -158,7 +166,9 @@ def test_batched_resolution_equals_one_by_one(lengths, extra, side, items):
 def test_any_item_resolves_or_raises_position_error(item, length):
     try:
         items = normalize_items([item])
-        resolved = resolve_positions(items, torch.ones(1, length, dtype=torch.long), torch.ones(1, length, dtype=torch.long))
+        resolved = resolve_positions(
+            items, torch.ones(1, length, dtype=torch.long), torch.ones(1, length, dtype=torch.long)
+        )
     except PositionError:
         return
     assert ((resolved.index >= 0) & (resolved.index < length)).all()

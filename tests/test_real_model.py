@@ -20,7 +20,13 @@ def smol():
 
 def test_default_model_loads(smol):
     m = smol.model_map
-    assert (m.model_type, m.n_layers, m.n_heads, m.n_kv_heads, m.d_model) == ("llama", 30, 9, 3, 576)
+    assert (m.model_type, m.n_layers, m.n_heads, m.n_kv_heads, m.d_model) == (
+        "llama",
+        30,
+        9,
+        3,
+        576,
+    )
 
 
 def test_paris(smol):
@@ -31,7 +37,11 @@ def test_paris(smol):
 
 def test_plain_forward_bit_identical_and_hidden_states(smol):
     batch = smol.get_tokenizer()(PROMPTS[1], return_tensors="pt")
-    cache = smol.forward(batch, ["all"], extraction_config=ExtractionConfig(extract_resid_in=True, layers=[0, 15, 29]))
+    cache = smol.forward(
+        batch,
+        ["all"],
+        extraction_config=ExtractionConfig(extract_resid_in=True, layers=[0, 15, 29]),
+    )
     with torch.no_grad():
         reference = smol.hf_model(**batch, output_hidden_states=True)
     assert torch.equal(cache["logits"], reference.logits)
@@ -49,7 +59,9 @@ def test_padded_batch_equals_one_by_one(smol, padding_side):
         batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
         batched = smol.forward(batch, positions, extraction_config=config)
         for row, prompt in enumerate(PROMPTS):
-            alone = smol.forward(tokenizer(prompt, return_tensors="pt"), positions, extraction_config=config)
+            alone = smol.forward(
+                tokenizer(prompt, return_tensors="pt"), positions, extraction_config=config
+            )
             for key, value in alone.tensors().items():
                 # 1e-4 of scale: float32 reduction order differs between batch shapes, and the error grows
                 # through 30 layers that carry ~2.5e3 "massive activations" (tiny models hold 1e-5).
@@ -62,4 +74,6 @@ def test_hub_name_falls_back_to_embedded_copy(smol):
     again = HookedModel.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")
     assert again.model_map.n_layers == 30
     cache = again.forward("The capital of France is", ["last"])
-    assert torch.equal(cache["logits"], smol.forward("The capital of France is", ["last"])["logits"])
+    assert torch.equal(
+        cache["logits"], smol.forward("The capital of France is", ["last"])["logits"]
+    )

@@ -30,7 +30,11 @@ _SLIDING = dict(sliding_window=4, layer_types=["sliding_attention", "full_attent
 FAMILIES: dict[str, tuple[type, type, dict]] = {
     "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, {}),
     "mistral": (tf.MistralConfig, tf.MistralForCausalLM, {"sliding_window": None}),
-    "mixtral": (tf.MixtralConfig, tf.MixtralForCausalLM, {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "mixtral": (
+        tf.MixtralConfig,
+        tf.MixtralForCausalLM,
+        {"num_local_experts": 4, "num_experts_per_tok": 2},
+    ),
     "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, {}),
     "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, {}),
     "qwen3_moe": (
@@ -40,18 +44,34 @@ FAMILIES: dict[str, tuple[type, type, dict]] = {
     ),
     "gemma": (tf.GemmaConfig, tf.GemmaForCausalLM, {}),
     "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM, {**_SLIDING, "query_pre_attn_scalar": 16}),
-    "gemma3_text": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, {**_SLIDING, "query_pre_attn_scalar": 16}),
+    "gemma3_text": (
+        tf.Gemma3TextConfig,
+        tf.Gemma3ForCausalLM,
+        {**_SLIDING, "query_pre_attn_scalar": 16},
+    ),
     "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM, {}),
     "olmo": (tf.OlmoConfig, tf.OlmoForCausalLM, {}),
     "olmo2": (tf.Olmo2Config, tf.Olmo2ForCausalLM, {}),
     "gpt2": (
         tf.GPT2Config,
         tf.GPT2LMHeadModel,
-        {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 128, "vocab_size": VOCAB,
-         "bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD},
+        {
+            "n_embd": 64,
+            "n_layer": 2,
+            "n_head": 4,
+            "n_positions": 128,
+            "vocab_size": VOCAB,
+            "bos_token_id": BOS,
+            "eos_token_id": EOS,
+            "pad_token_id": PAD,
+        },
     ),
     "gpt_neox": (tf.GPTNeoXConfig, tf.GPTNeoXForCausalLM, {"use_parallel_residual": True}),
-    "gpt_neox_sequential": (tf.GPTNeoXConfig, tf.GPTNeoXForCausalLM, {"use_parallel_residual": False}),
+    "gpt_neox_sequential": (
+        tf.GPTNeoXConfig,
+        tf.GPTNeoXForCausalLM,
+        {"use_parallel_residual": False},
+    ),
 }
 # Families whose kernel must stay eager (Gemma2 rejects SDPA in transformers 5).
 EAGER_ONLY = {"gemma2"}
@@ -97,7 +117,7 @@ _CORPUS = [
 ]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def build_tokenizer(padding_side: str = "right") -> tf.PreTrainedTokenizerFast:
     """A byte-level BPE trained on a few sentences; ids 0/1/2 are <pad>/<s>/</s>."""
     tokenizer = Tokenizer(models.BPE())

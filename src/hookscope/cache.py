@@ -123,7 +123,9 @@ class ActivationCache(MutableMapping):
                 by_layer[point.layer] = self._data[key]
         if not by_layer:
             kinds = sorted({k.rsplit("_", 1)[0] for k in self if k[-1:].isdigit()})
-            raise HookscopeError(f"no '{kind}_{{layer}}' keys in this cache; per-layer kinds here: {kinds}")
+            raise HookscopeError(
+                f"no '{kind}_{{layer}}' keys in this cache; per-layer kinds here: {kinds}"
+            )
         return torch.stack([by_layer[layer] for layer in sorted(by_layer)])
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -156,7 +158,9 @@ class ActivationCache(MutableMapping):
         width = max((len(k) for k in self._data), default=0)
         for key, value in self._data.items():
             if isinstance(value, torch.Tensor):
-                desc = f"{list(value.shape)} {str(value.dtype).removeprefix('torch.')} {value.device}"
+                desc = (
+                    f"{list(value.shape)} {str(value.dtype).removeprefix('torch.')} {value.device}"
+                )
             else:
                 desc = repr(value) if len(repr(value)) < 80 else f"{type(value).__name__}(...)"
             lines.append(f"  {key:<{width}}  {desc}")
@@ -300,8 +304,11 @@ def _relay(value: torch.Tensor, mapping: dict, layout: tuple[dict, dict], axes: 
         out = value.new_zeros(shape)
         for item, slots in mapping.items():
             target = merged_mapping[item][: len(slots)]
-            out.index_copy_(axis, torch.tensor(target, device=value.device), value.index_select(
-                axis, torch.tensor(slots, device=value.device)))
+            out.index_copy_(
+                axis,
+                torch.tensor(target, device=value.device),
+                value.index_select(axis, torch.tensor(slots, device=value.device)),
+            )
         value = out
     return value
 

@@ -116,7 +116,11 @@ def _site_for(point: Point, model_map: ModelMap) -> tuple[nn.Module, str, Split 
     if point.kind in ("queries", "keys", "values"):
         separate = {"queries": spec.q_proj, "keys": spec.k_proj, "values": spec.v_proj}[point.kind]
         if separate:
-            return model_map.attention_child(point.layer, separate, f"{point.kind} projection"), "output", None
+            return (
+                model_map.attention_child(point.layer, separate, f"{point.kind} projection"),
+                "output",
+                None,
+            )
         fused = model_map.attention_child(point.layer, spec.qkv_proj, "q/k/v projection")
         return fused, "output", _qkv_splits(model_map)[point.kind]
     raise ActivationPointError(f"{point.name} cannot be captured by a module hook.")
@@ -192,7 +196,9 @@ def capture_hooks(
     With ``stop_after``, a last hook ends the forward (``StopForward``) once that module ran.
     """
     hooks = [
-        ModuleHook(site.module, _make_hook(site, positions, sink, average, keep_gradient), site.when)
+        ModuleHook(
+            site.module, _make_hook(site, positions, sink, average, keep_gradient), site.when
+        )
         for site in sites
     ]
     if stop_after is not None:

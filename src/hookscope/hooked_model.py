@@ -207,7 +207,9 @@ class HookedModel:
             PositionError, InputError, ActivationPointError: for bad input, before the forward.
         """
         config = extraction_config or ExtractionConfig()
-        model_inputs = prepare_inputs(inputs, self.hf_model, self.get_text_tokenizer(), self.device())
+        model_inputs = prepare_inputs(
+            inputs, self.hf_model, self.get_text_tokenizer(), self.device()
+        )
         model_inputs.update(model_kwargs)
         if target_token_positions is None:
             if points_for(config, self.model_map):
@@ -258,7 +260,9 @@ class HookedModel:
             cache["input_ids"] = model_inputs["input_ids"]
         if config.extract_avg:
             cache["mapping_index"] = positions.averaged_mapping()
-            cache["position_mask"] = torch.ones(len(positions.mask), len(positions.items), dtype=torch.bool)
+            cache["position_mask"] = torch.ones(
+                len(positions.mask), len(positions.items), dtype=torch.bool
+            )
         else:
             cache["mapping_index"] = dict(positions.mapping_index)
             cache["position_mask"] = positions.mask.clone()
@@ -341,7 +345,9 @@ class HookedModel:
         Returns the sequences ``[batch, seq + new]``, or the decoded new text per example when
         ``return_text`` is True.
         """
-        model_inputs = prepare_inputs(inputs, self.hf_model, self.get_text_tokenizer(), self.device())
+        model_inputs = prepare_inputs(
+            inputs, self.hf_model, self.get_text_tokenizer(), self.device()
+        )
         model_inputs.pop("position_ids", None)  # generate derives them from the mask itself
         tokenizer = self.get_text_tokenizer()
         if tokenizer is not None and "pad_token_id" not in generate_kwargs:

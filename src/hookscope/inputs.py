@@ -26,7 +26,9 @@ def tokenize(tokenizer: Any, texts: str | list[str]) -> dict[str, torch.Tensor]:
     """Tokenize one string or a list of strings into a padded batch."""
     if tokenizer is None:
         raise InputError("this HookedModel has no tokenizer: pass input_ids, not strings.")
-    return dict(tokenizer(texts if isinstance(texts, list) else [texts], return_tensors="pt", padding=True))
+    return dict(
+        tokenizer(texts if isinstance(texts, list) else [texts], return_tensors="pt", padding=True)
+    )
 
 
 def prepare_inputs(
@@ -47,7 +49,9 @@ def prepare_inputs(
     Raises:
         InputError: for a missing ``input_ids``, mismatched shapes, or padding without a mask.
     """
-    if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], str)):
+    if isinstance(inputs, str) or (
+        isinstance(inputs, list) and inputs and isinstance(inputs[0], str)
+    ):
         inputs = tokenize(tokenizer, inputs)
     elif isinstance(inputs, torch.Tensor):
         inputs = {"input_ids": inputs}

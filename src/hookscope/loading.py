@@ -123,11 +123,17 @@ def load_model_and_tokenizer(config: HookedModelConfig) -> tuple[PreTrainedModel
     device = pick_device(config.device_map)
     if device is None:
         kwargs["device_map"] = config.device_map
-    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    tokenizer_kwargs = {k: v for k, v in extra.items() if k in ("gguf_file", "revision")}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_kwargs)
+    except OSError as error:
+        raise HookscopeError(
+            f"could not load {str(source)!r}: not a model folder, a .gguf file, or a hub id that is "
+            f"reachable or cached ({error.__class__.__name__}: {str(error).splitlines()[0]})"
+        ) from error
     if device is not None:
         model = model.to(device)
-    tokenizer_kwargs = {k: v for k, v in extra.items() if k in ("gguf_file", "revision")}
-    tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_kwargs)
     return model.eval(), tokenizer
 
 

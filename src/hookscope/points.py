@@ -38,7 +38,10 @@ KINDS: dict[str, PointKind] = {
             "What enters layer 0: token (+ position) embeddings after any embedding scaling.",
         ),
         PointKind(
-            "resid_in", "layer", "[batch, pos, d_model]", "Input of decoder layer l (the residual stream)."
+            "resid_in",
+            "layer",
+            "[batch, pos, d_model]",
+            "Input of decoder layer l (the residual stream).",
         ),
         PointKind(
             "resid_mid",
@@ -97,9 +100,14 @@ KINDS: dict[str, PointKind] = {
             "[batch, pos, d_model]",
             "Output of the final norm (what the unembedding reads).",
         ),
-        PointKind("logits", "model", "[batch, pos, vocab]", "Model logits at the target positions."),
         PointKind(
-            "input_ids", "model", "[batch, seq]", "The token ids of the batch, as given (all tokens)."
+            "logits", "model", "[batch, pos, vocab]", "Model logits at the target positions."
+        ),
+        PointKind(
+            "input_ids",
+            "model",
+            "[batch, seq]",
+            "The token ids of the batch, as given (all tokens).",
         ),
     )
 }

@@ -146,7 +146,9 @@ def resolve_architecture(model: nn.Module) -> ModelMap:
     n_heads = config.num_attention_heads
     d_model = config.hidden_size
     d_head = getattr(config, "head_dim", None) or d_model // n_heads
-    parallel = bool(spec.parallel_residual_flag and getattr(config, spec.parallel_residual_flag, False))
+    parallel = bool(
+        spec.parallel_residual_flag and getattr(config, spec.parallel_residual_flag, False)
+    )
     return ModelMap(
         model_type=model_type,
         spec=spec,
