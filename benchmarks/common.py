@@ -1,0 +1,70 @@
+"""Shared benchmark helpers: machine description, interleaved timing, paired ratios."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from datetime import date
+
+import torch
+import transformers
+
+import hookscope
+
+
+def machine() -> str:
+    """One line naming the machine and the versions that matter."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        model = subprocess.run(
+            ["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"],
+            capture_output=True, text=True, check=False,
+        ).stdout.strip()
+        cpu = model or cpu
+    except OSError:
+        pass
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU only ({cpu})"
+    return (
+        f"{date.today()} | {device} | {os.cpu_count()} cores, torch threads {torch.get_num_threads()} | "
+        f"python {platform.python_version()}, torch {torch.__version__}, transformers "
+        f"{transformers.__version__}, hookscope {hookscope.__version__}"
+    )
+
+
+def interleaved(variants: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Time every variant ``repeats`` times, interleaving them (rotating the order each round)
+    so that machine noise hits all of them alike. Returns seconds per run, per variant."""
+    names = list(variants)
+    for _ in range(warmup):
+        for name in names:
+            variants[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(repeats):
+        order = names[round_index % len(names) :] + names[: round_index % len(names)]
+        for name in order:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            variants[name]()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def paired_ratio(times: dict[str, list[float]], name: str, baseline: str) -> float:
+    """Median over rounds of time(name) / time(baseline) measured in the same round."""
+    return statistics.median(a / b for a, b in zip(times[name], times[baseline], strict=True))
+
+
+def table(times: dict[str, list[float]], baseline: str) -> str:
+    lines = ["| variant | median ms | ratio vs " + baseline + " (paired median) |", "| --- | ---: | ---: |"]
+    for name, values in times.items():
+        lines.append(
+            f"| {name} | {statistics.median(values) * 1e3:.1f} | {paired_ratio(times, name, baseline):.3f} |"
+        )
+    return "\n".join(lines)
