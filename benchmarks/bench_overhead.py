@@ -49,7 +49,9 @@ def bench(hm: HookedModel, repeats: int) -> dict[str, list[float]]:
 
     @torch.no_grad()
     def hf_hidden():
-        return hm.hf_model(**batch, position_ids=position_ids, use_cache=False, output_hidden_states=True)
+        return hm.hf_model(
+            **batch, position_ids=position_ids, use_cache=False, output_hidden_states=True
+        )
 
     variants = {
         "hf": hf,
@@ -62,17 +64,27 @@ def bench(hm: HookedModel, repeats: int) -> dict[str, list[float]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--write", action="store_true", help="rewrite benchmarks/RESULTS_overhead.md")
+    parser.add_argument(
+        "--write", action="store_true", help="rewrite benchmarks/RESULTS_overhead.md"
+    )
     args = parser.parse_args()
     from tiny_models import build_model, build_tokenizer
 
-    sections = [f"Machine: {machine()}", "Command: `python benchmarks/bench_overhead.py --repeats "
-                f"{args.repeats}`", "Batch: 8 x 128 tokens, left padding of 0..28 tokens per row."]
+    sections = [
+        f"Machine: {machine()}",
+        f"Command: `python benchmarks/bench_overhead.py --repeats {args.repeats}`",
+        "Batch: 8 x 128 tokens, left padding of 0..28 tokens per row.",
+    ]
     for label, hm in (
         ("SmolLM2-135M-Instruct (float32, sdpa)", HookedModel.from_pretrained()),
-        ("tiny random Llama (2 layers, d_model 64)", HookedModel.from_hf(build_model("llama"), build_tokenizer())),
+        (
+            "tiny random Llama (2 layers, d_model 64)",
+            HookedModel.from_hf(build_model("llama"), build_tokenizer()),
+        ),
     ):
         times = bench(hm, args.repeats)
         sections.append(f"### {label}\n\n{table(times, 'hf')}")

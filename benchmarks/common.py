@@ -22,7 +22,9 @@ def machine() -> str:
     try:
         model = subprocess.run(
             ["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"],
-            capture_output=True, text=True, check=False,
+            capture_output=True,
+            text=True,
+            check=False,
         ).stdout.strip()
         cpu = model or cpu
     except OSError:
@@ -35,7 +37,9 @@ def machine() -> str:
     )
 
 
-def interleaved(variants: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, list[float]]:
+def interleaved(
+    variants: dict[str, Callable[[], object]], repeats: int, warmup: int = 2
+) -> dict[str, list[float]]:
     """Time every variant ``repeats`` times, interleaving them (rotating the order each round)
     so that machine noise hits all of them alike. Returns seconds per run, per variant."""
     names = list(variants)
@@ -62,7 +66,10 @@ def paired_ratio(times: dict[str, list[float]], name: str, baseline: str) -> flo
 
 
 def table(times: dict[str, list[float]], baseline: str) -> str:
-    lines = ["| variant | median ms | ratio vs " + baseline + " (paired median) |", "| --- | ---: | ---: |"]
+    lines = [
+        "| variant | median ms | ratio vs " + baseline + " (paired median) |",
+        "| --- | ---: | ---: |",
+    ]
     for name, values in times.items():
         lines.append(
             f"| {name} | {statistics.median(values) * 1e3:.1f} | {paired_ratio(times, name, baseline):.3f} |"

@@ -141,7 +141,7 @@ class HookedModel:
         stop_after = None
         if not extraction_config.save_logits and points:
             last = last_layer_needed(points, self.model_map)
-            if last is not None and last < self.model_map.n_layers - 1:
+            if last is not None:  # nothing after this layer is needed, not even the unembedding
                 stop_after = self.model_map.layers[last].block
         return capture_hooks(
             plan_capture(points, self.model_map),

@@ -3,6 +3,7 @@ and add what a padding-correct forward needs (attention mask, position ids)."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Mapping
 from typing import Any
@@ -16,10 +17,19 @@ from .errors import InputError
 _NEVER_FORWARDED = ("labels",)
 
 
-def model_input_names(model: nn.Module) -> set[str]:
-    """Named parameters of ``model.forward`` (``**kwargs`` excluded)."""
-    params = inspect.signature(model.forward).parameters.values()
-    return {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+def model_input_names(model: nn.Module) -> frozenset[str]:
+    """Named parameters of ``model.forward`` (``**kwargs`` excluded); cached per model class."""
+    return _forward_parameters(type(model))
+
+
+@functools.cache
+def _forward_parameters(model_class: type) -> frozenset[str]:
+    params = inspect.signature(model_class.forward).parameters.values()
+    return frozenset(
+        p.name
+        for p in params
+        if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "self"
+    )
 
 
 def tokenize(tokenizer: Any, texts: str | list[str]) -> dict[str, torch.Tensor]:

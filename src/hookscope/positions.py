@@ -196,76 +196,100 @@ def _example_seed(token_ids: torch.Tensor, seed: int) -> int:
     return zlib.crc32(data, seed & 0xFFFFFFFF)
 
 
-def _relative(
-    item: PositionItem,
-    length: int,
-    row: int,
-    token_ids: torch.Tensor | None,
-    pivot_positions: Sequence[int] | None,
-    seed: int,
-) -> list[int]:
-    """Indices into one example's real tokens (0 = first real token) selected by ``item``."""
+def _out_of_range(item: PositionItem, row: int, length: int, detail: str) -> PositionError:
+    return PositionError(
+        f"position item {item!r} is out of range for example {row}, which has {length} real "
+        f"tokens ({detail})."
+    )
 
-    def out_of_range(detail: str) -> PositionError:
-        return PositionError(
-            f"position item {item!r} is out of range for example {row}, which has {length} real "
-            f"tokens ({detail})."
-        )
 
+def _first_bad_row(bad: torch.Tensor) -> int | None:
+    rows = torch.nonzero(bad).flatten()
+    return int(rows[0]) if rows.numel() else None
+
+
+def _item_range(
+    item: PositionItem, lengths: torch.Tensor, pivot_positions: Sequence[int] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A contiguous item as ``(start, count)`` per row, in real-token coordinates.
+
+    Raises:
+        PositionError: naming the first example the item does not fit.
+    """
+    if isinstance(item, str) and (match := _LAST_K.match(item)):
+        item = -int(match.group(1))
     if isinstance(item, int):
-        if not -length <= item < length:
-            raise out_of_range(f"valid ints: {-length}..{length - 1}")
-        return [item % length]
+        row = _first_bad_row((item < -lengths) | (item >= lengths))
+        if row is not None:
+            n = int(lengths[row])
+            raise _out_of_range(item, row, n, f"valid ints: {-n}..{n - 1}")
+        start = torch.full_like(lengths, item) if item >= 0 else lengths + item
+        return start, torch.ones_like(lengths)
     if isinstance(item, tuple):
-        start, end = item
-        if not (-length <= start <= length and -length <= end <= length):
-            raise out_of_range(f"slice bounds must lie in {-length}..{length}")
-        indices = list(range(length))[start:end]
-        if not indices:
-            raise out_of_range("the slice selects no token")
-        return indices
+        start, end = (torch.full_like(lengths, bound) for bound in item)
+        row = _first_bad_row(
+            (start < -lengths) | (start > lengths) | (end < -lengths) | (end > lengths)
+        )
+        if row is not None:
+            n = int(lengths[row])
+            raise _out_of_range(item, row, n, f"slice bounds must lie in {-n}..{n}")
+        start = torch.where(start < 0, start + lengths, start)
+        end = torch.where(end < 0, end + lengths, end)
+        row = _first_bad_row(end <= start)
+        if row is not None:
+            raise _out_of_range(item, row, int(lengths[row]), "the slice selects no token")
+        return start, end - start
     if item == "last":
-        return [length - 1]
+        return lengths - 1, torch.ones_like(lengths)
     if item == "first":
-        return [0]
+        return torch.zeros_like(lengths), torch.ones_like(lengths)
     if item in ("all", "all-text"):
-        return list(range(length))
-    if match := _LAST_K.match(item):
-        return _relative(-int(match.group(1)), length, row, token_ids, pivot_positions, seed)
-    if match := _RANDOM_TEXT.match(item):
-        count = int(match.group(1) or 1)
-        if count > length:
-            raise out_of_range(f"cannot draw {count} distinct tokens")
-        if token_ids is None:
-            raise PositionError(f"position item {item!r} needs input_ids to seed its draw.")
-        generator = torch.Generator().manual_seed(_example_seed(token_ids, seed))
-        return sorted(torch.randperm(length, generator=generator)[:count].tolist())
+        return torch.zeros_like(lengths), lengths
     if match := _PARTITION.match(item):
-        return _partition(int(match.group(1)), length, row, pivot_positions)
+        return _partition(int(match.group(1)), lengths, pivot_positions)
     raise PositionError(f"unknown position item {item!r}. Valid items: {_valid_choices()}.")
 
 
 def _partition(
-    group: int, length: int, row: int, pivot_positions: Sequence[int] | None
-) -> list[int]:
+    group: int, lengths: torch.Tensor, pivot_positions: Sequence[int] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     if not pivot_positions:
         raise PositionError(
             f"position item 'inputs-partition-{group}' needs pivot_positions (a list of ints that "
             "split the real tokens into groups), got none."
         )
     pivots = sorted(pivot_positions)
-    if pivots[0] <= 0 or pivots[-1] >= length:
-        raise PositionError(
-            f"pivot_positions {list(pivot_positions)} must lie in 1..{length - 1} for example "
-            f"{row}, which has {length} real tokens."
-        )
-    bounds = [0, *pivots, length]
-    if group >= len(bounds) - 1:
+    if group > len(pivots):
         raise PositionError(
             f"position item 'inputs-partition-{group}': {len(pivots)} pivot(s) make "
-            f"{len(bounds) - 1} groups, valid: inputs-partition-0..{len(bounds) - 2}."
+            f"{len(pivots) + 1} groups, valid: inputs-partition-0..{len(pivots)}."
         )
-    return list(range(bounds[group], bounds[group + 1]))
+    row = _first_bad_row((pivots[0] <= 0) | (pivots[-1] >= lengths))
+    if row is not None:
+        raise PositionError(
+            f"pivot_positions {list(pivot_positions)} must lie in 1..{int(lengths[row]) - 1} for "
+            f"example {row}, which has {int(lengths[row])} real tokens."
+        )
+    start = torch.full_like(lengths, ([0, *pivots])[group])
+    end = lengths if group == len(pivots) else torch.full_like(lengths, pivots[group])
+    return start, end - start
+
+
+def _random_text(
+    item: str, count: int, lengths: torch.Tensor, real_ids: list[torch.Tensor] | None, seed: int
+) -> list[list[int]]:
+    row = _first_bad_row(lengths < count)
+    if row is not None:
+        raise _out_of_range(item, row, int(lengths[row]), f"cannot draw {count} distinct tokens")
+    if real_ids is None:
+        raise PositionError(f"position item {item!r} needs input_ids to seed its draw.")
+    draws = []
+    for row, ids in enumerate(real_ids):
+        generator = torch.Generator().manual_seed(_example_seed(ids, seed))
+        draws.append(
+            sorted(torch.randperm(int(lengths[row]), generator=generator)[:count].tolist())
+        )
+    return draws
 
 
 def resolve_positions(
@@ -288,38 +312,36 @@ def resolve_positions(
         PositionError: naming the item and the example it does not fit.
     """
     mask = attention_mask.detach().to("cpu").bool()
-    batch = mask.shape[0]
-    real_positions = [torch.nonzero(mask[row]).squeeze(1) for row in range(batch)]
-    for row, positions in enumerate(real_positions):
-        if positions.numel() == 0:
-            raise PositionError(f"example {row} has no real token (its attention mask is all 0).")
-    ids = input_ids.detach().to("cpu") if input_ids is not None else None
+    lengths = mask.sum(1)
+    row = _first_bad_row(lengths == 0)
+    if row is not None:
+        raise PositionError(f"example {row} has no real token (its attention mask is all 0).")
+    # real[b, j] = sequence index of row b's j-th real token (stable sort keeps their order).
+    real = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
+    real_ids = None
+    if input_ids is not None:
+        ids = input_ids.detach().to("cpu")
+        real_ids = [ids[b, real[b, : int(lengths[b])]] for b in range(len(lengths))]
 
     columns, valid, mapping, widths = [], [], {}, []
     for item in items:
-        per_row = [
-            _relative(
-                item,
-                len(real_positions[row]),
-                row,
-                ids[row, real_positions[row]] if ids is not None else None,
-                pivot_positions,
-                seed,
+        random_match = _RANDOM_TEXT.match(item) if isinstance(item, str) else None
+        if random_match:
+            count = int(random_match.group(1) or 1)
+            relative = torch.tensor(_random_text(item, count, lengths, real_ids, seed))
+            block_valid = torch.ones_like(relative, dtype=torch.bool)
+        else:
+            start, count = _item_range(item, lengths, pivot_positions)
+            offsets = torch.arange(int(count.max()))
+            block_valid = offsets < count.unsqueeze(1)
+            # padded slots point at the row's last real token; the mask marks them
+            relative = torch.where(
+                block_valid, start.unsqueeze(1) + offsets, (lengths - 1).unsqueeze(1)
             )
-            for row in range(batch)
-        ]
-        width = max(len(rel) for rel in per_row)
-        block = torch.empty(batch, width, dtype=torch.long)
-        block_valid = torch.zeros(batch, width, dtype=torch.bool)
-        for row, rel in enumerate(per_row):
-            absolute = real_positions[row][torch.tensor(rel, dtype=torch.long)]
-            block[row, : len(rel)] = absolute
-            block[row, len(rel) :] = real_positions[row][-1]  # any real index; masked below
-            block_valid[row, : len(rel)] = True
-        start = sum(widths)
-        mapping[item] = list(range(start, start + width))
-        widths.append(width)
-        columns.append(block)
+        first = sum(widths)
+        mapping[item] = list(range(first, first + relative.shape[1]))
+        widths.append(relative.shape[1])
+        columns.append(real.gather(1, relative))
         valid.append(block_valid)
     return ResolvedPositions(
         index=torch.cat(columns, dim=1),

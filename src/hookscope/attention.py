@@ -1,0 +1,248 @@
+"""hookscope's attention function: attention patterns and per-head q/k/v under any kernel.
+
+transformers (v5) calls attention through ``ALL_ATTENTION_FUNCTIONS``: each attention module
+projects q/k/v, applies rotary embeddings (and any q/k norm), then calls
+``fn(module, query, key, value, attention_mask, scaling=..., **kwargs)`` with
+``query [batch, n_heads, q_len, d_head]`` and ``key``/``value`` ``[batch, n_kv_heads, kv_len, d_head]``.
+
+While a hooked forward runs, :class:`AttentionCapture` puts a wrapper in front of the model's
+kernel (SDPA, eager, flash, ...). For an attention module with nothing requested the wrapper calls
+the original kernel with the same arguments, so those layers compute exactly what they compute
+without hookscope. For a requested layer it reads the per-head vectors the kernel receives and
+computes the softmax only for the requested query rows, ``[batch, n_heads, rows, kv_len]``, then
+calls the original kernel for the output.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .archs import ModelMap
+from .errors import ArchitectureError
+from .positions import ResolvedPositions
+
+AttentionFn = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+
+
+@dataclass
+class LayerRequest:
+    """What to read inside one layer's attention call, for a set of heads.
+
+    Keys written: ``pattern_L{l}H{h}`` ``[batch, rows, P]`` (or ``[batch, rows, seq]`` with
+    ``all_keys``), ``head_queries_``/``head_keys_``/``head_values_L{l}H{h}`` ``[batch, P, d_head]``,
+    ``projected_value_L{l}H{h}`` ``[batch, P, d_model]``.
+    """
+
+    layer: int
+    heads: list[int]
+    pattern: bool = False
+    queries: bool = False
+    keys: bool = False
+    values: bool = False
+    projected_values: bool = False
+    output_blocks: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+
+
+def family_eager_function(module: nn.Module) -> AttentionFn:
+    """The eager attention function of ``module``'s own modeling file (it carries the family's
+    details, e.g. Gemma2's logit softcapping), which transformers uses for ``"eager"``."""
+    function = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if function is None:
+        raise ArchitectureError(
+            f"{type(module).__name__}: its modeling file has no eager_attention_forward, so "
+            "hookscope cannot run it under its own eager attention."
+        )
+    return function
+
+
+def output_projection_block(model_map: ModelMap, layer: int, head: int) -> torch.Tensor:
+    """Head ``head``'s block of the attention output projection ``W_O``: ``[d_model, d_head]``,
+    so that ``head_out = z_head @ block.T``."""
+    o_proj = model_map.attention_child(layer, model_map.spec.o_proj, "output projection")
+    d_head = model_map.d_head
+    columns = slice(head * d_head, (head + 1) * d_head)
+    if hasattr(o_proj, "nf"):  # GPT-2 Conv1D stores the weight as [in, out]
+        return o_proj.weight[columns, :].T
+    return o_proj.weight[:, columns]
+
+
+def additive_mask_rows(
+    attention_mask: torch.Tensor | None,
+    rows: torch.Tensor,
+    batch: int,
+    q_len: int,
+    kv_len: int,
+    sliding_window: int | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The mask the kernel applies, for the selected query rows, as an additive float tensor
+    ``[batch, 1, rows, kv_len]`` (0 where attended, -inf elsewhere).
+
+    Handles every form transformers passes: ``None`` (pure causal, no padding: SDPA's skip),
+    a boolean 4-D mask (SDPA; True = attend), an additive float 4-D mask (eager), and a 2-D
+    padding mask (flash kernels, which apply causality and ``sliding_window`` themselves).
+    """
+    device = rows.device
+    query_pos = rows + (kv_len - q_len)  # absolute position of each row among the keys
+    key_pos = torch.arange(kv_len, device=device)
+    if attention_mask is None or attention_mask.dim() == 2:
+        allowed = key_pos.view(1, 1, -1) <= query_pos.unsqueeze(-1)
+        if sliding_window is not None and attention_mask is not None:
+            allowed &= key_pos.view(1, 1, -1) > query_pos.unsqueeze(-1) - sliding_window
+        if attention_mask is not None:
+            allowed &= attention_mask.bool().view(batch, 1, kv_len)
+        allowed = allowed.unsqueeze(1)
+    else:
+        mask = attention_mask.expand(batch, -1, -1, -1)[:, :1]
+        picked = mask.gather(2, rows.view(batch, 1, -1, 1).expand(-1, 1, -1, kv_len))
+        if picked.dtype != torch.bool:
+            return picked.to(dtype)  # already additive (eager): add it exactly as the kernel does
+        allowed = picked
+    zeros = torch.zeros((), dtype=dtype, device=device)
+    return torch.where(allowed, zeros, torch.tensor(float("-inf"), dtype=dtype, device=device))
+
+
+def pattern_rows(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    rows: torch.Tensor,
+    scaling: float | None,
+    softcap: float | None = None,
+    sliding_window: int | None = None,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Post-softmax attention probabilities for the selected query rows only.
+
+    Args:
+        query: ``[batch, n_heads, q_len, d_head]`` (after rotary embedding).
+        key: ``[batch, n_kv_heads, kv_len, d_head]``.
+        rows: ``[batch, R]`` query indices per example.
+        scaling / softcap / sinks: as the kernel receives them.
+
+    Returns:
+        ``[batch, n_heads, R, kv_len]`` in float32.
+    """
+    batch, n_heads, q_len, d_head = query.shape
+    kv_len = key.shape[2]
+    picked = query.gather(2, rows.view(batch, 1, -1, 1).expand(-1, n_heads, -1, d_head))
+    keys = key.repeat_interleave(
+        n_heads // key.shape[1], dim=1
+    )  # head h reads KV group h // groups
+    scale = d_head**-0.5 if scaling is None else scaling
+    scores = torch.matmul(picked.float(), keys.float().transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores + additive_mask_rows(
+        attention_mask, rows, batch, q_len, kv_len, sliding_window, torch.float32
+    )
+    if sinks is not None:  # a learned per-head logit that takes probability mass but no value
+        sink = sinks.float().view(1, -1, 1, 1).expand(batch, -1, scores.shape[2], 1)
+        return torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    return torch.softmax(scores, dim=-1)
+
+
+class AttentionCapture:
+    """Installs hookscope's attention function for one forward and writes what ``requests``
+    ask for into ``sink``.
+
+    Args:
+        model_map: the resolved model.
+        requests: one :class:`LayerRequest` per requested layer.
+        positions: the target positions (columns of patterns, and per-head vector rows).
+        row_positions: the query rows of patterns (default: the target positions).
+        sink: where captured tensors go, by cache key.
+        all_keys: patterns keep every key column (``[batch, rows, seq]``) instead of the targets.
+        keep_gradient: keep the autograd graph through captured tensors.
+    """
+
+    def __init__(
+        self,
+        model_map: ModelMap,
+        requests: list[LayerRequest],
+        positions: ResolvedPositions,
+        row_positions: ResolvedPositions | None,
+        sink: dict[str, torch.Tensor],
+        all_keys: bool = False,
+        keep_gradient: bool = False,
+    ):
+        self.model_map = model_map
+        self.requests = {id(model_map.layers[r.layer].attention): r for r in requests}
+        self.positions = positions
+        self.row_positions = row_positions or positions
+        self.sink = sink
+        self.all_keys = all_keys
+        self.keep_gradient = keep_gradient
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        """Put the wrapper in front of the model's kernel; restore the registry on exit."""
+        if not self.requests:
+            yield
+            return
+        name = self.model_map.layers[0].attention.config._attn_implementation or "eager"
+        local = ALL_ATTENTION_FUNCTIONS._local_mapping
+        had_local, previous_local = name in local, local.get(name)
+        previous = ALL_ATTENTION_FUNCTIONS.get(name)  # None for eager: modules use their own
+        ALL_ATTENTION_FUNCTIONS[name] = self._wrap(previous)
+        try:
+            yield
+        finally:
+            if had_local:
+                local[name] = previous_local
+            else:
+                local.pop(name, None)
+
+    def _wrap(self, previous: AttentionFn | None) -> AttentionFn:
+        def hookscope_attention(module, query, key, value, attention_mask, *args, **kwargs):
+            original = previous or family_eager_function(module)
+            request = self.requests.get(id(module))
+            if request is not None:
+                self._capture(request, query, key, value, attention_mask, kwargs)
+            return original(module, query, key, value, attention_mask, *args, **kwargs)
+
+        return hookscope_attention
+
+    def _store(self, key: str, value: torch.Tensor) -> None:
+        self.sink[key] = value if self.keep_gradient else value.detach()
+
+    def _capture(self, request, query, key, value, attention_mask, kwargs) -> None:
+        layer, groups = request.layer, query.shape[1] // key.shape[1]
+        select = self.positions.select
+        if request.pattern:
+            probs = pattern_rows(
+                query,
+                key,
+                attention_mask,
+                self.row_positions.index.to(query.device),
+                kwargs.get("scaling"),
+                kwargs.get("softcap"),
+                kwargs.get("sliding_window"),
+                kwargs.get("s_aux"),
+            ).to(query.dtype)
+            row_mask = self.row_positions.mask.to(query.device)
+            for head in request.heads:
+                rows = probs[:, head]  # [batch, R, kv_len]
+                columns = rows if self.all_keys else select(rows.transpose(1, 2)).transpose(1, 2)
+                self._store(f"pattern_L{layer}H{head}", columns * row_mask.unsqueeze(-1))
+        for head in request.heads:
+            kv_head = head // groups
+            if request.queries:
+                self._store(f"head_queries_L{layer}H{head}", select(query[:, head]))
+            if request.keys:
+                self._store(f"head_keys_L{layer}H{head}", select(key[:, kv_head]))
+            if request.values or request.projected_values:
+                head_values = select(value[:, kv_head])
+                if request.values:
+                    self._store(f"head_values_L{layer}H{head}", head_values)
+                if request.projected_values:
+                    block = request.output_blocks[head].to(head_values.dtype)
+                    self._store(f"projected_value_L{layer}H{head}", head_values @ block.T)
