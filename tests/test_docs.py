@@ -8,5 +8,9 @@ from hookscope.points import KINDS
 def test_readme_lists_every_point_kind():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     for kind in KINDS.values():
-        key = f"`{kind.name}`" if kind.scope == "model" else f"`{kind.name}_{{l}}`"
+        key = {
+            "model": f"`{kind.name}`",
+            "layer": f"`{kind.name}_{{l}}`",
+            "head": f"`{kind.name}_L{{l}}H{{h}}`",
+        }[kind.scope]
         assert key in readme, f"README activation-point table misses {key}"

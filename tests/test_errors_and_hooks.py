@@ -70,13 +70,6 @@ def test_missing_attention_mask_with_padding(tiny_llama):
         tiny_llama.forward({"input_ids": ids}, ["last"], extraction_config=RESID)
 
 
-def test_attention_flags_are_not_silently_ignored(tiny_llama):
-    with pytest.raises(NotImplementedError, match="extract_attn_pattern"):
-        tiny_llama.forward(
-            PROMPTS[0], ["last"], extraction_config=ExtractionConfig(extract_attn_pattern=True)
-        )
-
-
 def test_module_paths(tiny_llama):
     assert (
         tiny_llama.get_module_from_string("model.layers[0].self_attn")

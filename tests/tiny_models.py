@@ -43,7 +43,12 @@ FAMILIES: dict[str, tuple[type, type, dict]] = {
         {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
     ),
     "gemma": (tf.GemmaConfig, tf.GemmaForCausalLM, {}),
-    "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM, {**_SLIDING, "query_pre_attn_scalar": 16}),
+    "gemma2": (
+        tf.Gemma2Config,
+        tf.Gemma2ForCausalLM,
+        # a small softcap so that capping changes the scores measurably
+        {**_SLIDING, "query_pre_attn_scalar": 16, "attn_logit_softcapping": 2.0},
+    ),
     "gemma3_text": (
         tf.Gemma3TextConfig,
         tf.Gemma3ForCausalLM,

@@ -19,7 +19,6 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
@@ -161,6 +160,7 @@ class AttentionCapture:
         row_positions: the query rows of patterns (default: the target positions).
         sink: where captured tensors go, by cache key.
         all_keys: patterns keep every key column (``[batch, rows, seq]``) instead of the targets.
+        average: average per-position vectors over each position item (``extract_avg``).
         keep_gradient: keep the autograd graph through captured tensors.
     """
 
@@ -172,6 +172,7 @@ class AttentionCapture:
         row_positions: ResolvedPositions | None,
         sink: dict[str, torch.Tensor],
         all_keys: bool = False,
+        average: bool = False,
         keep_gradient: bool = False,
     ):
         self.model_map = model_map
@@ -180,6 +181,7 @@ class AttentionCapture:
         self.row_positions = row_positions or positions
         self.sink = sink
         self.all_keys = all_keys
+        self.average = average
         self.keep_gradient = keep_gradient
 
     @contextmanager
@@ -211,7 +213,9 @@ class AttentionCapture:
 
         return hookscope_attention
 
-    def _store(self, key: str, value: torch.Tensor) -> None:
+    def _store(self, key: str, value: torch.Tensor, per_position: bool = True) -> None:
+        if per_position and self.average:
+            value = self.positions.average(value)
         self.sink[key] = value if self.keep_gradient else value.detach()
 
     def _capture(self, request, query, key, value, attention_mask, kwargs) -> None:
@@ -232,7 +236,7 @@ class AttentionCapture:
             for head in request.heads:
                 rows = probs[:, head]  # [batch, R, kv_len]
                 columns = rows if self.all_keys else select(rows.transpose(1, 2)).transpose(1, 2)
-                self._store(f"pattern_L{layer}H{head}", columns * row_mask.unsqueeze(-1))
+                self._store(f"pattern_L{layer}H{head}", columns * row_mask.unsqueeze(-1), False)
         for head in request.heads:
             kv_head = head // groups
             if request.queries:

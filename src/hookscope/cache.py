@@ -9,6 +9,8 @@ Layout of the values (``P`` = slots of the target positions, see ``hookscope.pos
 * ``mapping_index``: each position item -> its slot indices, e.g. ``{"last": [0], 0: [1]}``
 * ``batch_saver``: a dict of whatever ``extract_cache``'s ``batch_saver`` returned, merged
   across batches (tensors concatenated, lists extended)
+* running means (``avg_pattern_L0H1``, ...): no batch axis; each carries a count of the examples
+  behind every cell, and merging two caches combines them as a weighted mean
 
 Batches whose items select a different number of slots (``"all"`` over batches of different
 lengths) are re-laid on merge: each item gets the widest count, shorter rows are zero-padded and
@@ -21,6 +23,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator, MutableMapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +38,21 @@ METADATA_KEYS = ("mapping_index", "batch_saver")
 _FORMAT = "hookscope.ActivationCache/1"
 
 
-def _position_axes(key: str, value: torch.Tensor) -> tuple[int, ...]:
-    """Which axes of a tensor value index the target-position slots."""
+@dataclass(frozen=True)
+class Axes:
+    """How a ``[batch, ...]`` tensor merges across batches: ``slots`` are axes laid out by the
+    target positions (re-laid when batches differ), ``ragged`` are axes of free length that are
+    right-padded with zeros to the longest batch."""
+
+    slots: tuple[int, ...] = (1,)
+    ragged: tuple[int, ...] = ()
+
+
+def default_axes(key: str, value: torch.Tensor) -> Axes:
+    """Axes of a value whose producer did not declare them: ``[batch, P, ...]``."""
     if key == "input_ids" or value.dim() < 2:
-        return ()
-    return (1,)
+        return Axes(slots=())
+    return Axes()
 
 
 def _human_bytes(n: int) -> str:
@@ -62,6 +75,8 @@ class ActivationCache(MutableMapping):
     def __init__(self, data: dict[str, Any] | None = None, pad_token_id: int = 0):
         self._data: dict[str, Any] = dict(data or {})
         self._pending: list[dict[str, Any]] = []
+        self._counts: dict[str, torch.Tensor] = {}
+        self._axes: dict[str, Axes] = {}
         self.pad_token_id = pad_token_id
 
     # -- dict protocol -------------------------------------------------------------------------
@@ -78,6 +93,7 @@ class ActivationCache(MutableMapping):
     def __delitem__(self, key: str) -> None:
         self._merge_pending()
         del self._data[key]
+        self._counts.pop(key, None)
 
     def __iter__(self) -> Iterator[str]:
         self._merge_pending()
@@ -93,17 +109,55 @@ class ActivationCache(MutableMapping):
 
     # -- batches -------------------------------------------------------------------------------
     def cat(self, other: ActivationCache | dict[str, Any]) -> ActivationCache:
-        """Append the batch in ``other`` (rows after this cache's rows). Returns ``self``."""
-        batch = dict(other.items())
-        if not self._data and not self._pending:
-            self._data = batch
-        else:
-            self._pending.append(batch)
+        """Append the batch in ``other`` (rows after this cache's rows). Returns ``self``.
+
+        Running means are combined at once (they are small); everything else is merged lazily.
+        """
+        counts = getattr(other, "_counts", {})
+        self._axes.update(getattr(other, "_axes", {}))
+        for key, count in counts.items():
+            self._add_to_running_mean(key, other[key], count)
+        self._pending.append({k: v for k, v in other.items() if k not in counts})
         return self
+
+    def set_running_mean(self, key: str, mean: torch.Tensor, count: torch.Tensor) -> None:
+        """Store ``mean`` as a running mean over ``count`` examples (per cell, broadcastable)."""
+        self._data[key] = mean
+        self._counts[key] = count
+
+    def set_axes(self, key: str, axes: Axes) -> None:
+        """Declare how ``key`` merges across batches (see :class:`Axes`)."""
+        self._axes[key] = axes
+
+    def running_count(self, key: str) -> torch.Tensor:
+        """How many examples stand behind each cell of the running mean ``key``."""
+        return self._counts[key]
+
+    def _add_to_running_mean(self, key: str, mean: torch.Tensor, count: torch.Tensor) -> None:
+        if key not in self._counts:
+            self.set_running_mean(key, mean, count)
+            return
+        old_mean, old_count = self._data[key], self._counts[key]
+        if old_mean.shape != mean.shape:
+            raise HookscopeError(
+                f"cannot combine running means of {key!r} with shapes {list(old_mean.shape)} and "
+                f"{list(mean.shape)}: use position items of the same width in every batch."
+            )
+        total = old_count + count
+        weight = (count / total.clamp(min=1)).to(mean.dtype)
+        weight = weight.view(*weight.shape, *([1] * (mean.dim() - weight.dim())))
+        self.set_running_mean(key, old_mean + (mean - old_mean) * weight, total)
 
     def _merge_pending(self) -> None:
         if self._pending:
-            self._data = _merge_batches([self._data, *self._pending], self.pad_token_id)
+            means = {k: self._data.pop(k) for k in self._counts}
+            batches = ([self._data] if self._data else []) + self._pending
+            self._data = (
+                _merge_batches(batches, self.pad_token_id, self._axes)
+                if len(batches) > 1
+                else batches[0]
+            )
+            self._data.update(means)
             self._pending = []
 
     # -- views ---------------------------------------------------------------------------------
@@ -187,6 +241,8 @@ class ActivationCache(MutableMapping):
                         f"batch_saver value {key!r} ({type(value).__name__}) is neither a tensor "
                         "nor JSON-serialisable; hookscope never pickles."
                     ) from error
+        for key, count in self._counts.items():
+            tensors[f"running_count/{key}"] = count.detach().contiguous().clone()
         metadata = {
             "format": _FORMAT,
             "mapping_index": json.dumps(_encode_mapping(self._data.get("mapping_index"))),
@@ -212,10 +268,13 @@ class ActivationCache(MutableMapping):
             if metadata.get("format") != _FORMAT:
                 raise HookscopeError(f"{path} is not a hookscope ActivationCache file.")
             data: dict[str, Any] = {}
+            counts: dict[str, torch.Tensor] = {}
             saver: dict[str, Any] = json.loads(metadata.get("batch_saver", "{}"))
             for key in handle.keys():
                 if key.startswith("batch_saver/"):
                     saver[key.removeprefix("batch_saver/")] = handle.get_tensor(key)
+                elif key.startswith("running_count/"):
+                    counts[key.removeprefix("running_count/")] = handle.get_tensor(key)
                 else:
                     data[key] = handle.get_tensor(key)
         mapping = _decode_mapping(json.loads(metadata["mapping_index"]))
@@ -223,7 +282,9 @@ class ActivationCache(MutableMapping):
             data["mapping_index"] = mapping
         if saver:
             data["batch_saver"] = saver
-        return cls(data, pad_token_id=int(metadata.get("pad_token_id", 0)))
+        cache = cls(data, pad_token_id=int(metadata.get("pad_token_id", 0)))
+        cache._counts = counts
+        return cache
 
 
 # -- mapping index encoding --------------------------------------------------------------------
@@ -244,7 +305,9 @@ def _decode_mapping(encoded: list | None) -> dict | None:
 
 
 # -- merging -----------------------------------------------------------------------------------
-def _merge_batches(batches: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
+def _merge_batches(
+    batches: list[dict[str, Any]], pad_token_id: int, declared: dict[str, Axes]
+) -> dict[str, Any]:
     """Concatenate batch dicts along the batch axis, re-laying slots where widths differ."""
     keys = list(batches[0])
     for index, batch in enumerate(batches[1:], start=1):
@@ -263,15 +326,25 @@ def _merge_batches(batches: list[dict[str, Any]], pad_token_id: int) -> dict[str
         elif key == "batch_saver":
             merged[key] = _merge_saver(values)
         elif isinstance(values[0], torch.Tensor):
-            axes = _position_axes(key, values[0])
+            axes = declared.get(key) or default_axes(key, values[0])
             if key == "input_ids":
                 merged[key] = _cat_padded(values, pad_token_id)
-            elif layout and axes:
-                merged[key] = torch.cat(
-                    [_relay(v, m, layout, axes) for v, m in zip(values, mappings, strict=True)]
-                )
-            else:
+                continue
+            for axis in axes.ragged:
+                values = _pad_to_longest(values, axis, 0)
+            if layout and axes.slots:
+                values = [
+                    _relay(v, m, layout, axes.slots) for v, m in zip(values, mappings, strict=True)
+                ]
+            try:
                 merged[key] = torch.cat(values)
+            except RuntimeError as error:
+                raise HookscopeError(
+                    f"cannot merge {key!r}: batch shapes {[list(v.shape) for v in values]} differ "
+                    "beyond the batch axis."
+                ) from error
+        elif all(v == values[0] for v in values):
+            merged[key] = values[0]
         else:
             merged[key] = values
     return merged
@@ -313,12 +386,19 @@ def _relay(value: torch.Tensor, mapping: dict, layout: tuple[dict, dict], axes: 
     return value
 
 
+def _pad_to_longest(values: list[torch.Tensor], axis: int, pad_value: float) -> list[torch.Tensor]:
+    """Right-pad each tensor along ``axis`` to the longest one."""
+    length = max(v.shape[axis] for v in values)
+    padded = []
+    for value in values:
+        widths = [0, 0] * (value.dim() - 1 - axis) + [0, length - value.shape[axis]]
+        padded.append(torch.nn.functional.pad(value, widths, value=pad_value))
+    return padded
+
+
 def _cat_padded(values: list[torch.Tensor], pad_value: int) -> torch.Tensor:
     """Concatenate ``[batch, seq]`` tensors of different ``seq``, right-padding with ``pad_value``."""
-    length = max(v.shape[1] for v in values)
-    return torch.cat(
-        [torch.nn.functional.pad(v, (0, length - v.shape[1]), value=pad_value) for v in values]
-    )
+    return torch.cat(_pad_to_longest(values, 1, pad_value))
 
 
 def _merge_saver(values: list[dict[str, Any]]) -> dict[str, Any]:

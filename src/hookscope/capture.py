@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .archs import ModelMap
-from .config import ATTENTION_FLAGS, LAYER_FLAGS, MODEL_FLAGS, ExtractionConfig
+from .attention import output_projection_block
 from .errors import ActivationPointError, ArchitectureError
 from .hooks import ModuleHook
 from .points import Point, check_layer
@@ -38,30 +38,6 @@ class CaptureSite:
     module: nn.Module
     when: Literal["input", "output"]
     writes: list[tuple[str, Split | None]] = field(default_factory=list)
-
-
-def points_for(config: ExtractionConfig, model_map: ModelMap) -> list[Point]:
-    """The activation points an :class:`ExtractionConfig` requests on this model.
-
-    Raises:
-        NotImplementedError: for attention-internals flags (patterns, per-head vectors).
-        ActivationPointError: for a layer in ``config.layers`` that is out of range.
-    """
-    pending = [flag for flag in ATTENTION_FLAGS if getattr(config, flag)]
-    if pending or config.attn_pattern_row_positions is not None:
-        raise NotImplementedError(
-            f"{pending or ['attn_pattern_row_positions']}: attention patterns and per-head "
-            "vectors are not implemented yet (they need hookscope's attention function). "
-            "Available now: " + ", ".join([*LAYER_FLAGS, *MODEL_FLAGS, "save_input_ids"]) + "."
-        )
-    layers = range(model_map.n_layers) if config.layers is None else config.layers
-    for layer in layers:
-        check_layer(layer, model_map.n_layers, "ExtractionConfig.layers entry")
-    points = [Point(kind) for flag, kind in MODEL_FLAGS.items() if getattr(config, flag)]
-    for flag, kinds in LAYER_FLAGS.items():
-        if getattr(config, flag):
-            points += [Point(kind, layer) for layer in layers for kind in kinds]
-    return points
 
 
 def _qkv_splits(model_map: ModelMap) -> dict[str, Split]:
@@ -123,7 +99,20 @@ def _site_for(point: Point, model_map: ModelMap) -> tuple[nn.Module, str, Split 
             )
         fused = model_map.attention_child(point.layer, spec.qkv_proj, "q/k/v projection")
         return fused, "output", _qkv_splits(model_map)[point.kind]
+    if point.kind in ("head_out", "head_z"):
+        o_proj = model_map.attention_child(point.layer, spec.o_proj, "output projection")
+        return o_proj, "input", _head_slice(model_map, point)
     raise ActivationPointError(f"{point.name} cannot be captured by a module hook.")
+
+
+def _head_slice(model_map: ModelMap, point: Point) -> Split:
+    """From the output-projection input ``z [..., n_heads * d_head]``: head h's slice
+    (``head_z``), or that slice through head h's block of W_O (``head_out``, ``[..., d_model]``)."""
+    columns = slice(point.head * model_map.d_head, (point.head + 1) * model_map.d_head)
+    if point.kind == "head_z":
+        return lambda z: z[..., columns].contiguous()
+    block = output_projection_block(model_map, point.layer, point.head)  # [d_model, d_head]
+    return lambda z: z[..., columns] @ block.T.to(z.dtype)
 
 
 def plan_capture(points: list[Point], model_map: ModelMap) -> list[CaptureSite]:
@@ -134,13 +123,6 @@ def plan_capture(points: list[Point], model_map: ModelMap) -> list[CaptureSite]:
         site = sites.setdefault((id(module), when), CaptureSite(module, when))
         site.writes.append((point.name, split))
     return list(sites.values())
-
-
-def last_layer_needed(points: list[Point], model_map: ModelMap) -> int | None:
-    """The last layer whose modules must run, or ``None`` if the final norm is needed."""
-    if any(p.layer is None and p.kind != "input_embeddings" for p in points):
-        return None
-    return max((p.layer if p.layer is not None else 0) for p in points) if points else None
 
 
 def _input_tensor(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:

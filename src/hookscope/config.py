@@ -8,34 +8,38 @@ from typing import Any, Literal
 import torch
 
 # ExtractionConfig flags that request activations of one kind in every (selected) layer.
-LAYER_FLAGS: dict[str, tuple[str, ...]] = {
-    "extract_resid_in": ("resid_in",),
-    "extract_resid_mid": ("resid_mid",),
-    "extract_resid_out": ("resid_out",),
-    "extract_resid_in_post_layernorm": ("resid_in_post_layernorm",),
-    "extract_attn_in": ("attn_in",),
-    "extract_attn_out": ("attn_out",),
-    "extract_mlp_out": ("mlp_out",),
-    "extract_queries": ("queries",),
-    "extract_keys": ("keys",),
-    "extract_values": ("values",),
+LAYER_FLAGS: dict[str, str] = {
+    "extract_resid_in": "resid_in",
+    "extract_resid_mid": "resid_mid",
+    "extract_resid_out": "resid_out",
+    "extract_resid_in_post_layernorm": "resid_in_post_layernorm",
+    "extract_attn_in": "attn_in",
+    "extract_attn_out": "attn_out",
+    "extract_mlp_out": "mlp_out",
+    "extract_queries": "queries",
+    "extract_keys": "keys",
+    "extract_values": "values",
 }
 # Flags that request one model-level point.
 MODEL_FLAGS: dict[str, str] = {
     "extract_embed": "input_embeddings",
     "extract_last_layernorm": "last_layernorm",
 }
-# Per-head and attention-pattern flags: implemented by the attention-internals work (issue 3).
-ATTENTION_FLAGS = (
-    "extract_attn_pattern",
-    "extract_avg_attn_pattern",
-    "extract_values_vectors_projected",
-    "extract_avg_values_vectors_projected",
-    "extract_head_out",
-    "extract_head_queries",
-    "extract_head_keys",
-    "extract_head_values",
-)
+# Flags that request one kind per selected (layer, head): keys ``{kind}_L{layer}H{head}``.
+HEAD_FLAGS: dict[str, str] = {
+    "extract_attn_pattern": "pattern",
+    "extract_head_queries": "head_queries",
+    "extract_head_keys": "head_keys",
+    "extract_head_values": "head_values",
+    "extract_values_vectors_projected": "projected_value",
+    "extract_head_out": "head_out",
+    "extract_head_z": "head_z",
+}
+# Flags that keep a running mean over examples: flag -> (mean kind, the per-example kind it averages).
+RUNNING_MEAN_FLAGS: dict[str, tuple[str, str]] = {
+    "extract_avg_attn_pattern": ("avg_pattern", "pattern"),
+    "extract_avg_values_vectors_projected": ("avg_projected_value", "projected_value"),
+}
 
 
 @dataclass
@@ -78,9 +82,19 @@ class ExtractionConfig:
     ``last_layernorm``; ``save_input_ids`` -> ``input_ids``; ``save_logits`` -> ``logits``
     at the target positions (default on).
 
-    Attention internals (``extract_attn_pattern``, ``extract_head_out``, ...) and ``attn_heads`` /
-    ``attn_pattern_row_positions`` belong to the attention-internals work; until it lands they
-    raise ``NotImplementedError``.
+    Per head (keys ``{kind}_L{layer}H{head}``, for the heads in ``attn_heads``):
+    ``extract_attn_pattern`` -> ``pattern`` ``[batch, rows, P]`` (post-softmax; rows are the
+    target positions or ``attn_pattern_row_positions``; columns the target positions, or every
+    key with ``attn_pattern_all_keys``); ``extract_head_queries`` / ``extract_head_keys`` /
+    ``extract_head_values`` -> the vectors head h uses (its KV group's under grouped-query
+    attention), queries and keys after rotary embedding; ``extract_head_z`` -> head h's slice of
+    the output-projection input; ``extract_head_out`` -> that slice through head h's block of
+    ``W_O``; ``extract_values_vectors_projected`` -> ``projected_value``, each position's value
+    vector through head h's block of ``W_O``.
+
+    Running means over every example seen (by ``forward`` or ``extract_cache``):
+    ``extract_avg_attn_pattern`` -> ``avg_pattern`` ``[rows, P]``;
+    ``extract_avg_values_vectors_projected`` -> ``avg_projected_value`` ``[P, d_model]``.
 
     Modifiers:
         extract_avg: average over each position item's tokens (one slot per item).
@@ -111,14 +125,16 @@ class ExtractionConfig:
     save_input_ids: bool = False
     save_logits: bool = True
     extract_avg: bool = False
+    extract_head_z: bool = False
     attn_heads: list[dict[str, int]] | Literal["all"] = "all"
     attn_pattern_row_positions: list[Any] | None = None
+    attn_pattern_all_keys: bool = False
     layers: list[int] | None = None
     keep_gradient: bool = False
 
     def is_not_empty(self) -> bool:
         """True when at least one activation is requested (``save_logits`` aside)."""
-        flags = [*LAYER_FLAGS, *MODEL_FLAGS, *ATTENTION_FLAGS, "save_input_ids"]
+        flags = [*LAYER_FLAGS, *MODEL_FLAGS, *HEAD_FLAGS, *RUNNING_MEAN_FLAGS, "save_input_ids"]
         return any(getattr(self, flag) for flag in flags)
 
     def to_dict(self) -> dict[str, Any]:

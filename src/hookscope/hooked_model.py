@@ -10,13 +10,15 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .archs import ModelMap, resolve_architecture
-from .cache import ActivationCache
-from .capture import StopForward, capture_hooks, last_layer_needed, plan_capture, points_for
+from .attention import AttentionCapture
+from .cache import ActivationCache, Axes
+from .capture import StopForward, capture_hooks, plan_capture
 from .config import ExtractionConfig, HookedModelConfig
 from .errors import HookscopeError, InputError, PositionError
 from .hooks import ModuleHook, as_module_hook, get_module, installed, register
 from .inputs import model_input_names, prepare_inputs, tokenize
 from .loading import DEFAULT_MODEL_ID, load_model_and_tokenizer, prepare_tokenizer
+from .plan import ExtractionPlan, plan_extraction
 from .positions import PositionItem, ResolvedPositions, normalize_items, resolve_positions
 
 
@@ -136,19 +138,30 @@ class HookedModel:
         sink: dict[str, torch.Tensor],
         extraction_config: ExtractionConfig,
     ) -> list[ModuleHook]:
-        """The hooks that capture ``extraction_config``'s points at ``positions`` into ``sink``."""
-        points = points_for(extraction_config, self.model_map)
+        """The module hooks that capture ``extraction_config``'s points at ``positions`` into
+        ``sink`` (attention patterns and per-head q/k/v are read by hookscope's attention
+        function instead; :meth:`forward` installs both)."""
+        return self._module_hooks(
+            plan_extraction(extraction_config, self.model_map), positions, sink, extraction_config
+        )
+
+    def _module_hooks(
+        self,
+        plan: ExtractionPlan,
+        positions: ResolvedPositions,
+        sink: dict[str, torch.Tensor],
+        config: ExtractionConfig,
+    ) -> list[ModuleHook]:
         stop_after = None
-        if not extraction_config.save_logits and points:
-            last = last_layer_needed(points, self.model_map)
-            if last is not None:  # nothing after this layer is needed, not even the unembedding
-                stop_after = self.model_map.layers[last].block
+        last = plan.last_layer()
+        if not config.save_logits and last is not None:
+            stop_after = self.model_map.layers[last].block  # nothing after it is needed
         return capture_hooks(
-            plan_capture(points, self.model_map),
+            plan_capture(plan.points, self.model_map),
             positions,
             sink,
-            average=extraction_config.extract_avg,
-            keep_gradient=extraction_config.keep_gradient,
+            average=config.extract_avg,
+            keep_gradient=config.keep_gradient,
             stop_after=stop_after,
         )
 
@@ -211,34 +224,51 @@ class HookedModel:
             inputs, self.hf_model, self.get_text_tokenizer(), self.device()
         )
         model_inputs.update(model_kwargs)
+        plan = plan_extraction(config, self.model_map)
         if target_token_positions is None:
-            if points_for(config, self.model_map):
+            if not plan.is_empty():
                 raise PositionError(
                     "target_token_positions is required when activations are requested, "
                     "e.g. target_token_positions=['last']."
                 )
             target_token_positions = ["all"]
+        mask, ids = model_inputs["attention_mask"], model_inputs["input_ids"]
         positions = resolve_positions(
-            normalize_items(target_token_positions),
-            model_inputs["attention_mask"],
-            model_inputs["input_ids"],
-            pivot_positions,
-            seed,
+            normalize_items(target_token_positions), mask, ids, pivot_positions, seed
         )
+        row_positions = None
+        if config.attn_pattern_row_positions is not None:
+            rows = normalize_items(config.attn_pattern_row_positions)
+            row_positions = resolve_positions(rows, mask, ids, pivot_positions, seed)
         sink: dict[str, torch.Tensor] = {}
         call_hooks = [as_module_hook(h) for h in hooks or []]
-        call_hooks += self.create_hooks(positions, sink, config)
+        call_hooks += self._module_hooks(plan, positions, sink, config)
+        attention = AttentionCapture(
+            self.model_map,
+            plan.attention,
+            positions,
+            row_positions,
+            sink,
+            all_keys=config.attn_pattern_all_keys,
+            average=config.extract_avg,
+            keep_gradient=config.keep_gradient,
+        )
         if "use_cache" in model_input_names(self.hf_model):
             model_inputs.setdefault("use_cache", False)
 
         grad_mode = torch.enable_grad() if config.keep_gradient else torch.no_grad()
         output = None
-        with grad_mode, installed(self.hf_model, call_hooks):
+        with grad_mode, attention.installed(), installed(self.hf_model, call_hooks):
             try:
                 output = self.hf_model(**model_inputs)
             except StopForward:
                 pass
-        return self._assemble_cache(sink, output, positions, config, model_inputs, move_to_cpu)
+        cache = self._assemble_cache(sink, output, positions, config, model_inputs)
+        _add_running_means(cache, sink, plan, row_positions)
+        _declare_pattern_axes(cache, config, row_positions)
+        if row_positions is not None:
+            cache["attn_pattern_row_mapping_index"] = dict(row_positions.mapping_index)
+        return cache.cpu() if move_to_cpu else cache
 
     __call__ = forward
 
@@ -249,7 +279,6 @@ class HookedModel:
         positions: ResolvedPositions,
         config: ExtractionConfig,
         model_inputs: dict[str, Any],
-        move_to_cpu: bool,
     ) -> ActivationCache:
         cache = ActivationCache(sink, pad_token_id=self._pad_token_id())
         if config.save_logits and output is not None:
@@ -266,7 +295,7 @@ class HookedModel:
         else:
             cache["mapping_index"] = dict(positions.mapping_index)
             cache["position_mask"] = positions.mask.clone()
-        return cache.cpu() if move_to_cpu else cache
+        return cache
 
     def _pad_token_id(self) -> int:
         pad = getattr(self.get_text_tokenizer(), "pad_token_id", None)
@@ -359,3 +388,47 @@ class HookedModel:
             return sequences
         new_tokens = sequences[:, model_inputs["input_ids"].shape[1] :]
         return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+
+
+def _add_running_means(
+    cache: ActivationCache,
+    sink: dict[str, torch.Tensor],
+    plan: ExtractionPlan,
+    row_positions: ResolvedPositions | None,
+) -> None:
+    """Average each running-mean source over the batch (padded cells excluded) and store it
+    with its per-cell example count; drop sources captured only for that."""
+    slots = cache["position_mask"]  # [batch, P], one slot per item under extract_avg
+    rows = row_positions.mask if row_positions is not None else slots
+    for mean_key, source_key in plan.running_means:
+        value = sink[source_key]
+        is_pattern = source_key.startswith("pattern_")
+        weight = rows.unsqueeze(2) & slots.unsqueeze(1) if is_pattern else slots
+        cache.set_running_mean(mean_key, *_masked_batch_mean(value, weight.to(value.device)))
+    for key in plan.temporary:
+        del cache[key]
+
+
+def _masked_batch_mean(
+    value: torch.Tensor, weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of ``value [batch, *cells, *rest]`` over the batch where ``weight [batch, *cells]``
+    is True -> ``(mean [*cells, *rest], count [*cells])``."""
+    count = weight.sum(0)
+    trailing = [1] * (value.dim() - weight.dim())
+    total = (value * weight.view(*weight.shape, *trailing).to(value.dtype)).sum(0)
+    return total / count.clamp(min=1).view(*count.shape, *trailing).to(value.dtype), count
+
+
+def _declare_pattern_axes(
+    cache: ActivationCache, config: ExtractionConfig, row_positions: ResolvedPositions | None
+) -> None:
+    """Pattern rows follow the target layout unless attn_pattern_row_positions is set; columns
+    follow it unless attn_pattern_all_keys keeps every key (then they are right-padded)."""
+    slots = (() if row_positions is not None else (1,)) + (
+        () if config.attn_pattern_all_keys else (2,)
+    )
+    axes = Axes(slots=slots, ragged=(2,) if config.attn_pattern_all_keys else ())
+    for key in cache:
+        if key.startswith("pattern_"):
+            cache.set_axes(key, axes)

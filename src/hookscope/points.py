@@ -147,14 +147,18 @@ def parse_point(name: str) -> Point:
         raise ActivationPointError(f"activation point names are strings, got {name!r}.")
     if name in KINDS and KINDS[name].scope == "model":
         return Point(name)
-    if match := _HEAD_NAME.match(name):
+    if (match := _HEAD_NAME.match(name)) and match["kind"] in KINDS:
         return Point(match["kind"], int(match["layer"]), int(match["head"]))
     if (match := _LAYER_NAME.match(name)) and match["kind"] in KINDS:
         return Point(match["kind"], int(match["layer"]))
-    layer_kinds = [k for k, v in KINDS.items() if v.scope == "layer"]
+    scoped = {
+        scope: [k for k, v in KINDS.items() if v.scope == scope]
+        for scope in ("model", "layer", "head")
+    }
     raise ActivationPointError(
-        f"unknown activation point {name!r}. Valid: {choices(k for k, v in KINDS.items() if v.scope == 'model')}, "
-        f"or '{{kind}}_{{layer}}' with kind in {choices(layer_kinds)}."
+        f"unknown activation point {name!r}. Valid: {choices(scoped['model'])}; "
+        f"'{{kind}}_{{layer}}' with kind in {choices(scoped['layer'])}; or "
+        f"'{{kind}}_L{{layer}}H{{head}}' with kind in {choices(scoped['head'])}."
     )
 
 

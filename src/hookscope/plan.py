@@ -1,0 +1,156 @@
+"""From an :class:`ExtractionConfig` to a plan: which points module hooks capture, which layers
+the attention function reads, and which running means to keep."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .archs import ModelMap
+from .attention import LayerRequest, output_projection_block
+from .config import HEAD_FLAGS, LAYER_FLAGS, MODEL_FLAGS, RUNNING_MEAN_FLAGS, ExtractionConfig
+from .errors import ActivationPointError, HookscopeError
+from .points import Point, check_layer
+
+# Per-head kinds read inside the attention function (the rest come from module hooks).
+_ATTENTION_KINDS = {
+    "pattern": "pattern",
+    "head_queries": "queries",
+    "head_keys": "keys",
+    "head_values": "values",
+    "projected_value": "projected_values",
+}
+
+
+@dataclass
+class ExtractionPlan:
+    """What one forward must capture.
+
+    Attributes:
+        points: points captured by module hooks (including ``head_out`` / ``head_z``).
+        attention: per-layer requests served by hookscope's attention function.
+        running_means: ``(mean key, source key)`` pairs averaged over examples.
+        temporary: source keys captured only to feed a running mean (dropped afterwards).
+    """
+
+    points: list[Point] = field(default_factory=list)
+    attention: list[LayerRequest] = field(default_factory=list)
+    running_means: list[tuple[str, str]] = field(default_factory=list)
+    temporary: set[str] = field(default_factory=set)
+
+    def last_layer(self) -> int | None:
+        """The last layer anything is read from, or None when a model-level point after the
+        layers (the final norm) is needed. Used to stop the forward early."""
+        if any(p.layer is None and p.kind != "input_embeddings" for p in self.points):
+            return None
+        layers = [p.layer or 0 for p in self.points] + [r.layer for r in self.attention]
+        return max(layers) if layers else None
+
+    def is_empty(self) -> bool:
+        return not self.points and not self.attention
+
+
+def selected_heads(config: ExtractionConfig, model_map: ModelMap) -> dict[int, list[int]]:
+    """``attn_heads`` ("all", or a list of ``{"layer": l, "head": h}``) as ``{layer: [heads]}``,
+    restricted to ``config.layers`` when that is set.
+
+    Raises:
+        ActivationPointError: for a malformed entry, or a layer or head out of range.
+    """
+    layers = range(model_map.n_layers) if config.layers is None else config.layers
+    if config.attn_heads == "all":
+        return {layer: list(range(model_map.n_heads)) for layer in layers}
+    if not isinstance(config.attn_heads, list):
+        raise ActivationPointError(
+            f"attn_heads must be 'all' or a list of {{'layer': l, 'head': h}}, got {config.attn_heads!r}."
+        )
+    heads: dict[int, list[int]] = {}
+    for entry in config.attn_heads:
+        if not isinstance(entry, dict) or set(entry) != {"layer", "head"}:
+            raise ActivationPointError(
+                f"attn_heads entry {entry!r} must be a dict with exactly the keys 'layer' and 'head'."
+            )
+        check_layer(entry["layer"], model_map.n_layers, "attn_heads layer")
+        head = entry["head"]
+        if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < model_map.n_heads:
+            raise ActivationPointError(
+                f"attn_heads head {head!r} is out of range: layer {entry['layer']} has "
+                f"{model_map.n_heads} heads (valid 0..{model_map.n_heads - 1})."
+            )
+        if config.layers is None or entry["layer"] in config.layers:
+            heads.setdefault(entry["layer"], [])
+            if head not in heads[entry["layer"]]:
+                heads[entry["layer"]].append(head)
+    return heads
+
+
+def plan_extraction(config: ExtractionConfig, model_map: ModelMap) -> ExtractionPlan:
+    """Build the :class:`ExtractionPlan` for ``config`` on this model.
+
+    Raises:
+        ActivationPointError: for layers or heads out of range.
+        HookscopeError: for combinations that have no meaning (see the messages).
+    """
+    plan = ExtractionPlan()
+    layers = range(model_map.n_layers) if config.layers is None else config.layers
+    for layer in layers:
+        check_layer(layer, model_map.n_layers, "ExtractionConfig.layers entry")
+    plan.points = [Point(kind) for flag, kind in MODEL_FLAGS.items() if getattr(config, flag)]
+    for flag, kind in LAYER_FLAGS.items():
+        if getattr(config, flag):
+            plan.points += [Point(kind, layer) for layer in layers]
+
+    head_kinds = [kind for flag, kind in HEAD_FLAGS.items() if getattr(config, flag)]
+    for flag, (mean_kind, source_kind) in RUNNING_MEAN_FLAGS.items():
+        if getattr(config, flag):
+            if source_kind not in head_kinds:
+                head_kinds.append(source_kind)
+                plan.temporary.add(source_kind)
+            plan.running_means.append((mean_kind, source_kind))
+    if not head_kinds:
+        return plan
+    _check_head_options(config, head_kinds)
+
+    for layer, heads in selected_heads(config, model_map).items():
+        wanted = {kind: kind in head_kinds for kind in _ATTENTION_KINDS}
+        if any(wanted.values()):
+            request = LayerRequest(
+                layer, heads, **{_ATTENTION_KINDS[k]: v for k, v in wanted.items()}
+            )
+            if request.projected_values:
+                request.output_blocks = {
+                    h: output_projection_block(model_map, layer, h) for h in heads
+                }
+            plan.attention.append(request)
+        for kind in ("head_out", "head_z"):
+            if kind in head_kinds:
+                plan.points += [Point(kind, layer, head) for head in heads]
+    plan.running_means = [
+        (f"{mean}_L{r.layer}H{h}", f"{source}_L{r.layer}H{h}")
+        for mean, source in plan.running_means
+        for r in plan.attention
+        for h in r.heads
+    ]
+    plan.temporary = {
+        f"{kind}_L{r.layer}H{h}" for kind in plan.temporary for r in plan.attention for h in r.heads
+    }
+    return plan
+
+
+def _check_head_options(config: ExtractionConfig, head_kinds: list[str]) -> None:
+    patterns = "pattern" in head_kinds
+    if config.extract_avg and patterns:
+        raise HookscopeError(
+            "extract_avg averages each position item's vectors; it has no meaning for attention "
+            "patterns. Extract patterns without extract_avg (or use extract_avg_attn_pattern to "
+            "average over examples)."
+        )
+    if config.attn_pattern_all_keys and config.extract_avg_attn_pattern:
+        raise HookscopeError(
+            "extract_avg_attn_pattern needs the same columns in every batch; it cannot be combined "
+            "with attn_pattern_all_keys (whose columns follow each batch's sequence length)."
+        )
+    if config.attn_pattern_row_positions is not None and not patterns:
+        raise HookscopeError(
+            "attn_pattern_row_positions selects the query rows of attention patterns; set "
+            "extract_attn_pattern (or extract_avg_attn_pattern) to use it."
+        )
