@@ -35,7 +35,8 @@ lint: install
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
 bench: install
-	$(PY) benchmarks/bench_overhead.py
+	$(PY) benchmarks/bench_overhead.py --write
+	$(PY) benchmarks/bench_attention.py --write
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -241,3 +241,31 @@ def test_unsupported_model_names_the_missing_part():
     del model.model.layers[0].self_attn
     with pytest.raises(ArchitectureError, match="could not find: attention module"):
         HookedModel.from_hf(model, build_tokenizer())
+
+
+def test_generate_matches_hf(tiny_llama):
+    batch = build_tokenizer("left")(PROMPTS[:2], return_tensors="pt", padding=True)
+    expected = tiny_llama.hf_model.generate(
+        **batch, max_new_tokens=4, do_sample=False, pad_token_id=0
+    )
+    sequences = tiny_llama.generate(batch, max_new_tokens=4, do_sample=False)
+    assert torch.equal(sequences, expected)
+    texts = tiny_llama.generate(batch, max_new_tokens=4, do_sample=False, return_text=True)
+    assert texts == build_tokenizer().batch_decode(
+        expected[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
+    )
+
+
+def test_keep_gradient_flows_to_the_embeddings(tiny_llama):
+    embed = tiny_llama.model_map.embed.weight
+    embed.grad = None
+    cache = tiny_llama.forward(
+        PROMPTS[0],
+        ["last"],
+        extraction_config=ExtractionConfig(extract_resid_out=True, keep_gradient=True),
+    )
+    cache["resid_out_1"].sum().backward()
+    assert embed.grad is not None and embed.grad.abs().sum() > 0
+    embed.grad = None
+    plain = tiny_llama.forward(PROMPTS[0], ["last"], extraction_config=RESID)
+    assert not plain["resid_out_1"].requires_grad and not plain["logits"].requires_grad

@@ -100,8 +100,10 @@ class ResolvedPositions:
         rest = hidden.shape[2:]
         gather_index = index.view(*index.shape, *([1] * len(rest))).expand(*index.shape, *rest)
         selected = hidden.gather(1, gather_index)
-        if not self.all_valid:
-            selected = selected.masked_fill(~mask.view(*mask.shape, *([1] * len(rest))), 0)
+        if (
+            not self.all_valid
+        ):  # in place: `selected` is a fresh tensor, gather's grad does not need it
+            selected.masked_fill_(~mask.view(*mask.shape, *([1] * len(rest))), 0)
         return selected
 
     def average(self, selected: torch.Tensor) -> torch.Tensor:
