@@ -45,3 +45,52 @@ def assert_close_to_scale(
     scale = expected.abs().max().item()
     worst = (actual - expected).abs().max().item()
     assert worst <= rtol * scale + 1e-7, f"{msg}: max diff {worst:.3e} > {rtol} x scale {scale:.3e}"
+
+
+def assert_batch_equals_one_by_one(hooked, tokenizer, prompts, positions, config, rtol=1e-5):
+    """A padded batch gives, row by row, what each prompt gives alone (every tensor key)."""
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    assert not batch["attention_mask"].bool().all(), "the check needs padding"
+    batched = hooked.forward(batch, positions, extraction_config=config)
+    for row, prompt in enumerate(prompts):
+        alone = hooked.forward(
+            tokenizer(prompt, return_tensors="pt"), positions, extraction_config=config
+        )
+        assert alone["mapping_index"] == batched["mapping_index"]
+        for key, value in alone.tensors().items():
+            assert_close_to_scale(batched[key][row], value[0], rtol=rtol, msg=f"{key} row {row}")
+
+
+@pytest.fixture(
+    scope="module",
+    params=[
+        "llama",
+        "mistral",
+        "mixtral",
+        "qwen2",
+        "qwen3",
+        "qwen3_moe",
+        "gemma",
+        "gemma2",
+        "gemma3_text",
+        "phi3",
+        "olmo",
+        "olmo2",
+        "gpt2",
+        "gpt_neox",
+        "gpt_neox_sequential",
+    ],
+)
+def family(request):
+    """Every tiny family (tests/tiny_models.py FAMILIES), one module-scoped run each."""
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def hooked(family):
+    """A HookedModel around the tiny model of ``family``."""
+    from tiny_models import build_model, build_tokenizer
+
+    from hookscope import HookedModel
+
+    return HookedModel.from_hf(build_model(family), build_tokenizer())

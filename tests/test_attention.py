@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_close_to_scale
+from conftest import assert_batch_equals_one_by_one
 from tiny_models import EAGER_ONLY, FAMILIES, PROMPTS, build_model, build_tokenizer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -22,16 +22,6 @@ HEADS = ExtractionConfig(
     extract_attn_out=True,
     extract_attn_in=True,
 )
-
-
-@pytest.fixture(scope="module", params=list(FAMILIES))
-def family(request):
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def hooked(family):
-    return HookedModel.from_hf(build_model(family), build_tokenizer())
 
 
 @pytest.fixture(scope="module")
@@ -122,19 +112,13 @@ def test_other_layers_stay_on_sdpa_and_logits_unchanged(family):
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 def test_padded_batch_equals_one_by_one(hooked, padding_side):
-    tokenizer = build_tokenizer(padding_side)
     config = ExtractionConfig(
         **{**HEADS.__dict__, "extract_attn_in": False, "extract_attn_out": False}
     )
     positions = ["last", 0, -3, (1, 3)]
-    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
-    batched = hooked.forward(batch, positions, extraction_config=config)
-    for row, prompt in enumerate(PROMPTS):
-        alone = hooked.forward(
-            tokenizer(prompt, return_tensors="pt"), positions, extraction_config=config
-        )
-        for key, value in alone.tensors().items():
-            assert_close_to_scale(batched[key][row], value[0], msg=f"{key} row {row}")
+    assert_batch_equals_one_by_one(
+        hooked, build_tokenizer(padding_side), PROMPTS, positions, config
+    )
 
 
 def test_gqa_keys_and_values_pick_the_right_group():

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import FAMILIES, INPUT_NORM, PROMPTS, build_model, build_tokenizer
+from conftest import assert_batch_equals_one_by_one
+from tiny_models import INPUT_NORM, PROMPTS, build_model, build_tokenizer
 
 from hookscope import ActivationPointError, ExtractionConfig, HookedModel
 
@@ -31,16 +32,6 @@ def _config_for(hm: HookedModel, **overrides) -> ExtractionConfig:
     if hm.model_map.parallel_residual:
         config.extract_resid_mid = False
     return config
-
-
-@pytest.fixture(scope="module", params=list(FAMILIES))
-def family(request):
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def hooked(family):
-    return HookedModel.from_hf(build_model(family), build_tokenizer())
 
 
 @pytest.fixture(scope="module")
@@ -159,20 +150,10 @@ POSITIONS = ["last", "first", 0, 1, -2, (0, 2), (-3, -1), "last-2"]
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 def test_padded_batch_equals_one_by_one(hooked, padding_side):
-    tokenizer = build_tokenizer(padding_side)
     config = _config_for(hooked, extract_last_layernorm=False, extract_embed=False)
-    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
-    assert not batch["attention_mask"].bool().all(), "the test needs padding"
-    batched = hooked.forward(batch, POSITIONS, extraction_config=config)
-    for row, prompt in enumerate(PROMPTS):
-        alone = hooked.forward(
-            tokenizer(prompt, return_tensors="pt"), POSITIONS, extraction_config=config
-        )
-        assert alone["mapping_index"] == batched["mapping_index"]
-        for key, value in alone.tensors().items():
-            torch.testing.assert_close(
-                batched[key][row], value[0], rtol=1e-5, atol=1e-5, msg=f"{key} row {row}"
-            )
+    assert_batch_equals_one_by_one(
+        hooked, build_tokenizer(padding_side), PROMPTS, POSITIONS, config
+    )
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_close_to_scale
+from conftest import assert_batch_equals_one_by_one
 
 from hookscope import ExtractionConfig, HookedModel
 
@@ -54,18 +54,12 @@ def test_padded_batch_equals_one_by_one(smol, padding_side):
     tokenizer = smol.get_tokenizer()
     tokenizer.padding_side = padding_side
     config = ExtractionConfig(extract_resid_out=True, extract_attn_out=True, layers=[0, 10, 29])
-    positions = ["last", 0, -2, (1, 3)]
     try:
-        batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
-        batched = smol.forward(batch, positions, extraction_config=config)
-        for row, prompt in enumerate(PROMPTS):
-            alone = smol.forward(
-                tokenizer(prompt, return_tensors="pt"), positions, extraction_config=config
-            )
-            for key, value in alone.tensors().items():
-                # 1e-4 of scale: float32 reduction order differs between batch shapes, and the error grows
-                # through 30 layers that carry ~2.5e3 "massive activations" (tiny models hold 1e-5).
-                assert_close_to_scale(batched[key][row], value[0], rtol=1e-4, msg=key)
+        # 1e-4 of scale: float32 reduction order differs between batch shapes, and the error grows
+        # through 30 layers that carry ~2.5e3 "massive activations" (tiny models hold 1e-5).
+        assert_batch_equals_one_by_one(
+            smol, tokenizer, PROMPTS, ["last", 0, -2, (1, 3)], config, rtol=1e-4
+        )
     finally:
         tokenizer.padding_side = "right"
 

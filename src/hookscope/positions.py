@@ -37,7 +37,6 @@ from .errors import PositionError, choices
 PositionItem = str | int | tuple[int, int]
 
 NAMED_ITEMS = ("last", "first", "all", "all-text")
-PATTERN_ITEMS = ("last-k", "random-text-N", "inputs-partition-k")
 IMAGE_ITEMS = (
     "all-image",
     "start-image",
