@@ -5,6 +5,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from tiny_models import FAMILIES  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
@@ -61,26 +62,7 @@ def assert_batch_equals_one_by_one(hooked, tokenizer, prompts, positions, config
             assert_close_to_scale(batched[key][row], value[0], rtol=rtol, msg=f"{key} row {row}")
 
 
-@pytest.fixture(
-    scope="module",
-    params=[
-        "llama",
-        "mistral",
-        "mixtral",
-        "qwen2",
-        "qwen3",
-        "qwen3_moe",
-        "gemma",
-        "gemma2",
-        "gemma3_text",
-        "phi3",
-        "olmo",
-        "olmo2",
-        "gpt2",
-        "gpt_neox",
-        "gpt_neox_sequential",
-    ],
-)
+@pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request):
     """Every tiny family (tests/tiny_models.py FAMILIES), one module-scoped run each."""
     return request.param
