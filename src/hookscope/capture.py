@@ -21,61 +21,78 @@ from .hooks import ModuleHook
 from .points import Point, check_layer
 from .positions import ResolvedPositions
 
-Split = Callable[[torch.Tensor], torch.Tensor]
-
 
 class StopForward(Exception):
     """Raised by a hook to end the forward once every requested activation has been read."""
 
 
 @dataclass
-class CaptureSite:
-    """One hook: read ``module``'s input or output, then write each ``(key, split)`` to the sink.
+class PointSite:
+    """Where one activation point lives: a module's input or output, optionally a part of its
+    last axis (``columns``), optionally mapped through ``project`` ``[d_out, len(columns)]``.
 
-    ``split`` (optional) takes a slice of the selected tensor, e.g. the keys of a fused qkv output.
+    ``read(t)`` takes the point out of the module tensor; writes use ``columns`` to put it back.
     """
 
     module: nn.Module
     when: Literal["input", "output"]
-    writes: list[tuple[str, Split | None]] = field(default_factory=list)
+    columns: torch.Tensor | None = None
+    project: torch.Tensor | None = None
+
+    def read(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.columns is not None:
+            tensor = tensor.index_select(-1, self.columns.to(tensor.device))
+        if self.project is not None:
+            tensor = tensor @ self.project.T.to(tensor.dtype)
+        return tensor
 
 
-def _qkv_splits(model_map: ModelMap) -> dict[str, Split]:
-    """How to cut a fused qkv projection output ``[..., qkv]`` into flat q, k and v."""
+@dataclass
+class CaptureSite:
+    """One hook: read ``module``'s input or output, then write each ``(key, site)`` to the sink."""
+
+    module: nn.Module
+    when: Literal["input", "output"]
+    writes: list[tuple[str, PointSite]] = field(default_factory=list)
+
+
+def _qkv_columns(model_map: ModelMap, kind: str) -> torch.Tensor:
+    """The columns of a fused qkv projection output that hold flat q, k or v."""
     h, kv, dh = model_map.n_heads, model_map.n_kv_heads, model_map.d_head
+    part = ("queries", "keys", "values").index(kind)
     if model_map.spec.qkv_layout == "neox":
         # GPT-NeoX interleaves per head: [q_0 k_0 v_0 | q_1 k_1 v_1 | ...], each d_head wide.
-        def part(i: int) -> Split:
-            return lambda t: t.unflatten(-1, (h, 3 * dh))[..., i * dh : (i + 1) * dh].flatten(-2)
-
-        return {"queries": part(0), "keys": part(1), "values": part(2)}
-    q, k = h * dh, kv * dh
-    return {
-        "queries": lambda t: t[..., :q].contiguous(),
-        "keys": lambda t: t[..., q : q + k].contiguous(),
-        "values": lambda t: t[..., q + k :].contiguous(),
-    }
+        per_head = torch.arange(part * dh, (part + 1) * dh)
+        return (torch.arange(h).unsqueeze(1) * 3 * dh + per_head).flatten()
+    starts = (0, h * dh, (h + kv) * dh)
+    widths = (h * dh, kv * dh, kv * dh)
+    return torch.arange(starts[part], starts[part] + widths[part])
 
 
-def _site_for(point: Point, model_map: ModelMap) -> tuple[nn.Module, str, Split | None]:
-    """Which module to hook for ``point``, on its input or output, and any split to apply."""
+def locate(point: Point, model_map: ModelMap) -> PointSite:
+    """Where ``point`` lives in this model.
+
+    Raises:
+        ActivationPointError: for a layer out of range, or a point with no such tensor here.
+        ArchitectureError: when the module that holds it cannot be found.
+    """
     spec = model_map.spec
     if point.kind == "input_embeddings":
-        return model_map.layers[0].block, "input", None
+        return PointSite(model_map.layers[0].block, "input")
     if point.kind == "last_layernorm":
-        return model_map.final_norm, "output", None
+        return PointSite(model_map.final_norm, "output")
     check_layer(point.layer, model_map.n_layers)
     parts = model_map.layers[point.layer]
-    if point.kind == "resid_in":
-        return parts.block, "input", None
-    if point.kind == "resid_out":
-        return parts.block, "output", None
-    if point.kind in ("attn_in", "resid_in_post_layernorm"):
-        return parts.attention, "input", None
-    if point.kind == "attn_out":
-        return parts.attention, "output", None
-    if point.kind == "mlp_out":
-        return parts.mlp, "output", None
+    simple = {
+        "resid_in": (parts.block, "input"),
+        "resid_out": (parts.block, "output"),
+        "attn_in": (parts.attention, "input"),
+        "resid_in_post_layernorm": (parts.attention, "input"),
+        "attn_out": (parts.attention, "output"),
+        "mlp_out": (parts.mlp, "output"),
+    }
+    if point.kind in simple:
+        return PointSite(*simple[point.kind])
     if point.kind == "resid_mid":
         if model_map.parallel_residual:
             raise ActivationPointError(
@@ -88,44 +105,41 @@ def _site_for(point: Point, model_map: ModelMap) -> tuple[nn.Module, str, Split 
                 f"{point.name}: hookscope does not know where resid_mid lives in "
                 f"{model_map.model_type} layers (no pre-MLP norm in {model_map.path_of(parts.block)})."
             )
-        return parts.resid_mid_site, "input", None
+        return PointSite(parts.resid_mid_site, "input")
     if point.kind in ("queries", "keys", "values"):
         separate = {"queries": spec.q_proj, "keys": spec.k_proj, "values": spec.v_proj}[point.kind]
         if separate:
-            return (
-                model_map.attention_child(point.layer, separate, f"{point.kind} projection"),
-                "output",
-                None,
-            )
+            module = model_map.attention_child(point.layer, separate, f"{point.kind} projection")
+            return PointSite(module, "output")
         fused = model_map.attention_child(point.layer, spec.qkv_proj, "q/k/v projection")
-        return fused, "output", _qkv_splits(model_map)[point.kind]
+        return PointSite(fused, "output", _qkv_columns(model_map, point.kind))
     if point.kind in ("head_out", "head_z"):
         o_proj = model_map.attention_child(point.layer, spec.o_proj, "output projection")
-        return o_proj, "input", _head_slice(model_map, point)
-    raise ActivationPointError(f"{point.name} cannot be captured by a module hook.")
-
-
-def _head_slice(model_map: ModelMap, point: Point) -> Split:
-    """From the output-projection input ``z [..., n_heads * d_head]``: head h's slice
-    (``head_z``), or that slice through head h's block of W_O (``head_out``, ``[..., d_model]``)."""
-    columns = slice(point.head * model_map.d_head, (point.head + 1) * model_map.d_head)
-    if point.kind == "head_z":
-        return lambda z: z[..., columns].contiguous()
-    block = output_projection_block(model_map, point.layer, point.head)  # [d_model, d_head]
-    return lambda z: z[..., columns] @ block.T.to(z.dtype)
+        d_head = model_map.d_head
+        columns = torch.arange(point.head * d_head, (point.head + 1) * d_head)
+        project = (
+            output_projection_block(model_map, point.layer, point.head)
+            if point.kind == "head_out"
+            else None
+        )
+        return PointSite(o_proj, "input", columns, project)
+    raise ActivationPointError(f"{point.name} cannot be reached by a module hook.")
 
 
 def plan_capture(points: list[Point], model_map: ModelMap) -> list[CaptureSite]:
     """Group ``points`` into one :class:`CaptureSite` per (module, input/output)."""
     sites: dict[tuple[int, str], CaptureSite] = {}
     for point in points:
-        module, when, split = _site_for(point, model_map)
-        site = sites.setdefault((id(module), when), CaptureSite(module, when))
-        site.writes.append((point.name, split))
+        where = locate(point, model_map)
+        site = sites.setdefault(
+            (id(where.module), where.when), CaptureSite(where.module, where.when)
+        )
+        site.writes.append((point.name, where))
     return list(sites.values())
 
 
-def _input_tensor(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+def input_tensor(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+    """The hidden-states input of a module call (positional, or the ``hidden_states`` keyword)."""
     tensor = args[0] if args else kwargs.get("hidden_states")
     if not isinstance(tensor, torch.Tensor):
         raise ArchitectureError(
@@ -151,12 +165,12 @@ def _make_hook(
         selected = positions.select(hidden)
         if not keep_gradient:
             selected = selected.detach()
-        for key, split in site.writes:
-            value = split(selected) if split else selected
+        for key, where in site.writes:
+            value = where.read(selected)
             sink[key] = positions.average(value) if average else value
 
     if site.when == "input":
-        return lambda module, args, kwargs: store(_input_tensor(module, args, kwargs))
+        return lambda module, args, kwargs: store(input_tensor(module, args, kwargs))
     return lambda module, args, output: store(output_tensor(output))
 
 
