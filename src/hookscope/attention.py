@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -109,6 +110,95 @@ def additive_mask_rows(
     return torch.where(allowed, zeros, torch.tensor(float("-inf"), dtype=dtype, device=device))
 
 
+def _call_region(region: torch.Tensor, offset: int, q_len: int, kv_len: int) -> torch.Tensor:
+    """A prompt-coordinate region ``[batch, T0, T0]`` cut to this call: ``[batch, q_len, kv_len]``."""
+    batch, prompt = region.shape[0], region.shape[1]
+    out = torch.zeros(batch, q_len, kv_len, dtype=torch.bool, device=region.device)
+    rows = slice(offset, min(offset + q_len, prompt))
+    cols = min(kv_len, prompt)
+    out[:, : rows.stop - rows.start, :cols] = region[:, rows, :cols]
+    return out
+
+
+def edited_attention(query, key, value, attention_mask, kwargs, edits, offset):
+    """Attention with pattern edits, in eager math: ``(output [batch, q_len, n_heads, d_head],
+    probabilities [batch, n_heads, q_len, kv_len] float32)``.
+
+    Pre-softmax edits change scores before the mask is added, so a masked key stays masked;
+    post-softmax edits never write masked cells; ``renormalize`` rescales edited rows to sum 1.
+    """
+    batch, n_heads, q_len, d_head = query.shape
+    kv_len, groups = key.shape[2], n_heads // key.shape[1]
+    keys = key.repeat_interleave(groups, dim=1).float()
+    values = value.repeat_interleave(groups, dim=1)
+    scaling = kwargs.get("scaling")
+    scores = torch.matmul(query.float(), keys.transpose(-1, -2)) * (
+        d_head**-0.5 if scaling is None else scaling
+    )
+    if kwargs.get("softcap") is not None:
+        scores = torch.tanh(scores / kwargs["softcap"]) * kwargs["softcap"]
+    rows = torch.arange(q_len, device=query.device).expand(batch, -1)
+    additive = additive_mask_rows(
+        attention_mask, rows, batch, q_len, kv_len, kwargs.get("sliding_window"), torch.float32
+    )
+    allowed = additive > torch.finfo(torch.float32).min / 2
+
+    def cells(edit) -> torch.Tensor:  # [batch, n_heads, q_len, kv_len]
+        heads = torch.zeros(n_heads, dtype=torch.bool, device=query.device)
+        heads[edit.heads] = True
+        region = _call_region(edit.region.to(query.device), offset, q_len, kv_len)
+        return region.unsqueeze(1) & heads.view(1, -1, 1, 1)
+
+    for edit in (e for e in edits if e.edit.stage == "pre"):
+        where = cells(edit)
+        new = {
+            "block": torch.full_like(scores, float("-inf")),
+            "scale": scores * edit.edit.value,
+            "set": torch.full_like(scores, edit.edit.value),
+        }[edit.edit.op]
+        scores = torch.where(where, new, scores)
+    scores = scores + additive
+    if kwargs.get("s_aux") is not None:
+        sink = kwargs["s_aux"].float().view(1, -1, 1, 1).expand(batch, -1, q_len, 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    for edit in (e for e in edits if e.edit.stage == "post"):
+        where = cells(edit) & allowed
+        if edit.edit.op == "patch":
+            new = _patched_probs(probs, edit, offset)
+        else:
+            new = {
+                "zero": torch.zeros_like(probs),
+                "scale": probs * edit.edit.value,
+                "set": torch.full_like(probs, edit.edit.value),
+            }[edit.edit.op]
+        probs = torch.where(where, new, probs)
+        if edit.edit.renormalize:
+            touched = where.any(-1, keepdim=True)
+            probs = torch.where(
+                touched, probs / probs.sum(-1, keepdim=True).clamp(min=1e-30), probs
+            )
+    output = torch.matmul(probs.to(values.dtype), values).transpose(1, 2).contiguous()
+    return output, probs
+
+
+def _patched_probs(probs: torch.Tensor, edit, offset: int) -> torch.Tensor:
+    """``probs`` with the edit's grid cells taken from its source ``[batch, rows, columns]``."""
+    out = probs.clone()
+    q_len = probs.shape[2]
+    rows, cols = edit.query_positions, edit.key_positions
+    for b in range(probs.shape[0]):
+        q = rows.index[b].to(probs.device) - offset
+        k = cols.index[b].to(probs.device)
+        keep_q = rows.mask[b].to(probs.device) & (q >= 0) & (q < q_len)
+        keep_k = cols.mask[b].to(probs.device) & (k < probs.shape[3])
+        src = edit.source[b].to(probs.device, torch.float32)[keep_q][:, keep_k]
+        for head in edit.heads:
+            out[b, head, q[keep_q].unsqueeze(1), k[keep_k].unsqueeze(0)] = src
+    return out
+
+
 def pattern_rows(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -149,9 +239,9 @@ def pattern_rows(
     return torch.softmax(scores, dim=-1)
 
 
-class AttentionCapture:
-    """Installs hookscope's attention function for one forward and writes what ``requests``
-    ask for into ``sink``.
+class AttentionHooks:
+    """Installs hookscope's attention function for one call: it writes what ``requests`` ask
+    for into ``sink`` and applies pattern ``edits`` (the one place attention matrices change).
 
     Args:
         model_map: the resolved model.
@@ -162,6 +252,8 @@ class AttentionCapture:
         all_keys: patterns keep every key column (``[batch, rows, seq]``) instead of the targets.
         average: average per-position vectors over each position item (``extract_avg``).
         keep_gradient: keep the autograd graph through captured tensors.
+        edits: resolved pattern edits by layer (see ``hookscope.editing``).
+        window: the call window (which absolute positions the call covers); None: all.
     """
 
     def __init__(
@@ -174,8 +266,14 @@ class AttentionCapture:
         all_keys: bool = False,
         average: bool = False,
         keep_gradient: bool = False,
+        edits: dict | None = None,
+        window: Any = None,
     ):
         self.model_map = model_map
+        self.edits = {
+            id(model_map.layers[layer].attention): e for layer, e in (edits or {}).items()
+        }
+        self.window = window
         self.requests = {id(model_map.layers[r.layer].attention): r for r in requests}
         self.positions = positions
         self.row_positions = row_positions or positions
@@ -187,7 +285,7 @@ class AttentionCapture:
     @contextmanager
     def installed(self) -> Iterator[None]:
         """Put the wrapper in front of the model's kernel; restore the registry on exit."""
-        if not self.requests:
+        if not self.requests and not self.edits:
             yield
             return
         name = self.model_map.layers[0].attention.config._attn_implementation or "eager"
@@ -206,7 +304,15 @@ class AttentionCapture:
     def _wrap(self, previous: AttentionFn | None) -> AttentionFn:
         def hookscope_attention(module, query, key, value, attention_mask, *args, **kwargs):
             original = previous or family_eager_function(module)
-            request = self.requests.get(id(module))
+            request, edits = self.requests.get(id(module)), self.edits.get(id(module))
+            offset = key.shape[2] - query.shape[2]  # tokens already in the KV cache
+            if edits and (self.window is None or self.window.covers("prompt")):
+                output, probs = edited_attention(
+                    query, key, value, attention_mask, kwargs, edits, offset
+                )
+                if request is not None:
+                    self._capture(request, query, key, value, attention_mask, kwargs, probs)
+                return output, None
             if request is not None:
                 self._capture(request, query, key, value, attention_mask, kwargs)
             return original(module, query, key, value, attention_mask, *args, **kwargs)
@@ -218,20 +324,27 @@ class AttentionCapture:
             value = self.positions.average(value)
         self.sink[key] = value if self.keep_gradient else value.detach()
 
-    def _capture(self, request, query, key, value, attention_mask, kwargs) -> None:
+    def _capture(self, request, query, key, value, attention_mask, kwargs, edited=None) -> None:
         layer, groups = request.layer, query.shape[1] // key.shape[1]
         select = self.positions.select
         if request.pattern:
-            probs = pattern_rows(
-                query,
-                key,
-                attention_mask,
-                self.row_positions.index.to(query.device),
-                kwargs.get("scaling"),
-                kwargs.get("softcap"),
-                kwargs.get("sliding_window"),
-                kwargs.get("s_aux"),
-            ).to(query.dtype)
+            rows_index = self.row_positions.index.to(query.device)
+            if edited is not None:  # the pattern the model really used
+                gather = rows_index.view(rows_index.shape[0], 1, -1, 1).expand(
+                    -1, edited.shape[1], -1, edited.shape[-1]
+                )
+                probs = edited.gather(2, gather).to(query.dtype)
+            else:
+                probs = pattern_rows(
+                    query,
+                    key,
+                    attention_mask,
+                    rows_index,
+                    kwargs.get("scaling"),
+                    kwargs.get("softcap"),
+                    kwargs.get("sliding_window"),
+                    kwargs.get("s_aux"),
+                ).to(query.dtype)
             row_mask = self.row_positions.mask.to(query.device)
             for head in request.heads:
                 rows = probs[:, head]  # [batch, R, kv_len]

@@ -10,13 +10,15 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .archs import ModelMap, resolve_architecture
-from .attention import AttentionCapture
+from .attention import AttentionHooks
 from .cache import ActivationCache, Axes
 from .capture import StopForward, capture_hooks, plan_capture
 from .config import ExtractionConfig, HookedModelConfig
+from .editing import CallWindow, prepare
 from .errors import HookscopeError, InputError, PositionError
 from .hooks import ModuleHook, as_module_hook, get_module, installed, register
 from .inputs import model_input_names, prepare_inputs, tokenize
+from .interventions import AnyIntervention
 from .loading import DEFAULT_MODEL_ID, load_model_and_tokenizer, prepare_tokenizer
 from .plan import ExtractionPlan, plan_extraction
 from .positions import PositionItem, ResolvedPositions, normalize_items, resolve_positions
@@ -54,6 +56,7 @@ class HookedModel:
             DEFAULT_MODEL_ID if loaded_here else type(hf_model).__name__
         )
         self._persistent_handles: list[RemovableHandle] = []
+        self._registered_interventions: list[AnyIntervention] = []
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -165,6 +168,15 @@ class HookedModel:
             stop_after=stop_after,
         )
 
+    def register_interventions(self, interventions: Sequence[AnyIntervention]) -> None:
+        """Keep ``interventions`` active in every later forward, extract_cache and generate
+        (before those passed per call), until :meth:`clean_interventions`."""
+        self._registered_interventions = list(interventions)
+
+    def clean_interventions(self) -> None:
+        """Drop the interventions kept by :meth:`register_interventions`."""
+        self._registered_interventions = []
+
     def set_hooks(self, hooks: Iterable[ModuleHook | dict[str, Any]]) -> list[RemovableHandle]:
         """Register hooks now and return their handles (remove them with :meth:`remove_hooks`).
         Prefer ``forward(..., hooks=[...])``, which removes them whatever happens."""
@@ -194,6 +206,8 @@ class HookedModel:
         hooks: Sequence[ModuleHook | dict[str, Any]] | None = None,
         move_to_cpu: bool = False,
         seed: int = 0,
+        interventions: Sequence[AnyIntervention] | None = None,
+        example_offset: int = 0,
         **model_kwargs: Any,
     ) -> ActivationCache:
         """Run one batch and return the requested activations at the target positions.
@@ -210,6 +224,12 @@ class HookedModel:
                 they run before hookscope's capture hooks, so the cache sees their effect.
             move_to_cpu: move the cache to the CPU before returning it.
             seed: base seed of random position items.
+            interventions: ablations, patches, steering, pattern edits or custom functions active
+                for this call (after any registered ones). The cache records each point's value
+                after the interventions at that point.
+            example_offset: index of this batch's first example in a dataset, so a ``Patch``
+                whose source cache spans the dataset reads the right rows (``extract_cache``
+                sets it).
             **model_kwargs: passed to the HF forward.
 
         Returns:
@@ -240,10 +260,21 @@ class HookedModel:
         if config.attn_pattern_row_positions is not None:
             rows = normalize_items(config.attn_pattern_row_positions)
             row_positions = resolve_positions(rows, mask, ids, pivot_positions, seed)
+        window = CallWindow(mask.shape[1], 0, mask.shape[1], example_offset=example_offset)
+        intervention_hooks, pattern_edits = prepare(
+            [*self._registered_interventions, *(interventions or [])],
+            self.model_map,
+            mask,
+            ids,
+            pivot_positions,
+            seed,
+            window,
+        )
         sink: dict[str, torch.Tensor] = {}
-        call_hooks = [as_module_hook(h) for h in hooks or []]
+        # order matters: user hooks, then interventions, then capture (which sees their effect)
+        call_hooks = [as_module_hook(h) for h in hooks or []] + intervention_hooks
         call_hooks += self._module_hooks(plan, positions, sink, config)
-        attention = AttentionCapture(
+        attention = AttentionHooks(
             self.model_map,
             plan.attention,
             positions,
@@ -252,6 +283,8 @@ class HookedModel:
             all_keys=config.attn_pattern_all_keys,
             average=config.extract_avg,
             keep_gradient=config.keep_gradient,
+            edits=pattern_edits,
+            window=window,
         )
         if "use_cache" in model_input_names(self.hf_model):
             model_inputs.setdefault("use_cache", False)
@@ -312,6 +345,7 @@ class HookedModel:
         pivot_positions: Sequence[int] | None = None,
         hooks: Sequence[ModuleHook | dict[str, Any]] | None = None,
         seed: int = 0,
+        interventions: Sequence[AnyIntervention] | None = None,
         **model_kwargs: Any,
     ) -> ActivationCache:
         """Run :meth:`forward` over every batch and merge the results in order.
@@ -328,6 +362,7 @@ class HookedModel:
             One :class:`ActivationCache` with every example, in dataloader order.
         """
         merged = ActivationCache(pad_token_id=self._pad_token_id())
+        seen = 0
         for batch in self._batches(dataloader):
             cache = self.forward(
                 batch,
@@ -337,8 +372,11 @@ class HookedModel:
                 hooks=hooks,
                 move_to_cpu=move_to_cpu_after_forward,
                 seed=seed,
+                interventions=interventions,
+                example_offset=seen,
                 **model_kwargs,
             )
+            seen += len(cache["position_mask"])
             if batch_saver is not None:
                 payload = batch_saver(batch)
                 if payload is not None:

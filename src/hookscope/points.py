@@ -109,6 +109,65 @@ KINDS: dict[str, PointKind] = {
             "[batch, seq]",
             "The token ids of the batch, as given (all tokens).",
         ),
+        PointKind(
+            "pattern",
+            "head",
+            "[batch, rows, P]",
+            "Post-softmax attention probabilities of head h: rows = query positions (the targets, "
+            "or attn_pattern_row_positions), columns = the target key positions (or every key "
+            "with attn_pattern_all_keys: [batch, rows, seq]).",
+        ),
+        PointKind(
+            "avg_pattern",
+            "head",
+            "[rows, P]",
+            "Running mean of pattern_L{l}H{h} over every example seen (padded cells excluded).",
+        ),
+        PointKind(
+            "head_queries",
+            "head",
+            "[batch, P, d_head]",
+            "The query vector head h uses, as the attention kernel receives it (after any q-norm "
+            "and rotary embedding).",
+        ),
+        PointKind(
+            "head_keys",
+            "head",
+            "[batch, P, d_head]",
+            "The key vector head h reads (its KV group's under grouped-query attention), after "
+            "any k-norm and rotary embedding.",
+        ),
+        PointKind(
+            "head_values",
+            "head",
+            "[batch, P, d_head]",
+            "The value vector head h reads (its KV group's under grouped-query attention).",
+        ),
+        PointKind(
+            "head_z",
+            "head",
+            "[batch, P, d_head]",
+            "Head h's slice of the output-projection input (pattern @ values for that head).",
+        ),
+        PointKind(
+            "head_out",
+            "head",
+            "[batch, P, d_model]",
+            "Head h's contribution to attn_out: head_z through head h's block of W_O "
+            "(sum over heads = attn_out minus the output-projection bias).",
+        ),
+        PointKind(
+            "projected_value",
+            "head",
+            "[batch, P, d_model]",
+            "Each position's value vector for head h through head h's block of W_O.",
+        ),
+        PointKind(
+            "avg_projected_value",
+            "head",
+            "[P, d_model]",
+            "Running mean of projected_value_L{l}H{h} over every example seen.",
+        ),
     )
 }
 

@@ -1,0 +1,469 @@
+"""How interventions become hooks: validated before the forward, applied inside it.
+
+A :class:`CallWindow` tells the hooks which absolute positions the current model call covers
+(all of them in ``forward``; one new token per step under the KV cache in ``generate``), so the
+same hooks serve every path: prompt interventions touch prompt positions only, ``generated`` ones
+every position at or after the prompt's end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .archs import ModelMap
+from .capture import PointSite, input_tensor, locate, output_tensor
+from .errors import ActivationPointError, HookscopeError, InputError
+from .hooks import ModuleHook
+from .interventions import (
+    Ablation,
+    AnyIntervention,
+    Custom,
+    Intervention,
+    InterventionContext,
+    Patch,
+    PatternEdit,
+    Steer,
+)
+from .points import Point, check_layer, parse_point
+from .positions import ResolvedPositions, normalize_items, resolve_positions
+
+SlotFn = Callable[[torch.Tensor, ResolvedPositions], torch.Tensor]
+
+
+@dataclass
+class CallWindow:
+    """Which absolute positions the current model call covers, and its phase.
+
+    Attributes:
+        prompt_length: padded length of the prompt (absolute positions below it are prompt).
+        offset: absolute position of the call's first input token (cached tokens before it).
+        length: number of input tokens in the call.
+        step: 0 for the prompt call, then 1, 2, ... per generated token.
+        example_offset: index of the batch's first row in the whole dataset (cache sources).
+    """
+
+    prompt_length: int
+    offset: int = 0
+    length: int = 0
+    step: int = 0
+    example_offset: int = 0
+    resid_in: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def phase(self) -> str:
+        return "prompt" if self.offset == 0 else "generated"
+
+    def covers(self, apply_to: str) -> bool:
+        """Whether an intervention with ``apply_to`` has anything to do in this call."""
+        if apply_to == "both":
+            return True
+        if apply_to == "prompt":
+            return self.offset < self.prompt_length
+        return self.offset + self.length > self.prompt_length
+
+    def generated_positions(self, batch: int, device: torch.device) -> ResolvedPositions:
+        """Slots for every generated position in this call (relative to the call)."""
+        first = max(self.prompt_length - self.offset, 0)
+        index = torch.arange(first, self.length, device=device).expand(batch, -1)
+        return ResolvedPositions(
+            index=index,
+            mask=torch.ones_like(index, dtype=torch.bool),
+            mapping_index={"generated": list(range(index.shape[1]))},
+            items=["generated"],
+            widths=[index.shape[1]],
+        )
+
+    def prompt_positions(self, positions: ResolvedPositions) -> ResolvedPositions | None:
+        """``positions`` (absolute, on the prompt) shifted into this call; None if none fall in it."""
+        if self.offset == 0 and self.length >= self.prompt_length:
+            return positions
+        index = positions.index - self.offset
+        inside = (index >= 0) & (index < self.length) & positions.mask
+        if not inside.any():
+            return None
+        return ResolvedPositions(
+            index=index.clamp(0, self.length - 1),
+            mask=inside,
+            mapping_index=positions.mapping_index,
+            items=positions.items,
+            widths=positions.widths,
+        )
+
+
+def write_slots(
+    tensor: torch.Tensor, positions: ResolvedPositions, values: torch.Tensor
+) -> torch.Tensor:
+    """``tensor [batch, seq, *rest]`` with the real slots of ``positions`` set to ``values
+    [batch, slots, *rest]`` (out of place: the module's own tensor is never modified)."""
+    mask = positions.mask.to(tensor.device)
+    rows, slots = mask.nonzero(as_tuple=True)
+    index = positions.index.to(tensor.device)[rows, slots]
+    return tensor.index_put((rows, index), values[rows, slots].to(tensor.dtype))
+
+
+def _point_width(point: Point, model_map: ModelMap) -> int:
+    m = model_map
+    if point.kind in ("head_out", "head_z"):
+        return m.d_head
+    if point.kind == "queries":
+        return m.n_heads * m.d_head
+    if point.kind in ("keys", "values"):
+        return m.n_kv_heads * m.d_head
+    return m.d_model
+
+
+def _source_key(point: Point, explicit: str | None) -> str:
+    if explicit:
+        return explicit
+    if point.kind == "head_out":  # head writes happen in z space
+        return f"head_z_L{point.layer}H{point.head}"
+    return point.name
+
+
+def _cache_mean(cache: Any, key: str, what: str) -> torch.Tensor:
+    """Mean over a cache's examples of ``key`` ``[N, P, *rest]`` -> ``[P, *rest]`` (real slots)."""
+    if key not in cache:
+        raise HookscopeError(
+            f"{what}: the cache has no {key!r}; its keys: {list(cache.keys())[:12]}."
+        )
+    value = cache[key]
+    mask = (
+        cache["position_mask"].to(value.device)
+        if "position_mask" in cache
+        else torch.ones(value.shape[:2], dtype=torch.bool)
+    )
+    weight = mask.view(*mask.shape, *([1] * (value.dim() - 2))).to(value.dtype)
+    return (value * weight).sum(0) / weight.sum(0).clamp(min=1)
+
+
+class PreparedIntervention:
+    """One point intervention, checked against the model and the batch, ready to apply.
+
+    Raises (at construction, before any forward):
+        ActivationPointError / PositionError / HookscopeError: unknown point, layer or head out
+        of range, positions that do not fit an example, sources or vectors of the wrong shape.
+    """
+
+    def __init__(
+        self,
+        iv: Intervention,
+        model_map: ModelMap,
+        mask: torch.Tensor,
+        ids: torch.Tensor,
+        pivot_positions,
+        seed: int,
+        window: CallWindow,
+    ):
+        self.iv, self.window, self.model_map = iv, window, model_map
+        self.custom_module = None
+        if isinstance(iv, Custom) and iv.module is not None:
+            self.point, self.site = None, None
+            self.custom_module = iv.module
+        else:
+            self.point = parse_point(iv.point)
+            if self.point.kind in ("pattern", "avg_pattern"):
+                raise ActivationPointError(
+                    f"{iv.point}: edit attention patterns with hookscope.PatternEdit "
+                    f"(layer={self.point.layer}, heads=[{self.point.head}], ...)."
+                )
+            if self.point.kind in ("logits", "input_ids") or self.point.kind.startswith("avg_"):
+                raise ActivationPointError(f"{iv.point} cannot be intervened on.")
+            if self.point.head is not None and not 0 <= self.point.head < model_map.n_heads:
+                raise ActivationPointError(
+                    f"{iv.point}: head {self.point.head} is out of range (valid 0..{model_map.n_heads - 1})."
+                )
+            self.site = self._write_site()
+        self.positions = resolve_positions(
+            normalize_items(iv.positions), mask, ids, pivot_positions, seed
+        )
+        self.batch = mask.shape[0]
+        if iv.apply_to != "prompt" and (
+            isinstance(iv, Patch) or isinstance(iv, Ablation) and iv.method == "mean"
+        ):
+            raise HookscopeError(
+                f"{type(iv).__name__} on {iv.point} takes values per prompt position; it applies to "
+                "the prompt only (apply_to='prompt')."
+            )
+        self.slot_fn = None if isinstance(iv, Custom) else self._slot_fn()
+
+    # -- where --------------------------------------------------------------------------------
+    def _write_site(self) -> PointSite:
+        point = self.point
+        if point.kind == "head_out":  # written in z space: no projection
+            point = Point("head_z", point.layer, point.head)
+        site = locate(point, self.model_map)
+        if point.kind == "resid_mid":
+            # Writing the pre-MLP norm's input would leave the residual add untouched: instead the
+            # module whose output joins the residual after attention absorbs the difference.
+            parts = self.model_map.layers[point.layer]
+            return PointSite(parts.attn_out_norm or parts.attention, "output")
+        return site
+
+    # -- what ---------------------------------------------------------------------------------
+    def _fit(self, tensor: Any, what: str) -> torch.Tensor:
+        """Check a vector / mean / source tensor against the point and the slots."""
+        if not isinstance(tensor, torch.Tensor):
+            tensor = torch.as_tensor(tensor)
+        width, slots = _point_width(self.point, self.model_map), self.positions.index.shape[1]
+        if self.iv.apply_to != "prompt" and tensor.dim() != 1:
+            raise HookscopeError(
+                f"{type(self.iv).__name__} on {self.iv.point} applies to generated tokens: {what} must "
+                f"be one vector [{width}], got shape {list(tensor.shape)}."
+            )
+        shapes = {1: [width], 2: [slots, width], 3: [self.batch, slots, width]}
+        if (
+            tensor.dim() not in shapes
+            or list(tensor.shape) != shapes[tensor.dim()]
+            and not (
+                tensor.dim() == 3
+                and tensor.shape[1:] == (slots, width)
+                and tensor.shape[0] >= self.batch
+            )
+        ):
+            raise HookscopeError(
+                f"{type(self.iv).__name__} on {self.iv.point}: {what} has shape {list(tensor.shape)}; "
+                f"expected [{width}], [{slots}, {width}] (per position slot of {self.iv.positions!r}) or "
+                f"[batch={self.batch}, {slots}, {width}]."
+            )
+        return tensor
+
+    def _slot_fn(self) -> SlotFn:
+        iv = self.iv
+        if isinstance(iv, Ablation):
+            if iv.method == "zero":
+                return lambda x, pos: torch.zeros_like(x)
+            if iv.method == "scale":
+                return lambda x, pos: x * iv.factor
+            mean = iv.mean
+            if hasattr(mean, "tensors"):
+                mean = _cache_mean(
+                    mean, _source_key(self.point, None), f"Ablation mean for {iv.point}"
+                )
+            mean = self._fit(mean, "mean")
+            return lambda x, pos: self._broadcast(mean, x)
+        if isinstance(iv, Steer):
+            vector = self._fit(iv.vector, "vector")
+            return lambda x, pos: x + iv.coefficient * self._broadcast(vector, x)
+        if isinstance(iv, Patch):
+            source = iv.source
+            if hasattr(source, "tensors"):
+                key = _source_key(self.point, iv.source_key)
+                if key not in source:
+                    hint = (
+                        " (extract it with extract_head_z=True)" if key.startswith("head_z") else ""
+                    )
+                    raise HookscopeError(
+                        f"Patch on {iv.point}: the source cache has no {key!r}{hint}."
+                    )
+                mapping = source.get("mapping_index")
+                if mapping is not None and mapping != self.positions.mapping_index:
+                    raise HookscopeError(
+                        f"Patch on {iv.point}: the source was extracted at positions {mapping} but the "
+                        f"patch resolves to {self.positions.mapping_index}; extract the source at the "
+                        "same position items."
+                    )
+                source = source[key]
+                if source.shape[0] < self.window.example_offset + self.batch:
+                    raise HookscopeError(
+                        f"Patch on {iv.point}: the source holds {source.shape[0]} examples, the target "
+                        f"needs rows {self.window.example_offset}..{self.window.example_offset + self.batch - 1}."
+                    )
+            source = self._fit(source, "source")
+            return lambda x, pos: self._broadcast(source, x, rows=True)
+        raise HookscopeError(f"unsupported intervention {type(iv).__name__}.")
+
+    def _broadcast(self, value: torch.Tensor, x: torch.Tensor, rows: bool = False) -> torch.Tensor:
+        """``value`` ([width], [slots, width] or [N, slots, width]) as ``x``'s shape [B, S, width]."""
+        value = value.to(device=x.device, dtype=x.dtype)
+        if value.dim() == 3:
+            start = self.window.example_offset if rows else 0
+            value = value[start : start + x.shape[0]]
+        return value.expand_as(x)
+
+    # -- how ----------------------------------------------------------------------------------
+    def apply(self, tensor: torch.Tensor, module) -> torch.Tensor:
+        """The intervened point tensor ``[batch, seq, *rest]`` for the current call."""
+        if not self.window.covers(self.iv.apply_to):
+            return tensor
+        if self.custom_module is not None or isinstance(self.iv, Custom):
+            context = InterventionContext(
+                self.iv.point, module, self.positions, self.window.phase, self.window.step
+            )
+            return self.iv.fn(tensor, context)
+        positions = self._call_positions(tensor)
+        if positions is None:
+            return tensor
+        return write_slots(tensor, positions, self.slot_fn(positions.select(tensor), positions))
+
+    def _call_positions(self, tensor: torch.Tensor) -> ResolvedPositions | None:
+        """The slots this call must change: prompt slots that fall in the call, generated
+        positions of the call, or both, as ``apply_to`` says."""
+        parts = []
+        if self.iv.apply_to in ("prompt", "both"):
+            parts.append(self.window.prompt_positions(self.positions))
+        if self.iv.apply_to in ("generated", "both"):
+            generated = self.window.generated_positions(tensor.shape[0], tensor.device)
+            parts.append(generated if generated.index.shape[1] else None)
+        parts = [p for p in parts if p is not None]
+        if len(parts) < 2:
+            return parts[0] if parts else None
+        return ResolvedPositions(
+            index=torch.cat([p.index.to(tensor.device) for p in parts], 1),
+            mask=torch.cat([p.mask.to(tensor.device) for p in parts], 1),
+            mapping_index={},
+            items=[],
+            widths=[p.index.shape[1] for p in parts],
+        )
+
+    def hooks(self) -> list[ModuleHook]:
+        """The module hooks that apply this intervention."""
+        if self.custom_module is not None:
+            return [ModuleHook(self.custom_module, self._output_hook(None), "output")]
+        site = self.site
+        if self.point.kind == "resid_mid":
+            return self._resid_mid_hooks(site)
+        hook = self._input_hook(site) if site.when == "input" else self._output_hook(site)
+        return [ModuleHook(site.module, hook, site.when)]
+
+    def _on_point(self, site: PointSite | None, tensor: torch.Tensor, module) -> torch.Tensor:
+        if site is None or site.columns is None:
+            return self.apply(tensor, module)
+        columns = site.columns.to(tensor.device)
+        return tensor.index_copy(-1, columns, self.apply(tensor.index_select(-1, columns), module))
+
+    def _output_hook(self, site: PointSite | None):
+        def hook(module, args, output):
+            new = self._on_point(site, output_tensor(output), module)
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        return hook
+
+    def _input_hook(self, site: PointSite):
+        def hook(module, args, kwargs):
+            new = self._on_point(site, input_tensor(module, args, kwargs), module)
+            if args:
+                return (new, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": new}
+
+        return hook
+
+    def _resid_mid_hooks(self, site: PointSite) -> list[ModuleHook]:
+        layer = self.point.layer
+        block = self.model_map.layers[layer].block
+
+        def remember_resid_in(module, args, kwargs):
+            self.window.resid_in[layer] = input_tensor(module, args, kwargs)
+
+        def shift_contribution(module, args, output):
+            contribution = output_tensor(output)
+            resid_mid = self.window.resid_in[layer] + contribution
+            new = contribution + (self.apply(resid_mid, module) - resid_mid)
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        return [
+            ModuleHook(block, remember_resid_in, "input"),
+            ModuleHook(site.module, shift_contribution, "output"),
+        ]
+
+
+@dataclass
+class ResolvedPatternEdit:
+    """A :class:`PatternEdit` with its grid resolved for one batch: ``region [batch, seq, seq]``."""
+
+    edit: PatternEdit
+    heads: list[int]
+    region: torch.Tensor
+    query_positions: ResolvedPositions
+    key_positions: ResolvedPositions
+    source: torch.Tensor | None
+
+
+def resolve_pattern_edit(
+    edit: PatternEdit,
+    model_map: ModelMap,
+    mask: torch.Tensor,
+    ids: torch.Tensor,
+    pivot_positions,
+    seed: int,
+    example_offset: int = 0,
+) -> ResolvedPatternEdit:
+    """Check ``edit`` against the model and resolve its grid for this batch."""
+    check_layer(edit.layer, model_map.n_layers, "PatternEdit layer")
+    heads = list(range(model_map.n_heads)) if edit.heads == "all" else list(edit.heads)
+    for head in heads:
+        if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < model_map.n_heads:
+            raise ActivationPointError(
+                f"PatternEdit head {head!r} is out of range: layer {edit.layer} has {model_map.n_heads} "
+                f"heads (valid 0..{model_map.n_heads - 1})."
+            )
+    rows = resolve_positions(
+        normalize_items(edit.query_positions), mask, ids, pivot_positions, seed
+    )
+    cols = resolve_positions(normalize_items(edit.key_positions), mask, ids, pivot_positions, seed)
+    batch, seq = mask.shape
+    region = torch.zeros(batch, seq, seq, dtype=torch.bool)
+    for b in range(batch):
+        q = rows.index[b][rows.mask[b]]
+        k = cols.index[b][cols.mask[b]]
+        region[b, q.unsqueeze(1), k.unsqueeze(0)] = True
+    source = None
+    if edit.op == "patch":
+        source = edit.source
+        if hasattr(source, "tensors"):
+            key = f"pattern_L{edit.layer}H{heads[0]}"
+            if len(heads) != 1 or key not in source:
+                raise HookscopeError(
+                    f"PatternEdit patch from a cache needs one head and the cache key {key!r}."
+                )
+            source = source[key]
+        source = torch.as_tensor(source)
+        expected = (rows.index.shape[1], cols.index.shape[1])
+        if (
+            source.dim() != 3
+            or tuple(source.shape[1:]) != expected
+            or source.shape[0] < example_offset + batch
+        ):
+            raise HookscopeError(
+                f"PatternEdit patch source has shape {list(source.shape)}; expected [batch={batch}, "
+                f"{expected[0]}, {expected[1]}] (rows x columns of the edit's positions)."
+            )
+        source = source[example_offset : example_offset + batch]
+    return ResolvedPatternEdit(edit, heads, region, rows, cols, source)
+
+
+def prepare(
+    interventions: list[AnyIntervention],
+    model_map: ModelMap,
+    mask: torch.Tensor,
+    ids: torch.Tensor,
+    pivot_positions,
+    seed: int,
+    window: CallWindow,
+) -> tuple[list[ModuleHook], dict[int, list[ResolvedPatternEdit]]]:
+    """Validate every intervention for this batch (before any forward) and build its hooks.
+
+    Returns the module hooks, and the pattern edits by layer (for the attention function).
+    """
+    hooks: list[ModuleHook] = []
+    edits: dict[int, list[ResolvedPatternEdit]] = {}
+    for iv in interventions:
+        if isinstance(iv, PatternEdit):
+            resolved = resolve_pattern_edit(
+                iv, model_map, mask, ids, pivot_positions, seed, window.example_offset
+            )
+            edits.setdefault(iv.layer, []).append(resolved)
+        elif isinstance(iv, Intervention):
+            hooks += PreparedIntervention(
+                iv, model_map, mask, ids, pivot_positions, seed, window
+            ).hooks()
+        else:
+            raise InputError(
+                f"interventions must be hookscope interventions (Ablation, Patch, Steer, Custom, "
+                f"PatternEdit), got {type(iv).__name__}; convert reference-design dicts with "
+                "hookscope.interventions.from_reference."
+            )
+    return hooks, edits

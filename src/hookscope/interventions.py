@@ -1,0 +1,283 @@
+"""Interventions as data: ablate, patch, steer, edit attention patterns, or run any function.
+
+Each intervention names an activation point by its cache key (``resid_out_3``, ``mlp_out_1``,
+``head_out_L2H5``, ...) and token positions in the same per-example language as extraction.
+
+The rule for extraction at the same point: **the cache records the value after every
+intervention at that point** (what the rest of the model actually read). It holds for
+``forward``, ``extract_cache`` and ``generate`` and for interventions passed per call or kept
+with ``register_interventions``.
+
+Head-level points (``head_out_L{l}H{h}`` and ``head_z_L{l}H{h}``) are changed where the head's
+output is born: its slice of the output-projection input ``z``. Patch sources, means and
+steering vectors for them are therefore in z space (``[d_head]``, the ``head_z`` key).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from .errors import HookscopeError
+
+Phase = Literal["prompt", "generated", "both"]
+_PHASES = ("prompt", "generated", "both")
+
+
+def _positions_default() -> list:
+    return ["all"]
+
+
+@dataclass(kw_only=True, eq=False)
+class Intervention:
+    """Base of the point interventions.
+
+    Attributes:
+        point: the activation point to change (a cache key such as ``"resid_out_3"``).
+        positions: position items, resolved per example (default: every real token).
+        apply_to: ``"prompt"`` (the input positions), ``"generated"`` (each new token during
+            :meth:`HookedModel.generate`), or ``"both"``.
+    """
+
+    point: str
+    positions: list = field(default_factory=_positions_default)
+    apply_to: Phase = "prompt"
+
+    def __post_init__(self) -> None:
+        if self.apply_to not in _PHASES:
+            raise HookscopeError(f"apply_to {self.apply_to!r} is not one of {_PHASES}.")
+        if isinstance(self.positions, str | int | tuple):
+            self.positions = [self.positions]
+
+    def __eq__(self, other: object) -> bool:
+        if type(self) is not type(other):
+            return NotImplemented
+        return all(_same(getattr(self, f.name), getattr(other, f.name)) for f in fields(self))
+
+    __hash__ = None  # mutable, compared by value
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (tensors as nested lists); see :func:`intervention_from_dict`."""
+        data = {"type": type(self).__name__}
+        for f in fields(self):
+            data[f.name] = _encode(getattr(self, f.name), f"{type(self).__name__}.{f.name}")
+        return data
+
+
+@dataclass(kw_only=True, eq=False)
+class Ablation(Intervention):
+    """Replace the point's value at ``positions``.
+
+    ``method="zero"``: zeros. ``"scale"``: multiply by ``factor``. ``"mean"``: the mean from
+    ``mean``, a tensor (``[*rest]`` or ``[positions, *rest]``) or an :class:`ActivationCache`
+    holding the point (averaged over its examples, per position slot).
+    """
+
+    method: Literal["zero", "mean", "scale"] = "zero"
+    factor: float = 0.0
+    mean: Any = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.method not in ("zero", "mean", "scale"):
+            raise HookscopeError(
+                f"Ablation method {self.method!r} is not one of 'zero', 'mean', 'scale'."
+            )
+        if self.method == "mean" and self.mean is None:
+            raise HookscopeError(
+                "Ablation(method='mean') needs mean= (a tensor or an ActivationCache)."
+            )
+
+
+@dataclass(kw_only=True, eq=False)
+class Patch(Intervention):
+    """Replace the point's value at ``positions`` with values from another run.
+
+    ``source`` is an :class:`ActivationCache` extracted at the same position items (its key
+    ``source_key``, default the point; ``head_z_L{l}H{h}`` for head points), or a tensor
+    ``[batch, positions, *rest]`` (``[positions, *rest]`` and ``[*rest]`` broadcast). Rows are
+    aligned by example; in ``extract_cache`` a cache source is consumed batch by batch.
+    """
+
+    source: Any
+    source_key: str | None = None
+
+
+@dataclass(kw_only=True, eq=False)
+class Steer(Intervention):
+    """Add ``coefficient * vector`` (``[*rest]`` or ``[positions, *rest]``) at ``positions``."""
+
+    vector: Any
+    coefficient: float = 1.0
+
+
+@dataclass(kw_only=True, eq=False)
+class Custom(Intervention):
+    """Run ``fn(tensor, context) -> tensor`` on a point (the full ``[batch, seq, ...]`` tensor),
+    or on a module's output when ``module`` (a path such as ``"model.layers[2].mlp"``) is given
+    instead of ``point``. ``context`` is an :class:`InterventionContext`."""
+
+    point: str | None = None
+    module: str | None = None
+    fn: Callable[[torch.Tensor, InterventionContext], torch.Tensor]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (self.point is None) == (self.module is None):
+            raise HookscopeError("Custom needs exactly one of point= or module=.")
+
+
+@dataclass(kw_only=True, eq=False)
+class PatternEdit:
+    """Edit the attention matrix of ``layer`` for ``heads`` on a grid of query rows x key
+    columns (each a position list, resolved per example).
+
+    Attributes:
+        op: post-softmax: ``"zero"``, ``"scale"`` (by ``value``), ``"set"`` (to ``value``),
+            ``"patch"`` (from ``source``: a cache's ``pattern_L{l}H{h}`` or a tensor
+            ``[batch, rows, columns]``). Pre-softmax (``stage="pre"``): ``"block"`` (the pair may
+            not attend), ``"scale"`` and ``"set"`` of the score. Pre-softmax edits never unmask
+            a masked (future or padded) key; post-softmax edits never write masked cells.
+        renormalize: after a post-softmax edit, divide each edited row by its new sum (a row with
+            nothing left, e.g. the first token with its only key zeroed, stays zero).
+    """
+
+    layer: int
+    heads: list[int] | Literal["all"] = "all"
+    query_positions: list = field(default_factory=_positions_default)
+    key_positions: list = field(default_factory=_positions_default)
+    op: Literal["zero", "scale", "set", "patch", "block"] = "zero"
+    value: float = 0.0
+    source: Any = None
+    stage: Literal["post", "pre"] = "post"
+    renormalize: bool = False
+    apply_to: Phase = "prompt"
+
+    def __post_init__(self) -> None:
+        valid = {"post": ("zero", "scale", "set", "patch"), "pre": ("block", "scale", "set")}
+        if self.stage not in valid:
+            raise HookscopeError(f"PatternEdit stage {self.stage!r} is not 'post' or 'pre'.")
+        if self.op not in valid[self.stage]:
+            raise HookscopeError(
+                f"PatternEdit op {self.op!r} is not valid at stage {self.stage!r}; valid: {valid[self.stage]}."
+            )
+        if self.op == "patch" and self.source is None:
+            raise HookscopeError("PatternEdit(op='patch') needs source=.")
+        if self.apply_to != "prompt":
+            raise HookscopeError(
+                "PatternEdit applies to the prompt's attention only (apply_to='prompt'); during "
+                "generation it edits the prompt forward."
+            )
+
+    __eq__ = Intervention.__eq__
+    __hash__ = None
+    to_dict = Intervention.to_dict
+
+
+@dataclass
+class InterventionContext:
+    """What a :class:`Custom` function knows about the call it runs in."""
+
+    point: str | None
+    module: nn.Module
+    positions: Any
+    phase: Literal["prompt", "generated"]
+    step: int
+
+
+AnyIntervention = Intervention | PatternEdit
+_TYPES = {cls.__name__: cls for cls in (Ablation, Patch, Steer, Custom, PatternEdit)}
+
+
+def intervention_from_dict(data: dict[str, Any]) -> AnyIntervention:
+    """Rebuild an intervention from :meth:`Intervention.to_dict` output."""
+    data = dict(data)
+    kind = data.pop("type", None)
+    if kind not in _TYPES:
+        raise HookscopeError(f"unknown intervention type {kind!r}; valid: {sorted(_TYPES)}.")
+    return _TYPES[kind](**{k: _decode(v) for k, v in data.items()})
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    return a is b if callable(a) or hasattr(a, "tensors") else a == b
+
+
+def _encode(value: object, where: str) -> object:
+    if isinstance(value, torch.Tensor):
+        return {
+            "tensor": value.detach().cpu().tolist(),
+            "dtype": str(value.dtype).removeprefix("torch."),
+        }
+    if isinstance(value, tuple):
+        return {"tuple": list(value)}
+    if isinstance(value, list):
+        return [_encode(v, where) for v in value]
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    raise HookscopeError(
+        f"{where} holds a {type(value).__name__}, which has no JSON form (save an "
+        "ActivationCache with cache.save(); functions cannot be saved)."
+    )
+
+
+def _decode(value: object) -> object:
+    if isinstance(value, dict) and "tensor" in value:
+        return torch.tensor(value["tensor"], dtype=getattr(torch, value["dtype"]))
+    if isinstance(value, dict) and "tuple" in value:
+        return tuple(value["tuple"])
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value
+
+
+def from_reference(query: dict[str, Any] | Any) -> AnyIntervention:
+    """Convert the reference design's intervention form
+    (``type``, ``activation``, ``token_positions``, ``patching_values``, ``multiplication_value``,
+    ``apply_softmax``) into a hookscope intervention.
+
+    ``type="full"`` on a vector point: ``patching_values`` None / ``"ablation"`` -> an
+    :class:`Ablation` scaling by ``multiplication_value`` (0: zero ablation); a tensor -> a
+    :class:`Patch`. ``type`` ``"rows"`` / ``"columns"`` / ``"grid"`` (optionally
+    ``_pre_softmax``) on ``pattern_L{l}H{h}`` -> a :class:`PatternEdit`.
+    """
+    get = query.get if isinstance(query, dict) else (lambda k, d=None: getattr(query, k, d))
+    kind, activation = get("type"), get("activation")
+    positions = get("token_positions", ["all"])
+    values, factor = get("patching_values"), float(get("multiplication_value", 0.0) or 0.0)
+    if kind == "full":
+        if values is None or (isinstance(values, str) and values == "ablation"):
+            return Ablation(point=activation, positions=positions, method="scale", factor=factor)
+        return Patch(point=activation, positions=positions, source=values)
+    base = (kind or "").removesuffix("_pre_softmax")
+    if (
+        base in ("rows", "columns", "grid")
+        and isinstance(activation, str)
+        and activation.startswith("pattern_")
+    ):
+        from .points import parse_point
+
+        point = parse_point(activation)
+        rows, columns = {"rows": (positions, ["all"]), "columns": (["all"], positions)}.get(
+            base, (list(positions[0]), list(positions[1])) if base == "grid" else (None, None)
+        )
+        pre = kind.endswith("_pre_softmax")
+        return PatternEdit(
+            layer=point.layer,
+            heads=[point.head],
+            query_positions=rows,
+            key_positions=columns,
+            op="scale",
+            value=factor,
+            stage="pre" if pre else "post",
+            renormalize=bool(get("apply_softmax", False)) and not pre,
+        )
+    raise HookscopeError(
+        f"reference intervention type {kind!r} on {activation!r} is not supported; valid types: "
+        "'full' on vector points, 'rows' / 'columns' / 'grid' (optionally '_pre_softmax') on pattern_L{l}H{h}."
+    )
