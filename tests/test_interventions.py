@@ -49,7 +49,7 @@ def test_patching_a_run_with_itself_changes_nothing(tiny_llama):
     patched = tiny_llama.forward(
         batch,
         ["all"],
-        interventions=[Patch(point=f"resid_out_{l}", source=cache) for l in range(2)],
+        interventions=[Patch(point=f"resid_out_{layer}", source=cache) for layer in range(2)],
     )
     assert torch.equal(patched["logits"], cache["logits"])
 
