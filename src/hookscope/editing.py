@@ -55,7 +55,13 @@ class CallWindow:
 
     @property
     def phase(self) -> str:
-        return "prompt" if self.offset == 0 else "generated"
+        return "prompt" if self.step == 0 else "generated"
+
+    def enter_call(self, q_len: int, kv_len: int) -> None:
+        """Record a new model call of ``q_len`` input tokens over ``kv_len`` total positions."""
+        if self.length:
+            self.step += 1
+        self.offset, self.length = kv_len - q_len, q_len
 
     def covers(self, apply_to: str) -> bool:
         """Whether an intervention with ``apply_to`` has anything to do in this call."""

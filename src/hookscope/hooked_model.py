@@ -399,33 +399,47 @@ class HookedModel:
         yield from dataloader
 
     # -- generation ----------------------------------------------------------------------------
-    @torch.no_grad()
     def generate(
         self,
         inputs: Any,
         generation_config: Any = None,
+        target_token_positions: Sequence[PositionItem] | None = None,
         return_text: bool = False,
+        interventions: Sequence[AnyIntervention] | None = None,
+        extraction_config: ExtractionConfig | None = None,
         **generate_kwargs: Any,
-    ) -> torch.Tensor | list[str]:
-        """Plain HF generation on ``inputs`` (text, ids or a tokenizer batch).
+    ) -> torch.Tensor | list[str] | ActivationCache:
+        """HF ``generate`` with interventions and extraction active (KV cache on or off).
 
-        Returns the sequences ``[batch, seq + new]``, or the decoded new text per example when
-        ``return_text`` is True.
+        Args:
+            inputs: text, ids, or a tokenizer batch (left padding for batched prompts).
+            generation_config / **generate_kwargs: passed to HF ``generate``
+                (``max_new_tokens``, ``do_sample``, ``use_cache``, ...).
+            target_token_positions: prompt positions to extract at (with ``extraction_config``).
+            return_text: return the decoded new text per example.
+            interventions: applied with their ``apply_to``: ``"prompt"`` positions, each
+                ``"generated"`` token, or ``"both"`` (after registered ones).
+            extraction_config: module-level points to extract; the prompt call gives the target
+                positions, each later call one slot (``mapping_index["generated"]``) for the token
+                it feeds back.
+
+        Returns:
+            The sequences ``[batch, prompt + new]`` (or the new text when ``return_text``); with an
+            ``extraction_config``, an :class:`ActivationCache` that also holds ``sequences``,
+            ``generated_logits`` ``[batch, new, vocab]`` and ``text`` when asked.
         """
-        model_inputs = prepare_inputs(
-            inputs, self.hf_model, self.get_text_tokenizer(), self.device()
+        from .generation import generate
+
+        return generate(
+            self,
+            inputs,
+            generation_config=generation_config,
+            target_token_positions=target_token_positions,
+            return_text=return_text,
+            interventions=list(interventions or []),
+            extraction_config=extraction_config,
+            **generate_kwargs,
         )
-        model_inputs.pop("position_ids", None)  # generate derives them from the mask itself
-        tokenizer = self.get_text_tokenizer()
-        if tokenizer is not None and "pad_token_id" not in generate_kwargs:
-            generate_kwargs["pad_token_id"] = tokenizer.pad_token_id
-        sequences = self.hf_model.generate(
-            **model_inputs, generation_config=generation_config, **generate_kwargs
-        )
-        if not return_text:
-            return sequences
-        new_tokens = sequences[:, model_inputs["input_ids"].shape[1] :]
-        return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
 
 
 def _add_running_means(
