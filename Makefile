@@ -37,6 +37,7 @@ lint: install
 bench: install
 	$(PY) benchmarks/bench_overhead.py --write
 	$(PY) benchmarks/bench_attention.py --write
+	$(PY) benchmarks/bench_patching.py --write
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

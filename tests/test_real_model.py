@@ -71,3 +71,29 @@ def test_hub_name_falls_back_to_embedded_copy(smol):
     assert torch.equal(
         cache["logits"], smol.forward("The capital of France is", ["last"])["logits"]
     )
+
+
+def test_ioi_residual_sweep_localises(smol):
+    from hookscope.patching import activation_patching
+
+    tokenizer = smol.get_tokenizer()
+    clean = tokenizer(
+        ["When Mary and John went to the store, John gave a drink to"], return_tensors="pt"
+    )
+    corrupt = tokenizer(
+        ["When Mary and John went to the store, Mary gave a drink to"], return_tensors="pt"
+    )
+    assert clean["input_ids"].shape == corrupt["input_ids"].shape
+    mary, john = (
+        tokenizer(t, add_special_tokens=False)["input_ids"][0] for t in (" Mary", " John")
+    )
+    result = activation_patching(
+        smol, clean, corrupt, ([mary], [john]), point="resid_out", layers=[0, 15, 29]
+    )
+    assert result.clean_metric[0] > 0 > result.corrupt_metric[0], "the model solves the IOI pair"
+    last = result.values.shape[1] - 1
+    torch.testing.assert_close(result.values[2, last], torch.tensor(1.0), rtol=0, atol=1e-4)
+    assert result.values[2, :last].abs().max() < 1e-4
+    # early on, the effect sits at the differing name (position of " John"/" Mary" after the comma)
+    differing = int((clean["input_ids"][0] != corrupt["input_ids"][0]).nonzero()[0])
+    assert result.values[0].abs().argmax() == differing

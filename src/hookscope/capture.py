@@ -17,7 +17,7 @@ from torch import nn
 from .archs import ModelMap
 from .attention import output_projection_block
 from .errors import ActivationPointError, ArchitectureError
-from .hooks import ModuleHook
+from .hooks import ModuleHook, reading_hook
 from .points import Point, check_layer
 from .positions import ResolvedPositions
 
@@ -138,22 +138,6 @@ def plan_capture(points: list[Point], model_map: ModelMap) -> list[CaptureSite]:
     return list(sites.values())
 
 
-def input_tensor(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
-    """The hidden-states input of a module call (positional, or the ``hidden_states`` keyword)."""
-    tensor = args[0] if args else kwargs.get("hidden_states")
-    if not isinstance(tensor, torch.Tensor):
-        raise ArchitectureError(
-            f"{type(module).__name__} was called without a hidden_states tensor "
-            f"(positional args: {len(args)}, keyword args: {sorted(kwargs)})."
-        )
-    return tensor
-
-
-def output_tensor(output: Any) -> torch.Tensor:
-    """The main tensor of a module output: decoder layers return a tensor or a tuple."""
-    return output[0] if isinstance(output, tuple | list) else output
-
-
 def _make_hook(
     site: CaptureSite,
     positions: ResolvedPositions,
@@ -169,9 +153,7 @@ def _make_hook(
             value = where.read(selected)
             sink[key] = positions.average(value) if average else value
 
-    if site.when == "input":
-        return lambda module, args, kwargs: store(input_tensor(module, args, kwargs))
-    return lambda module, args, output: store(output_tensor(output))
+    return reading_hook(site.module, site.when, store).fn
 
 
 def _raise_stop(module: nn.Module, args: tuple, output: Any) -> None:

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from .archs import ModelMap
-from .capture import PointSite, input_tensor, locate, output_tensor
+from .capture import PointSite, locate
 from .errors import ActivationPointError, HookscopeError, InputError
-from .hooks import ModuleHook
+from .hooks import ModuleHook, reading_hook, replacing_hook
 from .interventions import (
     Ablation,
     AnyIntervention,
@@ -291,7 +291,7 @@ class PreparedIntervention:
         return value.expand_as(x)
 
     # -- how ----------------------------------------------------------------------------------
-    def apply(self, tensor: torch.Tensor, module) -> torch.Tensor:
+    def apply(self, module, tensor: torch.Tensor) -> torch.Tensor:
         """The intervened point tensor ``[batch, seq, *rest]`` for the current call."""
         if not self.window.covers(self.iv.apply_to):
             return tensor
@@ -328,52 +328,31 @@ class PreparedIntervention:
     def hooks(self) -> list[ModuleHook]:
         """The module hooks that apply this intervention."""
         if self.custom_module is not None:
-            return [ModuleHook(self.custom_module, self._output_hook(None), "output")]
-        site = self.site
+            return [replacing_hook(self.custom_module, "output", self.apply)]
         if self.point.kind == "resid_mid":
-            return self._resid_mid_hooks(site)
-        hook = self._input_hook(site) if site.when == "input" else self._output_hook(site)
-        return [ModuleHook(site.module, hook, site.when)]
+            return self._resid_mid_hooks(self.site)
+        return [replacing_hook(self.site.module, self.site.when, self._on_point)]
 
-    def _on_point(self, site: PointSite | None, tensor: torch.Tensor, module) -> torch.Tensor:
-        if site is None or site.columns is None:
-            return self.apply(tensor, module)
-        columns = site.columns.to(tensor.device)
-        return tensor.index_copy(-1, columns, self.apply(tensor.index_select(-1, columns), module))
-
-    def _output_hook(self, site: PointSite | None):
-        def hook(module, args, output):
-            new = self._on_point(site, output_tensor(output), module)
-            return (new, *output[1:]) if isinstance(output, tuple) else new
-
-        return hook
-
-    def _input_hook(self, site: PointSite):
-        def hook(module, args, kwargs):
-            new = self._on_point(site, input_tensor(module, args, kwargs), module)
-            if args:
-                return (new, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": new}
-
-        return hook
+    def _on_point(self, module, tensor: torch.Tensor) -> torch.Tensor:
+        """Apply to the point's columns of a module tensor (all of it for most points)."""
+        if self.site.columns is None:
+            return self.apply(module, tensor)
+        columns = self.site.columns.to(tensor.device)
+        return tensor.index_copy(-1, columns, self.apply(module, tensor.index_select(-1, columns)))
 
     def _resid_mid_hooks(self, site: PointSite) -> list[ModuleHook]:
         layer = self.point.layer
-        block = self.model_map.layers[layer].block
+        remember = reading_hook(
+            self.model_map.layers[layer].block,
+            "input",
+            lambda tensor: self.window.resid_in.__setitem__(layer, tensor),
+        )
 
-        def remember_resid_in(module, args, kwargs):
-            self.window.resid_in[layer] = input_tensor(module, args, kwargs)
-
-        def shift_contribution(module, args, output):
-            contribution = output_tensor(output)
+        def shift_contribution(module, contribution):
             resid_mid = self.window.resid_in[layer] + contribution
-            new = contribution + (self.apply(resid_mid, module) - resid_mid)
-            return (new, *output[1:]) if isinstance(output, tuple) else new
+            return contribution + (self.apply(module, resid_mid) - resid_mid)
 
-        return [
-            ModuleHook(block, remember_resid_in, "input"),
-            ModuleHook(site.module, shift_contribution, "output"),
-        ]
+        return [remember, replacing_hook(site.module, "output", shift_contribution)]
 
 
 @dataclass

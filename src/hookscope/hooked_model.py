@@ -399,6 +399,16 @@ class HookedModel:
         yield from dataloader
 
     # -- generation ----------------------------------------------------------------------------
+    def compute_patching(
+        self, target_token_positions, base_dataloader, target_dataloader, **kwargs
+    ):
+        """Patch base-run activations into the target run; see :func:`hookscope.patching.compute_patching`."""
+        from .patching import compute_patching
+
+        return compute_patching(
+            self, target_token_positions, base_dataloader, target_dataloader, **kwargs
+        )
+
     def generate(
         self,
         inputs: Any,

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -34,6 +35,54 @@ class ModuleHook:
     module: nn.Module | str
     fn: Callable[..., Any]
     when: When = "output"
+
+
+def input_tensor(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+    """The hidden-states input of a module call (positional, or the ``hidden_states`` keyword)."""
+    tensor = args[0] if args else kwargs.get("hidden_states")
+    if not isinstance(tensor, torch.Tensor):
+        raise ArchitectureError(
+            f"{type(module).__name__} was called without a hidden_states tensor "
+            f"(positional args: {len(args)}, keyword args: {sorted(kwargs)})."
+        )
+    return tensor
+
+
+def output_tensor(output: Any) -> torch.Tensor:
+    """The main tensor of a module output: decoder layers return a tensor or a tuple."""
+    return output[0] if isinstance(output, tuple | list) else output
+
+
+def reading_hook(
+    module: nn.Module | str, when: When, fn: Callable[[torch.Tensor], None]
+) -> ModuleHook:
+    """A hook that passes the module's hidden-states input (``"input"``) or main output
+    (``"output"``) to ``fn`` and changes nothing."""
+    if when == "input":
+        return ModuleHook(
+            module, lambda mod, args, kwargs: fn(input_tensor(mod, args, kwargs)), "input"
+        )
+    return ModuleHook(module, lambda mod, args, output: fn(output_tensor(output)), "output")
+
+
+def replacing_hook(
+    module: nn.Module | str, when: When, fn: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+) -> ModuleHook:
+    """A hook that replaces the module's hidden-states input or main output by
+    ``fn(module, tensor)``, keeping the rest of the call (other arguments, tuple outputs) as is."""
+    if when == "input":
+
+        def pre(mod, args, kwargs):
+            new = fn(mod, input_tensor(mod, args, kwargs))
+            return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
+
+        return ModuleHook(module, pre, "input")
+
+    def post(mod, args, output):
+        new = fn(mod, output_tensor(output))
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    return ModuleHook(module, post, "output")
 
 
 def get_module(model: nn.Module, path: str) -> nn.Module:
