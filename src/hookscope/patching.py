@@ -278,12 +278,28 @@ def activation_patching(
         ),
     )
     per_example = patched.view(examples, *[len(labels[a]) for a in axes])
-    normalized = normalize and metric != "kl"
-    if normalized:
-        shape = (examples, *[1] * len(axes))
-        per_example = (per_example - corrupt_metric.view(shape)) / (
-            clean_metric - corrupt_metric
-        ).view(shape)
+    return _result(
+        per_example,
+        axes,
+        labels,
+        clean_metric,
+        corrupt_metric,
+        metric,
+        normalize and metric != "kl",
+        "activation",
+        forwards,
+    )
+
+
+def _result(
+    per_example, axes, labels, clean_metric, corrupt_metric, metric, normalize, method, forwards
+):
+    """Build a :class:`PatchingResult`; normalising maps the corrupt run to 0 and the clean run
+    to 1 (attribution estimates a change, so it is only divided by clean - corrupt)."""
+    if normalize:
+        shape = (len(per_example), *[1] * (per_example.dim() - 1))
+        baseline = corrupt_metric.view(shape) if method == "activation" else 0
+        per_example = (per_example - baseline) / (clean_metric - corrupt_metric).view(shape)
     return PatchingResult(
         per_example.mean(0),
         per_example,
@@ -292,8 +308,8 @@ def activation_patching(
         clean_metric,
         corrupt_metric,
         metric,
-        normalized,
-        "activation",
+        normalize,
+        method,
         forwards,
     )
 
@@ -432,20 +448,8 @@ def attribution_patching(
         if heads
         else hm.to_string_tokens(clean["input_ids"][0][slots.index[0]])
     )
-    if normalize:
-        scale = (clean_metric - corrupt_metric).view(-1, *[1] * (per_example.dim() - 1))
-        per_example = per_example / scale
-    return PatchingResult(
-        per_example.mean(0),
-        per_example,
-        axes,
-        labels,
-        clean_metric,
-        corrupt_metric,
-        metric,
-        normalize,
-        "attribution",
-        2,
+    return _result(
+        per_example, axes, labels, clean_metric, corrupt_metric, metric, normalize, "attribution", 2
     )
 
 
