@@ -349,3 +349,17 @@ def test_extract_cache_patch_source_spans_the_dataset(tiny_llama):
         interventions=[Steer(point="resid_out_0", positions=[(0, -1)], vector=torch.ones(64))],
     )
     torch.testing.assert_close(restored["logits"], expected["logits"], rtol=1e-5, atol=1e-5)
+
+
+def test_reference_dicts_are_accepted_directly(tiny_llama):
+    reference = {
+        "type": "full",
+        "activation": "mlp_out_1",
+        "token_positions": ["last"],
+        "patching_values": "ablation",
+    }
+    direct = tiny_llama.forward(PROMPTS[0], ["last"], interventions=[reference])
+    ours = tiny_llama.forward(
+        PROMPTS[0], ["last"], interventions=[Ablation(point="mlp_out_1", positions=["last"])]
+    )
+    assert torch.equal(direct["logits"], ours["logits"])

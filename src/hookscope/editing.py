@@ -27,6 +27,7 @@ from .interventions import (
     Patch,
     PatternEdit,
     Steer,
+    from_reference,
 )
 from .points import Point, check_layer, parse_point
 from .positions import ResolvedPositions, normalize_items, resolve_positions
@@ -436,6 +437,8 @@ def prepare(
     hooks: list[ModuleHook] = []
     edits: dict[int, list[ResolvedPatternEdit]] = {}
     for iv in interventions:
+        if not isinstance(iv, Intervention | PatternEdit) and _looks_like_reference(iv):
+            iv = from_reference(iv)
         if isinstance(iv, PatternEdit):
             resolved = resolve_pattern_edit(
                 iv, model_map, mask, ids, pivot_positions, seed, window.example_offset
@@ -452,3 +455,10 @@ def prepare(
                 "hookscope.interventions.from_reference."
             )
     return hooks, edits
+
+
+def _looks_like_reference(query: Any) -> bool:
+    """A reference-design intervention (a dict or object with ``type`` and ``activation``)."""
+    if isinstance(query, dict):
+        return {"type", "activation"} <= set(query)
+    return hasattr(query, "type") and hasattr(query, "activation")
