@@ -1,11 +1,33 @@
-"""The ``hookscope`` command (also ``python -m hookscope``)."""
+"""The ``hookscope`` command (also ``python -m hookscope``).
+
+    hookscope demo [--out DIR]
+    hookscope info [MODEL]
+    hookscope extract [MODEL] --prompts FILE --positions last --points resid_out --out DIR
+    hookscope patch [MODEL] --clean TEXT --corrupt TEXT --correct TOKEN --wrong TOKEN --out DIR
+    hookscope lens [MODEL] --prompt TEXT [--target TOKEN] --out DIR
+
+User mistakes print one line and a hint, and exit with status 2 (no stack trace).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from dataclasses import fields
+from pathlib import Path
 
 from .errors import HookscopeError
+
+_HINTS = {
+    "could not load": "pass a model folder, a .gguf file, or nothing for the embedded default model",
+    "position item": "positions look like: last first 0 -2 2:5 all (see README, Token positions)",
+    "unknown activation point": "see `hookscope info` for the activation points of a model",
+}
+
+
+class CliError(HookscopeError):
+    """A command-line mistake (bad file, bad option value)."""
 
 
 def _quiet_transformers() -> None:
@@ -15,6 +37,159 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _load(model: str | None):
+    from .hooked_model import HookedModel
+
+    return HookedModel.from_pretrained(model)
+
+
+def _positions(values: list[str]) -> list:
+    """CLI position items: ints, ``a:b`` slices, and names."""
+    items = []
+    for value in values:
+        if ":" in value:
+            start, end = value.split(":", 1)
+            try:
+                items.append((int(start), int(end)))
+            except ValueError:
+                raise CliError(f"slice {value!r} must be two ints, like 2:5") from None
+        else:
+            try:
+                items.append(int(value))
+            except ValueError:
+                items.append(value)
+    return items
+
+
+def _read_prompts(path: str) -> list[str]:
+    file = Path(path)
+    if not file.is_file():
+        raise CliError(f"prompts file {path!r} does not exist")
+    lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if file.suffix == ".jsonl":
+        prompts = []
+        for number, line in enumerate(lines, start=1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise CliError(f"{path}:{number} is not JSON ({error.msg})") from None
+            text = record.get("text", record.get("prompt")) if isinstance(record, dict) else record
+            if not isinstance(text, str):
+                raise CliError(f"{path}:{number} has no 'text' (or 'prompt') string")
+            prompts.append(text)
+        return prompts
+    return lines
+
+
+def _extraction_options(parser: argparse.ArgumentParser) -> None:
+    """Every boolean ExtractionConfig field as a --flag."""
+    from .config import ExtractionConfig
+
+    group = parser.add_argument_group("ExtractionConfig flags")
+    for field in fields(ExtractionConfig):
+        if field.type in ("bool", bool):
+            flag = "--" + field.name.replace("_", "-")
+            if field.default is True:
+                group.add_argument(
+                    "--no-" + field.name.replace("_", "-"),
+                    dest=field.name,
+                    action="store_false",
+                    help=f"turn off {field.name}",
+                )
+            else:
+                group.add_argument(
+                    flag, dest=field.name, action="store_true", help=f"set {field.name}"
+                )
+
+
+def _cmd_extract(args: argparse.Namespace) -> None:
+    from .config import LAYER_FLAGS, MODEL_FLAGS, ExtractionConfig
+
+    prompts = _read_prompts(args.prompts)
+    values = {
+        f.name: getattr(args, f.name) for f in fields(ExtractionConfig) if hasattr(args, f.name)
+    }
+    by_kind = {kind: flag for flag, kind in {**LAYER_FLAGS, **MODEL_FLAGS}.items()}
+    for point in args.points:
+        if point not in by_kind:
+            raise CliError(
+                f"--points {point!r} is not a point kind; valid: {', '.join(sorted(by_kind))}"
+            )
+        values[by_kind[point]] = True
+    if args.layers:
+        values["layers"] = args.layers
+    config = ExtractionConfig(**values)
+    hm = _load(args.model)
+    hm.config.batch_size = args.batch_size
+    cache = hm.extract_cache(
+        prompts, _positions(args.positions), extraction_config=config, progress=True
+    )
+    path = cache.save(Path(args.out) / "activations.safetensors")
+    (Path(args.out) / "prompts.json").write_text(json.dumps(prompts, indent=1), encoding="utf-8")
+    print(
+        f"{len(prompts)} prompts -> {path} ({len(cache)} keys, {cache.memory_size() / 2**20:.1f} MB)"
+    )
+
+
+def _token_id(hm, text: str) -> int:
+    ids = hm.get_text_tokenizer()(text, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise CliError(
+            f"{text!r} is {len(ids)} tokens; answers must be single tokens (mind the leading space)"
+        )
+    return ids[0]
+
+
+def _cmd_patch(args: argparse.Namespace) -> None:
+    from . import plot
+    from .patching import activation_patching
+
+    hm = _load(args.model)
+    tokenizer = hm.get_text_tokenizer()
+    clean, corrupt = (tokenizer([t], return_tensors="pt") for t in (args.clean, args.corrupt))
+    answers = ([_token_id(hm, args.correct)], [_token_id(hm, args.wrong)])
+    result = activation_patching(
+        hm, clean, corrupt, answers, point=args.point, per=args.per, progress=True
+    )
+    out = Path(args.out)
+    plot.patching_figure(result, str(hm.model_name), path=out / f"patching_{args.point}.png")
+    labels = [result.labels[a] for a in result.axes]
+    plot.html_page(
+        f"hookscope patch: {hm.model_name}",
+        [
+            plot.heatmap_html(
+                result.values,
+                labels[0],
+                labels[1] if len(labels) > 1 else [""],
+                f"{result.method} patching of {args.point}",
+                result.metric,
+            )
+        ],
+        path=out / f"patching_{args.point}.html",
+    )
+    print(
+        f"{result}\nclean {result.clean_metric[0]:.3f}, corrupt {result.corrupt_metric[0]:.3f}; "
+        f"figures in {out}/"
+    )
+
+
+def _cmd_lens(args: argparse.Namespace) -> None:
+    from . import plot
+    from .lens import logit_lens
+
+    hm = _load(args.model)
+    lens = logit_lens(hm, args.prompt, ["all"])
+    tops = lens.top_k(3, position=-1)
+    target = _token_id(hm, args.target) if args.target else None
+    for index, layer in enumerate(lens.layers):
+        extra = ""
+        if target is not None:
+            extra = f"  rank({args.target!r})={int(lens.rank(target)[index, 0, -1])}"
+        print(f"layer {layer:>3}: " + ", ".join(f"{t!r} {p:.2f}" for t, p in tops[index]) + extra)
+    plot.lens_figure(lens, str(hm.model_name), path=Path(args.out) / "logit_lens.png")
+    print(f"figure: {Path(args.out) / 'logit_lens.png'}")
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -22,10 +197,9 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 
 def _cmd_info(args: argparse.Namespace) -> None:
-    from .hooked_model import HookedModel
     from .points import KINDS
 
-    hm = HookedModel.from_pretrained(args.model)
+    hm = _load(args.model)
     m = hm.model_map
     print(hm)
     print(f"spec: {'discovered' if m.discovered else 'table'} ({m.model_type})")
@@ -41,26 +215,81 @@ def _cmd_info(args: argparse.Namespace) -> None:
         print(f"  {label:<26} {m.path_of(module) if module is not None else '(none)'}")
     print("activation points:")
     for kind in KINDS.values():
-        name = kind.name if kind.scope == "model" else f"{kind.name}_{{0..{m.n_layers - 1}}}"
-        print(f"  {name:<34} {kind.shape:<34} {kind.definition}")
+        name = {
+            "model": kind.name,
+            "layer": f"{kind.name}_{{0..{m.n_layers - 1}}}",
+            "head": f"{kind.name}_L{{0..{m.n_layers - 1}}}H{{0..{m.n_heads - 1}}}",
+        }[kind.scope]
+        print(f"  {name:<34} {kind.shape:<22} {kind.definition}")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hookscope",
-        description="Look inside HuggingFace transformers: extract activations at chosen positions.",
+        description="Look inside HuggingFace transformers: extract activations, patch, read the logit lens.",
+        epilog="MODEL is a model folder, a .gguf file or a hub id; omit it for the embedded SmolLM2-135M-Instruct.",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the main job on the embedded default model (offline)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser(
+        "demo", help="logit lens, patching and attention on the embedded model (offline)"
+    )
     demo.add_argument(
         "--out", default="hookscope-demo", help="output folder (default: %(default)s)"
     )
     demo.set_defaults(func=_cmd_demo)
+
     info = sub.add_parser("info", help="architecture map and activation points of a model")
-    info.add_argument(
-        "model", nargs="?", default=None, help="folder, hub id or .gguf (default: embedded)"
-    )
+    info.add_argument("model", nargs="?", default=None, metavar="MODEL")
     info.set_defaults(func=_cmd_info)
+
+    extract = sub.add_parser(
+        "extract", help="extract activations of many prompts to a safetensors file"
+    )
+    extract.add_argument("model", nargs="?", default=None, metavar="MODEL")
+    extract.add_argument(
+        "--prompts", required=True, help="a .txt file (one prompt a line) or .jsonl ({'text': ...})"
+    )
+    extract.add_argument(
+        "--positions",
+        nargs="+",
+        default=["last"],
+        help="position items (default: last); slices as 2:5",
+    )
+    extract.add_argument(
+        "--points", nargs="*", default=[], help="point kinds, e.g. resid_out mlp_out attn_in"
+    )
+    extract.add_argument("--layers", nargs="*", type=int, help="only these layers")
+    extract.add_argument("--batch-size", type=int, default=8)
+    extract.add_argument("--out", required=True, help="output folder")
+    _extraction_options(extract)
+    extract.set_defaults(func=_cmd_extract)
+
+    patch = sub.add_parser(
+        "patch", help="activation-patching sweep on a clean / corrupt prompt pair"
+    )
+    patch.add_argument("model", nargs="?", default=None, metavar="MODEL")
+    patch.add_argument("--clean", required=True, help="the prompt whose activations are copied")
+    patch.add_argument(
+        "--corrupt", required=True, help="the prompt they are copied into (same token length)"
+    )
+    patch.add_argument("--correct", required=True, help="the clean answer token, e.g. ' Mary'")
+    patch.add_argument("--wrong", required=True, help="the corrupt answer token, e.g. ' John'")
+    patch.add_argument(
+        "--point",
+        default="resid_out",
+        choices=["resid_in", "resid_out", "attn_out", "mlp_out", "head"],
+    )
+    patch.add_argument("--per", default="position", help="position | layer | head | head_position")
+    patch.add_argument("--out", default="hookscope-patch")
+    patch.set_defaults(func=_cmd_patch)
+
+    lens = sub.add_parser("lens", help="logit lens of one prompt, layer by layer")
+    lens.add_argument("model", nargs="?", default=None, metavar="MODEL")
+    lens.add_argument("--prompt", required=True)
+    lens.add_argument("--target", help="a token to follow, e.g. ' Paris'")
+    lens.add_argument("--out", default="hookscope-lens")
+    lens.set_defaults(func=_cmd_lens)
     return parser
 
 
@@ -70,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except HookscopeError as error:
-        print(f"hookscope: error: {error}", file=sys.stderr)
+        message = str(error).splitlines()[0]
+        print(f"hookscope: error: {message}", file=sys.stderr)
+        hint = next((h for key, h in _HINTS.items() if key in message), None)
+        print(f"hint: {hint or 'run `hookscope ' + args.command + ' --help`'}", file=sys.stderr)
         return 2
     return 0

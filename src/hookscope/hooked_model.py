@@ -346,6 +346,7 @@ class HookedModel:
         hooks: Sequence[ModuleHook | dict[str, Any]] | None = None,
         seed: int = 0,
         interventions: Sequence[AnyIntervention] | None = None,
+        progress: bool = False,
         **model_kwargs: Any,
     ) -> ActivationCache:
         """Run :meth:`forward` over every batch and merge the results in order.
@@ -357,12 +358,15 @@ class HookedModel:
             batch_saver: ``batch -> dict`` of things to keep per batch (labels, ids); merged
                 across batches into ``cache["batch_saver"]``.
             move_to_cpu_after_forward: move each batch's activations off the accelerator at once.
+            progress: show a progress bar (examples and tokens per second).
 
         Returns:
             One :class:`ActivationCache` with every example, in dataloader order.
         """
         merged = ActivationCache(pad_token_id=self._pad_token_id())
+        target_token_positions = normalize_items(target_token_positions)  # fail before the loop
         seen = 0
+        bar = _progress_bar(dataloader) if progress else None
         for batch in self._batches(dataloader):
             cache = self.forward(
                 batch,
@@ -377,6 +381,8 @@ class HookedModel:
                 **model_kwargs,
             )
             seen += len(cache["position_mask"])
+            if bar is not None:
+                bar.update(len(cache["position_mask"]))
             if batch_saver is not None:
                 payload = batch_saver(batch)
                 if payload is not None:
@@ -386,6 +392,8 @@ class HookedModel:
                         )
                     cache["batch_saver"] = payload
             merged.cat(cache)
+        if bar is not None:
+            bar.close()
         if len(merged) == 0:
             raise InputError("extract_cache got an empty dataloader.")
         return merged
@@ -494,3 +502,14 @@ def _declare_pattern_axes(
     for key in cache:
         if key.startswith("pattern_"):
             cache.set_axes(key, axes)
+
+
+def _progress_bar(dataloader: Any):
+    from tqdm.auto import tqdm
+
+    total = (
+        len(dataloader)
+        if isinstance(dataloader, list) and dataloader and isinstance(dataloader[0], str)
+        else None
+    )
+    return tqdm(total=total, unit="ex", desc="extract")

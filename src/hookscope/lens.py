@@ -1,0 +1,139 @@
+"""Logit lens: read any residual-stream point with the model's own final norm and unembedding.
+
+Each layer's residual is normalised with its own statistics (the final norm module applied to
+it), exactly as the model normalises its last layer (Gemma's ``1 + weight``, GPT-2's LayerNorm
+with bias), and the head's final logit softcapping is applied where the model has one. At the
+last layer the lens is therefore the model's own logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .config import ExtractionConfig
+from .errors import HookscopeError
+from .inputs import prepare_inputs
+from .points import parse_point
+from .positions import normalize_items, resolve_positions
+
+
+def lens_logits(hm: Any, residual: torch.Tensor) -> torch.Tensor:
+    """``residual [..., d_model]`` -> logits ``[..., vocab]`` through the final norm and unembedding."""
+    unembed = hm.hf_model.get_output_embeddings()
+    if unembed is None:
+        raise HookscopeError(
+            f"{type(hm.hf_model).__name__} has no output embeddings: no logit lens."
+        )
+    with torch.no_grad():
+        logits = unembed(hm.model_map.final_norm(residual))
+    cap = getattr(hm.hf_model.config.get_text_config(), "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+@dataclass
+class LensResult:
+    """Lens readouts of one batch.
+
+    Attributes:
+        logits: ``[layers, batch, P, vocab]`` (float32).
+        layers: the layer of each row (the ``point`` of that layer, e.g. ``resid_out_{l}``).
+        tokens: per example, the string of each target position.
+        final: ``[batch, P, vocab]``, the model's own logits at the targets.
+    """
+
+    logits: torch.Tensor
+    layers: list[int]
+    tokens: list[list[str]]
+    final: torch.Tensor
+    point: str
+    to_string: Any
+
+    @property
+    def probs(self) -> torch.Tensor:
+        return self.logits.softmax(-1)
+
+    def top_k(
+        self, k: int = 5, example: int = 0, position: int = -1
+    ) -> list[list[tuple[str, float]]]:
+        """Per layer, the k most likely tokens ``(string, probability)`` at one position."""
+        probs = self.probs[:, example, position]
+        values, ids = probs.topk(k, dim=-1)
+        return [
+            list(zip(self.to_string(ids[row].tolist()), values[row].tolist(), strict=True))
+            for row in range(len(self.layers))
+        ]
+
+    def rank(self, token_id: int) -> torch.Tensor:
+        """``[layers, batch, P]``: 1 + how many tokens score above ``token_id``."""
+        chosen = self.logits[..., token_id : token_id + 1]
+        return (self.logits > chosen).sum(-1) + 1
+
+    def prob(self, token_id: int) -> torch.Tensor:
+        """``[layers, batch, P]`` probability of ``token_id``."""
+        return self.probs[..., token_id]
+
+    def logit(self, token_id: int) -> torch.Tensor:
+        """``[layers, batch, P]`` logit of ``token_id``."""
+        return self.logits[..., token_id]
+
+    def kl_to_final(self) -> torch.Tensor:
+        """``[layers, batch, P]``: KL(final || layer), how far each layer's readout is from the
+        model's output distribution."""
+        final = self.final.float().log_softmax(-1)
+        layer = self.logits.log_softmax(-1)
+        return (final.exp() * (final - layer)).sum(-1)
+
+
+def logit_lens(
+    hm: Any,
+    inputs: Any,
+    target_token_positions: Sequence[Any] = ("last",),
+    layers: Sequence[int] | None = None,
+    point: str = "resid_out",
+) -> LensResult:
+    """Run ``inputs`` once and read ``point`` (``resid_out``, ``resid_mid``, ``resid_in``) of every
+    layer through the lens at the target positions."""
+    flags = {
+        "resid_out": "extract_resid_out",
+        "resid_mid": "extract_resid_mid",
+        "resid_in": "extract_resid_in",
+    }
+    if point not in flags:
+        raise HookscopeError(
+            f"the logit lens reads residual points {sorted(flags)}, got {point!r}."
+        )
+    model_inputs = prepare_inputs(inputs, hm.hf_model, hm.get_text_tokenizer(), hm.device())
+    config = ExtractionConfig(
+        **{flags[point]: True}, layers=list(layers) if layers is not None else None
+    )
+    cache = hm.forward(model_inputs, list(target_token_positions), extraction_config=config)
+    chosen = sorted(parse_point(key).layer for key in cache if key.startswith(point + "_"))
+    positions = resolve_positions(
+        normalize_items(list(target_token_positions)),
+        model_inputs["attention_mask"],
+        model_inputs["input_ids"],
+    )
+    ids = model_inputs["input_ids"].gather(1, positions.index.to(model_inputs["input_ids"].device))
+    tokens = [
+        [
+            text if real else ""
+            for text, real in zip(hm.to_string_tokens(row_ids), row_mask.tolist(), strict=True)
+        ]
+        for row_ids, row_mask in zip(ids, positions.mask, strict=True)
+    ]
+    return LensResult(
+        logits=lens_logits(
+            hm, cache.stack(point)
+        ).float(),  # in the model's dtype, as the model does
+        layers=chosen,
+        tokens=tokens,
+        final=cache["logits"],
+        point=point,
+        to_string=hm.to_string_tokens,
+    )
