@@ -178,8 +178,9 @@ def heatmap_html(
             color = _color(value / bound, signed)
             tip = f"{row_name} {label!r}, {col_name} {col!r}: {value_label} = {value:.4g}"
             text = html.escape(cell_text[r][c]) if cell_text is not None else ""
+            ink = "color:#fff;" if abs(value / bound) > 0.55 else ""
             cells.append(
-                f"<td style='background:{color}' data-tip='{html.escape(tip, quote=True)}'>{text}</td>"
+                f"<td style='background:{color};{ink}' data-tip='{html.escape(tip, quote=True)}'>{text}</td>"
             )
         body.append(f"<tr><th>{html.escape(str(label))}</th>{''.join(cells)}</tr>")
     return (
