@@ -16,6 +16,7 @@ calls the original kernel for the output.
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,6 +31,10 @@ from .errors import ArchitectureError
 from .positions import ResolvedPositions
 
 AttentionFn = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+
+# transformers' attention registry is process-wide: forwards that put hookscope's function in
+# front of it run one at a time (threads using other models wait; nothing is mixed).
+_REGISTRY_LOCK = threading.RLock()
 
 
 @dataclass
@@ -84,7 +89,7 @@ def additive_mask_rows(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """The mask the kernel applies, for the selected query rows, as an additive float tensor
-    ``[batch, 1, rows, kv_len]`` (0 where attended, -inf elsewhere).
+    ``[batch, 1, rows, kv_len]`` (0 where attended, the most negative finite value elsewhere).
 
     Handles every form transformers passes: ``None`` (pure causal, no padding: SDPA's skip),
     a boolean 4-D mask (SDPA; True = attend), an additive float 4-D mask (eager), and a 2-D
@@ -106,8 +111,12 @@ def additive_mask_rows(
         if picked.dtype != torch.bool:
             return picked.to(dtype)  # already additive (eager): add it exactly as the kernel does
         allowed = picked
+    # the most negative finite value, as HF's eager masks use: a row with no allowed key (a
+    # padding query) stays finite instead of turning into NaN that would leak through values
     zeros = torch.zeros((), dtype=dtype, device=device)
-    return torch.where(allowed, zeros, torch.tensor(float("-inf"), dtype=dtype, device=device))
+    return torch.where(
+        allowed, zeros, torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=device)
+    )
 
 
 def _call_region(region: torch.Tensor, offset: int, q_len: int, kv_len: int) -> torch.Tensor:
@@ -151,18 +160,23 @@ def edited_attention(query, key, value, attention_mask, kwargs, edits, offset):
 
     for edit in (e for e in edits if e.edit.stage == "pre"):
         where = cells(edit)
-        new = {
-            "block": torch.full_like(scores, float("-inf")),
-            "scale": scores * edit.edit.value,
-            "set": torch.full_like(scores, edit.edit.value),
-        }[edit.edit.op]
+        if edit.edit.op == "block":
+            allowed = allowed & ~where
+            continue
+        new = (
+            scores * edit.edit.value
+            if edit.edit.op == "scale"
+            else torch.full_like(scores, edit.edit.value)
+        )
         scores = torch.where(where, new, scores)
-    scores = scores + additive
+    scores = torch.where(allowed, scores + additive, torch.finfo(torch.float32).min)
     if kwargs.get("s_aux") is not None:
         sink = kwargs["s_aux"].float().view(1, -1, 1, 1).expand(batch, -1, q_len, 1)
         probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
     else:
         probs = torch.softmax(scores, dim=-1)
+    # masked and blocked cells get exactly 0; a row with nothing left (padding) is all zeros
+    probs = probs.masked_fill(~allowed, 0.0)
     for edit in (e for e in edits if e.edit.stage == "post"):
         where = cells(edit) & allowed
         if edit.edit.op == "patch":
@@ -290,16 +304,17 @@ class AttentionHooks:
             return
         name = self.model_map.layers[0].attention.config._attn_implementation or "eager"
         local = ALL_ATTENTION_FUNCTIONS._local_mapping
-        had_local, previous_local = name in local, local.get(name)
-        previous = ALL_ATTENTION_FUNCTIONS.get(name)  # None for eager: modules use their own
-        ALL_ATTENTION_FUNCTIONS[name] = self._wrap(previous)
-        try:
-            yield
-        finally:
-            if had_local:
-                local[name] = previous_local
-            else:
-                local.pop(name, None)
+        with _REGISTRY_LOCK:
+            had_local, previous_local = name in local, local.get(name)
+            previous = ALL_ATTENTION_FUNCTIONS.get(name)  # None for eager: modules use their own
+            ALL_ATTENTION_FUNCTIONS[name] = self._wrap(previous)
+            try:
+                yield
+            finally:
+                if had_local:
+                    local[name] = previous_local
+                else:
+                    local.pop(name, None)
 
     def _wrap(self, previous: AttentionFn | None) -> AttentionFn:
         def hookscope_attention(module, query, key, value, attention_mask, *args, **kwargs):

@@ -2,6 +2,7 @@
 
     hookscope demo [--out DIR]
     hookscope info [MODEL]
+    hookscope check [MODEL]
     hookscope extract [MODEL] --prompts FILE --positions last --points resid_out --out DIR
     hookscope patch [MODEL] --clean TEXT --corrupt TEXT --correct TOKEN --wrong TOKEN --out DIR
     hookscope lens [MODEL] --prompt TEXT [--target TOKEN] --out DIR
@@ -196,6 +197,14 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     run_demo(args.out)
 
 
+def _cmd_check(args: argparse.Namespace) -> None:
+    report = _load(args.model).self_check()
+    if not report.passed:
+        raise CliError(
+            f"{sum(not r.passed for r in report.rows)} self-check(s) failed (see the table above)"
+        )
+
+
 def _cmd_info(args: argparse.Namespace) -> None:
     from .points import KINDS
 
@@ -242,6 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="architecture map and activation points of a model")
     info.add_argument("model", nargs="?", default=None, metavar="MODEL")
     info.set_defaults(func=_cmd_info)
+
+    check = sub.add_parser(
+        "check", help="verify hookscope against a model: points, identities, padding, writes"
+    )
+    check.add_argument("model", nargs="?", default=None, metavar="MODEL")
+    check.set_defaults(func=_cmd_check)
 
     extract = sub.add_parser(
         "extract", help="extract activations of many prompts to a safetensors file"

@@ -58,6 +58,7 @@ class HookedModelConfig:
         batch_size: batch size used when hookscope batches raw strings itself.
         gguf_file: the GGUF file name inside ``model_name`` (a folder), if loading from GGUF.
         revision: the hub revision to load.
+        trust_remote_code: run a checkpoint's own Python code (off unless you turn it on).
     """
 
     model_name: str | None = None
@@ -67,6 +68,7 @@ class HookedModelConfig:
     batch_size: int = 8
     gguf_file: str | None = None
     revision: str | None = None
+    trust_remote_code: bool = False
 
 
 @dataclass

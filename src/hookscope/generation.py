@@ -132,7 +132,7 @@ def generate(
         generate_kwargs["pad_token_id"] = tokenizer.pad_token_id
     if plan.points or config.save_logits:
         generate_kwargs.update(return_dict_in_generate=True, output_logits=config.save_logits)
-    with torch.no_grad(), installed(hm.hf_model, hooks):
+    with hm._exclusive(), torch.no_grad(), installed(hm.hf_model, hooks):
         output = hm.hf_model.generate(
             **model_inputs, generation_config=generation_config, **generate_kwargs
         )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -13,6 +15,7 @@ from .archs import ModelMap, resolve_architecture
 from .attention import AttentionHooks
 from .cache import ActivationCache, Axes
 from .capture import StopForward, capture_hooks, plan_capture
+from .checks import warn_if_known_failures
 from .config import ExtractionConfig, HookedModelConfig
 from .editing import CallWindow, prepare
 from .errors import HookscopeError, InputError, PositionError
@@ -57,6 +60,8 @@ class HookedModel:
         )
         self._persistent_handles: list[RemovableHandle] = []
         self._registered_interventions: list[AnyIntervention] = []
+        self._busy = threading.RLock()  # one call at a time: hooks live on the shared modules
+        warn_if_known_failures(self.model_map.model_type, next(hf_model.parameters()).dtype)
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -168,6 +173,13 @@ class HookedModel:
             stop_after=stop_after,
         )
 
+    def self_check(self, remember: bool = True, print_report: bool = True):
+        """Verify hookscope against this model (points, identities, padding, writes); returns a
+        :class:`hookscope.checks.CheckReport` and prints it as a table."""
+        from .checks import self_check
+
+        return self_check(self, remember=remember, print_report=print_report)
+
     def register_interventions(self, interventions: Sequence[AnyIntervention]) -> None:
         """Keep ``interventions`` active in every later forward, extract_cache and generate
         (before those passed per call), until :meth:`clean_interventions`."""
@@ -195,6 +207,20 @@ class HookedModel:
             hook_handlers, self._persistent_handles = self._persistent_handles, []
         for handle in hook_handlers:
             handle.remove()
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Hold the model for one call; another thread gets a clear error instead of mixed hooks."""
+        if not self._busy.acquire(blocking=False):
+            raise HookscopeError(
+                "this HookedModel is running a forward in another thread: hooks live on the shared "
+                "modules, so calls cannot overlap. Use one HookedModel per thread (from_hf on a copy) "
+                "or a lock around calls."
+            )
+        try:
+            yield
+        finally:
+            self._busy.release()
 
     # -- forward -------------------------------------------------------------------------------
     def forward(
@@ -291,7 +317,12 @@ class HookedModel:
 
         grad_mode = torch.enable_grad() if config.keep_gradient else torch.no_grad()
         output = None
-        with grad_mode, attention.installed(), installed(self.hf_model, call_hooks):
+        with (
+            self._exclusive(),
+            grad_mode,
+            attention.installed(),
+            installed(self.hf_model, call_hooks),
+        ):
             try:
                 output = self.hf_model(**model_inputs)
             except StopForward:

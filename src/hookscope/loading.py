@@ -118,12 +118,14 @@ def load_model_and_tokenizer(config: HookedModelConfig) -> tuple[PreTrainedModel
     source, extra = _resolve_source(config)
     kwargs: dict[str, Any] = dict(extra)
     kwargs["dtype"] = config.torch_dtype
+    kwargs["trust_remote_code"] = config.trust_remote_code
     if config.attn_implementation is not None:
         kwargs["attn_implementation"] = config.attn_implementation
     device = pick_device(config.device_map)
     if device is None:
         kwargs["device_map"] = config.device_map
     tokenizer_kwargs = {k: v for k, v in extra.items() if k in ("gguf_file", "revision")}
+    tokenizer_kwargs["trust_remote_code"] = config.trust_remote_code
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_kwargs)
