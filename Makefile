@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.install-stamp
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: install test test-fast demo lint bench clean
+.PHONY: install test test-fast demo lint bench gpu-check clean
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ bench: install
 	$(PY) benchmarks/bench_overhead.py --write
 	$(PY) benchmarks/bench_attention.py --write
 	$(PY) benchmarks/bench_patching.py --write
+
+gpu-check: install
+	$(PY) scripts/gpu_check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

