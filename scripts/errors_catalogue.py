@@ -108,6 +108,9 @@ GUIDE = {
         "An activation point name that is malformed, unknown, or out of range for this model.",
         "Names are `kind`, `kind_{layer}` or `kind_L{layer}H{head}`; `hookscope info` lists them.",
     ),
+    "store": ("An output folder that is not a store, holds a different extraction, or has a shard "
+              "whose size or sha256 does not match the manifest (truncated or corrupted on disk).",
+              "Use a fresh output_dir for a different extraction; re-run to rewrite a corrupted store."),
     "positions": (
         "A token position item that is unknown, malformed, or does not fit some example "
         "(the message names the example and its number of real tokens).",

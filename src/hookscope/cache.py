@@ -160,6 +160,29 @@ class ActivationCache(MutableMapping):
             self._data.update(means)
             self._pending = []
 
+    def take(self, rows: torch.Tensor) -> ActivationCache:
+        """A new cache with only ``rows`` (in that order) of every per-example value."""
+        self._merge_pending()
+        out = ActivationCache(pad_token_id=self.pad_token_id)
+        out._axes, out._counts = dict(self._axes), dict(self._counts)
+        for key, value in self._data.items():
+            if key in self._counts:
+                out._data[key] = value
+            elif isinstance(value, torch.Tensor):
+                out._data[key] = value[rows.to(value.device)]
+            elif key == "batch_saver" and isinstance(value, dict):
+                out._data[key] = {
+                    k: v[rows]
+                    if isinstance(v, torch.Tensor)
+                    else [v[i] for i in rows.tolist()]
+                    if isinstance(v, list)
+                    else v
+                    for k, v in value.items()
+                }
+            else:
+                out._data[key] = value
+        return out
+
     # -- views ---------------------------------------------------------------------------------
     def stack(self, kind: str) -> torch.Tensor:
         """Stack every layer of one kind: ``stack("resid_out")`` -> ``[layers, batch, P, d]``.

@@ -25,6 +25,7 @@ from .interventions import AnyIntervention
 from .loading import DEFAULT_MODEL_ID, load_model_and_tokenizer, prepare_tokenizer
 from .plan import ExtractionPlan, plan_extraction
 from .positions import PositionItem, ResolvedPositions, normalize_items, resolve_positions
+from .store import ActivationStore, StoreWriter, describe
 
 
 class HookedModel:
@@ -378,8 +379,10 @@ class HookedModel:
         seed: int = 0,
         interventions: Sequence[AnyIntervention] | None = None,
         progress: bool = False,
+        output_dir: str | None = None,
+        sort_by_length: bool = False,
         **model_kwargs: Any,
-    ) -> ActivationCache:
+    ) -> ActivationCache | ActivationStore:
         """Run :meth:`forward` over every batch and merge the results in order.
 
         Args:
@@ -389,21 +392,47 @@ class HookedModel:
             batch_saver: ``batch -> dict`` of things to keep per batch (labels, ids); merged
                 across batches into ``cache["batch_saver"]``.
             move_to_cpu_after_forward: move each batch's activations off the accelerator at once.
-            progress: show a progress bar (examples and tokens per second).
+            progress: show a progress bar (examples/s, tokens/s).
+            output_dir: stream each batch to this folder (sharded safetensors + manifest, see
+                ``hookscope.store``) instead of memory, and return an :class:`ActivationStore`.
+                Started again with the same arguments, a killed run resumes after its last
+                committed shard.
+            sort_by_length: (lists of strings) batch prompts of similar length together to waste
+                little on padding; results come back in the original order.
 
         Returns:
-            One :class:`ActivationCache` with every example, in dataloader order.
+            One :class:`ActivationCache` with every example in dataloader order, or the
+            :class:`ActivationStore` written to ``output_dir``.
         """
-        merged = ActivationCache(pad_token_id=self._pad_token_id())
+        config = extraction_config or ExtractionConfig()
         target_token_positions = normalize_items(target_token_positions)  # fail before the loop
-        seen = 0
-        bar = _progress_bar(dataloader) if progress else None
-        for batch in self._batches(dataloader):
+        writer = None
+        if output_dir is not None:
+            description = describe(
+                self,
+                config,
+                target_token_positions,
+                {
+                    "batch_size": self.config.batch_size,
+                    "sort_by_length": sort_by_length,
+                    "seed": seed,
+                    "pivot_positions": list(pivot_positions or []),
+                },
+            )
+            writer = StoreWriter(output_dir, description)
+        track_order = writer is not None or sort_by_length
+        merged = ActivationCache(pad_token_id=self._pad_token_id())
+        seen = writer.examples if writer else 0
+        bar = _progress_bar(dataloader, seen) if progress else None
+        tokens = 0
+        for index, (batch, order) in enumerate(self._batches(dataloader, sort_by_length)):
+            if writer is not None and index < writer.completed_batches:
+                continue  # committed by an earlier run
             cache = self.forward(
                 batch,
                 target_token_positions,
                 pivot_positions=pivot_positions,
-                extraction_config=extraction_config,
+                extraction_config=config,
                 hooks=hooks,
                 move_to_cpu=move_to_cpu_after_forward,
                 seed=seed,
@@ -411,31 +440,66 @@ class HookedModel:
                 example_offset=seen,
                 **model_kwargs,
             )
-            seen += len(cache["position_mask"])
+            rows = len(cache["position_mask"])
+            payload = batch_saver(batch) if batch_saver is not None else None
+            if payload is not None and not isinstance(payload, dict):
+                raise HookscopeError(
+                    f"batch_saver must return a dict (or None), got {type(payload).__name__}."
+                )
+            if track_order:
+                payload = {
+                    **(payload or {}),
+                    "example_index": order
+                    if order is not None
+                    else torch.arange(seen, seen + rows),
+                }
+            if payload is not None:
+                cache["batch_saver"] = payload
+            if writer is not None:
+                writer.write(cache)
+            else:
+                merged.cat(cache)
+            seen += rows
             if bar is not None:
-                bar.update(len(cache["position_mask"]))
-            if batch_saver is not None:
-                payload = batch_saver(batch)
-                if payload is not None:
-                    if not isinstance(payload, dict):
-                        raise HookscopeError(
-                            f"batch_saver must return a dict (or None), got {type(payload).__name__}."
-                        )
-                    cache["batch_saver"] = payload
-            merged.cat(cache)
+                bar.update(rows)
+                tokens += _tokens(batch)
+                bar.set_postfix(
+                    tokens_per_s=f"{tokens / max(bar.format_dict['elapsed'], 1e-9):.0f}"
+                )
         if bar is not None:
             bar.close()
+        if writer is not None:
+            return writer.finish()
         if len(merged) == 0:
             raise InputError("extract_cache got an empty dataloader.")
+        if sort_by_length:
+            merged = merged.take(torch.argsort(merged["batch_saver"]["example_index"]))
         return merged
 
-    def _batches(self, dataloader: Iterable[Any]) -> Iterator[Any]:
-        if isinstance(dataloader, list) and dataloader and isinstance(dataloader[0], str):
-            size = self.config.batch_size
-            for start in range(0, len(dataloader), size):
-                yield tokenize(self.get_text_tokenizer(), dataloader[start : start + size])
+    def _batches(
+        self, dataloader: Iterable[Any], sort_by_length: bool = False
+    ) -> Iterator[tuple[Any, torch.Tensor | None]]:
+        """``(batch, original indices or None)``; lists of strings are tokenised here."""
+        strings = isinstance(dataloader, list) and dataloader and isinstance(dataloader[0], str)
+        if sort_by_length and not strings:
+            raise InputError(
+                "sort_by_length needs a list of strings (hookscope then builds the batches)."
+            )
+        if not strings:
+            for batch in dataloader:
+                yield batch, None
             return
-        yield from dataloader
+        tokenizer, size = self.get_text_tokenizer(), self.config.batch_size
+        order = list(range(len(dataloader)))
+        if sort_by_length:
+            lengths = [len(ids) for ids in tokenizer(dataloader)["input_ids"]]
+            order.sort(key=lambda i: lengths[i])
+        for start in range(0, len(order), size):
+            chosen = order[start : start + size]
+            yield (
+                tokenize(tokenizer, [dataloader[i] for i in chosen]),
+                torch.tensor(chosen) if sort_by_length else None,
+            )
 
     # -- generation ----------------------------------------------------------------------------
     def compute_patching(
@@ -535,12 +599,14 @@ def _declare_pattern_axes(
             cache.set_axes(key, axes)
 
 
-def _progress_bar(dataloader: Any):
+def _progress_bar(dataloader: Any, done: int = 0):
     from tqdm.auto import tqdm
 
-    total = (
-        len(dataloader)
-        if isinstance(dataloader, list) and dataloader and isinstance(dataloader[0], str)
-        else None
-    )
-    return tqdm(total=total, unit="ex", desc="extract")
+    strings = isinstance(dataloader, list) and dataloader and isinstance(dataloader[0], str)
+    return tqdm(total=len(dataloader) if strings else None, initial=done, unit="ex", desc="extract")
+
+
+def _tokens(batch: Any) -> int:
+    """Real tokens in a batch (for the tokens/s readout)."""
+    mask = batch.get("attention_mask") if hasattr(batch, "get") else None
+    return int(mask.sum()) if isinstance(mask, torch.Tensor) else 0

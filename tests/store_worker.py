@@ -1,0 +1,39 @@
+"""Run an extraction to a store (used by test_store.py, which kills it part-way)."""
+
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(__file__))
+
+import torch  # noqa: E402
+from tiny_models import build_model, build_tokenizer  # noqa: E402
+
+from hookscope import ExtractionConfig, HookedModel  # noqa: E402
+
+
+def prompts(n: int) -> list[str]:
+    words = ["cat", "dog", "capital", "Paris", "world", "the", "mat", "store", "drink", "Mary"]
+    return [" ".join(words[(i * k) % len(words)] for k in range(1, 2 + i % 6)) for i in range(n)]
+
+
+def run(folder: str, n: int, slow: float = 0.0):
+    hm = HookedModel.from_hf(build_model("llama"), build_tokenizer())
+    hm.config.batch_size = 50
+    if slow:
+        import time
+
+        hm.register_forward_hook("model.layers.1", lambda m, a, o: time.sleep(slow))
+    config = ExtractionConfig(extract_resid_out=True, extract_mlp_out=True)
+    return hm.extract_cache(
+        prompts(n),
+        ["last", 0],
+        extraction_config=config,
+        output_dir=folder,
+        batch_saver=lambda b: {"length": b["attention_mask"].sum(1)},
+    )
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    run(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]))
