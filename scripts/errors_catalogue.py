@@ -50,6 +50,10 @@ GUIDE = {
         "`ExtractionConfig.from_dict` got keys that are not fields.",
         "Remove or rename the keys.",
     ),
+    "distributed": (
+        "Ray is not installed, no prompts were given, or a worker's part store did not finish.",
+        "Install `hookscope[ray]`; run the same call again to resume unfinished parts.",
+    ),
     "editing": (
         "An intervention that does not fit the model or the batch: a point that cannot be "
         "written, a head or layer out of range, a source / mean / vector of the wrong shape, or "
@@ -108,9 +112,11 @@ GUIDE = {
         "An activation point name that is malformed, unknown, or out of range for this model.",
         "Names are `kind`, `kind_{layer}` or `kind_L{layer}H{head}`; `hookscope info` lists them.",
     ),
-    "store": ("An output folder that is not a store, holds a different extraction, or has a shard "
-              "whose size or sha256 does not match the manifest (truncated or corrupted on disk).",
-              "Use a fresh output_dir for a different extraction; re-run to rewrite a corrupted store."),
+    "store": (
+        "An output folder that is not a store, holds a different extraction, or has a shard "
+        "whose size or sha256 does not match the manifest (truncated or corrupted on disk).",
+        "Use a fresh output_dir for a different extraction; re-run to rewrite a corrupted store.",
+    ),
     "positions": (
         "A token position item that is unknown, malformed, or does not fit some example "
         "(the message names the example and its number of real tokens).",

@@ -75,3 +75,44 @@ def test_pad_token_defaults_to_eos(tiny_folder):
     tokenizer = type(tokenizer)(tokenizer_object=tokenizer.backend_tokenizer, eos_token="</s>")
     hm = HookedModel.from_hf(build_model("llama"), tokenizer)
     assert hm.get_tokenizer().pad_token == "</s>"
+
+
+def test_accelerate_disk_offload_gives_the_same_numbers(tiny_folder, tmp_path):
+    """Layer 1 offloaded to disk by accelerate: extraction, per-head outputs (which read W_O) and
+    interventions equal the in-memory model's."""
+    from hookscope.interventions import Ablation
+
+    device_map = {
+        "model.embed_tokens": "cpu",
+        "model.layers.0": "cpu",
+        "model.layers.1": "disk",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    }
+    offloaded = HookedModel.from_pretrained(
+        str(tiny_folder),
+        device_map=device_map,
+        torch_dtype=torch.float32,
+        offload_folder=str(tmp_path / "offload"),
+    )
+    assert hasattr(offloaded.model_map.layers[1].attention.o_proj, "_hf_hook")
+    plain = HookedModel.from_pretrained(
+        str(tiny_folder), device_map="cpu", torch_dtype=torch.float32
+    )
+    config = ExtractionConfig(
+        extract_resid_out=True,
+        extract_attn_pattern=True,
+        extract_head_out=True,
+        extract_values_vectors_projected=True,
+        layers=[1],
+    )
+    for interventions in ([], [Ablation(point="head_out_L1H0")]):
+        a = plain.forward(
+            PROMPTS[:2], ["last", 0], extraction_config=config, interventions=interventions
+        )
+        b = offloaded.forward(
+            PROMPTS[:2], ["last", 0], extraction_config=config, interventions=interventions
+        )
+        for key, value in a.tensors().items():
+            torch.testing.assert_close(b[key], value, rtol=1e-5, atol=1e-6, msg=key)

@@ -133,3 +133,35 @@ def test_sort_by_length_returns_the_original_order(tiny_llama):
     for key in ("resid_out_1", "position_mask"):
         scale = plain[key].float().abs().max()
         assert (bucketed[key].float() - plain[key].float()).abs().max() <= 1e-5 * scale
+
+
+def test_ray_workers_build_the_same_store(tmp_path, complete_store):
+    pytest.importorskip("ray")
+    import functools
+
+    from hookscope.distributed import extract_distributed
+
+    folder = tmp_path / "tiny"
+    build_model("llama").save_pretrained(folder)
+    build_tokenizer().save_pretrained(folder)
+    n = 400
+    factory = functools.partial(
+        HookedModel.from_pretrained, str(folder), device_map="cpu", torch_dtype=torch.float32
+    )
+    store = extract_distributed(
+        factory,
+        prompts(n),
+        ["last", 0],
+        ExtractionConfig(extract_resid_out=True, extract_mlp_out=True),
+        str(tmp_path / "acts"),
+        num_workers=2,
+        batch_size=50,
+    )
+    assert store.complete and len(store) == n and store.manifest["description"]["workers"] == 2
+    single = run(str(tmp_path / "single"), n)
+    for key in KEYS:
+        assert torch.equal(store[key], single[key]), key
+    for stat in ("count", "mean", "var"):
+        torch.testing.assert_close(
+            store.stats("resid_out_1")[stat], single.stats("resid_out_1")[stat]
+        )

@@ -74,9 +74,22 @@ def output_projection_block(model_map: ModelMap, layer: int, head: int) -> torch
     o_proj = model_map.attention_child(layer, model_map.spec.o_proj, "output projection")
     d_head = model_map.d_head
     columns = slice(head * d_head, (head + 1) * d_head)
+    weight = _materialized_weight(o_proj)
     if hasattr(o_proj, "nf"):  # GPT-2 Conv1D stores the weight as [in, out]
-        return o_proj.weight[columns, :].T
-    return o_proj.weight[:, columns]
+        return weight[columns, :].T
+    return weight[:, columns]
+
+
+def _materialized_weight(module: nn.Module) -> torch.Tensor:
+    """``module.weight``, also when accelerate keeps it offloaded (CPU or disk) between calls:
+    then it is loaded for the moment and a copy is kept (hooks cannot see it during the call)."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is not None and getattr(hook, "offload", False):
+        from accelerate.utils import align_module_device
+
+        with align_module_device(module):
+            return module.weight.detach().clone()
+    return module.weight
 
 
 def additive_mask_rows(

@@ -120,6 +120,26 @@ def _cmd_extract(args: argparse.Namespace) -> None:
     if args.layers:
         values["layers"] = args.layers
     config = ExtractionConfig(**values)
+    if args.ray:
+        import functools
+
+        from .distributed import extract_distributed
+        from .hooked_model import HookedModel
+
+        store = extract_distributed(
+            functools.partial(HookedModel.from_pretrained, args.model),
+            prompts,
+            _positions(args.positions),
+            config,
+            args.out,
+            num_workers=args.workers,
+            batch_size=args.batch_size,
+            address=None if args.ray == "local" else args.ray,
+        )
+        print(
+            f"{len(prompts)} prompts -> {args.out} ({len(store.manifest['shards'])} shards, {args.workers} workers)"
+        )
+        return
     hm = _load(args.model)
     hm.config.batch_size = args.batch_size
     cache = hm.extract_cache(
@@ -276,6 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     extract.add_argument("--layers", nargs="*", type=int, help="only these layers")
     extract.add_argument("--batch-size", type=int, default=8)
+    extract.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="run on Ray: a cluster address, or 'local' for a local cluster",
+    )
+    extract.add_argument("--workers", type=int, default=2, help="Ray workers (with --ray)")
     extract.add_argument("--out", required=True, help="output folder")
     _extraction_options(extract)
     extract.set_defaults(func=_cmd_extract)

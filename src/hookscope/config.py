@@ -59,6 +59,8 @@ class HookedModelConfig:
         gguf_file: the GGUF file name inside ``model_name`` (a folder), if loading from GGUF.
         revision: the hub revision to load.
         trust_remote_code: run a checkpoint's own Python code (off unless you turn it on).
+        max_memory / offload_folder: accelerate placement limits and the folder for weights
+            offloaded to disk (with an accelerate ``device_map``).
     """
 
     model_name: str | None = None
@@ -69,6 +71,8 @@ class HookedModelConfig:
     gguf_file: str | None = None
     revision: str | None = None
     trust_remote_code: bool = False
+    max_memory: dict[Any, Any] | None = None
+    offload_folder: str | None = None
 
 
 @dataclass

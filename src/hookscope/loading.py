@@ -124,6 +124,9 @@ def load_model_and_tokenizer(config: HookedModelConfig) -> tuple[PreTrainedModel
     device = pick_device(config.device_map)
     if device is None:
         kwargs["device_map"] = config.device_map
+        for option in ("max_memory", "offload_folder"):
+            if getattr(config, option) is not None:
+                kwargs[option] = getattr(config, option)
     tokenizer_kwargs = {k: v for k, v in extra.items() if k in ("gguf_file", "revision")}
     tokenizer_kwargs["trust_remote_code"] = config.trust_remote_code
     try:

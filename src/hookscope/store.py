@@ -62,6 +62,7 @@ class RunningStats:
         self.m2: dict[str, torch.Tensor] = {}
 
     def update(self, cache: ActivationCache) -> None:
+        """Add one batch: every ``[batch, P, d]`` activation, over its real slots."""
         mask = cache["position_mask"].to(torch.float64)  # [batch, P]
         for key, value in cache.tensors().items():
             if key in _NOT_STATS or key.startswith("batch_saver") or value.dim() != 3:
@@ -70,20 +71,28 @@ class RunningStats:
             weight = mask.unsqueeze(-1)
             n = weight.sum(0)  # [P, 1]
             mean = (x * weight).sum(0) / n.clamp(min=1)
-            m2 = (((x - mean) ** 2) * weight).sum(0)
-            if key not in self.count or self.count[key].shape != n.squeeze(-1).shape:
-                if key in self.count:
-                    raise StoreError(
-                        f"running statistics of {key!r} need the same position slots in every batch."
-                    )
-                self.count[key], self.mean[key], self.m2[key] = n.squeeze(-1), mean, m2
-                continue
-            old_n = self.count[key].unsqueeze(-1)
-            total = old_n + n
-            delta = mean - self.mean[key]
-            self.mean[key] = self.mean[key] + delta * n / total.clamp(min=1)
-            self.m2[key] = self.m2[key] + m2 + delta**2 * old_n * n / total.clamp(min=1)
-            self.count[key] = total.squeeze(-1)
+            self._combine(key, n.squeeze(-1), mean, (((x - mean) ** 2) * weight).sum(0))
+
+    def merge(self, other: RunningStats) -> None:
+        """Add the examples summarised by ``other`` (e.g. another worker's part)."""
+        for key in other.count:
+            self._combine(key, other.count[key], other.mean[key], other.m2[key])
+
+    def _combine(self, key: str, n: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        """Chan et al.'s parallel update of (count [P], mean [P, d], M2 [P, d])."""
+        if key not in self.count:
+            self.count[key], self.mean[key], self.m2[key] = n, mean, m2
+            return
+        if self.count[key].shape != n.shape:
+            raise StoreError(
+                f"running statistics of {key!r} need the same position slots in every batch."
+            )
+        old_n, new_n = self.count[key].unsqueeze(-1), n.unsqueeze(-1)
+        total = old_n + new_n
+        delta = mean - self.mean[key]
+        self.mean[key] = self.mean[key] + delta * new_n / total.clamp(min=1)
+        self.m2[key] = self.m2[key] + m2 + delta**2 * old_n * new_n / total.clamp(min=1)
+        self.count[key] = total.squeeze(-1)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -268,6 +277,10 @@ class ActivationStore:
             with safe_open(str(self._shard_path(shard)), framework="pt") as handle:
                 metadata = handle.metadata()
                 part: dict[str, Any] = {k: handle.get_tensor(k) for k in keys if k in handle.keys()}
+                if "batch_saver/example_index" in part:  # parts of a distributed store count from 0
+                    part["batch_saver/example_index"] = part[
+                        "batch_saver/example_index"
+                    ] + shard.get("index_offset", 0)
                 part["position_mask"] = handle.get_tensor("position_mask")
                 part["mapping_index"] = _decode_mapping(json.loads(metadata["mapping_index"]))
             merged.cat(part)
@@ -306,26 +319,22 @@ class ActivationStore:
         """Indices (original order) of the examples whose ``batch_saver`` fields satisfy
         ``predicate(fields)``; e.g. ``store.select(lambda f: f["label"] == 1)``."""
         chosen = []
-        for cache in self:
+        for shard, cache in zip(self.manifest["shards"], self, strict=True):
             saver = cache.get("batch_saver") or {}
-            rows = len(cache["position_mask"])
-            for row in range(rows):
-                fields = {
-                    k: (
-                        v[row].item()
-                        if isinstance(v, torch.Tensor) and v[row].numel() == 1
-                        else v[row]
-                    )
-                    for k, v in saver.items()
-                }
+            for row in range(len(cache["position_mask"])):
+                fields = {k: _item(v[row]) for k, v in saver.items()}
                 if predicate(fields):
-                    chosen.append(int(fields.get("example_index", len(chosen))))
+                    chosen.append(int(fields["example_index"]) + shard.get("index_offset", 0))
         return torch.tensor(sorted(chosen), dtype=torch.long)
 
     def to_numpy(self, key: str):
         """``store[key]`` as a numpy array (float32 for half-precision tensors)."""
         value = self[key]
         return (value.float() if value.dtype in (torch.bfloat16, torch.float16) else value).numpy()
+
+
+def _item(value: Any) -> Any:
+    return value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
 
 
 def describe(hm: Any, config: Any, positions: list, extra: dict[str, Any]) -> dict[str, Any]:
