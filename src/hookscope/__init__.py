@@ -18,6 +18,7 @@ from .errors import (
 from .hooked_model import HookedModel
 from .hooks import ModuleHook
 from .points import KINDS, Point, parse_point
+from .store import ActivationSaver, ActivationStore
 
 __version__ = "0.1.0"
 
@@ -25,6 +26,8 @@ __all__ = [
     "KINDS",
     "ActivationCache",
     "ActivationPointError",
+    "ActivationSaver",
+    "ActivationStore",
     "ArchSpec",
     "ArchitectureError",
     "ExtractionConfig",

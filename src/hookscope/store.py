@@ -345,6 +345,7 @@ def describe(hm: Any, config: Any, positions: list, extra: dict[str, Any]) -> di
 
     return {
         "model": str(hm.model_name),
+        "revision": getattr(hm.config, "revision", None),
         "model_type": hm.model_map.model_type,
         "dtype": str(next(hm.hf_model.parameters()).dtype).removeprefix("torch."),
         "transformers": transformers.__version__,
@@ -353,3 +354,7 @@ def describe(hm: Any, config: Any, positions: list, extra: dict[str, Any]) -> di
         "positions": _encode_mapping({item: [] for item in positions}),
         **extra,
     }
+
+
+#: The reference design's name for an on-disk activation writer/reader.
+ActivationSaver = ActivationStore
