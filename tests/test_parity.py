@@ -1,0 +1,136 @@
+"""Parity with the libraries users would pick instead (run when they are installed: `make parity`).
+
+hookscope's activations equal TransformerLens 4's TransformerBridge hook points and nnsight 0.8's
+module outputs on tiny Llama / Qwen2 / GPT-2 models (and SmolLM2 with the real_model marker).
+TransformerBridge forces eager attention and mutates the model it is given, so it gets its own
+eager copy; hookscope runs on SDPA, so values agree to float32 kernel noise (1e-5 of scale).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from conftest import assert_close_to_scale
+from tiny_models import PROMPTS, build_model, build_tokenizer
+
+from hookscope import ExtractionConfig, HookedModel
+
+transformer_lens = pytest.importorskip("transformer_lens")
+nnsight = pytest.importorskip("nnsight")
+
+POINTS = ExtractionConfig(
+    extract_resid_in=True,
+    extract_resid_mid=True,
+    extract_resid_out=True,
+    extract_attn_out=True,
+    extract_mlp_out=True,
+    extract_attn_pattern=True,
+    extract_head_z=True,
+)
+TL_NAMES = {
+    "resid_in": "blocks.{l}.hook_resid_pre",
+    "resid_mid": "blocks.{l}.hook_resid_mid",
+    "resid_out": "blocks.{l}.hook_resid_post",
+    "attn_out": "blocks.{l}.hook_attn_out",
+    "mlp_out": "blocks.{l}.hook_mlp_out",
+}
+
+
+def _bridge(folder, family):
+    return _bridge_from(folder, copy.deepcopy(build_model(family, attn_implementation="eager")))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_transformer_lens_bridge(family, tmp_path):
+    build_model(family).save_pretrained(tmp_path)
+    build_tokenizer().save_pretrained(tmp_path)
+    hm = HookedModel.from_hf(build_model(family), build_tokenizer())
+    tokens = build_tokenizer()(PROMPTS[2], return_tensors="pt")["input_ids"]
+    ours = hm.forward({"input_ids": tokens}, ["all"], extraction_config=POINTS)
+    bridge = _bridge(tmp_path, family)
+    _, theirs = bridge.run_with_cache(tokens, names_filter=lambda name: name.startswith("blocks."))
+    for layer in range(hm.model_map.n_layers):
+        for kind, template in TL_NAMES.items():
+            assert_close_to_scale(
+                ours[f"{kind}_{layer}"][0],
+                theirs[template.format(l=layer)][0],
+                msg=f"{kind}_{layer}",
+            )
+        for head in range(hm.model_map.n_heads):
+            pattern = theirs[f"blocks.{layer}.attn.hook_pattern"][0, head]
+            assert_close_to_scale(
+                ours[f"pattern_L{layer}H{head}"][0], pattern, msg=f"pattern L{layer}H{head}"
+            )
+            z = theirs[f"blocks.{layer}.attn.hook_z"][0, :, head]
+            assert_close_to_scale(ours[f"head_z_L{layer}H{head}"][0], z, msg=f"z L{layer}H{head}")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_nnsight_module_outputs(family):
+    from nnsight import LanguageModel
+
+    hm = HookedModel.from_hf(build_model(family), build_tokenizer())
+    lm = LanguageModel(build_model(family), tokenizer=build_tokenizer())
+    tokens = build_tokenizer()(PROMPTS[2], return_tensors="pt")["input_ids"]
+    ours = hm.forward({"input_ids": tokens}, ["all"], extraction_config=POINTS)
+    m = hm.model_map
+    layers = [m.path_of(parts.block) for parts in m.layers]
+    saved = []
+    with lm.trace(tokens):
+        for index, path in enumerate(layers):
+            block = lm
+            for part in path.split("."):
+                block = block[int(part)] if part.isdigit() else getattr(block, part)
+            attention = getattr(block, m.spec.attention)
+            mlp = getattr(block, m.spec.mlp)
+            # nnsight reads in execution order: attention, then MLP, then the block's output
+            attn_out = attention.output[0].save()
+            mlp_out = mlp.output.save()
+            saved.append((index, attn_out, mlp_out, block.output.save()))
+    for index, attn_out, mlp_out, resid_out in saved:
+        resid_out = resid_out[0] if isinstance(resid_out, tuple) else resid_out
+        assert_close_to_scale(ours[f"resid_out_{index}"][0], resid_out[0], msg=f"resid_out_{index}")
+        assert_close_to_scale(ours[f"attn_out_{index}"][0], attn_out[0], msg=f"attn_out_{index}")
+        assert_close_to_scale(ours[f"mlp_out_{index}"][0], mlp_out[0], msg=f"mlp_out_{index}")
+
+
+@pytest.mark.real_model
+def test_transformer_lens_bridge_on_smollm2():
+    from transformers import AutoModelForCausalLM
+
+    from hookscope.loading import default_model_dir
+
+    folder = default_model_dir()
+    hm = HookedModel.from_pretrained()
+    bridge = _bridge_from(
+        folder, AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager")
+    )
+    tokens = hm.get_tokenizer()("The capital of France is", return_tensors="pt")["input_ids"]
+    ours = hm.forward(
+        {"input_ids": tokens},
+        ["all"],
+        extraction_config=ExtractionConfig(
+            extract_resid_out=True, extract_attn_pattern=True, layers=[0, 14, 29]
+        ),
+    )
+    _, theirs = bridge.run_with_cache(tokens, names_filter=lambda name: name.startswith("blocks."))
+    for layer in (0, 14, 29):
+        # 1e-4 of scale: SDPA vs the bridge's eager attention over up to 30 layers
+        assert_close_to_scale(
+            ours[f"resid_out_{layer}"][0], theirs[f"blocks.{layer}.hook_resid_post"][0], rtol=1e-4
+        )
+        assert_close_to_scale(
+            ours[f"pattern_L{layer}H3"][0],
+            theirs[f"blocks.{layer}.attn.hook_pattern"][0, 3],
+            rtol=1e-4,
+        )
+
+
+def _bridge_from(folder, hf_model):
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoTokenizer
+
+    return TransformerBridge.boot_transformers(
+        str(folder), hf_model=hf_model, tokenizer=AutoTokenizer.from_pretrained(folder)
+    )
