@@ -73,12 +73,76 @@ def variants(folder: Path, hm: HookedModel, tokens: torch.Tensor, eager_copy) ->
     }, versions
 
 
+def dataset_throughput(folder: Path, n: int) -> str:
+    """Last-token residual stream of every layer for ``n`` short prompts: hookscope's batched,
+    padding-correct extract_cache vs the per-prompt loops the peers need (no per-example
+    positions under padding)."""
+    import time
+
+    from nnsight import LanguageModel
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    words = "the cat dog sat on mat capital France Paris river store drink".split()
+    prompts = [" ".join(words[(i * k) % len(words)] for k in range(1, 4 + i % 8)) for i in range(n)]
+    hm = HookedModel.from_pretrained()
+    hm.config.batch_size = 32
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    bridge = TransformerBridge.boot_transformers(
+        str(folder),
+        hf_model=AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager"),
+        tokenizer=tokenizer,
+    )
+    lm = LanguageModel(AutoModelForCausalLM.from_pretrained(folder), tokenizer=tokenizer)
+    names = {f"blocks.{layer}.hook_resid_post" for layer in range(hm.model_map.n_layers)}
+    encoded = [tokenizer(p, return_tensors="pt")["input_ids"] for p in prompts]
+
+    def run_hookscope():
+        hm.extract_cache(
+            prompts,
+            ["last"],
+            extraction_config=ExtractionConfig(extract_resid_out=True, save_logits=False),
+            sort_by_length=True,
+        )
+
+    @torch.no_grad()
+    def run_tl():
+        for ids in encoded:
+            _, cache = bridge.run_with_cache(ids, names_filter=lambda name: name in names)
+            [cache[name][:, -1].clone() for name in names]
+
+    @torch.no_grad()
+    def run_nnsight():
+        for ids in encoded:
+            saved = []
+            with lm.trace(ids):
+                for layer in lm.model.layers:
+                    saved.append(layer.output[:, -1].save())
+
+    rows = ["| tool | examples/s |", "| --- | ---: |"]
+    for name, run in (
+        ("hookscope (batch 32, sort_by_length)", run_hookscope),
+        ("TransformerBridge loop", run_tl),
+        ("nnsight loop", run_nnsight),
+    ):
+        start = time.perf_counter()
+        run()
+        rows.append(f"| {name} | {n / (time.perf_counter() - start):.1f} |")
+    return (
+        f"### Dataset throughput: {n} prompts, SmolLM2, last-token resid_out of 30 layers\n\n"
+        + "\n".join(rows)
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--write", action="store_true")
+    parser.add_argument(
+        "--prompts", type=int, default=1000, help="prompts in the dataset-throughput row"
+    )
     args = parser.parse_args()
     import tempfile
 
@@ -114,6 +178,8 @@ def main() -> None:
         )
         times = interleaved(runs, args.repeats * 4)
     sections.append(f"### tiny random Llama, batch 8 x 128\n\n{table(times, 'hf')}")
+    print(sections[-1])
+    sections.append(dataset_throughput(smol, args.prompts))
     print(sections[-1])
     if args.write:
         (Path(__file__).parent / "RESULTS_peers.md").write_text("\n\n".join(sections) + "\n")
