@@ -12,8 +12,9 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .archs import ModelMap, resolve_architecture
+from .assemble import assemble_cache
 from .attention import AttentionHooks
-from .cache import ActivationCache, Axes
+from .cache import ActivationCache
 from .capture import StopForward, capture_hooks, plan_capture
 from .checks import warn_if_known_failures
 from .config import ExtractionConfig, HookedModelConfig
@@ -328,39 +329,19 @@ class HookedModel:
                 output = self.hf_model(**model_inputs)
             except StopForward:
                 pass
-        cache = self._assemble_cache(sink, output, positions, config, model_inputs)
-        _add_running_means(cache, sink, plan, row_positions)
-        _declare_pattern_axes(cache, config, row_positions)
-        if row_positions is not None:
-            cache["attn_pattern_row_mapping_index"] = dict(row_positions.mapping_index)
+        cache = assemble_cache(
+            sink,
+            output,
+            positions,
+            row_positions,
+            config,
+            plan,
+            model_inputs["input_ids"],
+            self._pad_token_id(),
+        )
         return cache.cpu() if move_to_cpu else cache
 
     __call__ = forward
-
-    def _assemble_cache(
-        self,
-        sink: dict[str, torch.Tensor],
-        output: Any,
-        positions: ResolvedPositions,
-        config: ExtractionConfig,
-        model_inputs: dict[str, Any],
-    ) -> ActivationCache:
-        cache = ActivationCache(sink, pad_token_id=self._pad_token_id())
-        if config.save_logits and output is not None:
-            logits = positions.select(output.logits)
-            logits = logits if config.keep_gradient else logits.detach()
-            cache["logits"] = positions.average(logits) if config.extract_avg else logits
-        if config.save_input_ids:
-            cache["input_ids"] = model_inputs["input_ids"]
-        if config.extract_avg:
-            cache["mapping_index"] = positions.averaged_mapping()
-            cache["position_mask"] = torch.ones(
-                len(positions.mask), len(positions.items), dtype=torch.bool
-            )
-        else:
-            cache["mapping_index"] = dict(positions.mapping_index)
-            cache["position_mask"] = positions.mask.clone()
-        return cache
 
     def _pad_token_id(self) -> int:
         pad = getattr(self.get_text_tokenizer(), "pad_token_id", None)
@@ -553,50 +534,6 @@ class HookedModel:
             extraction_config=extraction_config,
             **generate_kwargs,
         )
-
-
-def _add_running_means(
-    cache: ActivationCache,
-    sink: dict[str, torch.Tensor],
-    plan: ExtractionPlan,
-    row_positions: ResolvedPositions | None,
-) -> None:
-    """Average each running-mean source over the batch (padded cells excluded) and store it
-    with its per-cell example count; drop sources captured only for that."""
-    slots = cache["position_mask"]  # [batch, P], one slot per item under extract_avg
-    rows = row_positions.mask if row_positions is not None else slots
-    for mean_key, source_key in plan.running_means:
-        value = sink[source_key]
-        is_pattern = source_key.startswith("pattern_")
-        weight = rows.unsqueeze(2) & slots.unsqueeze(1) if is_pattern else slots
-        cache.set_running_mean(mean_key, *_masked_batch_mean(value, weight.to(value.device)))
-    for key in plan.temporary:
-        del cache[key]
-
-
-def _masked_batch_mean(
-    value: torch.Tensor, weight: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean of ``value [batch, *cells, *rest]`` over the batch where ``weight [batch, *cells]``
-    is True -> ``(mean [*cells, *rest], count [*cells])``."""
-    count = weight.sum(0)
-    trailing = [1] * (value.dim() - weight.dim())
-    total = (value * weight.view(*weight.shape, *trailing).to(value.dtype)).sum(0)
-    return total / count.clamp(min=1).view(*count.shape, *trailing).to(value.dtype), count
-
-
-def _declare_pattern_axes(
-    cache: ActivationCache, config: ExtractionConfig, row_positions: ResolvedPositions | None
-) -> None:
-    """Pattern rows follow the target layout unless attn_pattern_row_positions is set; columns
-    follow it unless attn_pattern_all_keys keeps every key (then they are right-padded)."""
-    slots = (() if row_positions is not None else (1,)) + (
-        () if config.attn_pattern_all_keys else (2,)
-    )
-    axes = Axes(slots=slots, ragged=(2,) if config.attn_pattern_all_keys else ())
-    for key in cache:
-        if key.startswith("pattern_"):
-            cache.set_axes(key, axes)
 
 
 def _progress_bar(dataloader: Any, done: int = 0):
