@@ -9,6 +9,14 @@ from tiny_models import FAMILIES  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
+# Property tests draw the same examples on every run (CI must not flake); set
+# HYPOTHESIS_PROFILE=explore locally to search new ones.
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("deterministic", derandomize=True)
+settings.register_profile("explore", derandomize=False, max_examples=400)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
+
 
 @pytest.fixture(scope="session")
 def tiny_llama():

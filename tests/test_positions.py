@@ -76,7 +76,6 @@ def test_random_text_is_seeded_by_content_not_batch_position():
     "item, message",
     [
         ("middle", "unknown position item 'middle'"),
-        ("end-image", "text-only model"),
         ("last-0", "unknown position item"),
         (True, "is a bool"),
         ([1, 2], "write a slice as a tuple"),
@@ -172,3 +171,50 @@ def test_any_item_resolves_or_raises_position_error(item, length):
     except PositionError:
         return
     assert ((resolved.index >= 0) & (resolved.index < length)).all()
+
+
+def test_image_items_need_image_tokens():
+    mask = torch.ones(2, 6, dtype=torch.long)
+    with pytest.raises(PositionError, match="text-only model"):
+        resolve_positions(normalize_items(["end-image"]), mask)
+    image = torch.tensor([[0, 1, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    with pytest.raises(PositionError, match="example 1 has no image token"):
+        resolve_positions(["all-image"], mask, image_mask=image)
+
+
+def test_image_items_hand_computed():
+    # row 0: left padding 1, then [t, i, i, i, t]; row 1: [t, t, i, i, t, t]
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    image = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 0, 1, 1, 0, 0]], dtype=torch.bool)
+    ids = torch.arange(12).view(2, 6)
+    items = [
+        "all-image",
+        "first-image",
+        "last-image",
+        "start-image",
+        "end-image",
+        "all-text",
+        "random-image-2",
+        "random-text-2",
+    ]
+    resolved = resolve_positions(normalize_items(items), mask, ids, image_mask=image)
+    slots = resolved.mapping_index
+    assert resolved.index[0, slots["all-image"]].tolist() == [2, 3, 4]
+    assert (
+        resolved.index[1, slots["all-image"][:2]].tolist() == [2, 3]
+        and not resolved.mask[1, slots["all-image"][2]]
+    )
+    assert resolved.index[:, slots["first-image"]].flatten().tolist() == [2, 2]
+    assert resolved.index[:, slots["last-image"]].flatten().tolist() == [4, 3]
+    assert resolved.index[:, slots["start-image"]].flatten().tolist() == [1, 1]
+    assert resolved.index[:, slots["end-image"]].flatten().tolist() == [5, 4]
+    assert resolved.index[0, slots["all-text"]][resolved.mask[0, slots["all-text"]]].tolist() == [
+        1,
+        5,
+    ]
+    assert resolved.index[1, slots["all-text"]].tolist() == [0, 1, 4, 5]
+    for row in range(2):
+        drawn = resolved.index[row, slots["random-image-2"]].tolist()
+        assert all(image[row, i] for i in drawn) and len(set(drawn)) == 2
+        text = resolved.index[row, slots["random-text-2"]].tolist()
+        assert not any(image[row, i] for i in text) and all(mask[row, i] for i in text)

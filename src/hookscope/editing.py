@@ -164,6 +164,7 @@ class PreparedIntervention:
         pivot_positions,
         seed: int,
         window: CallWindow,
+        image_mask: torch.Tensor | None = None,
     ):
         self.iv, self.window, self.model_map = iv, window, model_map
         self.custom_module = None
@@ -185,7 +186,7 @@ class PreparedIntervention:
                 )
             self.site = self._write_site()
         self.positions = resolve_positions(
-            normalize_items(iv.positions), mask, ids, pivot_positions, seed
+            normalize_items(iv.positions), mask, ids, pivot_positions, seed, image_mask
         )
         self.batch = mask.shape[0]
         if iv.apply_to != "prompt" and (
@@ -376,6 +377,7 @@ def resolve_pattern_edit(
     pivot_positions,
     seed: int,
     example_offset: int = 0,
+    image_mask: torch.Tensor | None = None,
 ) -> ResolvedPatternEdit:
     """Check ``edit`` against the model and resolve its grid for this batch."""
     check_layer(edit.layer, model_map.n_layers, "PatternEdit layer")
@@ -387,9 +389,11 @@ def resolve_pattern_edit(
                 f"heads (valid 0..{model_map.n_heads - 1})."
             )
     rows = resolve_positions(
-        normalize_items(edit.query_positions), mask, ids, pivot_positions, seed
+        normalize_items(edit.query_positions), mask, ids, pivot_positions, seed, image_mask
     )
-    cols = resolve_positions(normalize_items(edit.key_positions), mask, ids, pivot_positions, seed)
+    cols = resolve_positions(
+        normalize_items(edit.key_positions), mask, ids, pivot_positions, seed, image_mask
+    )
     batch, seq = mask.shape
     region = torch.zeros(batch, seq, seq, dtype=torch.bool)
     for b in range(batch):
@@ -429,6 +433,7 @@ def prepare(
     pivot_positions,
     seed: int,
     window: CallWindow,
+    image_mask: torch.Tensor | None = None,
 ) -> tuple[list[ModuleHook], dict[int, list[ResolvedPatternEdit]]]:
     """Validate every intervention for this batch (before any forward) and build its hooks.
 
@@ -441,12 +446,12 @@ def prepare(
             iv = from_reference(iv)
         if isinstance(iv, PatternEdit):
             resolved = resolve_pattern_edit(
-                iv, model_map, mask, ids, pivot_positions, seed, window.example_offset
+                iv, model_map, mask, ids, pivot_positions, seed, window.example_offset, image_mask
             )
             edits.setdefault(iv.layer, []).append(resolved)
         elif isinstance(iv, Intervention):
             hooks += PreparedIntervention(
-                iv, model_map, mask, ids, pivot_positions, seed, window
+                iv, model_map, mask, ids, pivot_positions, seed, window, image_mask
             ).hooks()
         else:
             raise InputError(

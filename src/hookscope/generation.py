@@ -76,6 +76,7 @@ def generate(
         pivot_positions,
         seed,
         window,
+        hm.image_mask(ids),
     )
     if pattern_edits:
         raise HookscopeError(
@@ -112,7 +113,12 @@ def generate(
                 "target_token_positions is required when activations are requested."
             )
         targets = resolve_positions(
-            normalize_items(target_token_positions), mask, ids, pivot_positions, seed
+            normalize_items(target_token_positions),
+            mask,
+            ids,
+            pivot_positions,
+            seed,
+            hm.image_mask(ids),
         )
         hooks += capture_hooks(
             plan_capture(plan.points, hm.model_map),

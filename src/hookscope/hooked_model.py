@@ -107,6 +107,14 @@ class HookedModel:
             )
         return self.processor
 
+    def image_mask(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """``[batch, seq]`` True at image tokens (from the config's image token id), or None for
+        a model without one. Image position items (``"all-image"``, ...) are resolved from it."""
+        config = self.hf_model.config
+        token = getattr(config, "image_token_id", None)
+        token = token if token is not None else getattr(config, "image_token_index", None)
+        return None if token is None else input_ids == token
+
     def device(self) -> torch.device:
         """The device of the first parameter (where inputs go)."""
         return next(self.hf_model.parameters()).device
@@ -281,13 +289,14 @@ class HookedModel:
                 )
             target_token_positions = ["all"]
         mask, ids = model_inputs["attention_mask"], model_inputs["input_ids"]
+        image_mask = self.image_mask(ids)
         positions = resolve_positions(
-            normalize_items(target_token_positions), mask, ids, pivot_positions, seed
+            normalize_items(target_token_positions), mask, ids, pivot_positions, seed, image_mask
         )
         row_positions = None
         if config.attn_pattern_row_positions is not None:
             rows = normalize_items(config.attn_pattern_row_positions)
-            row_positions = resolve_positions(rows, mask, ids, pivot_positions, seed)
+            row_positions = resolve_positions(rows, mask, ids, pivot_positions, seed, image_mask)
         window = CallWindow(mask.shape[1], 0, mask.shape[1], example_offset=example_offset)
         intervention_hooks, pattern_edits = prepare(
             [*self._registered_interventions, *(interventions or [])],
@@ -297,6 +306,7 @@ class HookedModel:
             pivot_positions,
             seed,
             window,
+            image_mask,
         )
         sink: dict[str, torch.Tensor] = {}
         # order matters: user hooks, then interventions, then capture (which sees their effect)

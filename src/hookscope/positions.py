@@ -16,6 +16,10 @@ the last real one. The items:
                            own token ids (so a row draws the same tokens in any batch), sorted
 ``"inputs-partition-k"``   the k-th group of real tokens split at ``pivot_positions``
                            (``[0, p0)``, ``[p0, p1)``, ..., ``[p_last, length)``)
+``"all-image"`` ...        image tokens (vision-language models, from ``image_mask``):
+                           ``all-image``, ``first-image``, ``last-image``, ``start-image`` /
+                           ``end-image`` (the token before the first / after the last image
+                           token), ``random-image-N``
 =========================  =====================================================================
 
 Items may select a different number of tokens per example (``"all"`` under padding). Each item
@@ -37,19 +41,11 @@ from .errors import PositionError, choices
 PositionItem = str | int | tuple[int, int]
 
 NAMED_ITEMS = ("last", "first", "all", "all-text")
-IMAGE_ITEMS = (
-    "all-image",
-    "start-image",
-    "end-image",
-    "last-image",
-    "first-image",
-    "random-image",
-    "last_line_image",
-)
+IMAGE_ITEMS = ("all-image", "first-image", "last-image", "start-image", "end-image")
 _LAST_K = re.compile(r"^last-(\d+)$")
 _RANDOM_TEXT = re.compile(r"^random-text(?:-(\d+))?$")
 _PARTITION = re.compile(r"^inputs-partition-(\d+)$")
-_RANDOM_IMAGE = re.compile(r"^random-image(?:-\d+)?$")
+_RANDOM_IMAGE = re.compile(r"^random-image(?:-(\d+))?$")
 
 
 def _valid_choices() -> str:
@@ -174,10 +170,7 @@ def _check_form(item: object) -> None:
             f"position item {item!r} has type {type(item).__name__}. Valid items: {_valid_choices()}."
         )
     if item in IMAGE_ITEMS or _RANDOM_IMAGE.match(item):
-        raise PositionError(
-            f"position item {item!r} addresses image tokens, but this is a text-only model. "
-            f"Valid items here: {_valid_choices()}."
-        )
+        return  # checked against the batch's image tokens when resolved
     if item in NAMED_ITEMS:
         return
     match = _LAST_K.match(item)
@@ -276,21 +269,76 @@ def _partition(
     return start, end - start
 
 
-def _random_text(
-    item: str, count: int, lengths: torch.Tensor, real_ids: list[torch.Tensor] | None, seed: int
+def _random_draw(
+    item: str,
+    count: int,
+    candidates: list[torch.Tensor],
+    lengths: torch.Tensor,
+    real_ids: list[torch.Tensor] | None,
+    seed: int,
 ) -> list[list[int]]:
-    row = _first_bad_row(lengths < count)
-    if row is not None:
-        raise _out_of_range(item, row, int(lengths[row]), f"cannot draw {count} distinct tokens")
+    """``count`` distinct indices per row among that row's ``candidates``, seeded by its tokens."""
     if real_ids is None:
         raise PositionError(f"position item {item!r} needs input_ids to seed its draw.")
     draws = []
-    for row, ids in enumerate(real_ids):
+    for row, (ids, pool) in enumerate(zip(real_ids, candidates, strict=True)):
+        if len(pool) < count:
+            raise _out_of_range(
+                item,
+                row,
+                int(lengths[row]),
+                f"cannot draw {count} distinct tokens from {len(pool)}",
+            )
         generator = torch.Generator().manual_seed(_example_seed(ids, seed))
-        draws.append(
-            sorted(torch.randperm(int(lengths[row]), generator=generator)[:count].tolist())
-        )
+        draws.append(sorted(pool[torch.randperm(len(pool), generator=generator)[:count]].tolist()))
     return draws
+
+
+def _image_lists(
+    item: str, image_real: list[torch.Tensor] | None, lengths: torch.Tensor
+) -> list[list[int]]:
+    """Per row, indices into the real tokens that an image item selects.
+
+    ``first-image`` / ``last-image``: the first / last image token; ``all-image``: every image
+    token (all images of the example, in order); ``start-image`` / ``end-image``: the token just
+    before the first / just after the last image token (the processor's start / end marker where
+    it emits one)."""
+    if image_real is None:
+        raise PositionError(
+            f"position item {item!r} addresses image tokens, but this model has no image token id "
+            f"(a text-only model). Valid items here: {_valid_choices()}."
+        )
+    lists = []
+    for row, flags in enumerate(image_real):
+        where = torch.nonzero(flags).flatten().tolist()
+        if not where:
+            raise PositionError(f"position item {item!r}: example {row} has no image token.")
+        n = int(lengths[row])
+        chosen = {
+            "all-image": where,
+            "first-image": [where[0]],
+            "last-image": [where[-1]],
+            "start-image": [where[0] - 1],
+            "end-image": [where[-1] + 1],
+        }[item]
+        if not all(0 <= i < n for i in chosen):
+            raise _out_of_range(
+                item, row, n, "the image touches the sequence edge: no marker there"
+            )
+        lists.append(chosen)
+    return lists
+
+
+def _from_lists(lists: list[list[int]], lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row index lists -> ``(relative [batch, width], valid [batch, width])``; padded slots
+    point at the row's last real token."""
+    width = max(len(row) for row in lists)
+    relative = (lengths - 1).unsqueeze(1).repeat(1, width)
+    valid = torch.zeros(len(lists), width, dtype=torch.bool)
+    for row, chosen in enumerate(lists):
+        relative[row, : len(chosen)] = torch.tensor(chosen, dtype=torch.long)
+        valid[row, : len(chosen)] = True
+    return relative, valid
 
 
 def resolve_positions(
@@ -299,6 +347,7 @@ def resolve_positions(
     input_ids: torch.Tensor | None = None,
     pivot_positions: Sequence[int] | None = None,
     seed: int = 0,
+    image_mask: torch.Tensor | None = None,
 ) -> ResolvedPositions:
     """Resolve ``items`` for every row of a batch.
 
@@ -308,6 +357,8 @@ def resolve_positions(
         input_ids: ``[batch, seq]``, used to seed random items.
         pivot_positions: split points for ``inputs-partition-k``.
         seed: base seed for random items.
+        image_mask: ``[batch, seq]`` bool, True at image tokens (vision-language models); image
+            items need it, and text items (``all-text``, ``random-text-N``) then skip image tokens.
 
     Raises:
         PositionError: naming the item and the example it does not fit.
@@ -323,14 +374,33 @@ def resolve_positions(
     if input_ids is not None:
         ids = input_ids.detach().to("cpu")
         real_ids = [ids[b, real[b, : int(lengths[b])]] for b in range(len(lengths))]
+    image_real = None
+    if image_mask is not None:
+        flags = image_mask.detach().to("cpu").bool()
+        image_real = [flags[b, real[b, : int(lengths[b])]] for b in range(len(lengths))]
+    text_pool = [
+        torch.arange(int(n)) if image_real is None else torch.nonzero(~image_real[b]).flatten()
+        for b, n in enumerate(lengths)
+    ]
 
     columns, valid, mapping, widths = [], [], {}, []
     for item in items:
-        random_match = _RANDOM_TEXT.match(item) if isinstance(item, str) else None
-        if random_match:
-            count = int(random_match.group(1) or 1)
-            relative = torch.tensor(_random_text(item, count, lengths, real_ids, seed))
-            block_valid = torch.ones_like(relative, dtype=torch.bool)
+        text_random = _RANDOM_TEXT.match(item) if isinstance(item, str) else None
+        image_random = _RANDOM_IMAGE.match(item) if isinstance(item, str) else None
+        if text_random or image_random:
+            count = int((text_random or image_random).group(1) or 1)
+            pool = text_pool
+            if image_random:
+                pool = [
+                    torch.tensor(rows) for rows in _image_lists("all-image", image_real, lengths)
+                ]
+            relative, block_valid = _from_lists(
+                _random_draw(item, count, pool, lengths, real_ids, seed), lengths
+            )
+        elif item in IMAGE_ITEMS:
+            relative, block_valid = _from_lists(_image_lists(item, image_real, lengths), lengths)
+        elif item == "all-text" and image_real is not None:
+            relative, block_valid = _from_lists([p.tolist() for p in text_pool], lengths)
         else:
             start, count = _item_range(item, lengths, pivot_positions)
             offsets = torch.arange(int(count.max()))
