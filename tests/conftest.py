@@ -84,3 +84,14 @@ def hooked(family):
     from hookscope import HookedModel
 
     return HookedModel.from_hf(build_model(family), build_tokenizer())
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """The tiny Llama and its tokenizer saved as an HF folder (for from_pretrained paths)."""
+    from tiny_models import build_model, build_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    build_model("llama").save_pretrained(folder)
+    build_tokenizer().save_pretrained(folder)
+    return folder

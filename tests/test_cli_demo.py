@@ -53,14 +53,6 @@ def test_demo(tmp_path):
     assert any("first becomes the top token" in line for line in lines)
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama-cli")
-    build_model("llama").save_pretrained(folder)
-    build_tokenizer().save_pretrained(folder)
-    return folder
-
-
 def test_extract_command_matches_extract_cache(tiny_folder, tmp_path, capsys):
     from tiny_models import PROMPTS
 

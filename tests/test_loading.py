@@ -2,19 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from tiny_models import PROMPTS, build_model, build_tokenizer
 
 from hookscope import ExtractionConfig, HookedModel, HookedModelConfig, loading
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    build_model("llama").save_pretrained(folder)
-    build_tokenizer().save_pretrained(folder)
-    return folder
 
 
 def test_from_pretrained_folder_matches_the_model(tiny_folder):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 import transformers as tf
-from tiny_models import build_tokenizer
+from tiny_models import build_config, build_tokenizer
 
 from hookscope import ExtractionConfig, HookedModel
 
@@ -16,16 +16,7 @@ IMAGE = 310  # the image token id (inside the 320-token vocab)
 
 
 def _llava():
-    text = tf.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        vocab_size=320,
-        max_position_embeddings=128,
-    )
+    text = build_config("llama")  # the tiny Llama of tiny_models (vocab 320)
     vision = tf.CLIPVisionConfig(
         hidden_size=32,
         intermediate_size=64,

@@ -373,11 +373,19 @@ class AttentionHooks:
                     kwargs.get("sliding_window"),
                     kwargs.get("s_aux"),
                 ).to(query.dtype)
-            row_mask = self.row_positions.mask.to(query.device)
-            for head in request.heads:
-                rows = probs[:, head]  # [batch, R, kv_len]
-                columns = rows if self.all_keys else select(rows.transpose(1, 2)).transpose(1, 2)
-                self._store(f"pattern_L{layer}H{head}", columns * row_mask.unsqueeze(-1), False)
+            # every requested head at once: [batch, heads, R, kv_len] -> [batch, heads, R, P]
+            chosen = probs[:, request.heads]
+            keep = self.row_positions.mask.to(query.device)[:, None, :, None]
+            if not self.all_keys:
+                index, columns = (
+                    t.to(query.device) for t in (self.positions.index, self.positions.mask)
+                )
+                gather = index[:, None, None, :].expand(*chosen.shape[:3], index.shape[1])
+                chosen = chosen.gather(3, gather)
+                keep = keep & columns[:, None, None, :]
+            chosen = chosen * keep
+            for slot, head in enumerate(request.heads):
+                self._store(f"pattern_L{layer}H{head}", chosen[:, slot], False)
         for head in request.heads:
             kv_head = head // groups
             if request.queries:

@@ -30,7 +30,7 @@ from .interventions import (
     from_reference,
 )
 from .points import Point, check_layer, parse_point
-from .positions import ResolvedPositions, normalize_items, resolve_positions
+from .positions import PositionContext, ResolvedPositions
 
 SlotFn = Callable[[torch.Tensor, ResolvedPositions], torch.Tensor]
 
@@ -159,12 +159,8 @@ class PreparedIntervention:
         self,
         iv: Intervention,
         model_map: ModelMap,
-        mask: torch.Tensor,
-        ids: torch.Tensor,
-        pivot_positions,
-        seed: int,
+        context: PositionContext,
         window: CallWindow,
-        image_mask: torch.Tensor | None = None,
     ):
         self.iv, self.window, self.model_map = iv, window, model_map
         self.custom_module = None
@@ -185,10 +181,8 @@ class PreparedIntervention:
                     f"{iv.point}: head {self.point.head} is out of range (valid 0..{model_map.n_heads - 1})."
                 )
             self.site = self._write_site()
-        self.positions = resolve_positions(
-            normalize_items(iv.positions), mask, ids, pivot_positions, seed, image_mask
-        )
-        self.batch = mask.shape[0]
+        self.positions = context.resolve(iv.positions)
+        self.batch = context.attention_mask.shape[0]
         if iv.apply_to != "prompt" and (
             isinstance(iv, Patch) or isinstance(iv, Ablation) and iv.method == "mean"
         ):
@@ -372,12 +366,8 @@ class ResolvedPatternEdit:
 def resolve_pattern_edit(
     edit: PatternEdit,
     model_map: ModelMap,
-    mask: torch.Tensor,
-    ids: torch.Tensor,
-    pivot_positions,
-    seed: int,
+    context: PositionContext,
     example_offset: int = 0,
-    image_mask: torch.Tensor | None = None,
 ) -> ResolvedPatternEdit:
     """Check ``edit`` against the model and resolve its grid for this batch."""
     check_layer(edit.layer, model_map.n_layers, "PatternEdit layer")
@@ -388,13 +378,9 @@ def resolve_pattern_edit(
                 f"PatternEdit head {head!r} is out of range: layer {edit.layer} has {model_map.n_heads} "
                 f"heads (valid 0..{model_map.n_heads - 1})."
             )
-    rows = resolve_positions(
-        normalize_items(edit.query_positions), mask, ids, pivot_positions, seed, image_mask
-    )
-    cols = resolve_positions(
-        normalize_items(edit.key_positions), mask, ids, pivot_positions, seed, image_mask
-    )
-    batch, seq = mask.shape
+    rows = context.resolve(edit.query_positions)
+    cols = context.resolve(edit.key_positions)
+    batch, seq = context.attention_mask.shape
     region = torch.zeros(batch, seq, seq, dtype=torch.bool)
     for b in range(batch):
         q = rows.index[b][rows.mask[b]]
@@ -428,12 +414,8 @@ def resolve_pattern_edit(
 def prepare(
     interventions: list[AnyIntervention],
     model_map: ModelMap,
-    mask: torch.Tensor,
-    ids: torch.Tensor,
-    pivot_positions,
-    seed: int,
+    context: PositionContext,
     window: CallWindow,
-    image_mask: torch.Tensor | None = None,
 ) -> tuple[list[ModuleHook], dict[int, list[ResolvedPatternEdit]]]:
     """Validate every intervention for this batch (before any forward) and build its hooks.
 
@@ -445,14 +427,10 @@ def prepare(
         if not isinstance(iv, Intervention | PatternEdit) and _looks_like_reference(iv):
             iv = from_reference(iv)
         if isinstance(iv, PatternEdit):
-            resolved = resolve_pattern_edit(
-                iv, model_map, mask, ids, pivot_positions, seed, window.example_offset, image_mask
-            )
+            resolved = resolve_pattern_edit(iv, model_map, context, window.example_offset)
             edits.setdefault(iv.layer, []).append(resolved)
         elif isinstance(iv, Intervention):
-            hooks += PreparedIntervention(
-                iv, model_map, mask, ids, pivot_positions, seed, window, image_mask
-            ).hooks()
+            hooks += PreparedIntervention(iv, model_map, context, window).hooks()
         else:
             raise InputError(
                 f"interventions must be hookscope interventions (Ablation, Patch, Steer, Custom, "

@@ -25,7 +25,7 @@ from .errors import HookscopeError, PositionError
 from .hooks import ModuleHook, installed
 from .inputs import prepare_inputs
 from .plan import plan_extraction
-from .positions import ResolvedPositions, normalize_items, resolve_positions
+from .positions import ResolvedPositions
 
 
 class _StepPositions:
@@ -34,20 +34,28 @@ class _StepPositions:
 
     def __init__(self, targets: ResolvedPositions, window: CallWindow):
         self.targets, self.window = targets, window
+        self._step: tuple[int, ResolvedPositions] | None = None
 
-    def _current(self, batch: int, device: torch.device) -> ResolvedPositions:
+    def _current(self, batch: int) -> ResolvedPositions:
         if self.window.step == 0:
             return self.targets
-        index = torch.full((batch, 1), self.window.length - 1, device=device)
-        return ResolvedPositions(
-            index, torch.ones_like(index, dtype=torch.bool), {"generated": [0]}, ["generated"], [1]
-        )
+        if self._step is None or self._step[0] != self.window.step:  # built once per step
+            index = torch.full((batch, 1), self.window.length - 1)
+            newest = ResolvedPositions(
+                index,
+                torch.ones_like(index, dtype=torch.bool),
+                {"generated": [0]},
+                ["generated"],
+                [1],
+            )
+            self._step = (self.window.step, newest)
+        return self._step[1]
 
     def select(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self._current(hidden.shape[0], hidden.device).select(hidden)
+        return self._current(hidden.shape[0]).select(hidden)
 
     def average(self, selected: torch.Tensor) -> torch.Tensor:
-        return self._current(selected.shape[0], selected.device).average(selected)
+        return self._current(selected.shape[0]).average(selected)
 
 
 def generate(
@@ -66,17 +74,11 @@ def generate(
     tokenizer = hm.get_text_tokenizer()
     model_inputs = prepare_inputs(inputs, hm.hf_model, tokenizer, hm.device())
     model_inputs.pop("position_ids", None)  # generate derives them from the mask itself
-    mask, ids = model_inputs["attention_mask"], model_inputs["input_ids"]
+    context = hm._position_context(model_inputs, pivot_positions, seed)
+    mask = context.attention_mask
     window = CallWindow(prompt_length=mask.shape[1])
     intervention_hooks, pattern_edits = prepare(
-        [*hm._registered_interventions, *(interventions or [])],
-        hm.model_map,
-        mask,
-        ids,
-        pivot_positions,
-        seed,
-        window,
-        hm.image_mask(ids),
+        [*hm._registered_interventions, *(interventions or [])], hm.model_map, context, window
     )
     if pattern_edits:
         raise HookscopeError(
@@ -112,14 +114,7 @@ def generate(
             raise PositionError(
                 "target_token_positions is required when activations are requested."
             )
-        targets = resolve_positions(
-            normalize_items(target_token_positions),
-            mask,
-            ids,
-            pivot_positions,
-            seed,
-            hm.image_mask(ids),
-        )
+        targets = context.resolve(target_token_positions)
         hooks += capture_hooks(
             plan_capture(plan.points, hm.model_map),
             _StepPositions(targets, window),

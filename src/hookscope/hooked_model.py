@@ -25,7 +25,7 @@ from .inputs import model_input_names, prepare_inputs, tokenize
 from .interventions import AnyIntervention
 from .loading import DEFAULT_MODEL_ID, load_model_and_tokenizer, prepare_tokenizer
 from .plan import ExtractionPlan, plan_extraction
-from .positions import PositionItem, ResolvedPositions, normalize_items, resolve_positions
+from .positions import PositionContext, PositionItem, ResolvedPositions, normalize_items
 from .store import ActivationStore, StoreWriter, describe
 
 
@@ -114,6 +114,14 @@ class HookedModel:
         token = getattr(config, "image_token_id", None)
         token = token if token is not None else getattr(config, "image_token_index", None)
         return None if token is None else input_ids == token
+
+    def _position_context(
+        self, model_inputs: dict[str, Any], pivot_positions, seed: int
+    ) -> PositionContext:
+        ids = model_inputs["input_ids"]
+        return PositionContext(
+            model_inputs["attention_mask"], ids, pivot_positions, seed, self.image_mask(ids)
+        )
 
     def device(self) -> torch.device:
         """The device of the first parameter (where inputs go)."""
@@ -288,25 +296,18 @@ class HookedModel:
                     "e.g. target_token_positions=['last']."
                 )
             target_token_positions = ["all"]
-        mask, ids = model_inputs["attention_mask"], model_inputs["input_ids"]
-        image_mask = self.image_mask(ids)
-        positions = resolve_positions(
-            normalize_items(target_token_positions), mask, ids, pivot_positions, seed, image_mask
-        )
+        context = self._position_context(model_inputs, pivot_positions, seed)
+        positions = context.resolve(target_token_positions)
         row_positions = None
         if config.attn_pattern_row_positions is not None:
-            rows = normalize_items(config.attn_pattern_row_positions)
-            row_positions = resolve_positions(rows, mask, ids, pivot_positions, seed, image_mask)
-        window = CallWindow(mask.shape[1], 0, mask.shape[1], example_offset=example_offset)
+            row_positions = context.resolve(config.attn_pattern_row_positions)
+        seq = context.attention_mask.shape[1]
+        window = CallWindow(seq, 0, seq, example_offset=example_offset)
         intervention_hooks, pattern_edits = prepare(
             [*self._registered_interventions, *(interventions or [])],
             self.model_map,
-            mask,
-            ids,
-            pivot_positions,
-            seed,
+            context,
             window,
-            image_mask,
         )
         sink: dict[str, torch.Tensor] = {}
         # order matters: user hooks, then interventions, then capture (which sees their effect)

@@ -120,14 +120,31 @@ def _metric(logits: torch.Tensor, metric: str, correct, wrong, clean_logprobs=No
     return (clean_logprobs.exp() * (clean_logprobs - logprobs)).sum(-1)
 
 
+def _last_index(inputs: dict) -> torch.Tensor:
+    """``[batch]``: each example's last real token (the metric is read there)."""
+    return resolve_positions(["last"], inputs["attention_mask"]).index[:, 0]
+
+
 def _last_logits(hm, inputs: dict, hooks: list[ModuleHook] | None = None) -> torch.Tensor:
-    last = inputs["attention_mask"].shape[1] - 1 - inputs["attention_mask"].flip(1).long().argmax(1)
+    last = _last_index(inputs)
     kwargs = dict(inputs)
     if "use_cache" in model_input_names(hm.hf_model):
         kwargs["use_cache"] = False
     with torch.no_grad(), installed(hm.hf_model, hooks or []):
         logits = hm.hf_model(**kwargs).logits
-    return logits[torch.arange(len(logits)), last]
+    return logits[torch.arange(len(logits), device=logits.device), last.to(logits.device)]
+
+
+def _baselines(hm, clean: Any, corrupt: Any, answers: Any, metric: str):
+    """Aligned clean / corrupt inputs, answer ids, and the metric of both unpatched runs:
+    ``(clean, corrupt, correct, wrong, clean_logprobs or None, clean_metric, corrupt_metric)``."""
+    clean, corrupt = _pair(hm, clean, corrupt)
+    correct, wrong = _answer_ids(answers, clean["input_ids"].shape[0], metric)
+    clean_logits, corrupt_logits = _last_logits(hm, clean), _last_logits(hm, corrupt)
+    clean_logprobs = clean_logits.float().log_softmax(-1) if metric == "kl" else None
+    clean_metric = _metric(clean_logits, metric, correct, wrong, clean_logprobs)
+    corrupt_metric = _metric(corrupt_logits, metric, correct, wrong, clean_logprobs)
+    return clean, corrupt, correct, wrong, clean_logprobs, clean_metric, corrupt_metric
 
 
 # -- sites -------------------------------------------------------------------------------------
@@ -247,13 +264,10 @@ def activation_patching(
     Returns:
         A :class:`PatchingResult`.
     """
-    clean, corrupt = _pair(hm, clean, corrupt)
+    clean, corrupt, correct, wrong, clean_logprobs, clean_metric, corrupt_metric = _baselines(
+        hm, clean, corrupt, answers, metric
+    )
     examples = clean["input_ids"].shape[0]
-    correct, wrong = _answer_ids(answers, examples, metric)
-    clean_logits, corrupt_logits = _last_logits(hm, clean), _last_logits(hm, corrupt)
-    clean_logprobs = clean_logits.float().log_softmax(-1) if metric == "kl" else None
-    clean_metric = _metric(clean_logits, metric, correct, wrong, clean_logprobs)
-    corrupt_metric = _metric(corrupt_logits, metric, correct, wrong, clean_logprobs)
     mask = clean["attention_mask"]
     slots = resolve_positions(["all"], mask)  # slot j of row i = its j-th real token
     sites, axes, labels = _sites(hm, point, per, layers, mask.sum(1))
@@ -391,19 +405,18 @@ def attribution_patching(
     """The gradient approximation of :func:`activation_patching` per layer x position (heads:
     layer x head): ``(clean - corrupt) . d metric / d activation`` at the corrupt run, from one
     forward and one backward (plus one clean forward)."""
-    clean, corrupt = _pair(hm, clean, corrupt)
-    examples = clean["input_ids"].shape[0]
-    correct, wrong = _answer_ids(answers, examples, metric)
     if metric == "kl":
         raise HookscopeError(
             "attribution patching of KL is not supported (its gradient at the corrupt run is not the first-order effect)."
         )
+    clean, corrupt, correct, wrong, _, clean_metric, corrupt_metric = _baselines(
+        hm, clean, corrupt, answers, metric
+    )
+    examples = clean["input_ids"].shape[0]
     m = hm.model_map
     layers = list(range(m.n_layers)) if layers is None else list(layers)
     heads = point == "head"
     clean_acts = _full_activations(hm, clean, point, layers, heads)
-    corrupt_metric = _metric(_last_logits(hm, corrupt), metric, correct, wrong)
-    clean_metric = _metric(_last_logits(hm, clean), metric, correct, wrong)
 
     tensors: dict[tuple, torch.Tensor] = {}
     hooks = []
@@ -415,12 +428,15 @@ def attribution_patching(
             tensors[key] = tensor
 
         hooks.append(reading_hook(site.module, site.when, keep))
-    last = (
-        corrupt["attention_mask"].shape[1] - 1 - corrupt["attention_mask"].flip(1).long().argmax(1)
-    )
+    last = _last_index(corrupt)
     with torch.enable_grad(), installed(hm.hf_model, hooks):
         logits = hm.hf_model(**corrupt, use_cache=False).logits
-        _metric(logits[torch.arange(examples), last], metric, correct, wrong).sum().backward()
+        _metric(
+            logits[torch.arange(examples, device=logits.device), last.to(logits.device)],
+            metric,
+            correct,
+            wrong,
+        ).sum().backward()
     hm.hf_model.zero_grad(set_to_none=True)
     mask = corrupt["attention_mask"].bool()
     slots = resolve_positions(["all"], corrupt["attention_mask"])

@@ -421,3 +421,26 @@ def resolve_positions(
         items=list(items),
         widths=widths,
     )
+
+
+@dataclass(frozen=True)
+class PositionContext:
+    """What position items of one batch resolve against: its attention mask ``[batch, seq]``,
+    input ids, image-token mask, ``pivot_positions`` and the seed of random items."""
+
+    attention_mask: torch.Tensor
+    input_ids: torch.Tensor | None = None
+    pivot_positions: Sequence[int] | None = None
+    seed: int = 0
+    image_mask: torch.Tensor | None = None
+
+    def resolve(self, items: object) -> ResolvedPositions:
+        """Check ``items`` (:func:`normalize_items`) and resolve them for every row."""
+        return resolve_positions(
+            normalize_items(items),
+            self.attention_mask,
+            self.input_ids,
+            self.pivot_positions,
+            self.seed,
+            self.image_mask,
+        )

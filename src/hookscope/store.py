@@ -288,10 +288,11 @@ class ActivationStore:
 
     def __getitem__(self, key: str) -> torch.Tensor:
         """One point over every example, ``[examples, P, ...]``, in the original order."""
-        if key not in self.keys():
-            raise StoreError(f"{key!r} is not in this store; keys: {self.keys()[:12]}.")
+        keys = self.keys()
+        if key not in keys:
+            raise StoreError(f"{key!r} is not in this store; keys: {keys[:12]}.")
         wanted = [key] + (
-            ["batch_saver/example_index"] if "batch_saver/example_index" in self.keys() else []
+            ["batch_saver/example_index"] if "batch_saver/example_index" in keys else []
         )
         merged = self._read(wanted)
         value = merged[key]
