@@ -1,11 +1,21 @@
-"""GPU check: the core of the test suite on CUDA in bfloat16, plus the overhead benchmark row.
+"""GPU check: hookscope's self-check on CUDA in bfloat16, plus the benchmark rows on a GPU.
 
-    make gpu-check            # or: python scripts/gpu_check.py [--dtype bfloat16]
+    make gpu-check            # or: python scripts/gpu_check.py [--dtype bfloat16] [--device cuda]
 
-Runs ``self_check`` (points, identities, padding, writes, bit-identity) on every tiny family and on
-SmolLM2-135M, all on ``cuda`` in the given dtype, then times the plain forward against
-last-token extraction of every layer on SmolLM2 (batch 8 x 128). Writes
-``benchmarks/RESULTS_gpu.md``. The test suite itself never needs a GPU.
+1. ``self_check`` (points vs HF hidden states, identities, padded == one-by-one, writes,
+   bit-identity of the untouched forward) on every tiny family and on a SmolLM2-135M model,
+   on the device in the given dtype.
+2. Overhead: plain HF forward vs last-token / all-position extraction of every layer's
+   resid_out, at batch 8 x 128 and 32 x 512 (left padding).
+3. Attention: one layer's patterns at "last" vs plain SDPA vs eager ``output_attentions``.
+4. Dataset throughput: 1,000 prompts, last-token resid_out of every layer: hookscope's batched
+   ``extract_cache`` vs a batch-size-1 loop over HF ``output_hidden_states`` (what the reference
+   design does), with peak device memory.
+
+The SmolLM2 weights are the embedded GGUF when it is installed; on a machine without it (the
+GPU machines here cannot carry the 94 MB file) a model of the same architecture and shape with
+random weights stands in: every check and timing depends on the shapes, not on the values.
+Writes ``benchmarks/RESULTS_gpu.md``. The test suite itself never needs a GPU.
 """
 
 from __future__ import annotations
@@ -13,13 +23,155 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmarks")]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmarks"), str(ROOT / "src")]
 
 import torch  # noqa: E402
+
+
+def smollm2(device: str, dtype: torch.dtype, attn: str = "sdpa", random_weights: bool = False):
+    """The embedded SmolLM2-135M, or a random model of its exact architecture."""
+    from hookscope import HookedModel
+
+    reason = "--random-weights"
+    if not random_weights:
+        try:
+            hm = HookedModel.from_pretrained(
+                device_map=device, torch_dtype=dtype, attn_implementation=attn
+            )
+            return hm, "SmolLM2-135M-Instruct (embedded GGUF weights)"
+        except Exception as error:  # noqa: BLE001 - any failure means "not installed here"
+            reason = f"embedded model unavailable: {type(error).__name__}"
+    from tiny_models import build_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM._from_config(config, attn_implementation=attn, dtype=dtype)
+    model = model.to(device).eval()
+    return (
+        HookedModel.from_hf(model, build_tokenizer()),
+        f"SmolLM2-135M architecture, random weights ({reason})",
+    )
+
+
+def make_batch(vocab: int, batch: int, seq: int, device: str) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, vocab, (batch, seq), generator=generator)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    for row in range(batch):
+        mask[row, : (row * 4) % (seq // 4)] = 0  # left padding
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+def overhead(hm, batch: dict, repeats: int) -> dict:
+    from common import interleaved
+
+    from hookscope import ExtractionConfig
+
+    position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    resid = ExtractionConfig(extract_resid_out=True)
+    no_logits = ExtractionConfig(extract_resid_out=True, save_logits=False)
+
+    @torch.no_grad()
+    def hf():
+        return hm.hf_model(**batch, position_ids=position_ids, use_cache=False)
+
+    @torch.no_grad()
+    def hf_hidden():
+        return hm.hf_model(
+            **batch, position_ids=position_ids, use_cache=False, output_hidden_states=True
+        )
+
+    return interleaved(
+        {
+            "hf": hf,
+            "hf_hidden": hf_hidden,
+            "last": lambda: hm.forward(batch, ["last"], extraction_config=resid),
+            "all": lambda: hm.forward(batch, ["all"], extraction_config=resid),
+            "last_nologit": lambda: hm.forward(batch, ["last"], extraction_config=no_logits),
+        },
+        repeats,
+    )
+
+
+def attention(hm, eager_model, batch: dict, repeats: int) -> dict:
+    from common import interleaved
+
+    from hookscope import ExtractionConfig
+
+    position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    one_layer = ExtractionConfig(extract_attn_pattern=True, layers=[15])
+
+    @torch.no_grad()
+    def run(model, **kwargs):
+        return model(**batch, position_ids=position_ids, use_cache=False, **kwargs)
+
+    return interleaved(
+        {
+            "sdpa": lambda: run(hm.hf_model),
+            "hookscope_pattern_last": lambda: hm.forward(
+                batch, ["last"], extraction_config=one_layer
+            ),
+            "eager_attentions": lambda: run(eager_model, output_attentions=True),
+        },
+        repeats,
+    )
+
+
+def dataset_throughput(hm, n: int, device: str) -> list[str]:
+    """Examples/s and peak device memory: batched extract_cache vs a batch-size-1 HF loop."""
+    from hookscope import ExtractionConfig
+
+    words = "the cat dog sat on mat capital France Paris river store drink".split()
+    prompts = [" ".join(words[(i * k) % len(words)] for k in range(1, 4 + i % 8)) for i in range(n)]
+    tokenizer = hm.get_text_tokenizer()
+    config = ExtractionConfig(extract_resid_out=True, save_logits=False)
+
+    def run_hookscope():
+        hm.config.batch_size = 32
+        hm.extract_cache(prompts, ["last"], extraction_config=config, sort_by_length=True)
+
+    @torch.no_grad()
+    def run_loop():
+        rows = []
+        for prompt in prompts:
+            ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
+            hidden = hm.hf_model(ids, output_hidden_states=True, use_cache=False).hidden_states
+            rows.append(torch.stack([h[:, -1] for h in hidden[1:]]).cpu())
+
+    lines = ["| tool | examples/s | peak device MB |", "| --- | ---: | ---: |"]
+    for name, run in (
+        ("hookscope extract_cache (batch 32, sort_by_length)", run_hookscope),
+        ("HF output_hidden_states, batch-size-1 loop", run_loop),
+    ):
+        run()  # warm-up (kernels, allocator)
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        run()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else float("nan")
+        lines.append(f"| {name} | {n / seconds:.1f} | {peak:.0f} |")
+    return lines
 
 
 def main() -> int:
@@ -27,59 +179,87 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu for a dry run")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--prompts", type=int, default=1000)
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="use SmolLM2's architecture with random weights even where the GGUF is installed",
+    )
+    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "RESULTS_gpu.md"))
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu-check: no CUDA device here; run it on a machine with one.")
         return 1
-    from bench_overhead import make_batch
-    from common import interleaved, machine, table
+    from common import machine, table
     from tiny_models import FAMILIES, build_model, build_tokenizer
 
-    from hookscope import ExtractionConfig, HookedModel
+    from hookscope import HookedModel
 
     dtype = getattr(torch, args.dtype)
     lines = [
         f"Machine: {machine()}",
-        f"Command: `python scripts/gpu_check.py --dtype {args.dtype}`",
+        f"Command: `python scripts/gpu_check.py --dtype {args.dtype} --device {args.device}`",
         "",
+        "### Self-check on the device",
+        "",
+        "| model | self-check |",
+        "| --- | --- |",
     ]
     failures = 0
-    lines += ["| model | self-check |", "| --- | --- |"]
-    for family in FAMILIES:
-        hm = HookedModel.from_hf(build_model(family).to("cuda", dtype), build_tokenizer())
+
+    def record(label: str, hm) -> None:
+        nonlocal failures
         report = hm.self_check(remember=False, print_report=False)
         failures += not report.passed
-        failed = [r.name for r in report.rows if not r.passed]
-        lines.append(
-            f"| tiny {family} | {'pass' if report.passed else 'FAIL: ' + ', '.join(failed)} |"
+        failed = [f"{r.name} ({r.detail})" for r in report.rows if not r.passed]
+        lines.append(f"| {label} | {'pass' if report.passed else 'FAIL: ' + '; '.join(failed)} |")
+        print(lines[-1], flush=True)
+
+    for family in FAMILIES:
+        record(
+            f"tiny {family}",
+            HookedModel.from_hf(build_model(family).to(args.device, dtype), build_tokenizer()),
         )
-    smol = HookedModel.from_pretrained(device_map="cuda", torch_dtype=dtype)
-    report = smol.self_check(remember=False, print_report=True)
-    failures += not report.passed
-    lines.append(f"| SmolLM2-135M | {'pass' if report.passed else 'FAIL'} |")
+    smol, smol_label = smollm2(args.device, dtype, random_weights=args.random_weights)
+    record(smol_label, smol)
 
-    batch = {k: v.cuda() for k, v in make_batch(smol.hf_model.config.vocab_size).items()}
-    position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-    config = ExtractionConfig(extract_resid_out=True)
+    for batch_size, seq in ((8, 128), (32, 512)):
+        batch = make_batch(smol.hf_model.config.vocab_size, batch_size, seq, args.device)
+        times = overhead(smol, batch, args.repeats)
+        lines += [
+            "",
+            f"### Overhead: {smol_label}, {args.dtype}, batch {batch_size} x {seq}, "
+            "resid_out of every layer",
+            "",
+            table(times, "hf"),
+        ]
+        print("\n".join(lines[-3:]), flush=True)
 
-    @torch.no_grad()
-    def hf():
-        return smol.hf_model(**batch, position_ids=position_ids, use_cache=False)
-
-    times = interleaved(
-        {"hf": hf, "last": lambda: smol.forward(batch, ["last"], extraction_config=config)},
-        args.repeats,
-    )
+    eager, _ = smollm2(args.device, dtype, attn="eager", random_weights=args.random_weights)
+    eager.hf_model.load_state_dict(smol.hf_model.state_dict())
+    batch = make_batch(smol.hf_model.config.vocab_size, 8, 128, args.device)
     lines += [
         "",
-        f'SmolLM2-135M {args.dtype} on CUDA, batch 8 x 128, resid_out of every layer at "last":',
+        f"### Attention: layer 15 patterns, {args.dtype}, batch 8 x 128",
         "",
-        table(times, "hf"),
+        table(attention(smol, eager.hf_model, batch, args.repeats), "sdpa"),
     ]
+    print(lines[-1], flush=True)
+    del eager
+
+    lines += [
+        "",
+        f"### Dataset throughput: {args.prompts} prompts, last-token resid_out of every layer",
+        "",
+        *dataset_throughput(smol, args.prompts, args.device),
+    ]
+    print("\n".join(lines[-4:]), flush=True)
+
     text = "\n".join(lines) + "\n"
-    print(text)
-    (ROOT / "benchmarks" / "RESULTS_gpu.md").write_text(text)
+    Path(args.output).write_text(text)
+    print(f"\nwrote {args.output}; {failures} self-check failure(s)")
     return 1 if failures else 0
 
 

@@ -298,9 +298,11 @@ class HookedModel:
             target_token_positions = ["all"]
         context = self._position_context(model_inputs, pivot_positions, seed)
         positions = context.resolve(target_token_positions)
+        positions.place_on(model_inputs["input_ids"].device)
         row_positions = None
         if config.attn_pattern_row_positions is not None:
             row_positions = context.resolve(config.attn_pattern_row_positions)
+            row_positions.place_on(model_inputs["input_ids"].device)
         seq = context.attention_mask.shape[1]
         window = CallWindow(seq, 0, seq, example_offset=example_offset)
         intervention_hooks, pattern_edits = prepare(

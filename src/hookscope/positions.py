@@ -76,10 +76,18 @@ class ResolvedPositions:
     _on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = field(
         default_factory=dict, repr=False
     )
+    _gather_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = field(
+        default_factory=dict, repr=False
+    )
 
     def __post_init__(self) -> None:
         #: True when no slot is padding (every item selects the same count in every row).
         self.all_valid = bool(self.mask.all())
+
+    def place_on(self, device: torch.device) -> None:
+        """Copy the index to ``device`` now, before the forward: a host-to-device copy inside
+        the first hook would wait for the GPU to drain mid-forward."""
+        self._tensors_on(device)
 
     def _tensors_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device not in self._on_device:
@@ -91,15 +99,27 @@ class ResolvedPositions:
 
         Only the selected rows are copied; padded slots are zero.
         """
-        index, mask = self._tensors_on(hidden.device)
-        rest = hidden.shape[2:]
-        gather_index = index.view(*index.shape, *([1] * len(rest))).expand(*index.shape, *rest)
+        gather_index, padding = self._gather_index(hidden.device, hidden.shape[2:])
         selected = hidden.gather(1, gather_index)
-        if (
-            not self.all_valid
-        ):  # in place: `selected` is a fresh tensor, gather's grad does not need it
-            selected.masked_fill_(~mask.view(*mask.shape, *([1] * len(rest))), 0)
+        if padding is not None:
+            # in place: `selected` is a fresh tensor, gather's grad does not need it
+            selected.masked_fill_(padding, 0)
         return selected
+
+    def _gather_index(
+        self, device: torch.device, rest: torch.Size
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The expanded gather index and padded-slot mask for hidden states ``[*, *, *rest]``,
+        built once per device and shape: every layer's hook reuses them (a hook runs per layer,
+        so its Python cost counts on a launch-bound GPU)."""
+        key = (device, rest)
+        if key not in self._gather_cache:
+            index, mask = self._tensors_on(device)
+            ones = [1] * len(rest)
+            gather_index = index.view(*index.shape, *ones).expand(*index.shape, *rest)
+            padding = None if self.all_valid else ~mask.view(*mask.shape, *ones)
+            self._gather_cache[key] = (gather_index, padding)
+        return self._gather_cache[key]
 
     def average(self, selected: torch.Tensor) -> torch.Tensor:
         """Mean over each item's real slots: ``[batch, slots, *rest]`` -> ``[batch, items, *rest]``."""
@@ -341,6 +361,16 @@ def _from_lists(lists: list[list[int]], lengths: torch.Tensor) -> tuple[torch.Te
     return relative, valid
 
 
+def _needs_rows(item: PositionItem) -> bool:
+    """True for items resolved row by row (random draws, image items, ``all-text``)."""
+    return isinstance(item, str) and bool(
+        item in IMAGE_ITEMS
+        or item == "all-text"
+        or _RANDOM_TEXT.match(item)
+        or _RANDOM_IMAGE.match(item)
+    )
+
+
 def resolve_positions(
     items: Sequence[PositionItem],
     attention_mask: torch.Tensor,
@@ -370,18 +400,19 @@ def resolve_positions(
         raise PositionError(f"example {row} has no real token (its attention mask is all 0).")
     # real[b, j] = sequence index of row b's j-th real token (stable sort keeps their order).
     real = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
-    real_ids = None
-    if input_ids is not None:
-        ids = input_ids.detach().to("cpu")
-        real_ids = [ids[b, real[b, : int(lengths[b])]] for b in range(len(lengths))]
-    image_real = None
-    if image_mask is not None:
-        flags = image_mask.detach().to("cpu").bool()
-        image_real = [flags[b, real[b, : int(lengths[b])]] for b in range(len(lengths))]
-    text_pool = [
-        torch.arange(int(n)) if image_real is None else torch.nonzero(~image_real[b]).flatten()
-        for b, n in enumerate(lengths)
-    ]
+    real_ids = image_real = text_pool = None
+    if any(_needs_rows(item) for item in items):  # per-row lists only for the items that need them
+        n_real = lengths.tolist()
+        if input_ids is not None:
+            ids = input_ids.detach().to("cpu")
+            real_ids = [ids[b, real[b, :n]] for b, n in enumerate(n_real)]
+        if image_mask is not None:
+            flags = image_mask.detach().to("cpu").bool()
+            image_real = [flags[b, real[b, :n]] for b, n in enumerate(n_real)]
+        text_pool = [
+            torch.arange(n) if image_real is None else torch.nonzero(~image_real[b]).flatten()
+            for b, n in enumerate(n_real)
+        ]
 
     columns, valid, mapping, widths = [], [], {}, []
     for item in items:
