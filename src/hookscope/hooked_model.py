@@ -27,6 +27,7 @@ from .loading import DEFAULT_MODEL_ID, load_model_and_tokenizer, prepare_tokeniz
 from .plan import ExtractionPlan, plan_extraction
 from .positions import PositionContext, PositionItem, ResolvedPositions, normalize_items
 from .store import ActivationStore, StoreWriter, describe
+from .vision import image_token_id
 
 
 class HookedModel:
@@ -110,9 +111,7 @@ class HookedModel:
     def image_mask(self, input_ids: torch.Tensor) -> torch.Tensor | None:
         """``[batch, seq]`` True at image tokens (from the config's image token id), or None for
         a model without one. Image position items (``"all-image"``, ...) are resolved from it."""
-        config = self.hf_model.config
-        token = getattr(config, "image_token_id", None)
-        token = token if token is not None else getattr(config, "image_token_index", None)
+        token = image_token_id(self.hf_model.config)
         return None if token is None else input_ids == token
 
     def _position_context(

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
+from .vision import computes_own_positions, first_position, prepare_multimodal
 
 # Keys a batch may carry for the user's own purposes (batch_saver) that must not reach the model.
 _NEVER_FORWARDED = ("labels",)
@@ -54,7 +55,8 @@ def prepare_inputs(
     does not take (a dataset's ``label``...) are dropped. Adds ``attention_mask`` (all ones) when
     there is no padding, and ``position_ids`` derived from the mask when there is padding, so a
     padded row computes exactly what it computes alone (absolute position embeddings under left
-    padding would otherwise shift).
+    padding would otherwise shift); models with multimodal positions (Qwen2-VL) derive their own.
+    Vision-language inputs are checked and completed by :func:`hookscope.vision.prepare_multimodal`.
 
     Raises:
         InputError: for a missing ``input_ids``, mismatched shapes, or padding without a mask.
@@ -100,8 +102,14 @@ def prepare_inputs(
             f"attention_mask has shape {list(mask.shape)} but input_ids has {list(input_ids.shape)}."
         )
     kwargs["attention_mask"] = mask
+    prepare_multimodal(kwargs, model, accepted)
     padded = not bool(mask.bool().all())
-    if padded and "position_ids" in accepted and kwargs.get("position_ids") is None:
-        position_ids = mask.long().cumsum(-1) - 1
+    if (
+        padded
+        and "position_ids" in accepted
+        and kwargs.get("position_ids") is None
+        and not computes_own_positions(model, accepted)
+    ):
+        position_ids = mask.long().cumsum(-1) - 1 + first_position(model)
         kwargs["position_ids"] = position_ids.masked_fill(mask == 0, 1)
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}

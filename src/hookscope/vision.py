@@ -1,0 +1,93 @@
+"""What vision-language models need from hookscope: their image token, the processor fields
+each family requires, and the fields hookscope can derive when a caller left them out.
+
+Every rule here is read from the model's own config (``image_token_id`` /
+``image_token_index``, ``video_token_id``) and the named parameters of its ``forward``; the table
+below only names the fields a family cannot run correctly without.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import InputError
+
+# model_type -> processor outputs the model cannot do without, when pixel_values are given
+REQUIRED_WITH_PIXELS: dict[str, tuple[str, ...]] = {
+    "llava_next": ("image_sizes",),
+    "mistral3": ("image_sizes",),
+    "qwen2_vl": ("image_grid_thw",),
+    "qwen2_5_vl": ("image_grid_thw",),
+}
+# model_type -> how a missing token_type_ids is derived: "image" (1 at image tokens, Gemma3's
+# bidirectional image blocks) or "prefix" (all 0: the whole prompt is PaliGemma's prefix)
+TOKEN_TYPES: dict[str, str] = {"gemma3": "image", "paligemma": "prefix"}
+PIXEL_FIELDS = ("pixel_values", "pixel_values_videos")
+# model_type -> the position id of the first token, where it is not 0
+FIRST_POSITION: dict[str, int] = {"paligemma": 1}
+
+
+def image_token_id(config: Any) -> int | None:
+    """The id of the token that stands for one image feature in ``input_ids``, or None."""
+    token = getattr(config, "image_token_id", None)
+    return token if token is not None else getattr(config, "image_token_index", None)
+
+
+def computes_own_positions(model: nn.Module, accepted: frozenset[str]) -> bool:
+    """True for models that derive (multimodal, 3-D) position ids from the attention mask and
+    the image grid themselves (Qwen2-VL, Qwen2.5-VL): hookscope must not pass 1-D ones."""
+    return "mm_token_type_ids" in accepted
+
+
+def first_position(model: nn.Module) -> int:
+    """The position id of a sequence's first token (PaliGemma counts from 1)."""
+    return FIRST_POSITION.get(getattr(model.config, "model_type", ""), 0)
+
+
+def prepare_multimodal(kwargs: dict[str, Any], model: nn.Module, accepted: frozenset[str]) -> None:
+    """Check and complete the multimodal fields of ``kwargs`` in place.
+
+    Derives ``mm_token_type_ids`` (Qwen2-VL and Qwen2.5-VL; without it Qwen2.5-VL silently falls
+    back to 1-D positions) and a missing ``token_type_ids`` (Gemma3, PaliGemma) from the image
+    token id, exactly as the processors make them.
+
+    Raises:
+        InputError: image tokens without ``pixel_values`` (the model would embed them as text),
+            or ``pixel_values`` without a field the family needs (``image_grid_thw``, ...).
+    """
+    config = model.config
+    token = image_token_id(config)
+    if token is None:
+        return
+    ids = kwargs["input_ids"]
+    image_tokens = ids == token
+    has_pixels = any(kwargs.get(field) is not None for field in PIXEL_FIELDS)
+    if not has_pixels:
+        if bool(image_tokens.any()):
+            raise InputError(
+                f"input_ids contain {int(image_tokens.sum())} image token(s) (id {token}) but no "
+                "pixel_values were given: pass the processor's whole output (the model would "
+                "otherwise embed the image tokens as text)."
+            )
+        return
+    model_type = getattr(config, "model_type", "")
+    missing = [f for f in REQUIRED_WITH_PIXELS.get(model_type, ()) if kwargs.get(f) is None]
+    if missing:
+        raise InputError(
+            f"{model_type} inputs with pixel_values need {', '.join(missing)}, which is missing: "
+            "pass the processor's whole output, not only input_ids and pixel_values."
+        )
+    if "mm_token_type_ids" in accepted and kwargs.get("mm_token_type_ids") is None:
+        types = image_tokens.int()
+        video = getattr(config, "video_token_id", None)
+        if video is not None:
+            types = types.masked_fill(ids == video, 2)
+        kwargs["mm_token_type_ids"] = types
+    rule = TOKEN_TYPES.get(model_type)
+    if rule and "token_type_ids" in accepted and kwargs.get("token_type_ids") is None:
+        kwargs["token_type_ids"] = (
+            image_tokens.long() if rule == "image" else torch.zeros_like(ids, dtype=torch.long)
+        )
