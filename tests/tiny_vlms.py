@@ -135,7 +135,7 @@ def _seeded(model_cls, config, seed: int = 0):
     model = model_cls._from_config(config, attn_implementation="sdpa")
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # larger than HF's init, so that mistakes do not hide in tiny values
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.dim() >= 2:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
     return model.eval()
