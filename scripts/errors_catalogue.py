@@ -19,6 +19,19 @@ TARGET = ROOT / "docs" / "errors.md"
 
 # module -> (what causes these errors, how to fix them)
 GUIDE = {
+    "vision": (
+        "Vision-language inputs that are incomplete: image tokens without pixel_values, or "
+        "pixel_values without a field the family needs (image_grid_thw, image_sizes).",
+        "Pass the processor's whole output for the batch (input_ids, attention_mask, "
+        "pixel_values and the rest).",
+    ),
+    "vision_points": (
+        "A vision point (vision_resid_out_{l}, vision_attn_out_{l}, projector_out) on a text-only "
+        "model, a vision layer out of range, or an intervention on one with token positions or "
+        "a source of another shape.",
+        "Use vision points on vision-language models; they cover the whole tensor "
+        "(positions=['all']); patch from a run on images of the same sizes.",
+    ),
     "archs": (
         "The model's layers, attention, MLP or norms are not where hookscope looks: a model_type "
         "missing from `archs/specs.py` whose module names structural discovery does not recognise.",

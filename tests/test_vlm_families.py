@@ -85,8 +85,9 @@ def test_padded_batch_equals_one_by_one(vlm):
     items = ["last", "end-image", "first-image", "all-text"]
     batched = hm.forward(vlm.inputs(texts, images), items, extraction_config=config)
     for row in range(2):
-        alone = hm.forward(vlm.inputs(texts[row : row + 1], images[row : row + 1]), items,
-                           extraction_config=config)
+        alone = hm.forward(
+            vlm.inputs(texts[row : row + 1], images[row : row + 1]), items, extraction_config=config
+        )
         width = alone["resid_out_1"].shape[1]
         for key in ("resid_out_1", "attn_out_0", "logits"):
             ours, solo = batched[key][row, : alone[key].shape[1]], alone[key][0]

@@ -10,6 +10,7 @@ from .cache import ActivationCache, Axes
 from .config import ExtractionConfig
 from .plan import ExtractionPlan
 from .positions import ResolvedPositions
+from .vision_points import declare_vision_axes
 
 
 def assemble_cache(
@@ -41,6 +42,7 @@ def assemble_cache(
         cache["position_mask"] = positions.mask.clone()
     _add_running_means(cache, sink, plan, row_positions)
     _declare_pattern_axes(cache, config, row_positions)
+    declare_vision_axes(cache)
     if row_positions is not None:
         cache["attn_pattern_row_mapping_index"] = dict(row_positions.mapping_index)
     return cache

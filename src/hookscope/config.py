@@ -35,6 +35,12 @@ HEAD_FLAGS: dict[str, str] = {
     "extract_head_out": "head_out",
     "extract_head_z": "head_z",
 }
+# Flags that request points of the vision encoder / projector (vision-language models).
+VISION_FLAGS: dict[str, str] = {
+    "extract_vision_resid_out": "vision_resid_out",
+    "extract_vision_attn_out": "vision_attn_out",
+    "extract_projector_out": "projector_out",
+}
 # Flags that keep a running mean over examples: flag -> (mean kind, the per-example kind it averages).
 RUNNING_MEAN_FLAGS: dict[str, tuple[str, str]] = {
     "extract_avg_attn_pattern": ("avg_pattern", "pattern"),
@@ -102,6 +108,12 @@ class ExtractionConfig:
     ``extract_avg_attn_pattern`` -> ``avg_pattern`` ``[rows, P]``;
     ``extract_avg_values_vectors_projected`` -> ``avg_projected_value`` ``[P, d_model]``.
 
+    Vision-language models (see :mod:`hookscope.vision_points`; no position axis):
+    ``extract_vision_resid_out`` -> ``vision_resid_out_{l}``, the output of vision block l;
+    ``extract_vision_attn_out`` -> ``vision_attn_out_{l}``, its attention output;
+    ``extract_projector_out`` -> ``projector_out``, the image features in the language model's
+    space. ``vision_layers`` restricts the vision blocks (default: all).
+
     Modifiers:
         extract_avg: average over each position item's tokens (one slot per item).
         layers: restrict per-layer extraction to these layers (default: all).
@@ -137,10 +149,21 @@ class ExtractionConfig:
     attn_pattern_all_keys: bool = False
     layers: list[int] | None = None
     keep_gradient: bool = False
+    extract_vision_resid_out: bool = False
+    extract_vision_attn_out: bool = False
+    extract_projector_out: bool = False
+    vision_layers: list[int] | None = None
 
     def is_not_empty(self) -> bool:
         """True when at least one activation is requested (``save_logits`` aside)."""
-        flags = [*LAYER_FLAGS, *MODEL_FLAGS, *HEAD_FLAGS, *RUNNING_MEAN_FLAGS, "save_input_ids"]
+        flags = [
+            *LAYER_FLAGS,
+            *MODEL_FLAGS,
+            *HEAD_FLAGS,
+            *RUNNING_MEAN_FLAGS,
+            *VISION_FLAGS,
+            "save_input_ids",
+        ]
         return any(getattr(self, flag) for flag in flags)
 
     def to_dict(self) -> dict[str, Any]:

@@ -31,6 +31,8 @@ from .interventions import (
 )
 from .points import Point, check_layer, parse_point
 from .positions import PositionContext, ResolvedPositions
+from .vision import VisionMap
+from .vision_points import is_vision_point, vision_intervention_hook
 
 SlotFn = Callable[[torch.Tensor, ResolvedPositions], torch.Tensor]
 
@@ -416,8 +418,10 @@ def prepare(
     model_map: ModelMap,
     context: PositionContext,
     window: CallWindow,
+    vision_map: VisionMap | None = None,
 ) -> tuple[list[ModuleHook], dict[int, list[ResolvedPatternEdit]]]:
     """Validate every intervention for this batch (before any forward) and build its hooks.
+    Interventions on vision points (``vision_resid_out_{l}``...) cover the whole tensor.
 
     Returns the module hooks, and the pattern edits by layer (for the attention function).
     """
@@ -429,6 +433,8 @@ def prepare(
         if isinstance(iv, PatternEdit):
             resolved = resolve_pattern_edit(iv, model_map, context, window.example_offset)
             edits.setdefault(iv.layer, []).append(resolved)
+        elif isinstance(iv, Intervention) and is_vision_point(iv.point):
+            hooks.append(vision_intervention_hook(iv, vision_map))
         elif isinstance(iv, Intervention):
             hooks += PreparedIntervention(iv, model_map, context, window).hooks()
         else:
@@ -437,6 +443,8 @@ def prepare(
                 f"PatternEdit), got {type(iv).__name__}; convert reference-design dicts with "
                 "hookscope.interventions.from_reference."
             )
+    for hook in hooks:
+        hook.first = True
     return hooks, edits
 
 

@@ -78,7 +78,11 @@ def generate(
     mask = context.attention_mask
     window = CallWindow(prompt_length=mask.shape[1])
     intervention_hooks, pattern_edits = prepare(
-        [*hm._registered_interventions, *(interventions or [])], hm.model_map, context, window
+        [*hm._registered_interventions, *(interventions or [])],
+        hm.model_map,
+        context,
+        window,
+        hm.vision_map,
     )
     if pattern_edits:
         raise HookscopeError(

@@ -23,11 +23,12 @@ from .errors import HookscopeError, InputError, PositionError
 from .hooks import ModuleHook, as_module_hook, get_module, installed, register
 from .inputs import model_input_names, prepare_inputs, tokenize
 from .interventions import AnyIntervention
-from .loading import DEFAULT_MODEL_ID, load_model_and_tokenizer, prepare_tokenizer
+from .loading import DEFAULT_MODEL_ID, load_model_and_tokenizer, prepare_tokenizer, split_processor
 from .plan import ExtractionPlan, plan_extraction
 from .positions import PositionContext, PositionItem, ResolvedPositions, normalize_items
 from .store import ActivationStore, StoreWriter, describe
-from .vision import image_token_id
+from .vision import VisionMap, find_vision_map, image_token_id
+from .vision_points import vision_capture_hooks, vision_points
 
 
 class HookedModel:
@@ -55,9 +56,15 @@ class HookedModel:
         if loaded_here:
             hf_model, tokenizer = load_model_and_tokenizer(self.config)
         self.hf_model = hf_model
+        if processor is None:
+            tokenizer, processor = split_processor(tokenizer)
+        elif tokenizer is None:
+            tokenizer = getattr(processor, "tokenizer", None)
         self.tokenizer = prepare_tokenizer(tokenizer)
         self.processor = processor
         self.model_map: ModelMap = resolve_architecture(hf_model)
+        #: the vision encoder and projector of a vision-language model (None for text-only)
+        self.vision_map: VisionMap | None = find_vision_map(hf_model)
         self.model_name = self.config.model_name or (
             DEFAULT_MODEL_ID if loaded_here else type(hf_model).__name__
         )
@@ -75,7 +82,8 @@ class HookedModel:
 
     @classmethod
     def from_hf(cls, model: nn.Module, tokenizer: Any = None, processor: Any = None) -> HookedModel:
-        """Wrap an already-built HF model in place (its weights are not copied)."""
+        """Wrap an already-built HF model in place (its weights are not copied). ``tokenizer``
+        may be a vision-language processor (``from_hf(model, processor)``)."""
         config = HookedModelConfig(
             model_name=getattr(model, "name_or_path", None) or None,
             attn_implementation=getattr(model.config, "_attn_implementation", None),
@@ -309,11 +317,15 @@ class HookedModel:
             self.model_map,
             context,
             window,
+            self.vision_map,
         )
         sink: dict[str, torch.Tensor] = {}
         # order matters: user hooks, then interventions, then capture (which sees their effect)
         call_hooks = [as_module_hook(h) for h in hooks or []] + intervention_hooks
         call_hooks += self._module_hooks(plan, positions, sink, config)
+        call_hooks += vision_capture_hooks(
+            vision_points(config, self.vision_map), self.vision_map, sink, config.keep_gradient
+        )
         attention = AttentionHooks(
             self.model_map,
             plan.attention,

@@ -35,6 +35,9 @@ class ModuleHook:
     module: nn.Module | str
     fn: Callable[..., Any]
     when: When = "output"
+    #: run before hooks already on the module (interventions: HF's own output-recording hooks,
+    #: e.g. the vision tower's hidden_states that Llava reads, must see the edited value)
+    first: bool = False
 
 
 def input_tensor(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -125,18 +128,20 @@ def register(model: nn.Module, hook: ModuleHook) -> RemovableHandle:
     """Register one hook on ``model`` (resolving a path string) and return its handle."""
     module = get_module(model, hook.module) if isinstance(hook.module, str) else hook.module
     if hook.when == "input":
-        return module.register_forward_pre_hook(hook.fn, with_kwargs=True)
+        return module.register_forward_pre_hook(hook.fn, with_kwargs=True, prepend=hook.first)
     if hook.when == "output":
-        return module.register_forward_hook(hook.fn)
+        return module.register_forward_hook(hook.fn, prepend=hook.first)
     raise HookscopeError(f"hook 'when' must be 'input' or 'output', got {hook.when!r}.")
 
 
 @contextmanager
 def installed(model: nn.Module, hooks: Sequence[ModuleHook]) -> Iterator[list[RemovableHandle]]:
-    """Register ``hooks`` for the duration of the block; remove every one of them on exit."""
+    """Register ``hooks`` for the duration of the block; remove every one of them on exit.
+    Hooks marked ``first`` run before all others, in their given order."""
     handles: list[RemovableHandle] = []
+    ordered = [h for h in reversed(hooks) if h.first] + [h for h in hooks if not h.first]
     try:
-        for hook in hooks:
+        for hook in ordered:
             handles.append(register(model, hook))
         yield handles
     finally:

@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    PreTrainedModel,
+)
 
 from .config import HookedModelConfig
 from .errors import HookscopeError
@@ -114,7 +121,9 @@ def pick_device(device_map: str | dict | None) -> str | None:
 
 
 def load_model_and_tokenizer(config: HookedModelConfig) -> tuple[PreTrainedModel, Any]:
-    """Load the HF model (eval mode) and its tokenizer as ``config`` says."""
+    """Load the HF model (eval mode) and its tokenizer as ``config`` says; for a
+    vision-language model (a config with a ``vision_config``), the image-text-to-text model and
+    its processor (in place of the tokenizer; :func:`split_processor` tells them apart)."""
     source, extra = _resolve_source(config)
     kwargs: dict[str, Any] = dict(extra)
     kwargs["dtype"] = config.torch_dtype
@@ -130,8 +139,12 @@ def load_model_and_tokenizer(config: HookedModelConfig) -> tuple[PreTrainedModel
     tokenizer_kwargs = {k: v for k, v in extra.items() if k in ("gguf_file", "revision")}
     tokenizer_kwargs["trust_remote_code"] = config.trust_remote_code
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_kwargs)
+        if _is_vision_language(source, extra, config.trust_remote_code):
+            model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
+            tokenizer = AutoProcessor.from_pretrained(source, **tokenizer_kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_kwargs)
     except OSError as error:
         raise HookscopeError(
             f"could not load {str(source)!r}: not a model folder, a .gguf file, or a hub id that is "
@@ -140,6 +153,24 @@ def load_model_and_tokenizer(config: HookedModelConfig) -> tuple[PreTrainedModel
     if device is not None:
         model = model.to(device)
     return model.eval(), tokenizer
+
+
+def _is_vision_language(source: str | Path, extra: dict[str, Any], trust: bool) -> bool:
+    if "gguf_file" in extra:
+        return False
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust, **extra)
+    except (OSError, ValueError):  # the model loader below reports it with the full context
+        return False
+    return getattr(config, "vision_config", None) is not None
+
+
+def split_processor(tokenizer_or_processor: Any) -> tuple[Any, Any]:
+    """``(tokenizer, processor)`` from what a caller passed as either: a multimodal processor
+    (it has an ``image_processor``) brings its own tokenizer."""
+    if hasattr(tokenizer_or_processor, "image_processor"):
+        return getattr(tokenizer_or_processor, "tokenizer", None), tokenizer_or_processor
+    return tokenizer_or_processor, None
 
 
 def prepare_tokenizer(tokenizer: Any) -> Any:

@@ -163,6 +163,26 @@ KINDS: dict[str, PointKind] = {
             "Each position's value vector for head h through head h's block of W_O.",
         ),
         PointKind(
+            "vision_resid_out",
+            "layer",
+            "[images, patches, d_vision]",
+            "Output of block l of the vision encoder (vision-language models; no position axis: "
+            "the whole tensor the block returns).",
+        ),
+        PointKind(
+            "vision_attn_out",
+            "layer",
+            "[images, patches, d_vision]",
+            "Output of the attention module of vision block l.",
+        ),
+        PointKind(
+            "projector_out",
+            "model",
+            "[images, image_tokens, d_model]",
+            "The image features in the language model's space (what replaces the image tokens' "
+            "embeddings; flattened it equals resid_in_0 at 'all-image').",
+        ),
+        PointKind(
             "avg_projected_value",
             "head",
             "[P, d_model]",

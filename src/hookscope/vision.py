@@ -8,6 +8,7 @@ below only names the fields a family cannot run correctly without.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -91,3 +92,53 @@ def prepare_multimodal(kwargs: dict[str, Any], model: nn.Module, accepted: froze
         kwargs["token_type_ids"] = (
             image_tokens.long() if rule == "image" else torch.zeros_like(ids, dtype=torch.long)
         )
+
+
+# -- the vision tower and the projector --------------------------------------------------------
+VISION_TOWERS = ("vision_tower", "vision_model", "visual")
+PROJECTORS = ("multi_modal_projector", "connector", "merger")
+ATTENTION_CHILDREN = ("self_attn", "attention", "attn")
+
+
+@dataclass
+class VisionMap:
+    """Where the vision side of a vision-language model lives.
+
+    Attributes:
+        tower_path: dotted path of the vision encoder (``model.vision_tower``).
+        layers: its transformer blocks, in order (CLIP / SigLIP ``encoder.layers``, Pixtral
+            ``transformer.layers``, Qwen2-VL ``blocks``).
+        attention: each block's attention module.
+        projector: the module that maps vision features into the language model's embedding
+            space (``multi_modal_projector``, Idefics3's ``connector``, Qwen2-VL's ``merger``).
+    """
+
+    tower_path: str
+    layers: list[nn.Module]
+    attention: list[nn.Module]
+    projector: nn.Module | None
+
+
+def find_vision_map(model: nn.Module) -> VisionMap | None:
+    """The :class:`VisionMap` of ``model``, found by structure, or None for a text-only model
+    (or one whose image encoder is no transformer, such as Chameleon's VQ-VAE)."""
+    modules = dict(model.named_modules())
+    towers = [p for p in modules if p.rsplit(".", 1)[-1] in VISION_TOWERS]
+    if not towers:
+        return None
+    tower_path = min(towers, key=len)
+    stacks = [
+        m
+        for p, m in modules.items()
+        if p.startswith(tower_path + ".") and isinstance(m, nn.ModuleList) and len(m) > 0
+    ]
+    if not stacks:
+        return None
+    layers = list(max(stacks, key=len))
+    attention = []
+    for block in layers:
+        child = next((getattr(block, n) for n in ATTENTION_CHILDREN if hasattr(block, n)), None)
+        attention.append(child)
+    projectors = [p for p in modules if p.rsplit(".", 1)[-1] in PROJECTORS]
+    projector = modules[min(projectors, key=len)] if projectors else None
+    return VisionMap(tower_path, layers, attention, projector)
