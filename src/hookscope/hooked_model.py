@@ -22,7 +22,7 @@ from .editing import CallWindow, prepare
 from .errors import HookscopeError, InputError, PositionError
 from .hooks import ModuleHook, as_module_hook, get_module, installed, register
 from .inputs import model_input_names, prepare_inputs, tokenize
-from .interventions import AnyIntervention
+from .interventions import AnyIntervention, PatternEdit, image_text_block
 from .loading import DEFAULT_MODEL_ID, load_model_and_tokenizer, prepare_tokenizer, split_processor
 from .plan import ExtractionPlan, plan_extraction
 from .positions import PositionContext, PositionItem, ResolvedPositions, normalize_items
@@ -121,6 +121,26 @@ class HookedModel:
         a model without one. Image position items (``"all-image"``, ...) are resolved from it."""
         token = image_token_id(self.hf_model.config)
         return None if token is None else input_ids == token
+
+    def image_text_block(
+        self,
+        direction: str = "text-to-image",
+        layers: list[int] | None = None,
+        heads: list[int] | str = "all",
+    ) -> list[PatternEdit]:
+        """Interventions that cut attention between text and image tokens in ``layers``
+        (default: every layer) for ``heads``: ``"text-to-image"`` (text queries may not attend
+        to image keys), ``"image-to-text"`` or ``"both"``. Pass them as ``interventions=``.
+
+        Raises:
+            PositionError: on a model without an image token.
+        """
+        if image_token_id(self.hf_model.config) is None:
+            raise PositionError(
+                f"image_text_block: {self.model_name!r} has no image token id in its config "
+                "(a text-only model)."
+            )
+        return image_text_block(self.model_map.n_layers, direction, layers, heads)
 
     def _position_context(
         self, model_inputs: dict[str, Any], pivot_positions, seed: int

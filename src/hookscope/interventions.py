@@ -281,3 +281,46 @@ def from_reference(query: dict[str, Any] | Any) -> AnyIntervention:
         f"reference intervention type {kind!r} on {activation!r} is not supported; valid types: "
         "'full' on vector points, 'rows' / 'columns' / 'grid' (optionally '_pre_softmax') on pattern_L{l}H{h}."
     )
+
+
+IMAGE_TEXT_DIRECTIONS = ("text-to-image", "image-to-text", "both")
+
+
+def image_text_block(
+    n_layers: int,
+    direction: str = "text-to-image",
+    layers: list[int] | None = None,
+    heads: list[int] | Literal["all"] = "all",
+) -> list[PatternEdit]:
+    """Pattern edits that cut attention between text and image tokens (before the softmax, so
+    each row renormalises over what it may still attend to).
+
+    ``"text-to-image"``: text queries may not attend to image keys (text then reads nothing of
+    the pixels); ``"image-to-text"``: image queries may not attend to text keys; ``"both"``.
+    Text means every real token that is not an image token (markers such as
+    ``<start_of_image>`` included).
+
+    Raises:
+        HookscopeError: for an unknown direction.
+    """
+    if direction not in IMAGE_TEXT_DIRECTIONS:
+        raise HookscopeError(
+            f"image-text block direction {direction!r} is not one of {IMAGE_TEXT_DIRECTIONS}."
+        )
+    pairs = []
+    if direction in ("text-to-image", "both"):
+        pairs.append((["all-text"], ["all-image"]))
+    if direction in ("image-to-text", "both"):
+        pairs.append((["all-image"], ["all-text"]))
+    return [
+        PatternEdit(
+            layer=layer,
+            heads=heads,
+            query_positions=queries,
+            key_positions=keys,
+            op="block",
+            stage="pre",
+        )
+        for layer in (range(n_layers) if layers is None else layers)
+        for queries, keys in pairs
+    ]
