@@ -27,7 +27,14 @@ from .loading import DEFAULT_MODEL_ID, load_model_and_tokenizer, prepare_tokeniz
 from .plan import ExtractionPlan, plan_extraction
 from .positions import PositionContext, PositionItem, ResolvedPositions, normalize_items
 from .store import ActivationStore, StoreWriter, describe
-from .vision import VisionMap, find_vision_map, image_token_id
+from .vision import (
+    ImageLayout,
+    VisionMap,
+    find_vision_map,
+    image_layout,
+    image_token_id,
+    number_images,
+)
 from .vision_points import vision_capture_hooks, vision_points
 
 
@@ -65,6 +72,8 @@ class HookedModel:
         self.model_map: ModelMap = resolve_architecture(hf_model)
         #: the vision encoder and projector of a vision-language model (None for text-only)
         self.vision_map: VisionMap | None = find_vision_map(hf_model)
+        #: how image tokens form images in input_ids (None for text-only models)
+        self.image_layout: ImageLayout | None = image_layout(hf_model.config, self.tokenizer)
         self.model_name = self.config.model_name or (
             DEFAULT_MODEL_ID if loaded_here else type(hf_model).__name__
         )
@@ -122,6 +131,12 @@ class HookedModel:
         token = image_token_id(self.hf_model.config)
         return None if token is None else input_ids == token
 
+    def image_numbers(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """``[batch, seq]`` long: k at the tokens of each example's k-th image (0-based),
+        -1 elsewhere; None for a model without images. ``"first-image:k"`` and the other
+        ``:k`` items address these images."""
+        return None if self.image_layout is None else number_images(input_ids, self.image_layout)
+
     def image_text_block(
         self,
         direction: str = "text-to-image",
@@ -147,7 +162,7 @@ class HookedModel:
     ) -> PositionContext:
         ids = model_inputs["input_ids"]
         return PositionContext(
-            model_inputs["attention_mask"], ids, pivot_positions, seed, self.image_mask(ids)
+            model_inputs["attention_mask"], ids, pivot_positions, seed, self.image_layout
         )
 
     def device(self) -> torch.device:

@@ -16,11 +16,18 @@ the last real one. The items:
                            own token ids (so a row draws the same tokens in any batch), sorted
 ``"inputs-partition-k"``   the k-th group of real tokens split at ``pivot_positions``
                            (``[0, p0)``, ``[p0, p1)``, ..., ``[p_last, length)``)
-``"all-image"`` ...        image tokens (vision-language models, from ``image_mask``):
-                           ``all-image``, ``first-image``, ``last-image``, ``start-image`` /
+``"all-image"`` ...        image tokens (vision-language models, from the config's image token
+                           id): ``all-image``, ``first-image``, ``last-image``, ``start-image`` /
                            ``end-image`` (the token before the first / after the last image
                            token), ``random-image-N``
+``"first-image:k"`` ...    the same for image k of the example only (0-based in order of
+                           appearance; negative counts from the end: ``"end-image:-1"``)
 =========================  =====================================================================
+
+Several images per example: images are numbered per example in order of appearance. An image
+is a run of image tokens; the runs of one image are joined across the family's in-image markers
+(Pixtral's ``[IMG_BREAK]`` rows, Idefics3 / SmolVLM tiles up to the ``<global-img>`` view; see
+:func:`hookscope.vision.number_images`). Items without ``:k`` span all images of the example.
 
 Items may select a different number of tokens per example (``"all"`` under padding). Each item
 gets as many slots as its longest selection; shorter rows are padded, and ``mask`` says which
@@ -37,11 +44,13 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import PositionError, choices
+from .vision import ImageLayout, number_images
 
 PositionItem = str | int | tuple[int, int]
 
 NAMED_ITEMS = ("last", "first", "all", "all-text")
 IMAGE_ITEMS = ("all-image", "first-image", "last-image", "start-image", "end-image")
+_IMAGE_ITEM = re.compile(r"^(?P<kind>all|first|last|start|end)-image(?::(?P<image>-?\d+))?$")
 _LAST_K = re.compile(r"^last-(\d+)$")
 _RANDOM_TEXT = re.compile(r"^random-text(?:-(\d+))?$")
 _PARTITION = re.compile(r"^inputs-partition-(\d+)$")
@@ -189,7 +198,7 @@ def _check_form(item: object) -> None:
         raise PositionError(
             f"position item {item!r} has type {type(item).__name__}. Valid items: {_valid_choices()}."
         )
-    if item in IMAGE_ITEMS or _RANDOM_IMAGE.match(item):
+    if _IMAGE_ITEM.match(item) or _RANDOM_IMAGE.match(item):
         return  # checked against the batch's image tokens when resolved
     if item in NAMED_ITEMS:
         return
@@ -319,34 +328,62 @@ def _image_lists(
 ) -> list[list[int]]:
     """Per row, indices into the real tokens that an image item selects.
 
+    ``image_real[b]`` holds, per real token of row b, its image number (-1: not an image token).
     ``first-image`` / ``last-image``: the first / last image token; ``all-image``: every image
-    token (all images of the example, in order); ``start-image`` / ``end-image``: the token just
-    before the first / just after the last image token (the processor's start / end marker where
-    it emits one)."""
+    token; ``start-image`` / ``end-image``: the token just before the first / just after the
+    last image token (the processor's start / end marker where it emits one). With ``:k``, of
+    image k only; without, of all images of the example."""
     if image_real is None:
         raise PositionError(
             f"position item {item!r} addresses image tokens, but this model has no image token id "
             f"(a text-only model). Valid items here: {_valid_choices()}."
         )
+    match = _IMAGE_ITEM.match(item)
+    kind, which = match["kind"], match["image"]
     lists = []
-    for row, flags in enumerate(image_real):
-        where = torch.nonzero(flags).flatten().tolist()
-        if not where:
+    for row, numbers in enumerate(image_real):
+        n_images = int(numbers.max()) + 1 if numbers.numel() else 0
+        if n_images == 0:
             raise PositionError(f"position item {item!r}: example {row} has no image token.")
+        selected = numbers >= 0
+        if which is not None:
+            k = int(which)
+            if not -n_images <= k < n_images:
+                raise PositionError(
+                    f"position item {item!r}: example {row} has {n_images} image(s); valid image "
+                    f"numbers: 0..{n_images - 1} or -{n_images}..-1."
+                )
+            selected = numbers == (k % n_images)
+        where = torch.nonzero(selected).flatten().tolist()
         n = int(lengths[row])
         chosen = {
-            "all-image": where,
-            "first-image": [where[0]],
-            "last-image": [where[-1]],
-            "start-image": [where[0] - 1],
-            "end-image": [where[-1] + 1],
-        }[item]
+            "all": where,
+            "first": [where[0]],
+            "last": [where[-1]],
+            "start": [where[0] - 1],
+            "end": [where[-1] + 1],
+        }[kind]
         if not all(0 <= i < n for i in chosen):
             raise _out_of_range(
                 item, row, n, "the image touches the sequence edge: no marker there"
             )
         lists.append(chosen)
     return lists
+
+
+def _image_numbers(
+    image_mask: torch.Tensor | None,
+    layout: ImageLayout | None,
+    input_ids: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """``[batch, seq]`` image numbers (-1: not an image token) on the CPU, or None."""
+    if image_mask is not None:
+        if image_mask.dtype == torch.bool:
+            return number_images(image_mask.long(), ImageLayout(token=1))
+        return image_mask.detach().to("cpu").long()
+    if layout is not None and input_ids is not None:
+        return number_images(input_ids, layout)
+    return None
 
 
 def _from_lists(lists: list[list[int]], lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -364,7 +401,7 @@ def _from_lists(lists: list[list[int]], lengths: torch.Tensor) -> tuple[torch.Te
 def _needs_rows(item: PositionItem) -> bool:
     """True for items resolved row by row (random draws, image items, ``all-text``)."""
     return isinstance(item, str) and bool(
-        item in IMAGE_ITEMS
+        _IMAGE_ITEM.match(item)
         or item == "all-text"
         or _RANDOM_TEXT.match(item)
         or _RANDOM_IMAGE.match(item)
@@ -378,6 +415,7 @@ def resolve_positions(
     pivot_positions: Sequence[int] | None = None,
     seed: int = 0,
     image_mask: torch.Tensor | None = None,
+    image_layout: ImageLayout | None = None,
 ) -> ResolvedPositions:
     """Resolve ``items`` for every row of a batch.
 
@@ -387,8 +425,11 @@ def resolve_positions(
         input_ids: ``[batch, seq]``, used to seed random items.
         pivot_positions: split points for ``inputs-partition-k``.
         seed: base seed for random items.
-        image_mask: ``[batch, seq]`` bool, True at image tokens (vision-language models); image
-            items need it, and text items (``all-text``, ``random-text-N``) then skip image tokens.
+        image_mask: ``[batch, seq]`` bool, True at image tokens (each run of them one image), or
+            image numbers (-1 at other tokens); or instead
+        image_layout: the model's :class:`hookscope.vision.ImageLayout`, numbered from
+            ``input_ids`` when an image item needs it. Image items need one of the two, and
+            text items (``all-text``, ``random-text-N``) then skip image tokens.
 
     Raises:
         PositionError: naming the item and the example it does not fit.
@@ -406,11 +447,11 @@ def resolve_positions(
         if input_ids is not None:
             ids = input_ids.detach().to("cpu")
             real_ids = [ids[b, real[b, :n]] for b, n in enumerate(n_real)]
-        if image_mask is not None:
-            flags = image_mask.detach().to("cpu").bool()
-            image_real = [flags[b, real[b, :n]] for b, n in enumerate(n_real)]
+        numbers = _image_numbers(image_mask, image_layout, input_ids)
+        if numbers is not None:
+            image_real = [numbers[b, real[b, :n]] for b, n in enumerate(n_real)]
         text_pool = [
-            torch.arange(n) if image_real is None else torch.nonzero(~image_real[b]).flatten()
+            torch.arange(n) if image_real is None else torch.nonzero(image_real[b] < 0).flatten()
             for b, n in enumerate(n_real)
         ]
 
@@ -428,7 +469,7 @@ def resolve_positions(
             relative, block_valid = _from_lists(
                 _random_draw(item, count, pool, lengths, real_ids, seed), lengths
             )
-        elif item in IMAGE_ITEMS:
+        elif _IMAGE_ITEM.match(str(item)):
             relative, block_valid = _from_lists(_image_lists(item, image_real, lengths), lengths)
         elif item == "all-text" and image_real is not None:
             relative, block_valid = _from_lists([p.tolist() for p in text_pool], lengths)
@@ -457,13 +498,13 @@ def resolve_positions(
 @dataclass(frozen=True)
 class PositionContext:
     """What position items of one batch resolve against: its attention mask ``[batch, seq]``,
-    input ids, image-token mask, ``pivot_positions`` and the seed of random items."""
+    input ids, the image layout, ``pivot_positions`` and the seed of random items."""
 
     attention_mask: torch.Tensor
     input_ids: torch.Tensor | None = None
     pivot_positions: Sequence[int] | None = None
     seed: int = 0
-    image_mask: torch.Tensor | None = None
+    image_layout: ImageLayout | None = None
 
     def resolve(self, items: object) -> ResolvedPositions:
         """Check ``items`` (:func:`normalize_items`) and resolve them for every row."""
@@ -473,5 +514,5 @@ class PositionContext:
             self.input_ids,
             self.pivot_positions,
             self.seed,
-            self.image_mask,
+            image_layout=self.image_layout,
         )

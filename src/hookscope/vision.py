@@ -142,3 +142,96 @@ def find_vision_map(model: nn.Module) -> VisionMap | None:
     projectors = [p for p in modules if p.rsplit(".", 1)[-1] in PROJECTORS]
     projector = modules[min(projectors, key=len)] if projectors else None
     return VisionMap(tower_path, layers, attention, projector)
+
+
+# -- several images per example ----------------------------------------------------------------
+# model_type -> tokens that may sit between the image-token runs of ONE image ("joiners": rows
+# of Pixtral patches, Idefics3 tiles) and tokens after which a run ends its image ("closers":
+# Idefics3 puts the global view last)
+_TILE_MARKERS = (
+    "<fake_token_around_image>",
+    "<global-img>",
+    "\n",
+    "Ċ",
+    *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)),
+)
+IMAGE_LAYOUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "mistral3": (("[IMG_BREAK]",), ()),
+    "pixtral": (("[IMG_BREAK]",), ()),
+    "idefics3": (_TILE_MARKERS, ("<global-img>",)),
+    "smolvlm": (_TILE_MARKERS, ("<global-img>",)),
+}
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """How image tokens form images in ``input_ids``: the image token, plus the ids that join
+    the runs of one image and the ids that close an image (see :func:`number_images`)."""
+
+    token: int
+    joiners: tuple[int, ...] = ()
+    closers: tuple[int, ...] = ()
+    per_image: int | None = None  # fixed token count per image: splits adjacent images
+
+
+def image_layout(config: Any, tokenizer: Any) -> ImageLayout | None:
+    """The :class:`ImageLayout` of a model (None without an image token); marker ids come from
+    the tokenizer's vocabulary."""
+    token = image_token_id(config)
+    if token is None:
+        return None
+    joiners, closers = IMAGE_LAYOUTS.get(getattr(config, "model_type", ""), ((), ()))
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+
+    def ids(tokens: tuple[str, ...]) -> tuple[int, ...]:
+        return tuple(sorted({vocab[t] for t in tokens if t in vocab}))
+
+    return ImageLayout(token, ids(joiners), ids(closers), _tokens_per_image(config))
+
+
+def _tokens_per_image(config: Any) -> int | None:
+    """Image tokens per image where the family fixes it (Llava, PaliGemma): a processor puts
+    adjacent images' tokens in one run, which this count splits."""
+    model_type = getattr(config, "model_type", "")
+    vision = getattr(config, "vision_config", None)
+    if model_type not in ("llava", "paligemma") or vision is None:
+        return None
+    patches = (vision.image_size // vision.patch_size) ** 2
+    if model_type == "llava" and getattr(config, "vision_feature_select_strategy", "") == "full":
+        patches += 1  # the CLS token is kept
+    return patches
+
+
+def number_images(input_ids: torch.Tensor, layout: ImageLayout) -> torch.Tensor:
+    """``[batch, seq]`` long: k at the image tokens of the row's k-th image (0-based, in order),
+    -1 elsewhere.
+
+    An image is a maximal run of image tokens, joined with the next run when only ``joiners``
+    sit between them (Pixtral's ``[IMG_BREAK]`` rows, Idefics3's tiles), unless a ``closers``
+    token directly precedes the run (Idefics3's ``<global-img>`` view ends an image).
+    """
+    ids = input_ids.detach().to("cpu")
+    is_image = ids == layout.token
+    numbers = torch.full_like(ids, -1)
+    joiner = torch.isin(ids, torch.tensor(layout.joiners, dtype=ids.dtype)) & ~is_image
+    # count of tokens that separate images (neither image tokens nor joiners) up to each index
+    breaks = torch.cumsum((~is_image & ~joiner).long(), dim=1)
+    previous = torch.nn.functional.pad(is_image[:, :-1], (1, 0))
+    following = torch.nn.functional.pad(is_image[:, 1:], (0, 1))
+    for row in range(ids.shape[0]):
+        starts = torch.nonzero(is_image[row] & ~previous[row]).flatten().tolist()
+        ends = torch.nonzero(is_image[row] & ~following[row]).flatten().tolist()
+        count, open_end = -1, None
+        for start, end in zip(starts, ends, strict=True):
+            joins = open_end is not None and int(breaks[row, start]) == int(breaks[row, open_end])
+            count += 0 if joins else 1
+            length = end + 1 - start
+            if layout.per_image and length > layout.per_image and length % layout.per_image == 0:
+                chunk = torch.arange(length) // layout.per_image  # adjacent images, one run
+                numbers[row, start : end + 1] = count + chunk
+                count += int(chunk[-1])
+            else:
+                numbers[row, start : end + 1] = count
+            closed = start > 0 and int(ids[row, start - 1]) in layout.closers
+            open_end = None if closed else end
+    return numbers
