@@ -23,7 +23,6 @@ from .config import ExtractionConfig
 from .editing import CallWindow, prepare
 from .errors import HookscopeError, PositionError
 from .hooks import ModuleHook, installed
-from .inputs import prepare_inputs
 from .plan import plan_extraction
 from .positions import ResolvedPositions
 
@@ -72,7 +71,7 @@ def generate(
 ) -> torch.Tensor | list[str] | ActivationCache:
     """See :meth:`hookscope.HookedModel.generate`."""
     tokenizer = hm.get_text_tokenizer()
-    model_inputs = prepare_inputs(inputs, hm.hf_model, tokenizer, hm.device())
+    model_inputs = hm.prepare_inputs(inputs)
     model_inputs.pop("position_ids", None)  # generate derives them from the mask itself
     context = hm._position_context(model_inputs, pivot_positions, seed)
     mask = context.attention_mask

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -28,10 +28,12 @@ from .plan import ExtractionPlan, plan_extraction
 from .positions import PositionContext, PositionItem, ResolvedPositions, normalize_items
 from .store import ActivationStore, StoreWriter, describe
 from .vision import (
+    PIXEL_FIELDS,
     ImageLayout,
     VisionMap,
     find_vision_map,
     image_layout,
+    image_placeholder,
     image_token_id,
     number_images,
 )
@@ -77,6 +79,7 @@ class HookedModel:
         self.model_name = self.config.model_name or (
             DEFAULT_MODEL_ID if loaded_here else type(hf_model).__name__
         )
+        self._language_only = False  # use_language_model_only()
         self._persistent_handles: list[RemovableHandle] = []
         self._registered_interventions: list[AnyIntervention] = []
         self._busy = threading.RLock()  # one call at a time: hooks live on the shared modules
@@ -108,8 +111,51 @@ class HookedModel:
 
     # -- accessors -----------------------------------------------------------------------------
     def get_tokenizer(self) -> Any:
-        """The tokenizer (or the processor, for a vision-language model that has one)."""
-        return self.processor if self.processor is not None else self.tokenizer
+        """The tokenizer (or the processor, for a vision-language model that has one, unless
+        :meth:`use_language_model_only` is on)."""
+        if self.processor is not None and not self._language_only:
+            return self.processor
+        return self.tokenizer
+
+    def get_image_placeholder(self) -> str:
+        """The text that stands for one image in a prompt, as the processor expects it
+        (``"<image>"``, Gemma3's ``"<start_of_image>"``, Qwen2-VL's
+        ``"<|vision_start|><|image_pad|><|vision_end|>"``, Pixtral's ``"[IMG]"``).
+
+        Raises:
+            HookscopeError: for a model without a processor.
+        """
+        return image_placeholder(self.get_processor(), self.hf_model.config)
+
+    def use_language_model_only(self) -> HookedModel:
+        """Treat this vision-language model as its language model: text-only inputs, the
+        vision encoder never runs (inputs with pixels raise), ``get_tokenizer()`` gives the text
+        tokenizer. Every accessor keeps working (the model is not replaced). Returns self."""
+        self._language_only = True
+        return self
+
+    def use_full_model(self) -> HookedModel:
+        """Undo :meth:`use_language_model_only`. Returns self."""
+        self._language_only = False
+        return self
+
+    def prepare_inputs(self, inputs: Any, device: Any = None) -> dict[str, Any]:
+        """``inputs`` as keyword arguments of the HF forward on ``device`` (default: the
+        model's), checked and completed (see :func:`hookscope.inputs.prepare_inputs`).
+
+        Raises:
+            InputError: for malformed inputs, or pixels under :meth:`use_language_model_only`.
+        """
+        if self._language_only and isinstance(inputs, Mapping):
+            pixels = [f for f in PIXEL_FIELDS if inputs.get(f) is not None]
+            if pixels:
+                raise InputError(
+                    f"use_language_model_only() is on, but the inputs carry {', '.join(pixels)}: "
+                    "pass text only, or call use_full_model() first."
+                )
+        return prepare_inputs(
+            inputs, self.hf_model, self.get_text_tokenizer(), device or self.device()
+        )
 
     def get_text_tokenizer(self) -> Any:
         """The text tokenizer, also for a model with a processor."""
@@ -326,9 +372,7 @@ class HookedModel:
             PositionError, InputError, ActivationPointError: for bad input, before the forward.
         """
         config = extraction_config or ExtractionConfig()
-        model_inputs = prepare_inputs(
-            inputs, self.hf_model, self.get_text_tokenizer(), self.device()
-        )
+        model_inputs = self.prepare_inputs(inputs)
         model_inputs.update(model_kwargs)
         plan = plan_extraction(config, self.model_map)
         if target_token_positions is None:

@@ -16,7 +16,6 @@ import torch
 
 from .config import ExtractionConfig
 from .errors import HookscopeError
-from .inputs import prepare_inputs
 from .points import parse_point
 from .positions import normalize_items, resolve_positions
 
@@ -108,7 +107,7 @@ def logit_lens(
         raise HookscopeError(
             f"the logit lens reads residual points {sorted(flags)}, got {point!r}."
         )
-    model_inputs = prepare_inputs(inputs, hm.hf_model, hm.get_text_tokenizer(), hm.device())
+    model_inputs = hm.prepare_inputs(inputs)
     config = ExtractionConfig(
         **{flags[point]: True}, layers=list(layers) if layers is not None else None
     )

@@ -23,7 +23,7 @@ from .capture import PointSite, locate
 from .config import ExtractionConfig
 from .errors import HookscopeError, InputError
 from .hooks import ModuleHook, installed, reading_hook, replacing_hook
-from .inputs import model_input_names, prepare_inputs
+from .inputs import model_input_names
 from .interventions import Patch
 from .points import Point
 from .positions import resolve_positions
@@ -73,9 +73,7 @@ class PatchingResult:
 
 # -- inputs and metrics ------------------------------------------------------------------------
 def _pair(hm, clean: Any, corrupt: Any) -> tuple[dict, dict]:
-    device, tokenizer = hm.device(), hm.get_text_tokenizer()
-    clean = prepare_inputs(clean, hm.hf_model, tokenizer, device)
-    corrupt = prepare_inputs(corrupt, hm.hf_model, tokenizer, device)
+    clean, corrupt = hm.prepare_inputs(clean), hm.prepare_inputs(corrupt)
     if clean["input_ids"].shape != corrupt["input_ids"].shape or not torch.equal(
         clean["attention_mask"], corrupt["attention_mask"]
     ):
@@ -513,8 +511,7 @@ def compute_patching(
         )
     for index, (base, target) in enumerate(zip(base_batches, target_batches, strict=True)):
         base_rows, target_rows = (
-            len(prepare_inputs(b, hm.hf_model, hm.get_text_tokenizer(), "cpu")["input_ids"])
-            for b in (base, target)
+            len(hm.prepare_inputs(b, "cpu")["input_ids"]) for b in (base, target)
         )
         if base_rows != target_rows:
             raise InputError(

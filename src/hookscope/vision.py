@@ -43,6 +43,23 @@ def computes_own_positions(model: nn.Module, accepted: frozenset[str]) -> bool:
     return "mm_token_type_ids" in accepted
 
 
+# model_type -> how the processor's image token sits in a prompt, where it is not alone
+PLACEHOLDER_TEMPLATES = {
+    "qwen2_vl": "<|vision_start|>{image}<|vision_end|>",
+    "qwen2_5_vl": "<|vision_start|>{image}<|vision_end|>",
+}
+
+
+def image_placeholder(processor: Any, config: Any) -> str:
+    """The prompt text for one image: the processor's image token (Gemma3's processor names
+    ``<start_of_image>`` so), in the family's template."""
+    token = getattr(processor, "image_token", None) or getattr(processor, "boi_token", None)
+    if token is None:
+        raise InputError(f"the processor {type(processor).__name__} names no image token.")
+    template = PLACEHOLDER_TEMPLATES.get(getattr(config, "model_type", ""), "{image}")
+    return template.format(image=token)
+
+
 def first_position(model: nn.Module) -> int:
     """The position id of a sequence's first token (PaliGemma counts from 1)."""
     return FIRST_POSITION.get(getattr(model.config, "model_type", ""), 0)
