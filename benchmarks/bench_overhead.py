@@ -37,8 +37,12 @@ def make_batch(vocab: int, batch: int = 8, seq: int = 128) -> dict[str, torch.Te
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def bench(hm: HookedModel, repeats: int) -> dict[str, list[float]]:
-    batch = make_batch(hm.hf_model.config.vocab_size)
+def bench(
+    hm: HookedModel, repeats: int, batch: dict[str, torch.Tensor] | None = None
+) -> dict[str, list[float]]:
+    """Plain HF forward (with / without hidden states) vs hookscope extracting every layer's
+    resid_out at "last" / "all" positions, interleaved; ``batch`` defaults to 8 x 128."""
+    batch = batch if batch is not None else make_batch(hm.hf_model.config.vocab_size)
     position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     resid = ExtractionConfig(extract_resid_out=True)
     no_logits = ExtractionConfig(extract_resid_out=True, save_logits=False)

@@ -79,37 +79,6 @@ def make_batch(vocab: int, batch: int, seq: int, device: str) -> dict[str, torch
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
 
-def overhead(hm, batch: dict, repeats: int) -> dict:
-    from common import interleaved
-
-    from hookscope import ExtractionConfig
-
-    position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-    resid = ExtractionConfig(extract_resid_out=True)
-    no_logits = ExtractionConfig(extract_resid_out=True, save_logits=False)
-
-    @torch.no_grad()
-    def hf():
-        return hm.hf_model(**batch, position_ids=position_ids, use_cache=False)
-
-    @torch.no_grad()
-    def hf_hidden():
-        return hm.hf_model(
-            **batch, position_ids=position_ids, use_cache=False, output_hidden_states=True
-        )
-
-    return interleaved(
-        {
-            "hf": hf,
-            "hf_hidden": hf_hidden,
-            "last": lambda: hm.forward(batch, ["last"], extraction_config=resid),
-            "all": lambda: hm.forward(batch, ["all"], extraction_config=resid),
-            "last_nologit": lambda: hm.forward(batch, ["last"], extraction_config=no_logits),
-        },
-        repeats,
-    )
-
-
 def attention(hm, eager_model, batch: dict, repeats: int) -> dict:
     from common import interleaved
 
@@ -192,6 +161,7 @@ def main() -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu-check: no CUDA device here; run it on a machine with one.")
         return 1
+    from bench_overhead import bench as bench_overhead
     from common import machine, table
     from tiny_models import FAMILIES, build_model, build_tokenizer
 
@@ -227,7 +197,7 @@ def main() -> int:
 
     for batch_size, seq in ((8, 128), (32, 512)):
         batch = make_batch(smol.hf_model.config.vocab_size, batch_size, seq, args.device)
-        times = overhead(smol, batch, args.repeats)
+        times = bench_overhead(smol, args.repeats, batch)
         lines += [
             "",
             f"### Overhead: {smol_label}, {args.dtype}, batch {batch_size} x {seq}, "

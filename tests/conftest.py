@@ -6,6 +6,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from tiny_models import FAMILIES  # noqa: E402
+from tiny_vlms import VLM_FAMILIES  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
@@ -95,3 +96,11 @@ def tiny_folder(tmp_path_factory):
     build_model("llama").save_pretrained(folder)
     build_tokenizer().save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module", params=sorted(VLM_FAMILIES))
+def vlm(request):
+    """A tiny vision-language model with its offline processor, one per supported family."""
+    from tiny_vlms import build_vlm
+
+    return build_vlm(request.param)

@@ -5,18 +5,10 @@ examples one by one."""
 
 from __future__ import annotations
 
-import pytest
 import torch
-from tiny_vlms import VLM_FAMILIES, build_vlm, image
+from tiny_vlms import image
 
 from hookscope import ExtractionConfig, HookedModel
-
-FAMILIES = sorted(VLM_FAMILIES)
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def vlm(request):
-    return build_vlm(request.param)
 
 
 def _texts(vlm):

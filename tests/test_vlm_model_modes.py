@@ -5,15 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_vlms import VLM_FAMILIES, build_vlm, image
+from tiny_vlms import build_vlm, image
 
 from hookscope import ExtractionConfig, HookedModel
 from hookscope.errors import HookscopeError, InputError, PositionError
-
-
-@pytest.fixture(scope="module", params=sorted(VLM_FAMILIES))
-def vlm(request):
-    return build_vlm(request.param)
 
 
 def test_accessors_and_placeholder(vlm):

@@ -7,15 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_vlms import VLM_FAMILIES, build_vlm, image
+from tiny_vlms import image
 
 from hookscope import ExtractionConfig, HookedModel
 from hookscope.errors import PositionError
-
-
-@pytest.fixture(scope="module", params=sorted(VLM_FAMILIES))
-def vlm(request):
-    return build_vlm(request.param)
 
 
 def _two_image_text(vlm):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_vlms import VLM_FAMILIES, build_vlm, image
+from tiny_vlms import build_vlm, image
 
 from hookscope import ExtractionConfig, HookedModel
 from hookscope.errors import ActivationPointError, HookscopeError
@@ -18,11 +18,6 @@ VISION = ExtractionConfig(
     extract_resid_in=True,
     extract_resid_out=True,
 )
-
-
-@pytest.fixture(scope="module", params=sorted(VLM_FAMILIES))
-def vlm(request):
-    return build_vlm(request.param)
 
 
 def _inputs(vlm, seeds=(0, 1)):

@@ -14,24 +14,13 @@ from typing import Any
 import numpy as np
 import torch
 import transformers as tf
-from tiny_models import _CORPUS
+from tiny_models import _COMMON, _CORPUS
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 TEXT_VOCAB = 448
 IMAGE_SIZE = 32
-_TEXT = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    vocab_size=TEXT_VOCAB,
-    max_position_embeddings=512,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+# the tiny text stack of tiny_models, with room for the image tokens and longer prompts
+_TEXT = {**_COMMON, "vocab_size": TEXT_VOCAB, "max_position_embeddings": 512}
 _VISION = dict(
     hidden_size=32,
     intermediate_size=64,
@@ -232,15 +221,7 @@ def _gemma3() -> TinyVLM:
 def _mistral3() -> TinyVLM:
     tok = _tokenizer(("[IMG]", "[IMG_BREAK]", "[IMG_END]"), ())
     text = tf.MistralConfig(**_TEXT, sliding_window=None)
-    vision = tf.PixtralVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=IMAGE_SIZE,
-        patch_size=8,
-        head_dim=16,
-    )
+    vision = tf.PixtralVisionConfig(**_VISION, head_dim=16)
     config = tf.Mistral3Config(
         text_config=text,
         vision_config=vision,
