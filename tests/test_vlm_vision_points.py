@@ -20,12 +20,29 @@ VISION = ExtractionConfig(
 )
 
 
+@pytest.fixture
+def tower_vlm(vlm):
+    """The families with a vision transformer (all but Chameleon, whose VQ-VAE has none)."""
+    if vlm.family == "chameleon":
+        pytest.skip("Chameleon's image encoder is a VQ-VAE: no vision points (tested below)")
+    return vlm
+
+
+def test_chameleon_has_no_vision_points():
+    vlm = build_vlm("chameleon")
+    hm = HookedModel.from_hf(vlm.model, vlm.processor)
+    assert hm.vision_map is None
+    with pytest.raises(ActivationPointError, match="no vision tower"):
+        hm.forward(_inputs(vlm), ["last"], extraction_config=VISION)
+
+
 def _inputs(vlm, seeds=(0, 1)):
     texts = ["Look: " + vlm.prompt, "A cat. " + vlm.prompt + " Paris"][: len(seeds)]
     return vlm.inputs(texts, [[image(s)] for s in seeds])
 
 
-def test_projector_out_is_what_replaces_the_image_embeddings(vlm):
+def test_projector_out_is_what_replaces_the_image_embeddings(tower_vlm):
+    vlm = tower_vlm
     if vlm.family == "llava_next":
         pytest.skip("Llava-NeXt re-packs the projected crops (unpadding, newline rows) first")
     hm = HookedModel.from_hf(vlm.model, vlm.processor)
@@ -37,7 +54,8 @@ def test_projector_out_is_what_replaces_the_image_embeddings(vlm):
     assert torch.equal(features, embedded)
 
 
-def test_vision_resid_out_feeds_the_next_block(vlm):
+def test_vision_resid_out_feeds_the_next_block(tower_vlm):
+    vlm = tower_vlm
     hm = HookedModel.from_hf(vlm.model, vlm.processor)
     seen = {}
 
@@ -67,7 +85,8 @@ def test_llava_vision_points_by_hand():
     assert torch.equal(cache["projector_out"], projected)
 
 
-def test_patching_the_vision_tower_restores_the_other_image(vlm):
+def test_patching_the_vision_tower_restores_the_other_image(tower_vlm):
+    vlm = tower_vlm
     hm = HookedModel.from_hf(vlm.model, vlm.processor)
     last = len(hm.vision_map.layers) - 1
     clean = hm.forward(_inputs(vlm, (0, 1)), ["all"], extraction_config=VISION)
@@ -85,7 +104,8 @@ def test_patching_the_vision_tower_restores_the_other_image(vlm):
         torch.testing.assert_close(patched["resid_out_1"], clean["resid_out_1"])
 
 
-def test_zero_ablating_the_projector_zeroes_the_image_embeddings(vlm):
+def test_zero_ablating_the_projector_zeroes_the_image_embeddings(tower_vlm):
+    vlm = tower_vlm
     hm = HookedModel.from_hf(vlm.model, vlm.processor)
     cache = hm.forward(
         _inputs(vlm),
@@ -98,7 +118,8 @@ def test_zero_ablating_the_projector_zeroes_the_image_embeddings(vlm):
         assert not cache["resid_in_0"].any()
 
 
-def test_vision_point_errors(vlm, tiny_llama):
+def test_vision_point_errors(tower_vlm, tiny_llama):
+    vlm = tower_vlm
     hm = HookedModel.from_hf(vlm.model, vlm.processor)
     with pytest.raises(ActivationPointError, match="vision layer 7 is out of range"):
         hm.forward(

@@ -341,7 +341,41 @@ def _qwen2_vl(v2_5: bool = False) -> TinyVLM:
     )
 
 
+def _chameleon() -> TinyVLM:
+    """Chameleon: a VQ-VAE turns the image into discrete codes that replace the image tokens;
+    there is no vision transformer (so no vision points)."""
+    codes = 16
+    # the vocabulary maps VQ code i to the token "IMGIMG<i in letters A-J>Z"
+    code_tokens = tuple(
+        "IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(i)) + "Z" for i in range(codes)
+    )
+    names = {"image_token": "<image>", "boi_token": "<racm3:break>", "eoi_token": "<eoss>"}
+    tok = _tokenizer((*names.values(), *code_tokens), tuple(names.items()))
+    vocab = tok.get_vocab()
+    vq = tf.ChameleonVQVAEConfig(
+        embed_dim=32,
+        num_embeddings=codes,
+        latent_channels=32,
+        resolution=IMAGE_SIZE,
+        base_channels=32,  # GroupNorm(32) needs multiples of 32
+        channel_multiplier=[1, 1],  # one downsampling: 16 x 16 codes per image
+        num_res_blocks=1,
+        attn_resolutions=[],
+    )
+    text = {k: v for k, v in _TEXT.items() if k != "head_dim"}
+    config = tf.ChameleonConfig(
+        **text, vq_config=vq.to_dict(), vocabulary_map=vocab, image_token_id=vocab["<image>"]
+    )
+    image_processor = tf.ChameleonImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
+    processor = tf.ChameleonProcessor(image_processor, tok, image_seq_length=(IMAGE_SIZE // 2) ** 2)
+    model = _seeded(tf.ChameleonForConditionalGeneration, config)
+    return TinyVLM("chameleon", model, processor, "<image>What is in the picture?")
+
+
 VLM_FAMILIES = {
+    "chameleon": _chameleon,
     "llava": _llava,
     "llava_next": functools.partial(_llava, next_=True),
     "paligemma": _paligemma,
