@@ -139,3 +139,16 @@ def test_vision_point_errors(tower_vlm, tiny_llama):
             ["last"],
             extraction_config=ExtractionConfig(extract_projector_out=True),
         )
+
+
+def test_extract_cache_concatenates_vision_points_across_batches():
+    vlm = build_vlm("llava")
+    hm = HookedModel.from_hf(vlm.model, vlm.processor)
+    batches = [_inputs(vlm, (0, 1)), _inputs(vlm, (2, 3))]
+    config = ExtractionConfig(
+        extract_vision_resid_out=True, extract_projector_out=True, extract_resid_out=True
+    )
+    merged = hm.extract_cache(batches, ["end-image"], extraction_config=config)
+    alone = [hm.forward(b, ["end-image"], extraction_config=config) for b in batches]
+    for key in ("vision_resid_out_1", "projector_out", "resid_out_0"):
+        assert torch.equal(merged[key], torch.cat([a[key] for a in alone])), key
