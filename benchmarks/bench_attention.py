@@ -29,6 +29,25 @@ from common import interleaved, machine, table  # noqa: E402
 from hookscope import ExtractionConfig, HookedModel  # noqa: E402
 
 
+def variants(hm: HookedModel, eager_model, batch: dict[str, torch.Tensor]) -> dict:
+    """The timed variants (see the module docstring) on ``batch``; ``eager_model`` holds the
+    same weights on eager attention."""
+    position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    one_layer = ExtractionConfig(extract_attn_pattern=True, layers=[15])
+
+    @torch.no_grad()
+    def run(model, **kwargs):
+        return model(**batch, position_ids=position_ids, use_cache=False, **kwargs)
+
+    return {
+        "sdpa": lambda: run(hm.hf_model),
+        "hookscope_pattern": lambda: hm.forward(batch, ["last"], extraction_config=one_layer),
+        "hookscope_pattern_all": lambda: hm.forward(batch, ["all"], extraction_config=one_layer),
+        "eager": lambda: run(eager_model),
+        "eager_attentions": lambda: run(eager_model, output_attentions=True),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -42,21 +61,7 @@ def main() -> None:
     hm = HookedModel.from_pretrained(attn_implementation="sdpa")
     eager = HookedModel.from_pretrained(attn_implementation="eager").hf_model
     batch = make_batch(hm.hf_model.config.vocab_size)
-    position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-    one_layer = ExtractionConfig(extract_attn_pattern=True, layers=[15])
-
-    @torch.no_grad()
-    def run(model, **kwargs):
-        return model(**batch, position_ids=position_ids, use_cache=False, **kwargs)
-
-    variants = {
-        "sdpa": lambda: run(hm.hf_model),
-        "hookscope_pattern": lambda: hm.forward(batch, ["last"], extraction_config=one_layer),
-        "hookscope_pattern_all": lambda: hm.forward(batch, ["all"], extraction_config=one_layer),
-        "eager": lambda: run(eager),
-        "eager_attentions": lambda: run(eager, output_attentions=True),
-    }
-    times = interleaved(variants, args.repeats)
+    times = interleaved(variants(hm, eager, batch), args.repeats)
     text = "\n\n".join(
         [
             f"Machine: {machine()}",

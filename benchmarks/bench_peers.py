@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(Path(__file__).parent), str(ROOT / "tests")]
 
 import torch  # noqa: E402
-from common import interleaved, machine, table  # noqa: E402
+from common import dataset_prompts, interleaved, machine, table  # noqa: E402
 
 from hookscope import ExtractionConfig, HookedModel  # noqa: E402
 
@@ -83,8 +83,7 @@ def dataset_throughput(folder: Path, n: int) -> str:
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    words = "the cat dog sat on mat capital France Paris river store drink".split()
-    prompts = [" ".join(words[(i * k) % len(words)] for k in range(1, 4 + i % 8)) for i in range(n)]
+    prompts = dataset_prompts(n)
     hm = HookedModel.from_pretrained()
     hm.config.batch_size = 32
     tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -24,10 +24,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 CHILD = r"""
 import json, resource, sys, time, torch
+sys.path.insert(0, sys.argv[4])
+from common import dataset_prompts
 from hookscope import ExtractionConfig, HookedModel
 n, mode, folder = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-words = "the cat dog sat on mat capital France Paris river store drink".split()
-prompts = [" ".join(words[(i * k) % len(words)] for k in range(1, 4 + i % 8)) for i in range(n)]
+prompts = dataset_prompts(n)
 hm = HookedModel.from_pretrained()
 hm.config.batch_size = 32
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -56,7 +57,15 @@ def main() -> None:
         for mode in ("store", "in-memory"):
             with tempfile.TemporaryDirectory() as folder:
                 out = subprocess.run(
-                    [sys.executable, "-c", CHILD, str(n), mode, folder + "/acts"],
+                    [
+                        sys.executable,
+                        "-c",
+                        CHILD,
+                        str(n),
+                        mode,
+                        folder + "/acts",
+                        str(Path(__file__).parent),
+                    ],
                     capture_output=True,
                     text=True,
                     check=True,

@@ -37,6 +37,12 @@ def machine() -> str:
     )
 
 
+def dataset_prompts(n: int) -> list[str]:
+    """``n`` short prompts of 3 to 10 words (the dataset-throughput rows use them)."""
+    words = "the cat dog sat on mat capital France Paris river store drink".split()
+    return [" ".join(words[(i * k) % len(words)] for k in range(1, 4 + i % 8)) for i in range(n)]
+
+
 def interleaved(
     variants: dict[str, Callable[[], object]], repeats: int, warmup: int = 2
 ) -> dict[str, list[float]]:

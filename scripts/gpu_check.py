@@ -7,7 +7,8 @@
    on the device in the given dtype.
 2. Overhead: plain HF forward vs last-token / all-position extraction of every layer's
    resid_out, at batch 8 x 128 and 32 x 512 (left padding).
-3. Attention: one layer's patterns at "last" vs plain SDPA vs eager ``output_attentions``.
+3. Attention: the variants of ``benchmarks/bench_attention.py`` (one layer's patterns at "last" / all
+   rows vs plain SDPA vs eager, with and without ``output_attentions``).
 4. Dataset throughput: 1,000 prompts, last-token resid_out of every layer: hookscope's batched
    ``extract_cache`` vs a batch-size-1 loop over HF ``output_hidden_states`` (what the reference
    design does), with peak device memory.
@@ -70,45 +71,13 @@ def smollm2(device: str, dtype: torch.dtype, attn: str = "sdpa", random_weights:
     )
 
 
-def make_batch(vocab: int, batch: int, seq: int, device: str) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(10, vocab, (batch, seq), generator=generator)
-    mask = torch.ones(batch, seq, dtype=torch.long)
-    for row in range(batch):
-        mask[row, : (row * 4) % (seq // 4)] = 0  # left padding
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-
-
-def attention(hm, eager_model, batch: dict, repeats: int) -> dict:
-    from common import interleaved
-
-    from hookscope import ExtractionConfig
-
-    position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-    one_layer = ExtractionConfig(extract_attn_pattern=True, layers=[15])
-
-    @torch.no_grad()
-    def run(model, **kwargs):
-        return model(**batch, position_ids=position_ids, use_cache=False, **kwargs)
-
-    return interleaved(
-        {
-            "sdpa": lambda: run(hm.hf_model),
-            "hookscope_pattern_last": lambda: hm.forward(
-                batch, ["last"], extraction_config=one_layer
-            ),
-            "eager_attentions": lambda: run(eager_model, output_attentions=True),
-        },
-        repeats,
-    )
-
-
 def dataset_throughput(hm, n: int, device: str) -> list[str]:
     """Examples/s and peak device memory: batched extract_cache vs a batch-size-1 HF loop."""
+    from common import dataset_prompts
+
     from hookscope import ExtractionConfig
 
-    words = "the cat dog sat on mat capital France Paris river store drink".split()
-    prompts = [" ".join(words[(i * k) % len(words)] for k in range(1, 4 + i % 8)) for i in range(n)]
+    prompts = dataset_prompts(n)
     tokenizer = hm.get_text_tokenizer()
     config = ExtractionConfig(extract_resid_out=True, save_logits=False)
 
@@ -161,13 +130,19 @@ def main() -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu-check: no CUDA device here; run it on a machine with one.")
         return 1
+    from bench_attention import variants as attention_variants
     from bench_overhead import bench as bench_overhead
-    from common import machine, table
+    from bench_overhead import make_batch
+    from common import interleaved, machine, table
     from tiny_models import FAMILIES, build_model, build_tokenizer
 
     from hookscope import HookedModel
 
     dtype = getattr(torch, args.dtype)
+
+    def on_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {key: value.to(args.device) for key, value in batch.items()}
+
     lines = [
         f"Machine: {machine()}",
         f"Command: `python scripts/gpu_check.py --dtype {args.dtype} --device {args.device}`",
@@ -196,7 +171,7 @@ def main() -> int:
     record(smol_label, smol)
 
     for batch_size, seq in ((8, 128), (32, 512)):
-        batch = make_batch(smol.hf_model.config.vocab_size, batch_size, seq, args.device)
+        batch = on_device(make_batch(smol.hf_model.config.vocab_size, batch_size, seq))
         times = bench_overhead(smol, args.repeats, batch)
         lines += [
             "",
@@ -209,12 +184,12 @@ def main() -> int:
 
     eager, _ = smollm2(args.device, dtype, attn="eager", random_weights=args.random_weights)
     eager.hf_model.load_state_dict(smol.hf_model.state_dict())
-    batch = make_batch(smol.hf_model.config.vocab_size, 8, 128, args.device)
+    batch = on_device(make_batch(smol.hf_model.config.vocab_size))
     lines += [
         "",
         f"### Attention: layer 15 patterns, {args.dtype}, batch 8 x 128",
         "",
-        table(attention(smol, eager.hf_model, batch, args.repeats), "sdpa"),
+        table(interleaved(attention_variants(smol, eager.hf_model, batch), args.repeats), "sdpa"),
     ]
     print(lines[-1], flush=True)
     del eager

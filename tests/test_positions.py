@@ -179,7 +179,7 @@ def test_image_items_need_image_tokens():
         resolve_positions(normalize_items(["end-image"]), mask)
     image = torch.tensor([[0, 1, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
     with pytest.raises(PositionError, match="example 1 has no image token"):
-        resolve_positions(["all-image"], mask, image_mask=image)
+        resolve_positions(["all-image"], mask, image_numbers=image)
 
 
 def test_image_items_hand_computed():
@@ -197,7 +197,7 @@ def test_image_items_hand_computed():
         "random-image-2",
         "random-text-2",
     ]
-    resolved = resolve_positions(normalize_items(items), mask, ids, image_mask=image)
+    resolved = resolve_positions(normalize_items(items), mask, ids, image_numbers=image)
     slots = resolved.mapping_index
     assert resolved.index[0, slots["all-image"]].tolist() == [2, 3, 4]
     assert (

@@ -100,16 +100,20 @@ def build_model(family: str, attn_implementation: str | None = None, seed: int =
     attn = attn_implementation or ("eager" if family in EAGER_ONLY else "sdpa")
     torch.manual_seed(seed)
     model = model_cls._from_config(build_config(family), attn_implementation=attn)
+    return randomize(model, seed).eval()
+
+
+def randomize(model, seed: int = 0):
+    """Seeded random weights, larger than HF's init so that errors do not hide in tiny values:
+    matrices and biases ~ N(0, 0.1), norm scales ~ 1 + N(0, 0.1). Returns the model."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if param.dim() >= 2:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
-            elif name.endswith("bias"):
+            if param.dim() >= 2 or name.endswith("bias"):
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
             else:
                 param.copy_(1 + torch.randn(param.shape, generator=generator) * 0.1)
-    return model.eval()
+    return model
 
 
 _CORPUS = [

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 import transformers as tf
-from tiny_models import _COMMON, _CORPUS
+from tiny_models import _COMMON, _CORPUS, randomize
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 TEXT_VOCAB = 448
@@ -121,13 +121,7 @@ def _token_id(tokenizer, token: str) -> int:
 
 def _seeded(model_cls, config, seed: int = 0):
     torch.manual_seed(seed)
-    model = model_cls._from_config(config, attn_implementation="sdpa")
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # larger than HF's init, so that mistakes do not hide in tiny values
-        for param in model.parameters():
-            if param.dim() >= 2:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
-    return model.eval()
+    return randomize(model_cls._from_config(config, attn_implementation="sdpa"), seed).eval()
 
 
 # -- families ---------------------------------------------------------------------------------

@@ -365,21 +365,11 @@ class ResolvedPatternEdit:
     source: torch.Tensor | None
 
 
-def resolve_pattern_edit(
-    edit: PatternEdit,
-    model_map: ModelMap,
-    context: PositionContext,
-    example_offset: int = 0,
-) -> ResolvedPatternEdit:
-    """Check ``edit`` against the model and resolve its grid for this batch."""
-    check_layer(edit.layer, model_map.n_layers, "PatternEdit layer")
-    heads = list(range(model_map.n_heads)) if edit.heads == "all" else list(edit.heads)
-    for head in heads:
-        if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < model_map.n_heads:
-            raise ActivationPointError(
-                f"PatternEdit head {head!r} is out of range: layer {edit.layer} has {model_map.n_heads} "
-                f"heads (valid 0..{model_map.n_heads - 1})."
-            )
+def _resolve_grid(
+    edit: PatternEdit, context: PositionContext
+) -> tuple[ResolvedPositions, ResolvedPositions, torch.Tensor]:
+    """The query and key positions of ``edit`` and their grid ``[batch, seq, seq]`` (True on
+    the edited cells), built on the CPU and moved to the batch's device once."""
     rows = context.resolve(edit.query_positions)
     cols = context.resolve(edit.key_positions)
     batch, seq = context.attention_mask.shape
@@ -388,6 +378,34 @@ def resolve_pattern_edit(
         q = rows.index[b][rows.mask[b]]
         k = cols.index[b][cols.mask[b]]
         region[b, q.unsqueeze(1), k.unsqueeze(0)] = True
+    return rows, cols, region.to(context.attention_mask.device)
+
+
+def resolve_pattern_edit(
+    edit: PatternEdit,
+    model_map: ModelMap,
+    context: PositionContext,
+    example_offset: int = 0,
+    grids: dict[tuple[str, str], tuple] | None = None,
+) -> ResolvedPatternEdit:
+    """Check ``edit`` against the model and resolve its grid for this batch. ``grids`` shares
+    the resolved grid of edits with the same query and key positions (one edit per layer, as
+    :func:`hookscope.interventions.image_text_block` makes, needs one ``[batch, seq, seq]``
+    region, not one per layer)."""
+    check_layer(edit.layer, model_map.n_layers, "PatternEdit layer")
+    heads = list(range(model_map.n_heads)) if edit.heads == "all" else list(edit.heads)
+    for head in heads:
+        if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < model_map.n_heads:
+            raise ActivationPointError(
+                f"PatternEdit head {head!r} is out of range: layer {edit.layer} has {model_map.n_heads} "
+                f"heads (valid 0..{model_map.n_heads - 1})."
+            )
+    grids = {} if grids is None else grids
+    key = (repr(edit.query_positions), repr(edit.key_positions))
+    if key not in grids:
+        grids[key] = _resolve_grid(edit, context)
+    rows, cols, region = grids[key]
+    batch = context.attention_mask.shape[0]
     source = None
     if edit.op == "patch":
         source = edit.source
@@ -427,11 +445,12 @@ def prepare(
     """
     hooks: list[ModuleHook] = []
     edits: dict[int, list[ResolvedPatternEdit]] = {}
+    grids: dict[tuple[str, str], tuple] = {}  # shared by edits with the same positions
     for iv in interventions:
         if not isinstance(iv, Intervention | PatternEdit) and _looks_like_reference(iv):
             iv = from_reference(iv)
         if isinstance(iv, PatternEdit):
-            resolved = resolve_pattern_edit(iv, model_map, context, window.example_offset)
+            resolved = resolve_pattern_edit(iv, model_map, context, window.example_offset, grids)
             edits.setdefault(iv.layer, []).append(resolved)
         elif isinstance(iv, Intervention) and is_vision_point(iv.point):
             hooks.append(vision_intervention_hook(iv, vision_map))

@@ -34,7 +34,6 @@ from .vision import (
     find_vision_map,
     image_layout,
     image_placeholder,
-    image_token_id,
     number_images,
 )
 from .vision_points import vision_capture_hooks, vision_points
@@ -174,8 +173,7 @@ class HookedModel:
     def image_mask(self, input_ids: torch.Tensor) -> torch.Tensor | None:
         """``[batch, seq]`` True at image tokens (from the config's image token id), or None for
         a model without one. Image position items (``"all-image"``, ...) are resolved from it."""
-        token = image_token_id(self.hf_model.config)
-        return None if token is None else input_ids == token
+        return None if self.image_layout is None else input_ids == self.image_layout.token
 
     def image_numbers(self, input_ids: torch.Tensor) -> torch.Tensor | None:
         """``[batch, seq]`` long: k at the tokens of each example's k-th image (0-based),
@@ -196,7 +194,7 @@ class HookedModel:
         Raises:
             PositionError: on a model without an image token.
         """
-        if image_token_id(self.hf_model.config) is None:
+        if self.image_layout is None:
             raise PositionError(
                 f"image_text_block: {self.model_name!r} has no image token id in its config "
                 "(a text-only model)."
@@ -384,11 +382,9 @@ class HookedModel:
             target_token_positions = ["all"]
         context = self._position_context(model_inputs, pivot_positions, seed)
         positions = context.resolve(target_token_positions)
-        positions.place_on(model_inputs["input_ids"].device)
         row_positions = None
         if config.attn_pattern_row_positions is not None:
             row_positions = context.resolve(config.attn_pattern_row_positions)
-            row_positions.place_on(model_inputs["input_ids"].device)
         seq = context.attention_mask.shape[1]
         window = CallWindow(seq, 0, seq, example_offset=example_offset)
         intervention_hooks, pattern_edits = prepare(
@@ -399,8 +395,9 @@ class HookedModel:
             self.vision_map,
         )
         sink: dict[str, torch.Tensor] = {}
-        # order matters: user hooks, then interventions, then capture (which sees their effect)
-        call_hooks = [as_module_hook(h) for h in hooks or []] + intervention_hooks
+        # order on a module: interventions (marked `first`, ahead of HF's own recording hooks),
+        # then user hooks, then capture, which sees the effect of both
+        call_hooks = intervention_hooks + [as_module_hook(h) for h in hooks or []]
         call_hooks += self._module_hooks(plan, positions, sink, config)
         call_hooks += vision_capture_hooks(
             vision_points(config, self.vision_map), self.vision_map, sink, config.keep_gradient

@@ -108,7 +108,7 @@ def prepare_inputs(
         padded
         and "position_ids" in accepted
         and kwargs.get("position_ids") is None
-        and not computes_own_positions(model, accepted)
+        and not computes_own_positions(accepted)
     ):
         position_ids = mask.long().cumsum(-1) - 1 + first_position(model)
         kwargs["position_ids"] = position_ids.masked_fill(mask == 0, 1)

@@ -139,8 +139,11 @@ def load_model_and_tokenizer(config: HookedModelConfig) -> tuple[PreTrainedModel
     tokenizer_kwargs = {k: v for k, v in extra.items() if k in ("gguf_file", "revision")}
     tokenizer_kwargs["trust_remote_code"] = config.trust_remote_code
     try:
-        if _is_vision_language(source, extra, config.trust_remote_code):
-            model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
+        model_config = _vision_language_config(source, extra, config.trust_remote_code)
+        if model_config is not None:
+            model = AutoModelForImageTextToText.from_pretrained(
+                source, config=model_config, **kwargs
+            )
             tokenizer = AutoProcessor.from_pretrained(source, **tokenizer_kwargs)
         else:
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
@@ -155,14 +158,16 @@ def load_model_and_tokenizer(config: HookedModelConfig) -> tuple[PreTrainedModel
     return model.eval(), tokenizer
 
 
-def _is_vision_language(source: str | Path, extra: dict[str, Any], trust: bool) -> bool:
+def _vision_language_config(source: str | Path, extra: dict[str, Any], trust: bool) -> Any:
+    """The model's config if it is a vision-language model (it has a ``vision_config``), read
+    once and handed to the loader; None otherwise."""
     if "gguf_file" in extra:
-        return False
+        return None
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust, **extra)
     except (OSError, ValueError):  # the model loader below reports it with the full context
-        return False
-    return getattr(config, "vision_config", None) is not None
+        return None
+    return config if getattr(config, "vision_config", None) is not None else None
 
 
 def split_processor(tokenizer_or_processor: Any) -> tuple[Any, Any]:

@@ -36,6 +36,7 @@ slots are real. Padded slots hold zeros in every extracted tensor.
 
 from __future__ import annotations
 
+import functools
 import re
 import zlib
 from collections.abc import Sequence
@@ -49,7 +50,6 @@ from .vision import ImageLayout, number_images
 PositionItem = str | int | tuple[int, int]
 
 NAMED_ITEMS = ("last", "first", "all", "all-text")
-IMAGE_ITEMS = ("all-image", "first-image", "last-image", "start-image", "end-image")
 _IMAGE_ITEM = re.compile(r"^(?P<kind>all|first|last|start|end)-image(?::(?P<image>-?\d+))?$")
 _LAST_K = re.compile(r"^last-(\d+)$")
 _RANDOM_TEXT = re.compile(r"^random-text(?:-(\d+))?$")
@@ -371,21 +371,6 @@ def _image_lists(
     return lists
 
 
-def _image_numbers(
-    image_mask: torch.Tensor | None,
-    layout: ImageLayout | None,
-    input_ids: torch.Tensor | None,
-) -> torch.Tensor | None:
-    """``[batch, seq]`` image numbers (-1: not an image token) on the CPU, or None."""
-    if image_mask is not None:
-        if image_mask.dtype == torch.bool:
-            return number_images(image_mask.long(), ImageLayout(token=1))
-        return image_mask.detach().to("cpu").long()
-    if layout is not None and input_ids is not None:
-        return number_images(input_ids, layout)
-    return None
-
-
 def _from_lists(lists: list[list[int]], lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row index lists -> ``(relative [batch, width], valid [batch, width])``; padded slots
     point at the row's last real token."""
@@ -414,8 +399,7 @@ def resolve_positions(
     input_ids: torch.Tensor | None = None,
     pivot_positions: Sequence[int] | None = None,
     seed: int = 0,
-    image_mask: torch.Tensor | None = None,
-    image_layout: ImageLayout | None = None,
+    image_numbers: torch.Tensor | None = None,
 ) -> ResolvedPositions:
     """Resolve ``items`` for every row of a batch.
 
@@ -425,11 +409,10 @@ def resolve_positions(
         input_ids: ``[batch, seq]``, used to seed random items.
         pivot_positions: split points for ``inputs-partition-k``.
         seed: base seed for random items.
-        image_mask: ``[batch, seq]`` bool, True at image tokens (each run of them one image), or
-            image numbers (-1 at other tokens); or instead
-        image_layout: the model's :class:`hookscope.vision.ImageLayout`, numbered from
-            ``input_ids`` when an image item needs it. Image items need one of the two, and
-            text items (``all-text``, ``random-text-N``) then skip image tokens.
+        image_numbers: ``[batch, seq]``, the image number of each image token and -1 elsewhere
+            (:func:`hookscope.vision.number_images`), or a bool mask whose every run of True is
+            one image. Image items need it, and text items (``all-text``, ``random-text-N``)
+            then skip image tokens.
 
     Raises:
         PositionError: naming the item and the example it does not fit.
@@ -447,8 +430,10 @@ def resolve_positions(
         if input_ids is not None:
             ids = input_ids.detach().to("cpu")
             real_ids = [ids[b, real[b, :n]] for b, n in enumerate(n_real)]
-        numbers = _image_numbers(image_mask, image_layout, input_ids)
-        if numbers is not None:
+        if image_numbers is not None:
+            numbers = image_numbers.detach().to("cpu")
+            if numbers.dtype == torch.bool:
+                numbers = number_images(numbers.long(), ImageLayout(token=1))
             image_real = [numbers[b, real[b, :n]] for b, n in enumerate(n_real)]
         text_pool = [
             torch.arange(n) if image_real is None else torch.nonzero(image_real[b] < 0).flatten()
@@ -506,13 +491,24 @@ class PositionContext:
     seed: int = 0
     image_layout: ImageLayout | None = None
 
+    @functools.cached_property
+    def image_numbers(self) -> torch.Tensor | None:
+        """The batch's images, numbered once however many items resolve against it."""
+        if self.image_layout is None or self.input_ids is None:
+            return None
+        return number_images(self.input_ids, self.image_layout)
+
     def resolve(self, items: object) -> ResolvedPositions:
-        """Check ``items`` (:func:`normalize_items`) and resolve them for every row."""
-        return resolve_positions(
-            normalize_items(items),
+        """Check ``items`` (:func:`normalize_items`) and resolve them for every row. The result
+        is already on the batch's device, so no hook copies an index mid-forward."""
+        items = normalize_items(items)
+        resolved = resolve_positions(
+            items,
             self.attention_mask,
             self.input_ids,
             self.pivot_positions,
             self.seed,
-            image_layout=self.image_layout,
+            self.image_numbers if any(_needs_rows(item) for item in items) else None,
         )
+        resolved.place_on(self.attention_mask.device)
+        return resolved

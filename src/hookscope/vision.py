@@ -37,7 +37,7 @@ def image_token_id(config: Any) -> int | None:
     return token if token is not None else getattr(config, "image_token_index", None)
 
 
-def computes_own_positions(model: nn.Module, accepted: frozenset[str]) -> bool:
+def computes_own_positions(accepted: frozenset[str]) -> bool:
     """True for models that derive (multimodal, 3-D) position ids from the attention mask and
     the image grid themselves (Qwen2-VL, Qwen2.5-VL): hookscope must not pass 1-D ones."""
     return "mm_token_type_ids" in accepted

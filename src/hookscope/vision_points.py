@@ -30,8 +30,15 @@ from .vision import VisionMap
 NO_POSITIONS = Axes(slots=())  # merged across batches by concatenating images
 
 
-def is_vision_point(name: str) -> bool:
-    return isinstance(name, str) and name.split("_")[0] in ("vision", "projector")
+VISION_KINDS = frozenset(VISION_FLAGS.values())
+
+
+def is_vision_point(name: object) -> bool:
+    """True for the name of a vision point (``vision_resid_out_3``, ``projector_out``)."""
+    try:
+        return parse_point(name).kind in VISION_KINDS
+    except ActivationPointError:
+        return False
 
 
 def _require(vision_map: VisionMap | None, what: str) -> VisionMap:
@@ -141,11 +148,15 @@ def vision_intervention_hook(iv: Intervention, vision_map: VisionMap | None) -> 
             def fn(_module, tensor):
                 return mean.to(tensor.device, tensor.dtype).expand_as(tensor).clone()
 
-        else:
-            factor = 0.0 if iv.method == "zero" else iv.factor
+        elif iv.method == "zero":
 
             def fn(_module, tensor):
-                return tensor * factor
+                return torch.zeros_like(tensor)
+
+        else:
+
+            def fn(_module, tensor):
+                return tensor * iv.factor
 
     elif isinstance(iv, Steer):
         vector = torch.as_tensor(iv.vector)
