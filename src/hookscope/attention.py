@@ -214,12 +214,15 @@ def _patched_probs(probs: torch.Tensor, edit, offset: int) -> torch.Tensor:
     """``probs`` with the edit's grid cells taken from its source ``[batch, rows, columns]``."""
     out = probs.clone()
     q_len = probs.shape[2]
-    rows, cols = edit.query_positions, edit.key_positions
+    (row_index, row_mask), (col_index, col_mask) = (
+        edit.query_positions.on(probs.device),
+        edit.key_positions.on(probs.device),
+    )
     for b in range(probs.shape[0]):
-        q = rows.index[b].to(probs.device) - offset
-        k = cols.index[b].to(probs.device)
-        keep_q = rows.mask[b].to(probs.device) & (q >= 0) & (q < q_len)
-        keep_k = cols.mask[b].to(probs.device) & (k < probs.shape[3])
+        q = row_index[b] - offset
+        k = col_index[b]
+        keep_q = row_mask[b] & (q >= 0) & (q < q_len)
+        keep_k = col_mask[b] & (k < probs.shape[3])
         src = edit.source[b].to(probs.device, torch.float32)[keep_q][:, keep_k]
         for head in edit.heads:
             out[b, head, q[keep_q].unsqueeze(1), k[keep_k].unsqueeze(0)] = src
@@ -356,7 +359,7 @@ class AttentionHooks:
         layer, groups = request.layer, query.shape[1] // key.shape[1]
         select = self.positions.select
         if request.pattern:
-            rows_index = self.row_positions.index.to(query.device)
+            rows_index, rows_mask = self.row_positions.on(query.device)
             if edited is not None:  # the pattern the model really used
                 gather = rows_index.view(rows_index.shape[0], 1, -1, 1).expand(
                     -1, edited.shape[1], -1, edited.shape[-1]
@@ -375,11 +378,9 @@ class AttentionHooks:
                 ).to(query.dtype)
             # every requested head at once: [batch, heads, R, kv_len] -> [batch, heads, R, P]
             chosen = probs[:, request.heads]
-            keep = self.row_positions.mask.to(query.device)[:, None, :, None]
+            keep = rows_mask[:, None, :, None]
             if not self.all_keys:
-                index, columns = (
-                    t.to(query.device) for t in (self.positions.index, self.positions.mask)
-                )
+                index, columns = self.positions.on(query.device)
                 gather = index[:, None, None, :].expand(*chosen.shape[:3], index.shape[1])
                 chosen = chosen.gather(3, gather)
                 keep = keep & columns[:, None, None, :]

@@ -108,9 +108,7 @@ def write_slots(
 ) -> torch.Tensor:
     """``tensor [batch, seq, *rest]`` with the real slots of ``positions`` set to ``values
     [batch, slots, *rest]`` (out of place: the module's own tensor is never modified)."""
-    mask = positions.mask.to(tensor.device)
-    rows, slots = mask.nonzero(as_tuple=True)
-    index = positions.index.to(tensor.device)[rows, slots]
+    rows, slots, index = positions.real_slots(tensor.device)
     return tensor.index_put((rows, index), values[rows, slots].to(tensor.dtype))
 
 
@@ -316,8 +314,8 @@ class PreparedIntervention:
         if len(parts) < 2:
             return parts[0] if parts else None
         return ResolvedPositions(
-            index=torch.cat([p.index.to(tensor.device) for p in parts], 1),
-            mask=torch.cat([p.mask.to(tensor.device) for p in parts], 1),
+            index=torch.cat([p.on(tensor.device)[0] for p in parts], 1),
+            mask=torch.cat([p.on(tensor.device)[1] for p in parts], 1),
             mapping_index={},
             items=[],
             widths=[p.index.shape[1] for p in parts],

@@ -85,9 +85,7 @@ class ResolvedPositions:
     _on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = field(
         default_factory=dict, repr=False
     )
-    _gather_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = field(
-        default_factory=dict, repr=False
-    )
+    _gather_cache: dict[tuple, tuple] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         #: True when no slot is padding (every item selects the same count in every row).
@@ -95,13 +93,26 @@ class ResolvedPositions:
 
     def place_on(self, device: torch.device) -> None:
         """Copy the index to ``device`` now, before the forward: a host-to-device copy inside
-        the first hook would wait for the GPU to drain mid-forward."""
-        self._tensors_on(device)
+        a hook would wait for the GPU to drain mid-forward."""
+        self.on(device)
+        self.real_slots(device)
 
-    def _tensors_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(index, mask)`` on ``device``, copied once (hooks call this on every layer)."""
         if device not in self._on_device:
             self._on_device[device] = (self.index.to(device), self.mask.to(device))
         return self._on_device[device]
+
+    def real_slots(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(rows, slots, seq_index)``: 1-D indices of the real (not padded) slots and the
+        sequence position each selects, on ``device``; found on the CPU once (a ``nonzero`` on
+        the GPU inside a hook would stall the forward)."""
+        key = ("real", device)
+        if key not in self._gather_cache:
+            rows, slots = self.mask.nonzero(as_tuple=True)
+            found = (rows, slots, self.index[rows, slots])
+            self._gather_cache[key] = tuple(t.to(device) for t in found)
+        return self._gather_cache[key]
 
     def select(self, hidden: torch.Tensor) -> torch.Tensor:
         """Gather the slots from ``hidden`` ``[batch, seq, *rest]`` -> ``[batch, slots, *rest]``.
@@ -123,7 +134,7 @@ class ResolvedPositions:
         so its Python cost counts on a launch-bound GPU)."""
         key = (device, rest)
         if key not in self._gather_cache:
-            index, mask = self._tensors_on(device)
+            index, mask = self.on(device)
             ones = [1] * len(rest)
             gather_index = index.view(*index.shape, *ones).expand(*index.shape, *rest)
             padding = None if self.all_valid else ~mask.view(*mask.shape, *ones)
@@ -132,7 +143,7 @@ class ResolvedPositions:
 
     def average(self, selected: torch.Tensor) -> torch.Tensor:
         """Mean over each item's real slots: ``[batch, slots, *rest]`` -> ``[batch, items, *rest]``."""
-        _, mask = self._tensors_on(selected.device)
+        _, mask = self.on(selected.device)
         pieces, start = [], 0
         for width in self.widths:
             block = selected[:, start : start + width]
