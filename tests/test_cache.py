@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from tiny_models import PROMPTS, build_tokenizer
 
@@ -60,6 +61,28 @@ def test_merge_refuses_different_items_or_keys():
         assert "different position items" in str(error)
     else:
         raise AssertionError("merging different items must fail")
+
+
+def test_refused_merge_consumes_nothing():
+    """The merge drops each key's batch parts as it goes, so every reason to refuse it is
+    checked first: after a refusal the cache still holds all its batches, untouched."""
+    cache = ActivationCache({"x": torch.ones(1, 1, 2), "y": torch.zeros(1, 1, 1)})
+    cache.cat({"x": torch.ones(1, 1, 3), "y": torch.zeros(1, 1, 1)})
+    for _ in range(2):
+        with pytest.raises(HookscopeError, match="'x'.*differ beyond the batch axis"):
+            cache["y"]
+    assert [list(part["x"].shape) for part in [cache._data, *cache._pending]] == [[1, 1, 2], [1, 1, 3]]
+
+
+def test_reorder_rows_in_place_equals_take():
+    parts = [{"x": torch.arange(3.0 * k, 3.0 * k + 3).view(3, 1, 1)} for k in range(2)]
+    saver = {"batch_saver": {"label": ["a", "b", "c"]}}
+    cache = ActivationCache({**parts[0], **saver}).cat({**parts[1], **saver})
+    rows = torch.tensor([5, 0, 3])
+    taken = cache.take(rows)
+    assert cache.reorder_rows(rows) is cache
+    assert cache["x"].flatten().tolist() == [5.0, 0.0, 3.0] == taken["x"].flatten().tolist()
+    assert cache["batch_saver"]["label"] == ["c", "a", "a"] == taken["batch_saver"]["label"]
 
 
 def test_stack_orders_layers(tiny_llama):

@@ -165,23 +165,33 @@ class ActivationCache(MutableMapping):
         self._merge_pending()
         out = ActivationCache(pad_token_id=self.pad_token_id)
         out._axes, out._counts = dict(self._axes), dict(self._counts)
-        for key, value in self._data.items():
-            if key in self._counts:
-                out._data[key] = value
-            elif isinstance(value, torch.Tensor):
-                out._data[key] = value[rows.to(value.device)]
-            elif key == "batch_saver" and isinstance(value, dict):
-                out._data[key] = {
-                    k: v[rows]
-                    if isinstance(v, torch.Tensor)
-                    else [v[i] for i in rows.tolist()]
-                    if isinstance(v, list)
-                    else v
-                    for k, v in value.items()
-                }
-            else:
-                out._data[key] = value
+        out._data = {key: self._rows_of(key, value, rows) for key, value in self._data.items()}
         return out
+
+    def reorder_rows(self, rows: torch.Tensor) -> ActivationCache:
+        """Keep only ``rows`` (in that order) of every per-example value, in place, one value at
+        a time: the peak is the data plus one value, where :meth:`take` needs twice the data.
+        Returns ``self``."""
+        self._merge_pending()
+        for key in list(self._data):
+            self._data[key] = self._rows_of(key, self._data[key], rows)
+        return self
+
+    def _rows_of(self, key: str, value: Any, rows: torch.Tensor) -> Any:
+        if key in self._counts:
+            return value  # running means have no batch axis
+        if isinstance(value, torch.Tensor):
+            return value[rows.to(value.device)]
+        if key == "batch_saver" and isinstance(value, dict):
+            return {
+                k: v[rows]
+                if isinstance(v, torch.Tensor)
+                else [v[i] for i in rows.tolist()]
+                if isinstance(v, list)
+                else v
+                for k, v in value.items()
+            }
+        return value
 
     # -- views ---------------------------------------------------------------------------------
     def stack(self, kind: str) -> torch.Tensor:
@@ -331,7 +341,11 @@ def _decode_mapping(encoded: list | None) -> dict | None:
 def _merge_batches(
     batches: list[dict[str, Any]], pad_token_id: int, declared: dict[str, Axes]
 ) -> dict[str, Any]:
-    """Concatenate batch dicts along the batch axis, re-laying slots where widths differ."""
+    """Concatenate batch dicts along the batch axis, re-laying slots where widths differ.
+
+    The batch dicts are consumed: each key's per-batch values are dropped as soon as that key is
+    merged, so the peak is the merged data plus one key's parts, not twice the data. Everything
+    that could refuse the merge is checked before the first value is dropped."""
     keys = list(batches[0])
     for index, batch in enumerate(batches[1:], start=1):
         if set(batch) != set(keys):
@@ -341,36 +355,47 @@ def _merge_batches(
             )
     mappings = [batch.get("mapping_index") for batch in batches]
     layout = _common_layout(mappings)
+    axes_of = {}
+    for key in keys:
+        if isinstance(batches[0][key], torch.Tensor) and key != "input_ids":
+            axes_of[key] = declared.get(key) or default_axes(key, batches[0][key])
+            _check_mergeable(key, [batch[key] for batch in batches], axes_of[key])
     merged: dict[str, Any] = {}
     for key in keys:
-        values = [batch[key] for batch in batches]
+        values = [batch.pop(key) for batch in batches]
         if key == "mapping_index":
             merged[key] = layout[0] if layout else values[0]
         elif key == "batch_saver":
             merged[key] = _merge_saver(values)
+        elif key == "input_ids" and isinstance(values[0], torch.Tensor):
+            merged[key] = _cat_padded(values, pad_token_id)
         elif isinstance(values[0], torch.Tensor):
-            axes = declared.get(key) or default_axes(key, values[0])
-            if key == "input_ids":
-                merged[key] = _cat_padded(values, pad_token_id)
-                continue
+            axes = axes_of[key]
             for axis in axes.ragged:
                 values = _pad_to_longest(values, axis, 0)
             if layout and axes.slots:
                 values = [
                     _relay(v, m, layout, axes.slots) for v, m in zip(values, mappings, strict=True)
                 ]
-            try:
-                merged[key] = torch.cat(values)
-            except RuntimeError as error:
-                raise HookscopeError(
-                    f"cannot merge {key!r}: batch shapes {[list(v.shape) for v in values]} differ "
-                    "beyond the batch axis."
-                ) from error
+            merged[key] = torch.cat(values)
         elif all(v == values[0] for v in values):
             merged[key] = values[0]
         else:
             merged[key] = values
     return merged
+
+
+def _check_mergeable(key: str, values: list[torch.Tensor], axes: Axes) -> None:
+    """Raise unless ``values`` agree on every axis but the batch, slot and ragged axes."""
+    free = {0, *axes.slots, *axes.ragged}
+    shapes = [
+        [size for axis, size in enumerate(v.shape) if axis not in free] + [v.dim()] for v in values
+    ]
+    if any(shape != shapes[0] for shape in shapes):
+        raise HookscopeError(
+            f"cannot merge {key!r}: batch shapes {[list(v.shape) for v in values]} differ "
+            "beyond the batch axis."
+        )
 
 
 def _common_layout(mappings: list[dict | None]) -> tuple[dict, dict] | None:

@@ -554,7 +554,7 @@ class HookedModel:
         if len(merged) == 0:
             raise InputError("extract_cache got an empty dataloader.")
         if sort_by_length:
-            merged = merged.take(torch.argsort(merged["batch_saver"]["example_index"]))
+            merged.reorder_rows(torch.argsort(merged["batch_saver"]["example_index"]))
         return merged
 
     def _batches(
