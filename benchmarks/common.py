@@ -37,6 +37,25 @@ def machine() -> str:
     )
 
 
+def smollm2_config():
+    """SmolLM2-135M's architecture (30 layers, 9 heads, 3 KV heads, d_model 576), for runs
+    where its weights cannot travel (the GPU machine): timings depend on shapes, not values."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+    )
+
+
 def dataset_prompts(n: int) -> list[str]:
     """``n`` short prompts of 3 to 10 words (the dataset-throughput rows use them)."""
     words = "the cat dog sat on mat capital France Paris river store drink".split()

@@ -47,23 +47,12 @@ def smollm2(device: str, dtype: torch.dtype, attn: str = "sdpa", random_weights:
             return hm, "SmolLM2-135M-Instruct (embedded GGUF weights)"
         except Exception as error:  # noqa: BLE001 - any failure means "not installed here"
             reason = f"embedded model unavailable: {type(error).__name__}"
+    from common import smollm2_config
     from tiny_models import build_tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        max_position_embeddings=8192,
-        rope_theta=100000.0,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=True,
-    )
     torch.manual_seed(0)
-    model = LlamaForCausalLM._from_config(config, attn_implementation=attn, dtype=dtype)
+    model = LlamaForCausalLM._from_config(smollm2_config(), attn_implementation=attn, dtype=dtype)
     model = model.to(device).eval()
     return (
         HookedModel.from_hf(model, build_tokenizer()),

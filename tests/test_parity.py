@@ -1,4 +1,5 @@
-"""Parity with the libraries users would pick instead (run when they are installed: `make parity`).
+"""Parity with the libraries users would pick instead (run when they are installed: `make parity`,
+which runs this file in each peer's own venv; each test skips where its peer is missing).
 
 hookscope's activations equal TransformerLens 4's TransformerBridge hook points and nnsight 0.8's
 module outputs on tiny Llama / Qwen2 / GPT-2 models (and SmolLM2 with the real_model marker).
@@ -9,6 +10,7 @@ eager copy; hookscope runs on SDPA, so values agree to float32 kernel noise (1e-
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 import pytest
 from conftest import assert_close_to_scale
@@ -16,8 +18,15 @@ from tiny_models import PROMPTS, build_model, build_tokenizer
 
 from hookscope import ExtractionConfig, HookedModel
 
-transformer_lens = pytest.importorskip("transformer_lens")
-nnsight = pytest.importorskip("nnsight")
+
+def _need(package: str):
+    return pytest.mark.skipif(
+        importlib.util.find_spec(package) is None, reason=f"{package} is not installed"
+    )
+
+
+needs_transformer_lens = _need("transformer_lens")
+needs_nnsight = _need("nnsight")
 
 POINTS = ExtractionConfig(
     extract_resid_in=True,
@@ -41,6 +50,7 @@ def _bridge(folder, family):
     return _bridge_from(folder, copy.deepcopy(build_model(family, attn_implementation="eager")))
 
 
+@needs_transformer_lens
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
 def test_transformer_lens_bridge(family, tmp_path):
     build_model(family).save_pretrained(tmp_path)
@@ -66,6 +76,7 @@ def test_transformer_lens_bridge(family, tmp_path):
             assert_close_to_scale(ours[f"head_z_L{layer}H{head}"][0], z, msg=f"z L{layer}H{head}")
 
 
+@needs_nnsight
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
 def test_nnsight_module_outputs(family):
     from nnsight import LanguageModel
@@ -95,6 +106,7 @@ def test_nnsight_module_outputs(family):
         assert_close_to_scale(ours[f"mlp_out_{index}"][0], mlp_out[0], msg=f"mlp_out_{index}")
 
 
+@needs_transformer_lens
 @pytest.mark.real_model
 def test_transformer_lens_bridge_on_smollm2():
     from transformers import AutoModelForCausalLM
@@ -134,3 +146,35 @@ def _bridge_from(folder, hf_model):
     return TransformerBridge.boot_transformers(
         str(folder), hf_model=hf_model, tokenizer=AutoTokenizer.from_pretrained(folder)
     )
+
+
+@needs_nnsight
+@pytest.mark.real_model
+def test_nnsight_on_smollm2():
+    from nnsight import LanguageModel
+    from transformers import AutoModelForCausalLM
+
+    from hookscope.loading import default_model_dir
+
+    folder = default_model_dir()
+    hm = HookedModel.from_pretrained()
+    lm = LanguageModel(AutoModelForCausalLM.from_pretrained(folder), tokenizer=hm.get_tokenizer())
+    tokens = hm.get_tokenizer()("The capital of France is", return_tensors="pt")["input_ids"]
+    layers = [0, 14, 29]
+    ours = hm.forward(
+        {"input_ids": tokens},
+        ["all"],
+        extraction_config=ExtractionConfig(
+            extract_resid_out=True, extract_attn_out=True, extract_mlp_out=True, layers=layers
+        ),
+    )
+    saved = {}
+    with lm.trace(tokens):
+        for layer in layers:  # execution order: attention, MLP, block output
+            block = lm.model.layers[layer]
+            saved[f"attn_out_{layer}"] = block.self_attn.output[0].save()
+            saved[f"mlp_out_{layer}"] = block.mlp.output.save()
+            saved[f"resid_out_{layer}"] = block.output.save()
+    for key, value in saved.items():
+        # both run the same SDPA model: equal up to float32 kernel order
+        assert_close_to_scale(ours[key][0], value[0], msg=key)
