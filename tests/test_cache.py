@@ -71,7 +71,10 @@ def test_refused_merge_consumes_nothing():
     for _ in range(2):
         with pytest.raises(HookscopeError, match="'x'.*differ beyond the batch axis"):
             cache["y"]
-    assert [list(part["x"].shape) for part in [cache._data, *cache._pending]] == [[1, 1, 2], [1, 1, 3]]
+    assert [list(part["x"].shape) for part in [cache._data, *cache._pending]] == [
+        [1, 1, 2],
+        [1, 1, 3],
+    ]
 
 
 def test_reorder_rows_in_place_equals_take():

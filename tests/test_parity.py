@@ -17,6 +17,7 @@ from conftest import assert_close_to_scale
 from tiny_models import PROMPTS, build_model, build_tokenizer
 
 from hookscope import ExtractionConfig, HookedModel
+from hookscope.points import TL_HEAD_HOOKS, TL_LAYER_HOOKS
 
 
 def _need(package: str):
@@ -37,6 +38,7 @@ POINTS = ExtractionConfig(
     extract_attn_pattern=True,
     extract_head_z=True,
 )
+TL_HOOKS = [*TL_LAYER_HOOKS, *TL_HEAD_HOOKS]
 TL_NAMES = {
     "resid_in": "blocks.{l}.hook_resid_pre",
     "resid_mid": "blocks.{l}.hook_resid_mid",
@@ -74,6 +76,13 @@ def test_transformer_lens_bridge(family, tmp_path):
             )
             z = theirs[f"blocks.{layer}.attn.hook_z"][0, :, head]
             assert_close_to_scale(ours[f"head_z_L{layer}H{head}"][0], z, msg=f"z L{layer}H{head}")
+    # the same hook names select and key hookscope's cache, in TransformerLens's layouts
+    names = [
+        f"blocks.{layer}.{hook}" for layer in range(hm.model_map.n_layers) for hook in TL_HOOKS
+    ]
+    by_name = hm.forward({"input_ids": tokens}, ["all"], names=names)
+    for name in names:
+        assert_close_to_scale(by_name[name], theirs[name], msg=name)
 
 
 @needs_nnsight

@@ -32,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import HookscopeError
-from .points import parse_point
+from .points import Point, TLName, parse_point, parse_tl_name
 
 METADATA_KEYS = ("mapping_index", "batch_saver")
 _FORMAT = "hookscope.ActivationCache/1"
@@ -81,10 +81,36 @@ class ActivationCache(MutableMapping):
 
     # -- dict protocol -------------------------------------------------------------------------
     def __getitem__(self, key: str) -> Any:
+        """A value by its key, or by a TransformerLens hook name: ``blocks.3.hook_resid_post``
+        reads ``resid_out_3``; ``blocks.3.attn.hook_pattern`` / ``attn.hook_z`` stack the layer's
+        per-head keys in TransformerLens's layout (``[batch, heads, rows, P]`` /
+        ``[batch, P, heads, d_head]``), which needs every head from 0 up in the cache."""
         self._merge_pending()
-        if key not in self._data:
+        if key in self._data:
+            return self._data[key]
+        tl = parse_tl_name(key)
+        if tl is None:
             raise KeyError(f"{key!r} is not in this cache; keys: {list(self._data)}")
-        return self._data[key]
+        if tl.head_axis is None:
+            return self[Point(tl.kind, tl.layer).name]
+        return self._stack_heads(key, tl)
+
+    def _stack_heads(self, key: str, tl: TLName) -> torch.Tensor:
+        heads = self._heads_from_zero(tl)
+        if heads is None:
+            raise KeyError(
+                f"{key!r} stacks {tl.kind}_L{tl.layer}H0, H1, ... but this cache does not hold "
+                f"every head of layer {tl.layer} from 0 up: extract every head (attn_heads='all')."
+            )
+        return torch.stack(
+            [self._data[Point(tl.kind, tl.layer, h).name] for h in heads], tl.head_axis
+        )
+
+    def _heads_from_zero(self, tl: TLName) -> list[int] | None:
+        """The heads of ``tl``'s kind and layer in the cache, if they are 0, 1, ..., else None."""
+        prefix = f"{tl.kind}_L{tl.layer}H"
+        heads = sorted(parse_point(k).head for k in self._data if k.startswith(prefix))
+        return heads if heads and heads == list(range(len(heads))) else None
 
     def __setitem__(self, key: str, value: Any) -> None:
         self._merge_pending()
@@ -105,7 +131,17 @@ class ActivationCache(MutableMapping):
 
     def __contains__(self, key: object) -> bool:
         self._merge_pending()
-        return key in self._data
+        if key in self._data:
+            return True
+        try:
+            tl = parse_tl_name(key)
+        except HookscopeError:  # a TransformerLens hook with no hookscope equivalent
+            return False
+        if tl is None:
+            return False
+        if tl.head_axis is None:
+            return Point(tl.kind, tl.layer).name in self._data
+        return self._heads_from_zero(tl) is not None
 
     # -- batches -------------------------------------------------------------------------------
     def cat(self, other: ActivationCache | dict[str, Any]) -> ActivationCache:

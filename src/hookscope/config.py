@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
@@ -165,6 +166,55 @@ class ExtractionConfig:
             "save_input_ids",
         ]
         return any(getattr(self, flag) for flag in flags)
+
+    @classmethod
+    def from_names(cls, names: Sequence[str], **options: Any) -> ExtractionConfig:
+        """The config that extracts the points ``names``: cache keys (``resid_out_3``,
+        ``pattern_L2H5``, ``logits``) or TransformerLens hook names (``blocks.3.hook_resid_post``,
+        ``blocks.2.attn.hook_pattern``; see ``hookscope.points.TL_LAYER_HOOKS``).
+
+        Flags are per kind and ``layers`` / ``attn_heads`` per config, so naming ``resid_out_1``
+        and ``mlp_out_4`` extracts both kinds in layers 1 and 4: the cache holds at least the
+        named points. ``options`` are other fields (``save_logits=False``, ...).
+
+        Raises:
+            ActivationPointError: for a name that is no activation point (listing valid forms).
+        """
+        from .points import parse_point, parse_tl_name
+
+        flag_of = {
+            kind: flag
+            for flags in (LAYER_FLAGS, MODEL_FLAGS, HEAD_FLAGS, VISION_FLAGS)
+            for flag, kind in flags.items()
+        }
+        flag_of |= {mean: flag for flag, (mean, _) in RUNNING_MEAN_FLAGS.items()}
+        flag_of |= {"logits": "save_logits", "input_ids": "save_input_ids"}
+        if isinstance(names, str):
+            names = [names]
+        chosen: dict[str, Any] = {}
+        layers, vision_layers, heads, every_head = set(), set(), [], False
+        for name in names:
+            tl = parse_tl_name(name)
+            if tl is not None and tl.head_axis is not None:
+                chosen[flag_of[tl.kind]] = True
+                layers.add(tl.layer)
+                every_head = True
+                continue
+            point = parse_point(name)
+            chosen[flag_of[point.kind]] = True
+            if point.kind in VISION_FLAGS.values() and point.layer is not None:
+                vision_layers.add(point.layer)
+            elif point.layer is not None:
+                layers.add(point.layer)
+            if point.head is not None:
+                heads.append({"layer": point.layer, "head": point.head})
+        if layers:
+            chosen["layers"] = sorted(layers)
+        if vision_layers:
+            chosen["vision_layers"] = sorted(vision_layers)
+        if heads and not every_head:
+            chosen["attn_heads"] = heads
+        return cls(**{**chosen, **options})
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly dict of every field."""

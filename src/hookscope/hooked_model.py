@@ -338,6 +338,7 @@ class HookedModel:
         seed: int = 0,
         interventions: Sequence[AnyIntervention] | None = None,
         example_offset: int = 0,
+        names: Sequence[str] | None = None,
         **model_kwargs: Any,
     ) -> ActivationCache:
         """Run one batch and return the requested activations at the target positions.
@@ -360,6 +361,9 @@ class HookedModel:
             example_offset: index of this batch's first example in a dataset, so a ``Patch``
                 whose source cache spans the dataset reads the right rows (``extract_cache``
                 sets it).
+            names: the points to extract by name instead of ``extraction_config``: cache keys or
+                TransformerLens hook names (``["blocks.3.hook_resid_post"]``), see
+                :meth:`ExtractionConfig.from_names`. The cache answers to the names given.
             **model_kwargs: passed to the HF forward.
 
         Returns:
@@ -369,7 +373,7 @@ class HookedModel:
         Raises:
             PositionError, InputError, ActivationPointError: for bad input, before the forward.
         """
-        config = extraction_config or ExtractionConfig()
+        config = _extraction_config(extraction_config, names)
         model_inputs = self.prepare_inputs(inputs)
         model_inputs.update(model_kwargs)
         plan = plan_extraction(config, self.model_map)
@@ -462,6 +466,7 @@ class HookedModel:
         progress: bool = False,
         output_dir: str | None = None,
         sort_by_length: bool = False,
+        names: Sequence[str] | None = None,
         **model_kwargs: Any,
     ) -> ActivationCache | ActivationStore:
         """Run :meth:`forward` over every batch and merge the results in order.
@@ -480,12 +485,13 @@ class HookedModel:
                 committed shard.
             sort_by_length: (lists of strings) batch prompts of similar length together to waste
                 little on padding; results come back in the original order.
+            names: the points by name instead of ``extraction_config`` (see :meth:`forward`).
 
         Returns:
             One :class:`ActivationCache` with every example in dataloader order, or the
             :class:`ActivationStore` written to ``output_dir``.
         """
-        config = extraction_config or ExtractionConfig()
+        config = _extraction_config(extraction_config, names)
         target_token_positions = normalize_items(target_token_positions)  # fail before the loop
         writer = None
         if output_dir is not None:
@@ -647,3 +653,17 @@ def _tokens(batch: Any) -> int:
     """Real tokens in a batch (for the tokens/s readout)."""
     mask = batch.get("attention_mask") if hasattr(batch, "get") else None
     return int(mask.sum()) if isinstance(mask, torch.Tensor) else 0
+
+
+def _extraction_config(
+    config: ExtractionConfig | None, names: Sequence[str] | None
+) -> ExtractionConfig:
+    """The config of a call that got ``extraction_config``, ``names`` or neither."""
+    if names is None:
+        return config or ExtractionConfig()
+    if config is not None:
+        raise InputError(
+            "pass names or extraction_config, not both; for more options use "
+            "extraction_config=ExtractionConfig.from_names(names, save_logits=False, ...)."
+        )
+    return ExtractionConfig.from_names(names)

@@ -5,6 +5,10 @@ Three shapes of name, parsed in this one place:
 * model-level: ``input_embeddings``, ``last_layernorm``, ``logits``, ``input_ids``
 * per layer: ``{kind}_{layer}``, e.g. ``resid_out_3``, ``attn_in_0``
 * per head: ``{kind}_L{layer}H{head}``, e.g. ``pattern_L2H5``, ``head_out_L0H1``
+
+TransformerLens hook names are accepted as aliases (``blocks.3.hook_resid_post`` is
+``resid_out_3``), so code and SAE weights keyed by them carry over: see :data:`TL_LAYER_HOOKS`
+and :data:`TL_HEAD_HOOKS`.
 """
 
 from __future__ import annotations
@@ -191,6 +195,55 @@ KINDS: dict[str, PointKind] = {
     )
 }
 
+# TransformerLens hook names (``blocks.{l}.<hook>``) whose definition equals a hookscope kind
+# (tests/test_parity.py checks each against TransformerLens 4's TransformerBridge).
+TL_LAYER_HOOKS: dict[str, str] = {
+    "hook_resid_pre": "resid_in",
+    "hook_resid_mid": "resid_mid",
+    "hook_resid_post": "resid_out",
+    "hook_attn_out": "attn_out",
+    "hook_mlp_out": "mlp_out",
+}
+# Hooks that hold every head of a layer: hook -> (per-head kind, TransformerLens's head axis).
+# ``attn.hook_pattern`` is [batch, heads, query, key]; ``attn.hook_z`` is [batch, pos, heads, d_head].
+TL_HEAD_HOOKS: dict[str, tuple[str, int]] = {
+    "attn.hook_pattern": ("pattern", 1),
+    "attn.hook_z": ("head_z", 2),
+}
+_TL_NAME = re.compile(r"^blocks\.(?P<layer>\d+)\.(?P<hook>.+)$")
+
+
+@dataclass(frozen=True)
+class TLName:
+    """A TransformerLens hook name, translated: ``head_axis`` is None for one-point hooks, else
+    the axis along which the per-head points of ``kind`` stack into TransformerLens's layout."""
+
+    kind: str
+    layer: int
+    head_axis: int | None = None
+
+
+def parse_tl_name(name: str) -> TLName | None:
+    """Translate a TransformerLens hook name; None when ``name`` is not of the ``blocks.`` form.
+
+    Raises:
+        ActivationPointError: a ``blocks.{l}.`` name whose hook has no hookscope equivalent.
+    """
+    match = _TL_NAME.match(name) if isinstance(name, str) else None
+    if match is None:
+        return None
+    layer, hook = int(match["layer"]), match["hook"]
+    if hook in TL_LAYER_HOOKS:
+        return TLName(TL_LAYER_HOOKS[hook], layer)
+    if hook in TL_HEAD_HOOKS:
+        kind, axis = TL_HEAD_HOOKS[hook]
+        return TLName(kind, layer, axis)
+    raise ActivationPointError(
+        f"TransformerLens hook {name!r} has no hookscope equivalent. Supported: "
+        f"{choices([f'blocks.{{l}}.{hook}' for hook in [*TL_LAYER_HOOKS, *TL_HEAD_HOOKS]])}."
+    )
+
+
 _LAYER_NAME = re.compile(r"^(?P<kind>[a-z_]+?)_(?P<layer>\d+)$")
 _HEAD_NAME = re.compile(r"^(?P<kind>[a-z_]+?)_L(?P<layer>\d+)H(?P<head>\d+)$")
 
@@ -217,13 +270,20 @@ class Point:
 
 
 def parse_point(name: str) -> Point:
-    """Parse a cache key into a :class:`Point`.
+    """Parse a cache key (or a TransformerLens hook name of one point) into a :class:`Point`.
 
     Raises:
         ActivationPointError: for a malformed name or an unknown kind (listing the valid kinds).
     """
     if not isinstance(name, str):
         raise ActivationPointError(f"activation point names are strings, got {name!r}.")
+    if (tl := parse_tl_name(name)) is not None:
+        if tl.head_axis is not None:
+            raise ActivationPointError(
+                f"{name!r} holds every head of layer {tl.layer}: name one head here "
+                f"({tl.kind}_L{tl.layer}H0, ...); a cache reads {name!r} as the heads stacked."
+            )
+        return Point(tl.kind, tl.layer)
     if name in KINDS and KINDS[name].scope == "model":
         return Point(name)
     if (match := _HEAD_NAME.match(name)) and match["kind"] in KINDS:
