@@ -252,7 +252,7 @@ TOOLS = {
 
 def versions(tool: type[Tool]) -> dict[str, str]:
     import platform
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
     import transformers
 
@@ -261,7 +261,11 @@ def versions(tool: type[Tool]) -> dict[str, str]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
-    found[tool.package] = version(tool.package)
+    try:
+        found[tool.package] = version(tool.package)
+    except PackageNotFoundError:  # on the path from a source tree, not installed
+        module = __import__(tool.package.replace("-", "_"))
+        found[tool.package] = getattr(module, "__version__", "source tree")
     return found
 
 
