@@ -34,10 +34,13 @@ lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
-bench: install
+# Every benchmark, one command (tens of minutes on 2 CPU cores, peer venvs included); each script
+# rewrites its RESULTS_*.md. benchmarks/RESULTS.md summarises them.
+bench: install bench-peers
 	$(PY) benchmarks/bench_overhead.py --write
 	$(PY) benchmarks/bench_attention.py --write
 	$(PY) benchmarks/bench_patching.py --write
+	$(PY) benchmarks/bench_store.py --write
 
 # Peers: each in its own venv under .venv-peers/ (benchmarks/peer_envs.py: same torch pin;
 # TransformerLens 4 and nnsight 0.8 with our transformers pin, easyroutine with its own).

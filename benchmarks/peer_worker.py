@@ -7,11 +7,11 @@ venv (and on a GPU machine with one shared interpreter). bench_peers.py drives i
     python peer_worker.py TOOL MODEL_DIR --dataset data.json --out acts.pt   # one dataset run
 
 Timing server: prints one JSON line ``{"ready": ..., "versions": ...}``, then answers each stdin
-line ``hf N`` or ``tool N`` with ``{"seconds": ...}``, the mean of N back-to-back calls (N
-defaults to 1; milliseconds-long calls need several, or the switch between worker processes
-dominates) on the [batch, seq] token tensor
-(``hf`` is the plain HF forward in this same process, so every tool's ratio is paired with a
-baseline measured by the same interpreter and library versions), and stops on ``quit``.
+line ``hf N`` or ``tool N`` with ``{"seconds": ...}``, the mean of N back-to-back calls on the
+[batch, seq] token tensor, and stops on ``quit``. ``hf`` is the plain HF forward in this same
+process, so every tool's ratio is paired with a baseline measured by the same interpreter and
+library versions. N defaults to 1; calls of a few milliseconds need several, or the switch
+between worker processes dominates.
 
 Dataset run: last-token residual stream after every layer for every prompt, the way a user of
 the tool would write the loop; prints ``{"seconds", "peak_mb", "base_mb"}`` and saves the
