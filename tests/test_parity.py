@@ -82,7 +82,8 @@ def test_transformer_lens_bridge(family, tmp_path):
     ]
     by_name = hm.forward({"input_ids": tokens}, ["all"], names=names)
     for name in names:
-        assert_close_to_scale(by_name[name], theirs[name], msg=name)
+        if name in theirs:  # attn.hook_rot_q exists in rotary models only
+            assert_close_to_scale(by_name[name], theirs[name], msg=name)
 
 
 @needs_nnsight

@@ -19,6 +19,7 @@ def test_parse_point_translates_one_point_hooks():
     assert parse_point("blocks.3.hook_resid_post") == Point("resid_out", 3)
     assert parse_point("blocks.0.hook_resid_pre") == Point("resid_in", 0)
     assert parse_point("blocks.2.hook_mlp_out") == Point("mlp_out", 2)
+    assert parse_point("blocks.2.ln1.hook_out") == Point("attn_in", 2)
     with pytest.raises(ActivationPointError, match="hook_normalized.*Supported.*hook_resid_post"):
         parse_point("blocks.1.ln1.hook_normalized")
     with pytest.raises(ActivationPointError, match="every head of layer 1.*pattern_L1H0"):
@@ -78,6 +79,13 @@ def test_z_stack_equals_output_projection_input(tiny_llama):
     m = tiny_llama.model_map
     expected = seen["z"].view(1, ids.shape[1], m.n_heads, -1)  # [batch, pos, heads, d_head]
     torch.testing.assert_close(cache["blocks.0.attn.hook_z"], expected, rtol=0, atol=1e-6)
+
+
+def test_rot_q_stacks_the_head_queries(tiny_llama):
+    ids = build_tokenizer()(PROMPTS[1], return_tensors="pt")["input_ids"]
+    cache = tiny_llama.forward({"input_ids": ids}, ["all"], names=["blocks.1.attn.hook_rot_q"])
+    heads = [cache[f"head_queries_L1H{h}"] for h in range(tiny_llama.model_map.n_heads)]
+    assert torch.equal(cache["blocks.1.attn.hook_rot_q"], torch.stack(heads, 2))
 
 
 def test_stacking_needs_every_head_from_zero(tiny_llama):

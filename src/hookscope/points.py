@@ -203,12 +203,15 @@ TL_LAYER_HOOKS: dict[str, str] = {
     "hook_resid_post": "resid_out",
     "hook_attn_out": "attn_out",
     "hook_mlp_out": "mlp_out",
+    "ln1.hook_out": "attn_in",
 }
 # Hooks that hold every head of a layer: hook -> (per-head kind, TransformerLens's head axis).
-# ``attn.hook_pattern`` is [batch, heads, query, key]; ``attn.hook_z`` is [batch, pos, heads, d_head].
+# ``attn.hook_pattern`` is [batch, heads, query, key]; ``attn.hook_z`` and ``attn.hook_rot_q`` (the
+# queries after rotary embedding, rotary models only) are [batch, pos, heads, d_head].
 TL_HEAD_HOOKS: dict[str, tuple[str, int]] = {
     "attn.hook_pattern": ("pattern", 1),
     "attn.hook_z": ("head_z", 2),
+    "attn.hook_rot_q": ("head_queries", 2),
 }
 _TL_NAME = re.compile(r"^blocks\.(?P<layer>\d+)\.(?P<hook>.+)$")
 
