@@ -46,13 +46,11 @@ DATASET_TOOLS = ("hookscope", "hookscope-batch1", "easyroutine", "transformer-le
 class Worker:
     """A peer_worker.py timing server in the tool's own interpreter."""
 
-    def __init__(self, tool: str, python: str, folder: Path, tokens: Path, args, log: Path):
+    def __init__(self, tool: str, folder: Path, tokens: Path, args, log: Path):
         self.tool = tool
         self.log = log
-        command = [python, str(HERE / "peer_worker.py"), tool, str(folder), "--tokens", str(tokens)]
-        command += ["--device", args.device, "--dtype", args.dtype]
         self.process = subprocess.Popen(
-            command,
+            worker_command(tool, folder, args, "--tokens", str(tokens)),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=log.open("w"),
@@ -90,6 +88,13 @@ def worker_env(tool: str, args) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
 
 
+def worker_command(tool: str, folder: Path, args, *mode: str) -> list[str]:
+    """The command line of a peer_worker.py run for ``tool`` on ``folder``."""
+    python = python_for(tool, args.shared_python)
+    command = [python, str(HERE / "peer_worker.py"), tool, str(folder), *mode]
+    return command + ["--device", args.device, "--dtype", args.dtype]
+
+
 def python_for(tool: str, shared: bool) -> str:
     """hookscope runs in this interpreter; each peer in its own venv (or here with --shared-python)."""
     if shared or tool.startswith("hookscope"):
@@ -107,14 +112,7 @@ def overhead(
     workers, failed = {}, {}
     for tool in args.tools:
         try:
-            workers[tool] = Worker(
-                tool,
-                python_for(tool, args.shared_python),
-                folder,
-                saved,
-                args,
-                logs / f"{tool}.log",
-            )
+            workers[tool] = Worker(tool, folder, saved, args, logs / f"{tool}.log")
         except RuntimeError as error:
             failed[tool] = str(error)
     times = {tool: {"hf": [], "tool": []} for tool in workers}
@@ -168,12 +166,9 @@ def dataset(folder: Path, args, logs: Path, publish) -> None:
     rows, versions, reference = [], {}, None
     for tool in args.dataset_tools:
         out = logs / f"{tool}-acts.pt"
-        command = [python_for(tool, args.shared_python), str(HERE / "peer_worker.py"), tool]
-        command += [str(folder), "--dataset", str(data), "--out", str(out)]
-        command += ["--device", args.device, "--dtype", args.dtype]
         log = logs / f"{tool}-dataset.log"
         done = subprocess.run(
-            command,
+            worker_command(tool, folder, args, "--dataset", str(data), "--out", str(out)),
             stdout=subprocess.PIPE,
             stderr=log.open("w"),
             text=True,
