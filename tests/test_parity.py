@@ -30,6 +30,7 @@ needs_transformer_lens = _need("transformer_lens")
 needs_nnsight = _need("nnsight")
 
 POINTS = ExtractionConfig(
+    extract_attn_in=True,
     extract_resid_in=True,
     extract_resid_mid=True,
     extract_resid_out=True,
@@ -39,13 +40,8 @@ POINTS = ExtractionConfig(
     extract_head_z=True,
 )
 TL_HOOKS = [*TL_LAYER_HOOKS, *TL_HEAD_HOOKS]
-TL_NAMES = {
-    "resid_in": "blocks.{l}.hook_resid_pre",
-    "resid_mid": "blocks.{l}.hook_resid_mid",
-    "resid_out": "blocks.{l}.hook_resid_post",
-    "attn_out": "blocks.{l}.hook_attn_out",
-    "mlp_out": "blocks.{l}.hook_mlp_out",
-}
+# cache kind -> TransformerLens name template, from hookscope's own alias table
+TL_NAMES = {kind: f"blocks.{{l}}.{hook}" for hook, kind in TL_LAYER_HOOKS.items()}
 
 
 def _bridge(folder, family):
