@@ -86,6 +86,16 @@ class Tool:
         raise NotImplementedError
 
     def dataset(self, prompts: list[str], ids: list[list[int]]) -> torch.Tensor:
+        """The per-prompt loop (no per-example positions under padding): ``extract`` on each
+        prompt alone, its last token read by ``last_token``. Returns ``[prompts, layers, d]``."""
+        rows = []
+        for example in ids:
+            result = self.extract(torch.tensor([example], device=self.device))
+            rows.append(self.last_token(result))
+        return torch.stack(rows)
+
+    def last_token(self, result) -> torch.Tensor:
+        """``[layers, d]`` at the last token, from what ``extract`` returned for one prompt."""
         raise NotImplementedError
 
 
@@ -101,7 +111,6 @@ class Hookscope(Tool):
         self.hm = HookedModel.from_pretrained(str(folder), device_map=device, torch_dtype=dtype)
         self.hm.config.batch_size = batch_size
         self.config = ExtractionConfig(extract_resid_out=True)
-        self.layers = self.hm.model_map.n_layers
 
     def extract(self, tokens):
         batch = {"input_ids": tokens, "attention_mask": torch.ones_like(tokens)}
@@ -116,7 +125,7 @@ class Hookscope(Tool):
             extraction_config=ExtractionConfig(extract_resid_out=True, save_logits=False),
             sort_by_length=True,
         )
-        return torch.stack([cache[f"resid_out_{layer}"][:, -1] for layer in range(self.layers)], 1)
+        return cache.stack("resid_out")[:, :, -1].transpose(0, 1)  # [prompts, layers, d]
 
 
 class HookscopeBatch1(Hookscope):
@@ -140,19 +149,17 @@ class TransformerLens(Tool):
         self.bridge = TransformerBridge.boot_transformers(
             str(folder), hf_model=self.hf_model("eager"), tokenizer=self.tokenizer()
         )
-        self.layers = self.bridge.cfg.n_layers
-        self.names = [f"blocks.{layer}.hook_resid_post" for layer in range(self.layers)]
+        self.names = [
+            f"blocks.{layer}.hook_resid_post" for layer in range(self.bridge.cfg.n_layers)
+        ]
 
     def extract(self, tokens):
         names = set(self.names)
         return self.bridge.run_with_cache(tokens, names_filter=lambda name: name in names)
 
-    def dataset(self, prompts, ids):
-        rows = []
-        for example in ids:
-            _, cache = self.extract(torch.tensor([example], device=self.device))
-            rows.append(torch.stack([cache[name][0, -1] for name in self.names]))
-        return torch.stack(rows)
+    def last_token(self, result):
+        _, cache = result
+        return torch.stack([cache[name][0, -1] for name in self.names])
 
 
 class Nnsight(Tool):
@@ -173,12 +180,8 @@ class Nnsight(Tool):
                 saved.append(layer.output[:, -1].save())
         return saved
 
-    def dataset(self, prompts, ids):
-        rows = []
-        for example in ids:
-            saved = self.extract(torch.tensor([example], device=self.device))
-            rows.append(torch.stack([value[0] for value in saved]))
-        return torch.stack(rows)
+    def last_token(self, result):
+        return torch.stack([value[0] for value in result])
 
 
 class Easyroutine(Tool):

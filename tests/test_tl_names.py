@@ -81,11 +81,26 @@ def test_z_stack_equals_output_projection_input(tiny_llama):
     torch.testing.assert_close(cache["blocks.0.attn.hook_z"], expected, rtol=0, atol=1e-6)
 
 
-def test_rot_q_stacks_the_head_queries(tiny_llama):
+def test_rot_q_equals_hf_rotary_queries(tiny_llama):
+    """Ground truth: HF's q_proj on the attention input, through HF's apply_rotary_pos_emb."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
     ids = build_tokenizer()(PROMPTS[1], return_tensors="pt")["input_ids"]
-    cache = tiny_llama.forward({"input_ids": ids}, ["all"], names=["blocks.1.attn.hook_rot_q"])
-    heads = [cache[f"head_queries_L1H{h}"] for h in range(tiny_llama.model_map.n_heads)]
-    assert torch.equal(cache["blocks.1.attn.hook_rot_q"], torch.stack(heads, 2))
+    attention = tiny_llama.hf_model.model.layers[1].self_attn
+    seen = {}
+    handle = attention.register_forward_pre_hook(
+        lambda _m, _args, kwargs: seen.update(kwargs), with_kwargs=True
+    )
+    try:
+        cache = tiny_llama.forward({"input_ids": ids}, ["all"], names=["blocks.1.attn.hook_rot_q"])
+    finally:
+        handle.remove()
+    m = tiny_llama.model_map
+    queries = attention.q_proj(seen["hidden_states"]).view(1, ids.shape[1], m.n_heads, -1)
+    cos, sin = seen["position_embeddings"]
+    rotated, _ = apply_rotary_pos_emb(queries.transpose(1, 2), queries.transpose(1, 2), cos, sin)
+    expected = rotated.transpose(1, 2)  # [batch, pos, heads, d_head], TransformerLens's layout
+    torch.testing.assert_close(cache["blocks.1.attn.hook_rot_q"], expected, rtol=0, atol=1e-5)
 
 
 def test_stacking_needs_every_head_from_zero(tiny_llama):

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 import transformers as tf
-from tiny_models import _COMMON, _CORPUS, randomize
+from tiny_models import _COMMON, _CORPUS, _SLIDING, randomize
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 TEXT_VOCAB = 448
@@ -191,12 +191,7 @@ def _gemma3() -> TinyVLM:
         "eoi_token": "<end_of_image>",
     }
     tok = _tokenizer(tuple(names.values()), tuple(names.items()))
-    text = tf.Gemma3TextConfig(
-        **_TEXT,
-        query_pre_attn_scalar=16,
-        sliding_window=4,
-        layer_types=["sliding_attention", "full_attention"],
-    )
+    text = tf.Gemma3TextConfig(**_TEXT, **_SLIDING, query_pre_attn_scalar=16)
     vision = tf.SiglipVisionConfig(**_VISION)
     config = tf.Gemma3Config(
         text_config=text,

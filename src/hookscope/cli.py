@@ -104,13 +104,13 @@ def _extraction_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_extract(args: argparse.Namespace) -> None:
-    from .config import LAYER_FLAGS, MODEL_FLAGS, ExtractionConfig
+    from .config import FLAG_OF_KIND, LAYER_FLAGS, MODEL_FLAGS, ExtractionConfig
 
     prompts = _read_prompts(args.prompts)
     values = {
         f.name: getattr(args, f.name) for f in fields(ExtractionConfig) if hasattr(args, f.name)
     }
-    by_kind = {kind: flag for flag, kind in {**LAYER_FLAGS, **MODEL_FLAGS}.items()}
+    by_kind = {kind: FLAG_OF_KIND[kind] for kind in [*LAYER_FLAGS.values(), *MODEL_FLAGS.values()]}
     for point in args.points:
         if point not in by_kind:
             raise CliError(

@@ -47,6 +47,17 @@ RUNNING_MEAN_FLAGS: dict[str, tuple[str, str]] = {
     "extract_avg_attn_pattern": ("avg_pattern", "pattern"),
     "extract_avg_values_vectors_projected": ("avg_projected_value", "projected_value"),
 }
+# The inverse: point kind -> the flag that extracts it (every kind a config can request).
+FLAG_OF_KIND: dict[str, str] = {
+    **{
+        kind: flag
+        for flags in (LAYER_FLAGS, MODEL_FLAGS, HEAD_FLAGS, VISION_FLAGS)
+        for flag, kind in flags.items()
+    },
+    **{mean: flag for flag, (mean, _) in RUNNING_MEAN_FLAGS.items()},
+    "logits": "save_logits",
+    "input_ids": "save_input_ids",
+}
 
 
 @dataclass
@@ -182,13 +193,6 @@ class ExtractionConfig:
         """
         from .points import parse_point, parse_tl_name
 
-        flag_of = {
-            kind: flag
-            for flags in (LAYER_FLAGS, MODEL_FLAGS, HEAD_FLAGS, VISION_FLAGS)
-            for flag, kind in flags.items()
-        }
-        flag_of |= {mean: flag for flag, (mean, _) in RUNNING_MEAN_FLAGS.items()}
-        flag_of |= {"logits": "save_logits", "input_ids": "save_input_ids"}
         if isinstance(names, str):
             names = [names]
         chosen: dict[str, Any] = {}
@@ -196,12 +200,12 @@ class ExtractionConfig:
         for name in names:
             tl = parse_tl_name(name)
             if tl is not None and tl.head_axis is not None:
-                chosen[flag_of[tl.kind]] = True
+                chosen[FLAG_OF_KIND[tl.kind]] = True
                 layers.add(tl.layer)
                 every_head = True
                 continue
             point = parse_point(name)
-            chosen[flag_of[point.kind]] = True
+            chosen[FLAG_OF_KIND[point.kind]] = True
             if point.kind in VISION_FLAGS.values() and point.layer is not None:
                 vision_layers.add(point.layer)
             elif point.layer is not None:

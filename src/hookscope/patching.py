@@ -577,24 +577,21 @@ def _parse_queries(patching_query) -> list[tuple[list, list[str]]]:
 
 def _flags_for(points: list[str]) -> dict[str, Any]:
     """ExtractionConfig flags that extract ``points`` (what the patches read from)."""
-    from .config import HEAD_FLAGS, LAYER_FLAGS
+    from .config import FLAG_OF_KIND, HEAD_FLAGS, LAYER_FLAGS
     from .points import parse_point
 
     flags: dict[str, Any] = {}
     heads = []
     for name in points:
         point = parse_point(name)
-        if point.head is not None:
-            kind = "head_z" if point.kind == "head_out" else point.kind
-            flags[next(f for f, k in HEAD_FLAGS.items() if k == kind)] = True
+        kind = "head_z" if point.kind == "head_out" else point.kind
+        if point.head is not None and kind in HEAD_FLAGS.values():
+            flags[FLAG_OF_KIND[kind]] = True
             heads.append({"layer": point.layer, "head": point.head})
+        elif point.head is None and kind in LAYER_FLAGS.values():
+            flags[FLAG_OF_KIND[kind]] = True
         else:
-            flag = next((f for f, k in LAYER_FLAGS.items() if k == point.kind), None)
-            if flag is None:
-                raise HookscopeError(
-                    f"activation_type {name!r} cannot be patched by compute_patching."
-                )
-            flags[flag] = True
+            raise HookscopeError(f"activation_type {name!r} cannot be patched by compute_patching.")
     if heads:
         flags["attn_heads"] = heads
     return flags
