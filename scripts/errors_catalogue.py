@@ -38,10 +38,27 @@ GUIDE = {
         "Add an `ArchSpec` entry for the model_type (one dataclass of attribute names) or open an "
         "issue with the printed children list.",
     ),
-    "attention": (
+    "compat": (
+        "A reference-design (easyroutine) form that hookscope cannot translate exactly: a "
+        "`patching_query` entry without its keys, an activation_type compute_patching cannot "
+        "patch, base and target batches of different sizes, a hook dict without "
+        "'component' / 'intervention'.",
+        "Fix the entry as the message says, or use hookscope's own API (activation_patching, "
+        "Patch, ModuleHook).",
+    ),
+    "pipeline": (
+        "A call that cannot be planned or run: two threads calling one model at once, no "
+        "target positions while activations are requested, or a generation request that has "
+        "no meaning per step (pattern edits, attention internals, extract_avg).",
+        "Use one model per thread (or a lock around calls); pass target_token_positions; for "
+        "generation, run forward on the prompt or on the generated sequences.",
+    ),
+    "scoped_attention": (
         "A model whose modeling file has no `eager_attention_forward` was run on eager "
-        "attention with attention internals requested.",
-        'Load it with `attn_implementation="sdpa"` (the wrapper calls the original kernel).',
+        "attention with attention internals requested, or a hooked call started inside "
+        "another hooked call on the same model.",
+        'Load it with `attn_implementation="sdpa"` (the original kernel still runs); do not '
+        "call the model from inside one of its own hooks.",
     ),
     "cache": (
         "Merging or saving caches whose contents do not line up (different position items or "
@@ -74,16 +91,10 @@ GUIDE = {
         "Match shapes to the point (`d_model`, `d_head` for head points, q/k/v widths) and the "
         "position slots; extract patch sources at the same position items.",
     ),
-    "generation": (
-        "A feature that `generate` does not support (pattern edits, attention internals, "
-        "extract_avg) or a missing target position list.",
-        "Run `forward` on the prompt or on the generated sequences for those.",
-    ),
     "hooked_model": (
-        "Using the model in a way it cannot serve: a processor on a text model, two "
-        "threads at once on one HookedModel, an empty dataloader, no positions while "
-        "activations are requested.",
-        "Follow the message; for threads use one HookedModel per thread.",
+        "Using the model in a way it cannot serve: a processor on a text model, an empty "
+        "dataloader, names and extraction_config together.",
+        "Follow the message.",
     ),
     "hooks": (
         "A hook that is not a `ModuleHook` or reference-style dict, a module path that does not "

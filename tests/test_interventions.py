@@ -14,13 +14,13 @@ from hookscope import (
     HookscopeError,
     PositionError,
 )
+from hookscope.compat import from_reference
 from hookscope.interventions import (
     Ablation,
     Custom,
     Patch,
     PatternEdit,
     Steer,
-    from_reference,
     intervention_from_dict,
 )
 

@@ -5,36 +5,27 @@ projects q/k/v, applies rotary embeddings (and any q/k norm), then calls
 ``fn(module, query, key, value, attention_mask, scaling=..., **kwargs)`` with
 ``query [batch, n_heads, q_len, d_head]`` and ``key``/``value`` ``[batch, n_kv_heads, kv_len, d_head]``.
 
-While a hooked forward runs, :class:`AttentionCapture` puts a wrapper in front of the model's
-kernel (SDPA, eager, flash, ...). For an attention module with nothing requested the wrapper calls
-the original kernel with the same arguments, so those layers compute exactly what they compute
-without hookscope. For a requested layer it reads the per-head vectors the kernel receives and
+While a hooked call runs, :class:`AttentionHooks` switches the model's attention to hookscope's
+function (see :mod:`hookscope.scoped_attention`, which keeps the model's kernel and mask). For an
+attention module with nothing requested the original kernel runs with the same arguments, so
+those layers compute exactly what they compute without hookscope. For a requested layer it reads the per-head vectors the kernel receives and
 computes the softmax only for the requested query rows, ``[batch, n_heads, rows, kv_len]``, then
 calls the original kernel for the output.
 """
 
 from __future__ import annotations
 
-import sys
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .archs import ModelMap
-from .errors import ArchitectureError
 from .positions import ResolvedPositions
-
-AttentionFn = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
-
-# transformers' attention registry is process-wide: forwards that put hookscope's function in
-# front of it run one at a time (threads using other models wait; nothing is mixed).
-_REGISTRY_LOCK = threading.RLock()
+from .scoped_attention import AttentionFn, scoped_attention
 
 
 @dataclass
@@ -54,18 +45,6 @@ class LayerRequest:
     values: bool = False
     projected_values: bool = False
     output_blocks: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
-
-
-def family_eager_function(module: nn.Module) -> AttentionFn:
-    """The eager attention function of ``module``'s own modeling file (it carries the family's
-    details, e.g. Gemma2's logit softcapping), which transformers uses for ``"eager"``."""
-    function = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
-    if function is None:
-        raise ArchitectureError(
-            f"{type(module).__name__}: its modeling file has no eager_attention_forward, so "
-            "hookscope cannot run it under its own eager attention."
-        )
-    return function
 
 
 def output_projection_block(model_map: ModelMap, layer: int, head: int) -> torch.Tensor:
@@ -314,41 +293,31 @@ class AttentionHooks:
 
     @contextmanager
     def installed(self) -> Iterator[None]:
-        """Put the wrapper in front of the model's kernel; restore the registry on exit."""
+        """Switch this model's language-model attention to hookscope's function for the block
+        (nothing else in the process changes); restore its own implementation on exit."""
         if not self.requests and not self.edits:
             yield
             return
-        name = self.model_map.layers[0].attention.config._attn_implementation or "eager"
-        local = ALL_ATTENTION_FUNCTIONS._local_mapping
-        with _REGISTRY_LOCK:
-            had_local, previous_local = name in local, local.get(name)
-            previous = ALL_ATTENTION_FUNCTIONS.get(name)  # None for eager: modules use their own
-            ALL_ATTENTION_FUNCTIONS[name] = self._wrap(previous)
-            try:
-                yield
-            finally:
-                if had_local:
-                    local[name] = previous_local
-                else:
-                    local.pop(name, None)
+        with scoped_attention(self.model_map, self._attend):
+            yield
 
-    def _wrap(self, previous: AttentionFn | None) -> AttentionFn:
-        def hookscope_attention(module, query, key, value, attention_mask, *args, **kwargs):
-            original = previous or family_eager_function(module)
-            request, edits = self.requests.get(id(module)), self.edits.get(id(module))
-            offset = key.shape[2] - query.shape[2]  # tokens already in the KV cache
-            if edits and (self.window is None or self.window.covers("prompt")):
-                output, probs = edited_attention(
-                    query, key, value, attention_mask, kwargs, edits, offset
-                )
-                if request is not None:
-                    self._capture(request, query, key, value, attention_mask, kwargs, probs)
-                return output, None
+    def _attend(
+        self, original: AttentionFn, module, query, key, value, attention_mask, *args, **kwargs
+    ):
+        """One attention call of a hooked layer: capture what is requested, apply any pattern
+        edits (eager math), otherwise let the model's own kernel compute the output."""
+        request, edits = self.requests.get(id(module)), self.edits.get(id(module))
+        offset = key.shape[2] - query.shape[2]  # tokens already in the KV cache
+        if edits and (self.window is None or self.window.covers("prompt")):
+            output, probs = edited_attention(
+                query, key, value, attention_mask, kwargs, edits, offset
+            )
             if request is not None:
-                self._capture(request, query, key, value, attention_mask, kwargs)
-            return original(module, query, key, value, attention_mask, *args, **kwargs)
-
-        return hookscope_attention
+                self._capture(request, query, key, value, attention_mask, kwargs, probs)
+            return output, None
+        if request is not None:
+            self._capture(request, query, key, value, attention_mask, kwargs)
+        return original(module, query, key, value, attention_mask, *args, **kwargs)
 
     def _store(self, key: str, value: torch.Tensor, per_position: bool = True) -> None:
         if per_position and self.average:

@@ -1,21 +1,22 @@
 """How interventions become hooks: validated before the forward, applied inside it.
 
-A :class:`CallWindow` tells the hooks which absolute positions the current model call covers
-(all of them in ``forward``; one new token per step under the KV cache in ``generate``), so the
-same hooks serve every path: prompt interventions touch prompt positions only, ``generated`` ones
-every position at or after the prompt's end.
+A :class:`~hookscope.window.CallWindow` tells the hooks which absolute positions the current
+model call covers (all of them in ``forward``; one new token per step under the KV cache in
+``generate``), so the same hooks serve every path: prompt interventions touch prompt positions
+only, ``generated`` ones every position at or after the prompt's end.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .archs import ModelMap
 from .capture import PointSite, locate
+from .compat import from_reference, looks_like_reference
 from .errors import ActivationPointError, HookscopeError, InputError
 from .hooks import ModuleHook, reading_hook, replacing_hook
 from .interventions import (
@@ -27,80 +28,14 @@ from .interventions import (
     Patch,
     PatternEdit,
     Steer,
-    from_reference,
 )
 from .points import Point, check_layer, parse_point
 from .positions import PositionContext, ResolvedPositions
 from .vision import VisionMap
 from .vision_points import is_vision_point, vision_intervention_hook
+from .window import CallWindow
 
 SlotFn = Callable[[torch.Tensor, ResolvedPositions], torch.Tensor]
-
-
-@dataclass
-class CallWindow:
-    """Which absolute positions the current model call covers, and its phase.
-
-    Attributes:
-        prompt_length: padded length of the prompt (absolute positions below it are prompt).
-        offset: absolute position of the call's first input token (cached tokens before it).
-        length: number of input tokens in the call.
-        step: 0 for the prompt call, then 1, 2, ... per generated token.
-        example_offset: index of the batch's first row in the whole dataset (cache sources).
-    """
-
-    prompt_length: int
-    offset: int = 0
-    length: int = 0
-    step: int = 0
-    example_offset: int = 0
-    resid_in: dict[int, torch.Tensor] = field(default_factory=dict)
-
-    @property
-    def phase(self) -> str:
-        return "prompt" if self.step == 0 else "generated"
-
-    def enter_call(self, q_len: int, kv_len: int) -> None:
-        """Record a new model call of ``q_len`` input tokens over ``kv_len`` total positions."""
-        if self.length:
-            self.step += 1
-        self.offset, self.length = kv_len - q_len, q_len
-
-    def covers(self, apply_to: str) -> bool:
-        """Whether an intervention with ``apply_to`` has anything to do in this call."""
-        if apply_to == "both":
-            return True
-        if apply_to == "prompt":
-            return self.offset < self.prompt_length
-        return self.offset + self.length > self.prompt_length
-
-    def generated_positions(self, batch: int, device: torch.device) -> ResolvedPositions:
-        """Slots for every generated position in this call (relative to the call)."""
-        first = max(self.prompt_length - self.offset, 0)
-        index = torch.arange(first, self.length, device=device).expand(batch, -1)
-        return ResolvedPositions(
-            index=index,
-            mask=torch.ones_like(index, dtype=torch.bool),
-            mapping_index={"generated": list(range(index.shape[1]))},
-            items=["generated"],
-            widths=[index.shape[1]],
-        )
-
-    def prompt_positions(self, positions: ResolvedPositions) -> ResolvedPositions | None:
-        """``positions`` (absolute, on the prompt) shifted into this call; None if none fall in it."""
-        if self.offset == 0 and self.length >= self.prompt_length:
-            return positions
-        index = positions.index - self.offset
-        inside = (index >= 0) & (index < self.length) & positions.mask
-        if not inside.any():
-            return None
-        return ResolvedPositions(
-            index=index.clamp(0, self.length - 1),
-            mask=inside,
-            mapping_index=positions.mapping_index,
-            items=positions.items,
-            widths=positions.widths,
-        )
 
 
 def write_slots(
@@ -234,49 +169,55 @@ class PreparedIntervention:
         return tensor
 
     def _slot_fn(self) -> SlotFn:
+        """``(selected [batch, slots, w], positions) -> new values``: the intervention's
+        :meth:`~hookscope.interventions.Intervention.transform` with its operand checked now
+        (before the forward) and broadcast per call."""
+        iv, operand, rows = self.iv, self._operand(), isinstance(self.iv, Patch)
+        if operand is None:
+            return lambda x, pos: iv.transform(x, None)
+        return lambda x, pos: iv.transform(x, self._broadcast(operand, x, rows=rows))
+
+    def _operand(self) -> torch.Tensor | None:
+        """The checked tensor the intervention applies: a mean, a source or a vector."""
         iv = self.iv
         if isinstance(iv, Ablation):
-            if iv.method == "zero":
-                return lambda x, pos: torch.zeros_like(x)
-            if iv.method == "scale":
-                return lambda x, pos: x * iv.factor
+            if iv.method != "mean":
+                return None
             mean = iv.mean
             if hasattr(mean, "tensors"):
                 mean = _cache_mean(
                     mean, _source_key(self.point, None), f"Ablation mean for {iv.point}"
                 )
-            mean = self._fit(mean, "mean")
-            return lambda x, pos: self._broadcast(mean, x)
+            return self._fit(mean, "mean")
         if isinstance(iv, Steer):
-            vector = self._fit(iv.vector, "vector")
-            return lambda x, pos: x + iv.coefficient * self._broadcast(vector, x)
+            return self._fit(iv.vector, "vector")
         if isinstance(iv, Patch):
-            source = iv.source
-            if hasattr(source, "tensors"):
-                key = _source_key(self.point, iv.source_key)
-                if key not in source:
-                    hint = (
-                        " (extract it with extract_head_z=True)" if key.startswith("head_z") else ""
-                    )
-                    raise HookscopeError(
-                        f"Patch on {iv.point}: the source cache has no {key!r}{hint}."
-                    )
-                mapping = source.get("mapping_index")
-                if mapping is not None and mapping != self.positions.mapping_index:
-                    raise HookscopeError(
-                        f"Patch on {iv.point}: the source was extracted at positions {mapping} but the "
-                        f"patch resolves to {self.positions.mapping_index}; extract the source at the "
-                        "same position items."
-                    )
-                source = source[key]
-                if source.shape[0] < self.window.example_offset + self.batch:
-                    raise HookscopeError(
-                        f"Patch on {iv.point}: the source holds {source.shape[0]} examples, the target "
-                        f"needs rows {self.window.example_offset}..{self.window.example_offset + self.batch - 1}."
-                    )
-            source = self._fit(source, "source")
-            return lambda x, pos: self._broadcast(source, x, rows=True)
+            return self._fit(self._patch_source(), "source")
         raise HookscopeError(f"unsupported intervention {type(iv).__name__}.")
+
+    def _patch_source(self) -> Any:
+        """A Patch's source as a tensor; a cache source is checked against this call."""
+        iv, source = self.iv, self.iv.source
+        if not hasattr(source, "tensors"):
+            return source
+        key = _source_key(self.point, iv.source_key)
+        if key not in source:
+            hint = " (extract it with extract_head_z=True)" if key.startswith("head_z") else ""
+            raise HookscopeError(f"Patch on {iv.point}: the source cache has no {key!r}{hint}.")
+        mapping = source.get("mapping_index")
+        if mapping is not None and mapping != self.positions.mapping_index:
+            raise HookscopeError(
+                f"Patch on {iv.point}: the source was extracted at positions {mapping} but the "
+                f"patch resolves to {self.positions.mapping_index}; extract the source at the "
+                "same position items."
+            )
+        source = source[key]
+        if source.shape[0] < self.window.example_offset + self.batch:
+            raise HookscopeError(
+                f"Patch on {iv.point}: the source holds {source.shape[0]} examples, the target "
+                f"needs rows {self.window.example_offset}..{self.window.example_offset + self.batch - 1}."
+            )
+        return source
 
     def _broadcast(self, value: torch.Tensor, x: torch.Tensor, rows: bool = False) -> torch.Tensor:
         """``value`` ([width], [slots, width] or [N, slots, width]) as ``x``'s shape [B, S, width]."""
@@ -295,7 +236,7 @@ class PreparedIntervention:
             context = InterventionContext(
                 self.iv.point, module, self.positions, self.window.phase, self.window.step
             )
-            return self.iv.fn(tensor, context)
+            return self.iv.transform(tensor, None, context)
         positions = self._call_positions(tensor)
         if positions is None:
             return tensor
@@ -445,7 +386,7 @@ def prepare(
     edits: dict[int, list[ResolvedPatternEdit]] = {}
     grids: dict[tuple[str, str], tuple] = {}  # shared by edits with the same positions
     for iv in interventions:
-        if not isinstance(iv, Intervention | PatternEdit) and _looks_like_reference(iv):
+        if not isinstance(iv, Intervention | PatternEdit) and looks_like_reference(iv):
             iv = from_reference(iv)
         if isinstance(iv, PatternEdit):
             resolved = resolve_pattern_edit(iv, model_map, context, window.example_offset, grids)
@@ -458,15 +399,8 @@ def prepare(
             raise InputError(
                 f"interventions must be hookscope interventions (Ablation, Patch, Steer, Custom, "
                 f"PatternEdit), got {type(iv).__name__}; convert reference-design dicts with "
-                "hookscope.interventions.from_reference."
+                "hookscope.compat.from_reference."
             )
     for hook in hooks:
         hook.first = True
     return hooks, edits
-
-
-def _looks_like_reference(query: Any) -> bool:
-    """A reference-design intervention (a dict or object with ``type`` and ``activation``)."""
-    if isinstance(query, dict):
-        return {"type", "activation"} <= set(query)
-    return hasattr(query, "type") and hasattr(query, "activation")

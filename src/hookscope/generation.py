@@ -18,43 +18,10 @@ from typing import Any
 import torch
 
 from .cache import ActivationCache
-from .capture import capture_hooks, plan_capture
 from .config import ExtractionConfig
-from .editing import CallWindow, prepare
-from .errors import HookscopeError, PositionError
-from .hooks import ModuleHook, installed
-from .plan import plan_extraction
-from .positions import ResolvedPositions
-
-
-class _StepPositions:
-    """Positions that follow the generation step: the targets in the prompt call, the newest
-    position in every later call."""
-
-    def __init__(self, targets: ResolvedPositions, window: CallWindow):
-        self.targets, self.window = targets, window
-        self._step: tuple[int, ResolvedPositions] | None = None
-
-    def _current(self, batch: int) -> ResolvedPositions:
-        if self.window.step == 0:
-            return self.targets
-        if self._step is None or self._step[0] != self.window.step:  # built once per step
-            index = torch.full((batch, 1), self.window.length - 1)
-            newest = ResolvedPositions(
-                index,
-                torch.ones_like(index, dtype=torch.bool),
-                {"generated": [0]},
-                ["generated"],
-                [1],
-            )
-            self._step = (self.window.step, newest)
-        return self._step[1]
-
-    def select(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self._current(hidden.shape[0]).select(hidden)
-
-    def average(self, selected: torch.Tensor) -> torch.Tensor:
-        return self._current(selected.shape[0]).average(selected)
+from .hooks import ModuleHook
+from .pipeline import plan_call
+from .window import CallWindow
 
 
 def generate(
@@ -70,23 +37,46 @@ def generate(
     **generate_kwargs: Any,
 ) -> torch.Tensor | list[str] | ActivationCache:
     """See :meth:`hookscope.HookedModel.generate`."""
-    tokenizer = hm.get_text_tokenizer()
-    model_inputs = hm.prepare_inputs(inputs)
-    model_inputs.pop("position_ids", None)  # generate derives them from the mask itself
-    context = hm._position_context(model_inputs, pivot_positions, seed)
-    mask = context.attention_mask
-    window = CallWindow(prompt_length=mask.shape[1])
-    intervention_hooks, pattern_edits = prepare(
-        [*hm._registered_interventions, *(interventions or [])],
-        hm.model_map,
-        context,
-        window,
-        hm.vision_map,
+    config = extraction_config or ExtractionConfig(save_logits=False)
+    plan = plan_call(
+        hm,
+        inputs,
+        target_token_positions,
+        config,
+        interventions=list(interventions or []),
+        pivot_positions=pivot_positions,
+        seed=seed,
+        generation=True,
     )
-    if pattern_edits:
-        raise HookscopeError(
-            "PatternEdit is not supported in generate yet; run forward on the prompt to study its effect."
+    records: list[dict[str, torch.Tensor]] = []
+    plan.hooks.insert(0, _window_tracker(hm.hf_model, plan.window))
+    if plan.extraction.points:
+        plan.hooks.append(_step_collector(hm.hf_model, plan.sink, records))
+    tokenizer = hm.get_text_tokenizer()
+    if tokenizer is not None and "pad_token_id" not in generate_kwargs:
+        generate_kwargs["pad_token_id"] = tokenizer.pad_token_id
+    if plan.extraction.points or config.save_logits:
+        generate_kwargs.update(return_dict_in_generate=True, output_logits=config.save_logits)
+
+    def call(model, model_inputs):
+        return model.generate(
+            **model_inputs, generation_config=generation_config, **generate_kwargs
         )
+
+    output = hm.executor.run(plan, call)
+    sequences = output if isinstance(output, torch.Tensor) else output.sequences
+    new_text = None
+    if return_text:
+        prompt_length = plan.window.prompt_length
+        new_text = tokenizer.batch_decode(sequences[:, prompt_length:], skip_special_tokens=True)
+    if extraction_config is None:
+        return new_text if return_text else sequences
+    targets = plan.targets if plan.extraction.points else None
+    return _generation_cache(hm, records, targets, sequences, output, new_text)
+
+
+def _window_tracker(model: torch.nn.Module, window: CallWindow) -> ModuleHook:
+    """A pre-hook on the model's own forward that moves ``window`` to each step's positions."""
 
     def track_call(module, args, kwargs):
         step_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -98,61 +88,23 @@ def generate(
         )
         window.enter_call(step_ids.shape[1], kv_len)
 
-    hooks = [ModuleHook(hm.hf_model, track_call, "input"), *intervention_hooks]
-    records: list[dict[str, torch.Tensor]] = []
-    sink: dict[str, torch.Tensor] = {}
-    config = extraction_config or ExtractionConfig(save_logits=False)
-    plan = plan_extraction(config, hm.model_map)
-    if config.extract_avg:
-        raise HookscopeError(
-            "extract_avg is not supported in generate; average the returned slots."
-        )
-    if plan.attention:
-        raise HookscopeError(
-            "attention patterns and per-head q/k/v are not extracted during generate; run forward "
-            "on the generated sequences instead."
-        )
-    if plan.points:
-        if target_token_positions is None:
-            raise PositionError(
-                "target_token_positions is required when activations are requested."
-            )
-        targets = context.resolve(target_token_positions)
-        hooks += capture_hooks(
-            plan_capture(plan.points, hm.model_map),
-            _StepPositions(targets, window),
-            sink,
-            average=False,
-            keep_gradient=False,
-        )
+    return ModuleHook(model, track_call, "input")
 
-        def collect(module, args, output):
-            records.append(dict(sink))
-            sink.clear()
 
-        hooks.append(ModuleHook(hm.hf_model, collect, "output"))
+def _step_collector(
+    model: torch.nn.Module, sink: dict[str, torch.Tensor], records: list
+) -> ModuleHook:
+    """A hook after the model's forward that moves each step's captures into ``records``."""
 
-    if tokenizer is not None and "pad_token_id" not in generate_kwargs:
-        generate_kwargs["pad_token_id"] = tokenizer.pad_token_id
-    if plan.points or config.save_logits:
-        generate_kwargs.update(return_dict_in_generate=True, output_logits=config.save_logits)
-    with hm._exclusive(), torch.no_grad(), installed(hm.hf_model, hooks):
-        output = hm.hf_model.generate(
-            **model_inputs, generation_config=generation_config, **generate_kwargs
-        )
-    sequences = output if isinstance(output, torch.Tensor) else output.sequences
-    new_text = None
-    if return_text:
-        new_text = tokenizer.batch_decode(sequences[:, mask.shape[1] :], skip_special_tokens=True)
-    if extraction_config is None:
-        return new_text if return_text else sequences
-    return _generation_cache(
-        hm, records, targets if plan.points else None, sequences, output, new_text
-    )
+    def collect(module, args, output):
+        records.append(dict(sink))
+        sink.clear()
+
+    return ModuleHook(model, collect, "output")
 
 
 def _generation_cache(hm, records, targets, sequences, output, new_text) -> ActivationCache:
-    cache = ActivationCache(pad_token_id=hm._pad_token_id())
+    cache = ActivationCache(pad_token_id=hm.pad_token_id)
     cache["sequences"] = sequences
     if new_text is not None:
         cache["text"] = new_text

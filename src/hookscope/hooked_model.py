@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -12,19 +10,16 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .archs import ModelMap, resolve_architecture
-from .assemble import assemble_cache
-from .attention import AttentionHooks
 from .cache import ActivationCache
-from .capture import StopForward, capture_hooks, plan_capture
 from .checks import warn_if_known_failures
 from .config import ExtractionConfig, HookedModelConfig
-from .editing import CallWindow, prepare
 from .errors import HookscopeError, InputError, PositionError
-from .hooks import ModuleHook, as_module_hook, get_module, installed, register
-from .inputs import model_input_names, prepare_inputs, tokenize
+from .hooks import ModuleHook, as_module_hook, get_module, register
+from .inputs import prepare_inputs, tokenize
 from .interventions import AnyIntervention, PatternEdit, image_text_block
 from .loading import DEFAULT_MODEL_ID, load_model_and_tokenizer, prepare_tokenizer, split_processor
-from .plan import ExtractionPlan, plan_extraction
+from .pipeline import Executor, capture_hooks_for, plan_call
+from .plan import plan_extraction
 from .positions import PositionContext, PositionItem, ResolvedPositions, normalize_items
 from .store import ActivationStore, StoreWriter, describe
 from .vision import (
@@ -36,7 +31,6 @@ from .vision import (
     image_placeholder,
     number_images,
 )
-from .vision_points import vision_capture_hooks, vision_points
 
 
 class HookedModel:
@@ -81,7 +75,6 @@ class HookedModel:
         self._language_only = False  # use_language_model_only()
         self._persistent_handles: list[RemovableHandle] = []
         self._registered_interventions: list[AnyIntervention] = []
-        self._busy = threading.RLock()  # one call at a time: hooks live on the shared modules
         warn_if_known_failures(self.model_map.model_type, next(hf_model.parameters()).dtype)
 
     # -- construction --------------------------------------------------------------------------
@@ -201,9 +194,11 @@ class HookedModel:
             )
         return image_text_block(self.model_map.n_layers, direction, layers, heads)
 
-    def _position_context(
-        self, model_inputs: dict[str, Any], pivot_positions, seed: int
+    def position_context(
+        self, model_inputs: dict[str, Any], pivot_positions=None, seed: int = 0
     ) -> PositionContext:
+        """What position items resolve against for these prepared inputs (see
+        :class:`hookscope.positions.PositionContext`)."""
         ids = model_inputs["input_ids"]
         return PositionContext(
             model_inputs["attention_mask"], ids, pivot_positions, seed, self.image_layout
@@ -253,29 +248,8 @@ class HookedModel:
         """The module hooks that capture ``extraction_config``'s points at ``positions`` into
         ``sink`` (attention patterns and per-head q/k/v are read by hookscope's attention
         function instead; :meth:`forward` installs both)."""
-        return self._module_hooks(
-            plan_extraction(extraction_config, self.model_map), positions, sink, extraction_config
-        )
-
-    def _module_hooks(
-        self,
-        plan: ExtractionPlan,
-        positions: ResolvedPositions,
-        sink: dict[str, torch.Tensor],
-        config: ExtractionConfig,
-    ) -> list[ModuleHook]:
-        stop_after = None
-        last = plan.last_layer()
-        if not config.save_logits and last is not None:
-            stop_after = self.model_map.layers[last].block  # nothing after it is needed
-        return capture_hooks(
-            plan_capture(plan.points, self.model_map),
-            positions,
-            sink,
-            average=config.extract_avg,
-            keep_gradient=config.keep_gradient,
-            stop_after=stop_after,
-        )
+        extraction = plan_extraction(extraction_config, self.model_map)
+        return capture_hooks_for(self, extraction, extraction_config, positions, sink)
 
     def self_check(self, remember: bool = True, print_report: bool = True):
         """Verify hookscope against this model (points, identities, padding, writes); returns a
@@ -288,6 +262,16 @@ class HookedModel:
         """Keep ``interventions`` active in every later forward, extract_cache and generate
         (before those passed per call), until :meth:`clean_interventions`."""
         self._registered_interventions = list(interventions)
+
+    @property
+    def registered_interventions(self) -> tuple[AnyIntervention, ...]:
+        """The interventions kept by :meth:`register_interventions` (applied first in every call)."""
+        return tuple(self._registered_interventions)
+
+    @property
+    def executor(self) -> Executor:
+        """What runs this model's planned calls (one call at a time per model object)."""
+        return Executor.of(self.hf_model)
 
     def clean_interventions(self) -> None:
         """Drop the interventions kept by :meth:`register_interventions`."""
@@ -311,20 +295,6 @@ class HookedModel:
             hook_handlers, self._persistent_handles = self._persistent_handles, []
         for handle in hook_handlers:
             handle.remove()
-
-    @contextmanager
-    def _exclusive(self) -> Iterator[None]:
-        """Hold the model for one call; another thread gets a clear error instead of mixed hooks."""
-        if not self._busy.acquire(blocking=False):
-            raise HookscopeError(
-                "this HookedModel is running a forward in another thread: hooks live on the shared "
-                "modules, so calls cannot overlap. Use one HookedModel per thread (from_hf on a copy) "
-                "or a lock around calls."
-            )
-        try:
-            yield
-        finally:
-            self._busy.release()
 
     # -- forward -------------------------------------------------------------------------------
     def forward(
@@ -374,80 +344,26 @@ class HookedModel:
             PositionError, InputError, ActivationPointError: for bad input, before the forward.
         """
         config = _extraction_config(extraction_config, names)
-        model_inputs = self.prepare_inputs(inputs)
-        model_inputs.update(model_kwargs)
-        plan = plan_extraction(config, self.model_map)
-        if target_token_positions is None:
-            if not plan.is_empty():
-                raise PositionError(
-                    "target_token_positions is required when activations are requested, "
-                    "e.g. target_token_positions=['last']."
-                )
-            target_token_positions = ["all"]
-        context = self._position_context(model_inputs, pivot_positions, seed)
-        positions = context.resolve(target_token_positions)
-        row_positions = None
-        if config.attn_pattern_row_positions is not None:
-            row_positions = context.resolve(config.attn_pattern_row_positions)
-        seq = context.attention_mask.shape[1]
-        window = CallWindow(seq, 0, seq, example_offset=example_offset)
-        intervention_hooks, pattern_edits = prepare(
-            [*self._registered_interventions, *(interventions or [])],
-            self.model_map,
-            context,
-            window,
-            self.vision_map,
-        )
-        sink: dict[str, torch.Tensor] = {}
-        # order on a module: interventions (marked `first`, ahead of HF's own recording hooks),
-        # then user hooks, then capture, which sees the effect of both
-        call_hooks = intervention_hooks + [as_module_hook(h) for h in hooks or []]
-        call_hooks += self._module_hooks(plan, positions, sink, config)
-        call_hooks += vision_capture_hooks(
-            vision_points(config, self.vision_map), self.vision_map, sink, config.keep_gradient
-        )
-        attention = AttentionHooks(
-            self.model_map,
-            plan.attention,
-            positions,
-            row_positions,
-            sink,
-            all_keys=config.attn_pattern_all_keys,
-            average=config.extract_avg,
-            keep_gradient=config.keep_gradient,
-            edits=pattern_edits,
-            window=window,
-        )
-        if "use_cache" in model_input_names(self.hf_model):
-            model_inputs.setdefault("use_cache", False)
-
-        grad_mode = torch.enable_grad() if config.keep_gradient else torch.no_grad()
-        output = None
-        with (
-            self._exclusive(),
-            grad_mode,
-            attention.installed(),
-            installed(self.hf_model, call_hooks),
-        ):
-            try:
-                output = self.hf_model(**model_inputs)
-            except StopForward:
-                pass
-        cache = assemble_cache(
-            sink,
-            output,
-            positions,
-            row_positions,
+        plan = plan_call(
+            self,
+            inputs,
+            target_token_positions,
             config,
-            plan,
-            model_inputs["input_ids"],
-            self._pad_token_id(),
+            interventions=list(interventions or []),
+            hooks=list(hooks or []),
+            pivot_positions=pivot_positions,
+            seed=seed,
+            example_offset=example_offset,
+            model_kwargs=model_kwargs,
         )
+        cache = plan.cache(self.executor.run(plan), self.pad_token_id)
         return cache.cpu() if move_to_cpu else cache
 
     __call__ = forward
 
-    def _pad_token_id(self) -> int:
+    @property
+    def pad_token_id(self) -> int:
+        """The tokenizer's pad id (0 when it has none): how padded caches are filled."""
         pad = getattr(self.get_text_tokenizer(), "pad_token_id", None)
         return int(pad) if pad is not None else 0
 
@@ -508,7 +424,7 @@ class HookedModel:
             )
             writer = StoreWriter(output_dir, description)
         track_order = writer is not None or sort_by_length
-        merged = ActivationCache(pad_token_id=self._pad_token_id())
+        merged = ActivationCache(pad_token_id=self.pad_token_id)
         seen = writer.examples if writer else 0
         bar = _progress_bar(dataloader, seen) if progress else None
         tokens = 0
@@ -592,8 +508,8 @@ class HookedModel:
     def compute_patching(
         self, target_token_positions, base_dataloader, target_dataloader, **kwargs
     ):
-        """Patch base-run activations into the target run; see :func:`hookscope.patching.compute_patching`."""
-        from .patching import compute_patching
+        """Patch base-run activations into the target run; see :func:`hookscope.compat.compute_patching`."""
+        from .compat import compute_patching
 
         return compute_patching(
             self, target_token_positions, base_dataloader, target_dataloader, **kwargs

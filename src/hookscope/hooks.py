@@ -109,19 +109,12 @@ def get_module(model: nn.Module, path: str) -> nn.Module:
 
 def as_module_hook(hook: ModuleHook | dict[str, Any]) -> ModuleHook:
     """Accept a :class:`ModuleHook` or the reference design's ``{"component", "intervention"}``
-    dict, whose component may end in ``.input`` or ``.output`` (default: output)."""
+    dict (see :func:`hookscope.compat.hook_from_reference`)."""
     if isinstance(hook, ModuleHook):
         return hook
-    if isinstance(hook, dict) and {"component", "intervention"} <= set(hook):
-        component, when = hook["component"], "output"
-        for suffix in (".input", ".output"):
-            if isinstance(component, str) and component.endswith(suffix):
-                component, when = component[: -len(suffix)], suffix[1:]
-        return ModuleHook(component, hook["intervention"], when)
-    raise HookscopeError(
-        f"a hook must be a hookscope.ModuleHook or a dict with 'component' and 'intervention', "
-        f"got {hook!r}."
-    )
+    from .compat import hook_from_reference
+
+    return hook_from_reference(hook)
 
 
 def register(model: nn.Module, hook: ModuleHook) -> RemovableHandle:

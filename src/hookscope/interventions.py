@@ -60,6 +60,15 @@ class Intervention:
 
     __hash__ = None  # mutable, compared by value
 
+    def transform(
+        self, values: torch.Tensor, operand: torch.Tensor | None, context: Any = None
+    ) -> torch.Tensor:
+        """What this intervention does to ``values`` (the point's selected slots
+        ``[batch, slots, *rest]``, or a whole vision tensor), given its ``operand`` already
+        broadcast to ``values``' shape and dtype. The one place that maps an intervention to
+        its effect, for text and vision points alike."""
+        raise NotImplementedError
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (tensors as nested lists); see :func:`intervention_from_dict`."""
         data = {"type": type(self).__name__}
@@ -80,6 +89,13 @@ class Ablation(Intervention):
     method: Literal["zero", "mean", "scale"] = "zero"
     factor: float = 0.0
     mean: Any = None
+
+    def transform(self, values, operand, context=None):
+        if self.method == "zero":
+            return torch.zeros_like(values)
+        if self.method == "scale":
+            return values * self.factor
+        return operand
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -106,6 +122,9 @@ class Patch(Intervention):
     source: Any
     source_key: str | None = None
 
+    def transform(self, values, operand, context=None):
+        return operand
+
 
 @dataclass(kw_only=True, eq=False)
 class Steer(Intervention):
@@ -113,6 +132,9 @@ class Steer(Intervention):
 
     vector: Any
     coefficient: float = 1.0
+
+    def transform(self, values, operand, context=None):
+        return values + self.coefficient * operand
 
 
 @dataclass(kw_only=True, eq=False)
@@ -129,6 +151,10 @@ class Custom(Intervention):
         super().__post_init__()
         if (self.point is None) == (self.module is None):
             raise HookscopeError("Custom needs exactly one of point= or module=.")
+
+    def transform(self, values, operand, context=None):
+        """Custom functions see the whole tensor of the call and its context."""
+        return self.fn(values, context)
 
 
 @dataclass(kw_only=True, eq=False)
@@ -234,53 +260,6 @@ def _decode(value: object) -> object:
     if isinstance(value, list):
         return [_decode(v) for v in value]
     return value
-
-
-def from_reference(query: dict[str, Any] | Any) -> AnyIntervention:
-    """Convert the reference design's intervention form
-    (``type``, ``activation``, ``token_positions``, ``patching_values``, ``multiplication_value``,
-    ``apply_softmax``) into a hookscope intervention.
-
-    ``type="full"`` on a vector point: ``patching_values`` None / ``"ablation"`` -> an
-    :class:`Ablation` scaling by ``multiplication_value`` (0: zero ablation); a tensor -> a
-    :class:`Patch`. ``type`` ``"rows"`` / ``"columns"`` / ``"grid"`` (optionally
-    ``_pre_softmax``) on ``pattern_L{l}H{h}`` -> a :class:`PatternEdit`.
-    """
-    get = query.get if isinstance(query, dict) else (lambda k, d=None: getattr(query, k, d))
-    kind, activation = get("type"), get("activation")
-    positions = get("token_positions", ["all"])
-    values, factor = get("patching_values"), float(get("multiplication_value", 0.0) or 0.0)
-    if kind == "full":
-        if values is None or (isinstance(values, str) and values == "ablation"):
-            return Ablation(point=activation, positions=positions, method="scale", factor=factor)
-        return Patch(point=activation, positions=positions, source=values)
-    base = (kind or "").removesuffix("_pre_softmax")
-    if (
-        base in ("rows", "columns", "grid")
-        and isinstance(activation, str)
-        and activation.startswith("pattern_")
-    ):
-        from .points import parse_point
-
-        point = parse_point(activation)
-        rows, columns = {"rows": (positions, ["all"]), "columns": (["all"], positions)}.get(
-            base, (list(positions[0]), list(positions[1])) if base == "grid" else (None, None)
-        )
-        pre = kind.endswith("_pre_softmax")
-        return PatternEdit(
-            layer=point.layer,
-            heads=[point.head],
-            query_positions=rows,
-            key_positions=columns,
-            op="scale",
-            value=factor,
-            stage="pre" if pre else "post",
-            renormalize=bool(get("apply_softmax", False)) and not pre,
-        )
-    raise HookscopeError(
-        f"reference intervention type {kind!r} on {activation!r} is not supported; valid types: "
-        "'full' on vector points, 'rows' / 'columns' / 'grid' (optionally '_pre_softmax') on pattern_L{l}H{h}."
-    )
 
 
 IMAGE_TEXT_DIRECTIONS = ("text-to-image", "image-to-text", "both")

@@ -1,4 +1,4 @@
-"""Activation patching: the reference design's ``compute_patching``, batched sweeps over layers x
+"""Activation patching: batched sweeps over layers x
 positions / heads, a one-forward-per-site loop (the slow reference), and attribution patching.
 
 Sweeps use "clean" for the run whose activations are copied and "corrupt" for the run they are
@@ -22,8 +22,7 @@ import torch
 from .capture import PointSite, locate
 from .config import ExtractionConfig
 from .errors import HookscopeError, InputError
-from .hooks import ModuleHook, installed, reading_hook, replacing_hook
-from .inputs import model_input_names
+from .hooks import ModuleHook, reading_hook, replacing_hook
 from .interventions import Patch
 from .points import Point
 from .positions import resolve_positions
@@ -118,19 +117,15 @@ def _metric(logits: torch.Tensor, metric: str, correct, wrong, clean_logprobs=No
     return (clean_logprobs.exp() * (clean_logprobs - logprobs)).sum(-1)
 
 
-def _last_index(inputs: dict) -> torch.Tensor:
-    """``[batch]``: each example's last real token (the metric is read there)."""
-    return resolve_positions(["last"], inputs["attention_mask"]).index[:, 0]
-
-
-def _last_logits(hm, inputs: dict, hooks: list[ModuleHook] | None = None) -> torch.Tensor:
-    last = _last_index(inputs)
-    kwargs = dict(inputs)
-    if "use_cache" in model_input_names(hm.hf_model):
-        kwargs["use_cache"] = False
-    with torch.no_grad(), installed(hm.hf_model, hooks or []):
-        logits = hm.hf_model(**kwargs).logits
-    return logits[torch.arange(len(logits), device=logits.device), last.to(logits.device)]
+def _last_logits(
+    hm, inputs: dict, hooks: list[ModuleHook] | None = None, keep_gradient: bool = False
+) -> torch.Tensor:
+    """``[batch, vocab]`` logits at each example's last real token, from one call of the
+    pipeline (so registered interventions apply, as in every other call); ``hooks`` run after
+    the interventions on their modules."""
+    config = ExtractionConfig(keep_gradient=keep_gradient)
+    cache = hm.forward(inputs, ["last"], extraction_config=config, hooks=hooks or [])
+    return cache["logits"][:, 0]
 
 
 def _baselines(hm, clean: Any, corrupt: Any, answers: Any, metric: str):
@@ -410,7 +405,6 @@ def attribution_patching(
     clean, corrupt, correct, wrong, _, clean_metric, corrupt_metric = _baselines(
         hm, clean, corrupt, answers, metric
     )
-    examples = clean["input_ids"].shape[0]
     m = hm.model_map
     layers = list(range(m.n_layers)) if layers is None else list(layers)
     heads = point == "head"
@@ -426,15 +420,8 @@ def attribution_patching(
             tensors[key] = tensor
 
         hooks.append(reading_hook(site.module, site.when, keep))
-    last = _last_index(corrupt)
-    with torch.enable_grad(), installed(hm.hf_model, hooks):
-        logits = hm.hf_model(**corrupt, use_cache=False).logits
-        _metric(
-            logits[torch.arange(examples, device=logits.device), last.to(logits.device)],
-            metric,
-            correct,
-            wrong,
-        ).sum().backward()
+    logits = _last_logits(hm, corrupt, hooks, keep_gradient=True)
+    _metric(logits, metric, correct, wrong).sum().backward()
     hm.hf_model.zero_grad(set_to_none=True)
     mask = corrupt["attention_mask"].bool()
     slots = resolve_positions(["all"], corrupt["attention_mask"])
@@ -465,133 +452,3 @@ def attribution_patching(
     return _result(
         per_example, axes, labels, clean_metric, corrupt_metric, metric, normalize, "attribution", 2
     )
-
-
-# -- the reference design's entry point --------------------------------------------------------
-def compute_patching(
-    hm: Any,
-    target_token_positions: Sequence[Any],
-    base_dataloader: Any,
-    target_dataloader: Any,
-    patching_query: Sequence[dict[str, Any]] = (
-        {"patching_elem": "@last", "layers_to_patch": [0], "activation_type": "resid_in_{}"},
-    ),
-    base_dictonary_idxs: Sequence[Any] | None = None,
-    target_dictonary_idxs: Sequence[Any] | None = None,
-    return_logit_diff: bool = False,
-    batch_saver: Any = None,
-    extraction_config: ExtractionConfig | None = None,
-    **kwargs: Any,
-):
-    """Patch the base run's activations into the target run (batch by batch, examples aligned).
-
-    ``patching_query`` entries: ``patching_elem`` (``"@last"``, ``"@0"``, a list of them),
-    ``layers_to_patch`` and ``activation_type`` (``"resid_in_{}"``, ``"head_out_L{}H3"``...).
-    ``base_dictonary_idxs`` / ``target_dictonary_idxs``: per batch, one token id (or a list,
-    whose logits are averaged) per example.
-
-    Returns an :class:`ActivationCache` of the patched target run (``extraction_config`` at
-    ``target_token_positions``) and, with ``return_logit_diff``: ``logit_diff_in_clean``,
-    ``logit_diff_in_patched`` (``[batch]``, logit(target) - logit(base) in the unpatched and
-    patched target runs), ``logit_diff_variation`` (patched minus clean), and
-    ``kl_clean_to_patched`` = KL(clean || patched) of the next-token distributions.
-    """
-    from .cache import ActivationCache
-
-    queries = _parse_queries(patching_query)
-    merged = ActivationCache(pad_token_id=hm._pad_token_id())
-    base_batches, target_batches = list(base_dataloader), list(target_dataloader)
-    if len(base_batches) != len(target_batches):
-        raise HookscopeError(
-            f"base and target dataloaders differ in length ({len(base_batches)} vs {len(target_batches)})."
-        )
-    if return_logit_diff and (base_dictonary_idxs is None or target_dictonary_idxs is None):
-        raise HookscopeError(
-            "return_logit_diff needs base_dictonary_idxs and target_dictonary_idxs."
-        )
-    for index, (base, target) in enumerate(zip(base_batches, target_batches, strict=True)):
-        base_rows, target_rows = (
-            len(hm.prepare_inputs(b, "cpu")["input_ids"]) for b in (base, target)
-        )
-        if base_rows != target_rows:
-            raise InputError(
-                f"compute_patching batch {index}: the base batch has {base_rows} examples, the target "
-                f"batch {target_rows}; examples are patched row by row, so they must match."
-            )
-        interventions = []
-        for positions, points in queries:
-            config = ExtractionConfig(**_flags_for(points), save_logits=False)
-            source = hm.forward(base, positions, extraction_config=config)
-            interventions += [Patch(point=p, positions=positions, source=source) for p in points]
-        patched = hm.forward(
-            target,
-            list(target_token_positions),
-            extraction_config=extraction_config,
-            interventions=interventions,
-            **kwargs,
-        )
-        if return_logit_diff:
-            clean = hm.forward(target, ["last"])["logits"][:, 0]
-            after = hm.forward(target, ["last"], interventions=interventions)["logits"][:, 0]
-            base_ids, target_ids = base_dictonary_idxs[index], target_dictonary_idxs[index]
-            in_clean = _logit_of(clean, target_ids) - _logit_of(clean, base_ids)
-            in_patched = _logit_of(after, target_ids) - _logit_of(after, base_ids)
-            patched["logit_diff_in_clean"] = in_clean
-            patched["logit_diff_in_patched"] = in_patched
-            patched["logit_diff_variation"] = in_patched - in_clean
-            clean_lp, after_lp = clean.float().log_softmax(-1), after.float().log_softmax(-1)
-            patched["kl_clean_to_patched"] = (clean_lp.exp() * (clean_lp - after_lp)).sum(-1)
-        if batch_saver is not None and (payload := batch_saver(target)) is not None:
-            patched["batch_saver"] = payload
-        merged.cat(patched)
-    return merged
-
-
-def _logit_of(logits: torch.Tensor, ids: Any) -> torch.Tensor:
-    """Per example: the logit of its token id, or the mean logit of its list of ids."""
-    out = []
-    for row, entry in enumerate(ids):
-        entry = torch.as_tensor(entry).reshape(-1)
-        out.append(logits[row, entry].float().mean())
-    return torch.stack(out)
-
-
-def _parse_queries(patching_query) -> list[tuple[list, list[str]]]:
-    parsed = []
-    for query in patching_query:
-        missing = {"patching_elem", "layers_to_patch", "activation_type"} - set(query)
-        if missing:
-            raise HookscopeError(f"patching_query entry {query!r} lacks {sorted(missing)}.")
-        elems = query["patching_elem"]
-        elems = [elems] if isinstance(elems, str) else list(elems)
-        positions = []
-        for elem in elems:
-            if not isinstance(elem, str) or not elem.startswith("@"):
-                raise HookscopeError(f"patching_elem {elem!r} must look like '@last' or '@3'.")
-            body = elem[1:]
-            positions.append(int(body) if body.lstrip("-").isdigit() else body)
-        points = [query["activation_type"].format(layer) for layer in query["layers_to_patch"]]
-        parsed.append((positions, points))
-    return parsed
-
-
-def _flags_for(points: list[str]) -> dict[str, Any]:
-    """ExtractionConfig flags that extract ``points`` (what the patches read from)."""
-    from .config import FLAG_OF_KIND, HEAD_FLAGS, LAYER_FLAGS
-    from .points import parse_point
-
-    flags: dict[str, Any] = {}
-    heads = []
-    for name in points:
-        point = parse_point(name)
-        kind = "head_z" if point.kind == "head_out" else point.kind
-        if point.head is not None and kind in HEAD_FLAGS.values():
-            flags[FLAG_OF_KIND[kind]] = True
-            heads.append({"layer": point.layer, "head": point.head})
-        elif point.head is None and kind in LAYER_FLAGS.values():
-            flags[FLAG_OF_KIND[kind]] = True
-        else:
-            raise HookscopeError(f"activation_type {name!r} cannot be patched by compute_patching.")
-    if heads:
-        flags["attn_heads"] = heads
-    return flags

@@ -111,11 +111,13 @@ def declare_vision_axes(cache: ActivationCache) -> None:
 
 
 def vision_intervention_hook(iv: Intervention, vision_map: VisionMap | None) -> ModuleHook:
-    """The hook that applies ``iv`` to a whole vision tensor.
+    """The hook that applies ``iv`` to a whole vision tensor, through the intervention's own
+    :meth:`~hookscope.interventions.Intervention.transform` (as for text points).
 
-    Raises:
-        HookscopeError: for positions other than ``["all"]``, a source or vector of the wrong
-            shape, or an intervention kind with no meaning here.
+    Raises (before the forward):
+        HookscopeError: for positions other than ``["all"]``, a cache without the point, or an
+            intervention kind with no meaning here. The operand's shape against the tensor can
+            only be checked once the encoder has seen this batch's images (in the forward).
     """
     point = parse_point(iv.point)
     module = vision_module(point, vision_map)
@@ -125,56 +127,52 @@ def vision_intervention_hook(iv: Intervention, vision_map: VisionMap | None) -> 
             f"so an intervention covers the whole tensor; got positions={iv.positions!r}, "
             "valid: ['all']."
         )
+    operand = _vision_operand(iv)
+
+    def apply(module_, tensor):
+        context = InterventionContext(iv.point, module_, None, "prompt", 0)
+        if operand is None:
+            return iv.transform(tensor, None, context)
+        return iv.transform(tensor, _fit_vision(iv, operand, tensor), context)
+
+    return replacing_hook(module, "output", apply)
+
+
+def _vision_operand(iv: Intervention) -> torch.Tensor | None:
+    """The tensor ``iv`` applies to a vision point (a source, a mean over images, a vector)."""
     if isinstance(iv, Patch):
-        source = (
-            iv.source[iv.source_key or iv.point] if not torch.is_tensor(iv.source) else iv.source
+        if torch.is_tensor(iv.source):
+            return iv.source
+        key = iv.source_key or iv.point
+        if key not in iv.source:
+            raise HookscopeError(f"Patch on {iv.point}: the source cache has no {key!r}.")
+        return iv.source[key]
+    if isinstance(iv, Ablation) and iv.method == "mean":
+        if isinstance(iv.mean, dict | ActivationCache):  # a cache: its mean over images
+            if iv.point not in iv.mean:
+                raise HookscopeError(
+                    f"Ablation mean for {iv.point}: the cache has no {iv.point!r}."
+                )
+            return iv.mean[iv.point].float().mean(0)
+        return torch.as_tensor(iv.mean)
+    if isinstance(iv, Steer):
+        return torch.as_tensor(iv.vector)
+    if isinstance(iv, Ablation | Custom):
+        return None
+    raise HookscopeError(f"{type(iv).__name__} cannot be applied to {iv.point}.")
+
+
+def _fit_vision(iv: Intervention, operand: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    """``operand`` as ``tensor``'s shape, device and dtype: a Patch source must match it
+    exactly (same images), a mean or a vector must broadcast over it."""
+    if isinstance(iv, Patch) and operand.shape != tensor.shape:
+        raise HookscopeError(
+            f"Patch on {iv.point}: the source has shape {list(operand.shape)} but this "
+            f"forward's tensor has {list(tensor.shape)} (the same images and sizes are needed)."
         )
-
-        def fn(_module, tensor):
-            if source.shape != tensor.shape:
-                raise HookscopeError(
-                    f"Patch on {iv.point}: the source has shape {list(source.shape)} but this "
-                    f"forward's tensor has {list(tensor.shape)} (the same images and sizes are needed)."
-                )
-            return source.to(tensor.device, tensor.dtype)
-
-    elif isinstance(iv, Ablation):
-        if iv.method == "mean":
-            if isinstance(iv.mean, dict | ActivationCache):  # a cache: its mean over images
-                mean = iv.mean[iv.point].float().mean(0)
-            else:
-                mean = torch.as_tensor(iv.mean)
-
-            def fn(_module, tensor):
-                return mean.to(tensor.device, tensor.dtype).expand_as(tensor).clone()
-
-        elif iv.method == "zero":
-
-            def fn(_module, tensor):
-                return torch.zeros_like(tensor)
-
-        else:
-
-            def fn(_module, tensor):
-                return tensor * iv.factor
-
-    elif isinstance(iv, Steer):
-        vector = torch.as_tensor(iv.vector)
-
-        def fn(_module, tensor):
-            if vector.shape[-1] != tensor.shape[-1]:
-                raise HookscopeError(
-                    f"Steer on {iv.point}: the vector has width {vector.shape[-1]} but the tensor "
-                    f"has {tensor.shape[-1]}."
-                )
-            return tensor + iv.coefficient * vector.to(tensor.device, tensor.dtype)
-
-    elif isinstance(iv, Custom):
-
-        def fn(module_, tensor):
-            context = InterventionContext(iv.point, module_, None, "prompt", 0)
-            return iv.fn(tensor, context)
-
-    else:
-        raise HookscopeError(f"{type(iv).__name__} cannot be applied to {iv.point}.")
-    return replacing_hook(module, "output", fn)
+    if operand.shape[-1] != tensor.shape[-1]:
+        raise HookscopeError(
+            f"{type(iv).__name__} on {iv.point}: the {'vector' if isinstance(iv, Steer) else 'mean'} "
+            f"has width {operand.shape[-1]} but the tensor has {tensor.shape[-1]}."
+        )
+    return operand.to(tensor.device, tensor.dtype).expand_as(tensor)

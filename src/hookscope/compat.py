@@ -1,0 +1,230 @@
+"""Compatibility with the reference design (easyroutine's interpretability module), in one place.
+
+Code written against the reference design runs here unchanged where its meaning is clear:
+
+* :func:`compute_patching`: its patching entry point (``patching_query`` dicts,
+  ``base_dictonary_idxs`` / ``target_dictonary_idxs`` spelled as it spells them);
+* :func:`from_reference`: its intervention form (``type``, ``activation``, ``token_positions``,
+  ``patching_values``, ``multiplication_value``, ``apply_softmax``), accepted directly wherever
+  hookscope takes interventions;
+* :func:`hook_from_reference`: its ``{"component": ..., "intervention": fn}`` hook dicts;
+* ``ActivationSaver`` (:mod:`hookscope.store`) and the point name ``resid_in_post_layernorm``
+  (``attn_in``) keep its spellings.
+
+Nothing else in hookscope knows these forms: each entry point converts here and continues with
+hookscope's own types.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .config import ExtractionConfig
+from .errors import HookscopeError, InputError
+from .hooks import ModuleHook
+from .interventions import Ablation, AnyIntervention, Patch, PatternEdit
+
+
+def looks_like_reference(query: Any) -> bool:
+    """A reference-design intervention (a dict or object with ``type`` and ``activation``)."""
+    if isinstance(query, dict):
+        return {"type", "activation"} <= set(query)
+    return hasattr(query, "type") and hasattr(query, "activation")
+
+
+def hook_from_reference(hook: Any) -> ModuleHook:
+    """The reference design's ``{"component", "intervention"}`` dict as a :class:`ModuleHook`;
+    the component may end in ``.input`` or ``.output`` (default: output).
+
+    Raises:
+        HookscopeError: for anything else.
+    """
+    if isinstance(hook, dict) and {"component", "intervention"} <= set(hook):
+        component, when = hook["component"], "output"
+        for suffix in (".input", ".output"):
+            if isinstance(component, str) and component.endswith(suffix):
+                component, when = component[: -len(suffix)], suffix[1:]
+        return ModuleHook(component, hook["intervention"], when)
+    raise HookscopeError(
+        f"a hook must be a hookscope.ModuleHook or a dict with 'component' and 'intervention', "
+        f"got {hook!r}."
+    )
+
+
+def from_reference(query: dict[str, Any] | Any) -> AnyIntervention:
+    """Convert the reference design's intervention form
+    (``type``, ``activation``, ``token_positions``, ``patching_values``, ``multiplication_value``,
+    ``apply_softmax``) into a hookscope intervention.
+
+    ``type="full"`` on a vector point: ``patching_values`` None / ``"ablation"`` -> an
+    :class:`Ablation` scaling by ``multiplication_value`` (0: zero ablation); a tensor -> a
+    :class:`Patch`. ``type`` ``"rows"`` / ``"columns"`` / ``"grid"`` (optionally
+    ``_pre_softmax``) on ``pattern_L{l}H{h}`` -> a :class:`PatternEdit`.
+    """
+    get = query.get if isinstance(query, dict) else (lambda k, d=None: getattr(query, k, d))
+    kind, activation = get("type"), get("activation")
+    positions = get("token_positions", ["all"])
+    values, factor = get("patching_values"), float(get("multiplication_value", 0.0) or 0.0)
+    if kind == "full":
+        if values is None or (isinstance(values, str) and values == "ablation"):
+            return Ablation(point=activation, positions=positions, method="scale", factor=factor)
+        return Patch(point=activation, positions=positions, source=values)
+    base = (kind or "").removesuffix("_pre_softmax")
+    if (
+        base in ("rows", "columns", "grid")
+        and isinstance(activation, str)
+        and activation.startswith("pattern_")
+    ):
+        from .points import parse_point
+
+        point = parse_point(activation)
+        rows, columns = {"rows": (positions, ["all"]), "columns": (["all"], positions)}.get(
+            base, (list(positions[0]), list(positions[1])) if base == "grid" else (None, None)
+        )
+        pre = kind.endswith("_pre_softmax")
+        return PatternEdit(
+            layer=point.layer,
+            heads=[point.head],
+            query_positions=rows,
+            key_positions=columns,
+            op="scale",
+            value=factor,
+            stage="pre" if pre else "post",
+            renormalize=bool(get("apply_softmax", False)) and not pre,
+        )
+    raise HookscopeError(
+        f"reference intervention type {kind!r} on {activation!r} is not supported; valid types: "
+        "'full' on vector points, 'rows' / 'columns' / 'grid' (optionally '_pre_softmax') on pattern_L{l}H{h}."
+    )
+
+
+def compute_patching(
+    hm: Any,
+    target_token_positions: Sequence[Any],
+    base_dataloader: Any,
+    target_dataloader: Any,
+    patching_query: Sequence[dict[str, Any]] = (
+        {"patching_elem": "@last", "layers_to_patch": [0], "activation_type": "resid_in_{}"},
+    ),
+    base_dictonary_idxs: Sequence[Any] | None = None,
+    target_dictonary_idxs: Sequence[Any] | None = None,
+    return_logit_diff: bool = False,
+    batch_saver: Any = None,
+    extraction_config: ExtractionConfig | None = None,
+    **kwargs: Any,
+):
+    """Patch the base run's activations into the target run (batch by batch, examples aligned).
+
+    ``patching_query`` entries: ``patching_elem`` (``"@last"``, ``"@0"``, a list of them),
+    ``layers_to_patch`` and ``activation_type`` (``"resid_in_{}"``, ``"head_out_L{}H3"``...).
+    ``base_dictonary_idxs`` / ``target_dictonary_idxs``: per batch, one token id (or a list,
+    whose logits are averaged) per example.
+
+    Returns an :class:`ActivationCache` of the patched target run (``extraction_config`` at
+    ``target_token_positions``) and, with ``return_logit_diff``: ``logit_diff_in_clean``,
+    ``logit_diff_in_patched`` (``[batch]``, logit(target) - logit(base) in the unpatched and
+    patched target runs), ``logit_diff_variation`` (patched minus clean), and
+    ``kl_clean_to_patched`` = KL(clean || patched) of the next-token distributions.
+    """
+    from .cache import ActivationCache
+
+    queries = _parse_queries(patching_query)
+    merged = ActivationCache(pad_token_id=hm.pad_token_id)
+    base_batches, target_batches = list(base_dataloader), list(target_dataloader)
+    if len(base_batches) != len(target_batches):
+        raise HookscopeError(
+            f"base and target dataloaders differ in length ({len(base_batches)} vs {len(target_batches)})."
+        )
+    if return_logit_diff and (base_dictonary_idxs is None or target_dictonary_idxs is None):
+        raise HookscopeError(
+            "return_logit_diff needs base_dictonary_idxs and target_dictonary_idxs."
+        )
+    for index, (base, target) in enumerate(zip(base_batches, target_batches, strict=True)):
+        base_rows, target_rows = (
+            len(hm.prepare_inputs(b, "cpu")["input_ids"]) for b in (base, target)
+        )
+        if base_rows != target_rows:
+            raise InputError(
+                f"compute_patching batch {index}: the base batch has {base_rows} examples, the target "
+                f"batch {target_rows}; examples are patched row by row, so they must match."
+            )
+        interventions = []
+        for positions, points in queries:
+            config = ExtractionConfig(**_flags_for(points), save_logits=False)
+            source = hm.forward(base, positions, extraction_config=config)
+            interventions += [Patch(point=p, positions=positions, source=source) for p in points]
+        patched = hm.forward(
+            target,
+            list(target_token_positions),
+            extraction_config=extraction_config,
+            interventions=interventions,
+            **kwargs,
+        )
+        if return_logit_diff:
+            clean = hm.forward(target, ["last"])["logits"][:, 0]
+            after = hm.forward(target, ["last"], interventions=interventions)["logits"][:, 0]
+            base_ids, target_ids = base_dictonary_idxs[index], target_dictonary_idxs[index]
+            in_clean = _logit_of(clean, target_ids) - _logit_of(clean, base_ids)
+            in_patched = _logit_of(after, target_ids) - _logit_of(after, base_ids)
+            patched["logit_diff_in_clean"] = in_clean
+            patched["logit_diff_in_patched"] = in_patched
+            patched["logit_diff_variation"] = in_patched - in_clean
+            clean_lp, after_lp = clean.float().log_softmax(-1), after.float().log_softmax(-1)
+            patched["kl_clean_to_patched"] = (clean_lp.exp() * (clean_lp - after_lp)).sum(-1)
+        if batch_saver is not None and (payload := batch_saver(target)) is not None:
+            patched["batch_saver"] = payload
+        merged.cat(patched)
+    return merged
+
+
+def _logit_of(logits: torch.Tensor, ids: Any) -> torch.Tensor:
+    """Per example: the logit of its token id, or the mean logit of its list of ids."""
+    out = []
+    for row, entry in enumerate(ids):
+        entry = torch.as_tensor(entry).reshape(-1)
+        out.append(logits[row, entry].float().mean())
+    return torch.stack(out)
+
+
+def _parse_queries(patching_query) -> list[tuple[list, list[str]]]:
+    parsed = []
+    for query in patching_query:
+        missing = {"patching_elem", "layers_to_patch", "activation_type"} - set(query)
+        if missing:
+            raise HookscopeError(f"patching_query entry {query!r} lacks {sorted(missing)}.")
+        elems = query["patching_elem"]
+        elems = [elems] if isinstance(elems, str) else list(elems)
+        positions = []
+        for elem in elems:
+            if not isinstance(elem, str) or not elem.startswith("@"):
+                raise HookscopeError(f"patching_elem {elem!r} must look like '@last' or '@3'.")
+            body = elem[1:]
+            positions.append(int(body) if body.lstrip("-").isdigit() else body)
+        points = [query["activation_type"].format(layer) for layer in query["layers_to_patch"]]
+        parsed.append((positions, points))
+    return parsed
+
+
+def _flags_for(points: list[str]) -> dict[str, Any]:
+    """ExtractionConfig flags that extract ``points`` (what the patches read from)."""
+    from .config import FLAG_OF_KIND, HEAD_FLAGS, LAYER_FLAGS
+    from .points import parse_point
+
+    flags: dict[str, Any] = {}
+    heads = []
+    for name in points:
+        point = parse_point(name)
+        kind = "head_z" if point.kind == "head_out" else point.kind
+        if point.head is not None and kind in HEAD_FLAGS.values():
+            flags[FLAG_OF_KIND[kind]] = True
+            heads.append({"layer": point.layer, "head": point.head})
+        elif point.head is None and kind in LAYER_FLAGS.values():
+            flags[FLAG_OF_KIND[kind]] = True
+        else:
+            raise HookscopeError(f"activation_type {name!r} cannot be patched by compute_patching.")
+    if heads:
+        flags["attn_heads"] = heads
+    return flags

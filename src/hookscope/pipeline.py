@@ -1,0 +1,287 @@
+"""The one call pipeline: every entry point *plans* its call, then *runs* the plan.
+
+``forward``, each batch of ``extract_cache``, ``generate`` (once, for all its steps), every
+forward of a patching sweep and its baselines go through the same two functions:
+
+1. :func:`plan_call` turns what the user asked for (inputs, target positions, an
+   :class:`ExtractionConfig`, interventions, extra hooks) into a :class:`CallPlan`: the model
+   inputs, the resolved positions, the registered-then-per-call interventions as hooks, the
+   capture hooks, the attention requests. Every check happens here, before any forward.
+2. :class:`Executor` runs a plan on its model: one call at a time per model, the model's
+   attention switched to hookscope's function when the plan needs it, the hooks installed, the
+   HF call run, everything removed in ``finally``. :meth:`CallPlan.cache` assembles the
+   :class:`ActivationCache` from what the hooks captured.
+
+Hook order on a module: interventions (marked ``first``, ahead of HF's own output-recording
+hooks), then the caller's extra hooks (user hooks, a sweep's patch writes), then capture, which
+sees the effect of both.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .assemble import assemble_cache
+from .attention import AttentionHooks
+from .cache import ActivationCache
+from .capture import StopForward, capture_hooks, plan_capture
+from .config import ExtractionConfig
+from .editing import prepare
+from .errors import HookscopeError, PositionError
+from .hooks import ModuleHook, as_module_hook, installed
+from .inputs import model_input_names
+from .plan import ExtractionPlan, plan_extraction
+from .positions import PositionContext, ResolvedPositions
+from .vision_points import vision_capture_hooks, vision_points
+from .window import CallWindow, StepPositions
+
+#: ``call(hf_model, model_inputs) -> output``: what the executor runs inside the hooks
+ModelCall = Callable[[nn.Module, dict[str, Any]], Any]
+
+
+def forward_call(model: nn.Module, model_inputs: dict[str, Any]) -> Any:
+    """One plain HF forward."""
+    return model(**model_inputs)
+
+
+@dataclass
+class CallPlan:
+    """One planned call: everything the executor installs and runs, nothing left to decide.
+
+    Attributes:
+        model_inputs: keyword arguments of the HF call, on the model's device.
+        config: the extraction config of the call.
+        extraction: which points module hooks and the attention function capture.
+        context: what positions resolve against (mask ``[batch, seq]``, ids, images).
+        targets: the target positions ``[batch, P]`` (None in a generation without extraction).
+        row_positions: the query rows of patterns, when they differ from the targets.
+        window: which absolute positions each model call covers (generation steps).
+        hooks: module hooks in installation order (interventions, extra hooks, capture).
+        attention: the attention requests and pattern edits, switched on for the call.
+        sink: where the hooks write captured tensors, by cache key.
+    """
+
+    model_inputs: dict[str, Any]
+    config: ExtractionConfig
+    extraction: ExtractionPlan
+    context: PositionContext
+    targets: ResolvedPositions | None
+    row_positions: ResolvedPositions | None
+    window: CallWindow
+    hooks: list[ModuleHook]
+    attention: AttentionHooks
+    sink: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def cache(self, output: Any, pad_token_id: int) -> ActivationCache:
+        """The :class:`ActivationCache` of a finished forward (``output``: the HF output, or
+        None when the forward stopped early)."""
+        return assemble_cache(
+            self.sink,
+            output,
+            self.targets,
+            self.row_positions,
+            self.config,
+            self.extraction,
+            self.model_inputs["input_ids"],
+            pad_token_id,
+        )
+
+
+def plan_call(
+    hm: Any,
+    inputs: Any,
+    target_token_positions: Any,
+    config: ExtractionConfig,
+    *,
+    interventions: Sequence[Any] = (),
+    hooks: Sequence[ModuleHook | dict[str, Any]] = (),
+    pivot_positions: Sequence[int] | None = None,
+    seed: int = 0,
+    example_offset: int = 0,
+    model_kwargs: dict[str, Any] | None = None,
+    generation: bool = False,
+) -> CallPlan:
+    """Plan one call of ``hm`` (a :class:`~hookscope.HookedModel`).
+
+    Registered interventions (``hm.registered_interventions``) come first, then
+    ``interventions``. With ``generation`` the plan is for ``hf_model.generate``: capture hooks
+    follow the steps (targets in the prompt call, then each fed-back token), the model's cache
+    setting is left to the caller, and what has no meaning per step is refused.
+
+    Raises:
+        PositionError, InputError, ActivationPointError, HookscopeError: for bad input, before
+        any forward.
+    """
+    model_inputs = hm.prepare_inputs(inputs)
+    model_inputs.update(model_kwargs or {})
+    extraction = plan_extraction(config, hm.model_map)
+    if generation:
+        _check_generation_request(config, extraction)
+        model_inputs.pop("position_ids", None)  # generate derives them from the mask itself
+    elif "use_cache" in model_input_names(hm.hf_model):
+        model_inputs.setdefault("use_cache", False)  # one forward: no KV cache to keep
+    context = hm.position_context(model_inputs, pivot_positions, seed)
+    targets = _targets(context, target_token_positions, extraction, generation)
+    row_positions = None
+    if config.attn_pattern_row_positions is not None:
+        row_positions = context.resolve(config.attn_pattern_row_positions)
+    seq = context.attention_mask.shape[1]
+    window = (
+        CallWindow(seq) if generation else CallWindow(seq, 0, seq, example_offset=example_offset)
+    )
+    intervention_hooks, pattern_edits = prepare(
+        [*hm.registered_interventions, *interventions],
+        hm.model_map,
+        context,
+        window,
+        hm.vision_map,
+    )
+    if generation and pattern_edits:
+        raise HookscopeError(
+            "PatternEdit is not supported in generate yet; run forward on the prompt to study its effect."
+        )
+    sink: dict[str, torch.Tensor] = {}
+    capture_positions = StepPositions(targets, window) if generation and targets else targets
+    call_hooks = intervention_hooks + [as_module_hook(h) for h in hooks]
+    call_hooks += capture_hooks_for(hm, extraction, config, capture_positions, sink, generation)
+    attention = AttentionHooks(
+        hm.model_map,
+        extraction.attention,
+        targets,
+        row_positions,
+        sink,
+        all_keys=config.attn_pattern_all_keys,
+        average=config.extract_avg,
+        keep_gradient=config.keep_gradient,
+        edits=pattern_edits,
+        window=window,
+    )
+    return CallPlan(
+        model_inputs,
+        config,
+        extraction,
+        context,
+        targets,
+        row_positions,
+        window,
+        call_hooks,
+        attention,
+        sink,
+    )
+
+
+def _targets(
+    context: PositionContext, items: Any, extraction: ExtractionPlan, generation: bool
+) -> ResolvedPositions | None:
+    """The resolved target positions; ``["all"]`` for a forward that extracts nothing."""
+    if items is None:
+        if not extraction.is_empty():
+            raise PositionError(
+                "target_token_positions is required when activations are requested, "
+                "e.g. target_token_positions=['last']."
+            )
+        if generation:
+            return None
+        items = ["all"]
+    return context.resolve(items)
+
+
+def capture_hooks_for(
+    hm: Any,
+    extraction: ExtractionPlan,
+    config: ExtractionConfig,
+    positions: Any,
+    sink: dict[str, torch.Tensor],
+    generation: bool = False,
+) -> list[ModuleHook]:
+    """Capture hooks for the plan's module points and vision points. A forward that needs
+    nothing after its last extracted layer stops there (never during generation)."""
+    if positions is None:
+        return []
+    stop_after = None
+    last = extraction.last_layer()
+    if not generation and not config.save_logits and last is not None:
+        stop_after = hm.model_map.layers[last].block
+    hooks = capture_hooks(
+        plan_capture(extraction.points, hm.model_map),
+        positions,
+        sink,
+        average=config.extract_avg,
+        keep_gradient=config.keep_gradient,
+        stop_after=stop_after,
+    )
+    return hooks + vision_capture_hooks(
+        vision_points(config, hm.vision_map), hm.vision_map, sink, config.keep_gradient
+    )
+
+
+def _check_generation_request(config: ExtractionConfig, extraction: ExtractionPlan) -> None:
+    if config.extract_avg:
+        raise HookscopeError(
+            "extract_avg is not supported in generate; average the returned slots."
+        )
+    if extraction.attention:
+        raise HookscopeError(
+            "attention patterns and per-head q/k/v are not extracted during generate; run forward "
+            "on the generated sequences instead."
+        )
+
+
+class Executor:
+    """Runs :class:`CallPlan` s on one HF model. There is one executor per model object (two
+    HookedModels wrapping the same model share it), because hooks live on the shared modules:
+    calls on one model cannot overlap, calls on different models never wait for each other."""
+
+    _by_model: weakref.WeakKeyDictionary[nn.Module, Executor] = weakref.WeakKeyDictionary()
+    _create_lock = threading.Lock()
+
+    def __init__(self, hf_model: nn.Module):
+        self.hf_model = hf_model
+        self._busy = threading.RLock()
+
+    @classmethod
+    def of(cls, hf_model: nn.Module) -> Executor:
+        """The executor of ``hf_model`` (created on first use)."""
+        with cls._create_lock:
+            executor = cls._by_model.get(hf_model)
+            if executor is None:
+                executor = cls._by_model[hf_model] = cls(hf_model)
+            return executor
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the model for one call; another thread gets a clear error instead of mixed hooks."""
+        if not self._busy.acquire(blocking=False):
+            raise HookscopeError(
+                "this model is running a hooked call in another thread: hooks live on the shared "
+                "modules, so calls on one model cannot overlap. Use one model per thread "
+                "(from_hf on a copy) or a lock around calls."
+            )
+        try:
+            yield
+        finally:
+            self._busy.release()
+
+    def run(self, plan: CallPlan, call: ModelCall = forward_call) -> Any:
+        """Install ``plan`` (attention scope, hooks), run ``call(hf_model, model_inputs)``,
+        remove everything whatever happens. Returns the call's output (None when a capture
+        hook stopped the forward early)."""
+        grad_mode = torch.enable_grad() if plan.config.keep_gradient else torch.no_grad()
+        with (
+            self.exclusive(),
+            grad_mode,
+            plan.attention.installed(),
+            installed(self.hf_model, plan.hooks),
+        ):
+            try:
+                return call(self.hf_model, plan.model_inputs)
+            except StopForward:
+                return None
