@@ -111,6 +111,12 @@ GUIDE = {
         "JSON form when saved.",
         "Use the valid choices the message lists; save caches with `cache.save()`.",
     ),
+    "keywords": (
+        "A keyword argument or config field that does not exist, usually a misspelling "
+        "(extract_config= for extraction_config=): HF forwards accept **kwargs and would drop it.",
+        "Use the keyword the message suggests; keywords for the HF model pass when its forward "
+        "names them.",
+    ),
     "lens": (
         "A lens on a point that is not a residual stream, or a model without an unembedding.",
         "Read `resid_out`, `resid_mid` or `resid_in`.",

@@ -17,7 +17,7 @@ hookscope's own types.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -133,24 +133,15 @@ def compute_patching(
 
     queries = _parse_queries(patching_query)
     merged = ActivationCache(pad_token_id=hm.pad_token_id)
-    base_batches, target_batches = list(base_dataloader), list(target_dataloader)
-    if len(base_batches) != len(target_batches):
-        raise HookscopeError(
-            f"base and target dataloaders differ in length ({len(base_batches)} vs {len(target_batches)})."
-        )
-    if return_logit_diff and (base_dictonary_idxs is None or target_dictonary_idxs is None):
-        raise HookscopeError(
-            "return_logit_diff needs base_dictonary_idxs and target_dictonary_idxs."
-        )
+    base_batches, target_batches = _batch_list(base_dataloader), _batch_list(target_dataloader)
+    _check_batches(hm, base_batches, target_batches)
+    if return_logit_diff:
+        for name, idxs in (
+            ("base_dictonary_idxs", base_dictonary_idxs),
+            ("target_dictonary_idxs", target_dictonary_idxs),
+        ):
+            _check_dictionary_idxs(hm, name, idxs, target_batches)
     for index, (base, target) in enumerate(zip(base_batches, target_batches, strict=True)):
-        base_rows, target_rows = (
-            len(hm.prepare_inputs(b, "cpu")["input_ids"]) for b in (base, target)
-        )
-        if base_rows != target_rows:
-            raise InputError(
-                f"compute_patching batch {index}: the base batch has {base_rows} examples, the target "
-                f"batch {target_rows}; examples are patched row by row, so they must match."
-            )
         interventions = []
         for positions, points in queries:
             config = ExtractionConfig(**_flags_for(points), save_logits=False)
@@ -178,6 +169,75 @@ def compute_patching(
             patched["batch_saver"] = payload
         merged.cat(patched)
     return merged
+
+
+def _batch_list(dataloader: Any) -> list[Any]:
+    """The batches of a dataloader; one tokenized batch (a mapping, an id tensor) or one string
+    is a single batch, never iterated (iterating a mapping would give its key names)."""
+    if isinstance(dataloader, Mapping | torch.Tensor | str):
+        return [dataloader]
+    return list(dataloader)
+
+
+def _rows(hm: Any, batch: Any) -> int:
+    return len(hm.prepare_inputs(batch, "cpu")["input_ids"])
+
+
+def _check_batches(hm: Any, base_batches: list, target_batches: list) -> None:
+    """Base and target must pair batch by batch and row by row (checked before any forward)."""
+    if len(base_batches) != len(target_batches):
+        raise InputError(
+            f"base and target dataloaders differ in length ({len(base_batches)} vs "
+            f"{len(target_batches)} batches)."
+        )
+    if not base_batches:
+        raise InputError("compute_patching got empty dataloaders.")
+    for index, (base, target) in enumerate(zip(base_batches, target_batches, strict=True)):
+        base_rows, target_rows = _rows(hm, base), _rows(hm, target)
+        if base_rows != target_rows:
+            raise InputError(
+                f"compute_patching batch {index}: the base batch has {base_rows} examples, the "
+                f"target batch {target_rows}; examples are patched row by row, so they must match."
+            )
+
+
+def _check_dictionary_idxs(hm: Any, name: str, idxs: Any, batches: list) -> None:
+    """``idxs`` must hold, per batch, one entry per example: a token id or a non-empty list of
+    ids (whose logits are averaged), each within the vocabulary. Checked before any forward.
+
+    Raises:
+        InputError: naming the batch, the example and what is wrong.
+    """
+    if idxs is None:
+        raise InputError(f"return_logit_diff needs {name} (per batch, one token id per example).")
+    if isinstance(idxs, int | str | torch.Tensor) or not isinstance(idxs, Sequence):
+        raise InputError(
+            f"{name} must be a list with one entry per batch ({len(batches)}), each a list of "
+            f"token ids per example; got {type(idxs).__name__}."
+        )
+    if len(idxs) != len(batches):
+        raise InputError(f"{name} has {len(idxs)} entries for {len(batches)} batches.")
+    vocab = hm.hf_model.get_output_embeddings().weight.shape[0]
+    for index, (entry, batch) in enumerate(zip(idxs, batches, strict=True)):
+        rows = _rows(hm, batch)
+        entry = entry.tolist() if isinstance(entry, torch.Tensor) else entry
+        if not isinstance(entry, Sequence) or isinstance(entry, str) or len(entry) != rows:
+            raise InputError(
+                f"{name}[{index}] must list one token id (or a list of ids) per example of "
+                f"batch {index} ({rows} examples); got {entry!r}."
+            )
+        for row, ids in enumerate(entry):
+            flat = [ids] if isinstance(ids, int) else ids
+            if (
+                not isinstance(flat, Sequence)
+                or not flat
+                or not all(isinstance(i, int) and not isinstance(i, bool) for i in flat)
+                or not all(0 <= i < vocab for i in flat)
+            ):
+                raise InputError(
+                    f"{name}[{index}][{row}] must be a token id in 0..{vocab - 1} or a non-empty "
+                    f"list of them; got {ids!r}."
+                )
 
 
 def _logit_of(logits: torch.Tensor, ids: Any) -> torch.Tensor:

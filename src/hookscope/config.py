@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 import torch
 
+from .keywords import reject_unknown_fields
+
 # ExtractionConfig flags that request activations of one kind in every (selected) layer.
 LAYER_FLAGS: dict[str, str] = {
     "extract_resid_in": "resid_in",
@@ -60,6 +62,7 @@ FLAG_OF_KIND: dict[str, str] = {
 }
 
 
+@reject_unknown_fields
 @dataclass
 class HookedModelConfig:
     """How to load the model that a :class:`~hookscope.HookedModel` wraps.
@@ -93,6 +96,7 @@ class HookedModelConfig:
     offload_folder: str | None = None
 
 
+@reject_unknown_fields
 @dataclass
 class ExtractionConfig:
     """What to extract in a forward pass. Every ``extract_*`` flag adds cache keys.
@@ -165,6 +169,15 @@ class ExtractionConfig:
     extract_vision_attn_out: bool = False
     extract_projector_out: bool = False
     vision_layers: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        # one layer given as an int means that layer (``layers=3`` is ``layers=[3]``)
+        for name in ("layers", "vision_layers"):
+            value = getattr(self, name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, name, [value])
+            elif isinstance(value, range | tuple):
+                setattr(self, name, list(value))
 
     def is_not_empty(self) -> bool:
         """True when at least one activation is requested (``save_logits`` aside)."""

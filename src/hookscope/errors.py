@@ -35,3 +35,8 @@ def choices(values: Iterable[object], limit: int = 12) -> str:
     values = [repr(v) for v in values]
     shown = ", ".join(values[:limit])
     return shown + (f" (+{len(values) - limit} more)" if len(values) > limit else "")
+
+
+class KeywordError(HookscopeError, TypeError):
+    """A keyword argument or config field that does not exist (a misspelling would otherwise be
+    ignored); also a ``TypeError``, as Python raises for unknown keywords."""

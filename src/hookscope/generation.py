@@ -20,6 +20,7 @@ import torch
 from .cache import ActivationCache
 from .config import ExtractionConfig
 from .hooks import ModuleHook
+from .keywords import check_model_kwargs, own_keywords
 from .pipeline import plan_call
 from .window import CallWindow
 
@@ -37,6 +38,7 @@ def generate(
     **generate_kwargs: Any,
 ) -> torch.Tensor | list[str] | ActivationCache:
     """See :meth:`hookscope.HookedModel.generate`."""
+    _check_generate_kwargs(hm, generate_kwargs)
     config = extraction_config or ExtractionConfig(save_logits=False)
     plan = plan_call(
         hm,
@@ -73,6 +75,14 @@ def generate(
         return new_text if return_text else sequences
     targets = plan.targets if plan.extraction.points else None
     return _generation_cache(hm, records, targets, sequences, output, new_text)
+
+
+def _check_generate_kwargs(hm: Any, generate_kwargs: dict[str, Any]) -> None:
+    """Extra keywords must be generation options or inputs the model's forward names."""
+    from transformers import GenerationConfig
+
+    options = set(GenerationConfig().to_dict()) | own_keywords(type(hm.hf_model).generate)
+    check_model_kwargs(generate_kwargs, hm.hf_model, type(hm).generate, extra_valid=options)
 
 
 def _window_tracker(model: torch.nn.Module, window: CallWindow) -> ModuleHook:

@@ -17,6 +17,7 @@ from .errors import HookscopeError, InputError, PositionError
 from .hooks import ModuleHook, as_module_hook, get_module, register
 from .inputs import prepare_inputs, tokenize
 from .interventions import AnyIntervention, PatternEdit, image_text_block
+from .keywords import check_model_kwargs
 from .loading import DEFAULT_MODEL_ID, load_model_and_tokenizer, prepare_tokenizer, split_processor
 from .pipeline import Executor, capture_hooks_for, plan_call
 from .plan import plan_extraction
@@ -343,6 +344,7 @@ class HookedModel:
         Raises:
             PositionError, InputError, ActivationPointError: for bad input, before the forward.
         """
+        check_model_kwargs(model_kwargs, self.hf_model, HookedModel.forward)
         config = _extraction_config(extraction_config, names)
         plan = plan_call(
             self,
@@ -407,6 +409,7 @@ class HookedModel:
             One :class:`ActivationCache` with every example in dataloader order, or the
             :class:`ActivationStore` written to ``output_dir``.
         """
+        check_model_kwargs(model_kwargs, self.hf_model, HookedModel.extract_cache)
         config = _extraction_config(extraction_config, names)
         target_token_positions = normalize_items(target_token_positions)  # fail before the loop
         writer = None
@@ -483,6 +486,11 @@ class HookedModel:
         self, dataloader: Iterable[Any], sort_by_length: bool = False
     ) -> Iterator[tuple[Any, torch.Tensor | None]]:
         """``(batch, original indices or None)``; lists of strings are tokenised here."""
+        if isinstance(dataloader, Mapping | torch.Tensor):  # one tokenized batch, not a dataset
+            if sort_by_length:
+                raise InputError("sort_by_length needs a list of strings, got one batch.")
+            yield dataloader, None
+            return
         strings = isinstance(dataloader, list) and dataloader and isinstance(dataloader[0], str)
         if sort_by_length and not strings:
             raise InputError(

@@ -113,3 +113,37 @@ def prepare_inputs(
         position_ids = mask.long().cumsum(-1) - 1 + first_position(model)
         kwargs["position_ids"] = position_ids.masked_fill(mask == 0, 1)
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+
+
+def to_left_padding(model_inputs: dict[str, Any]) -> dict[str, Any]:
+    """``model_inputs`` with every row's padding moved to the left (generation appends new
+    tokens on the right, so a right-padded prompt would continue after its pad tokens).
+
+    Every ``[batch, seq]`` tensor that lines up with the attention mask (``input_ids``,
+    ``token_type_ids``, ...) is rotated the same way; a batch already left-padded is returned
+    as is.
+
+    Raises:
+        InputError: when a row's real tokens are not one contiguous run (no padding side).
+    """
+    mask = model_inputs.get("attention_mask")
+    if mask is None or mask.dim() != 2 or bool(mask[:, -1].bool().all()):
+        return model_inputs
+    real = mask.bool()
+    seq = real.shape[1]
+    count = real.sum(1)
+    last = seq - 1 - real.flip(1).int().argmax(1)  # last real token of each row
+    first = real.int().argmax(1)
+    if bool(((last - first + 1) != count)[count > 0].any()):
+        raise InputError(
+            "an attention_mask row has padding inside the prompt (its real tokens are not one "
+            "contiguous run), so there is no side to pad on; pass left- or right-padded prompts."
+        )
+    shift = (seq - 1 - last).unsqueeze(1)  # how far each row moves right
+    index = (torch.arange(seq, device=mask.device).unsqueeze(0) - shift) % seq
+    out = dict(model_inputs)
+    for key, value in model_inputs.items():
+        if isinstance(value, torch.Tensor) and value.shape[:2] == mask.shape:
+            gather = index.view(*index.shape, *[1] * (value.dim() - 2)).expand_as(value)
+            out[key] = value.gather(1, gather.to(value.device))
+    return out

@@ -13,6 +13,7 @@ hook per layer writes the clean value into the rows whose site is in that layer.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -85,24 +86,70 @@ def _pair(hm, clean: Any, corrupt: Any) -> tuple[dict, dict]:
 
 
 def _answer_ids(
-    answers: Any, examples: int, metric: str
+    answers: Any, examples: int, metric: str, tokenizer: Any = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``answers`` as ``(correct [examples], wrong [examples] or None)`` token ids.
+
+    Each side is one token id or answer string for every example, or one per example; strings
+    (``" Paris"``) must be exactly one token of the model's tokenizer.
+    """
     if metric == "kl":
         return torch.zeros(examples, dtype=torch.long), None
     if answers is None:
         raise HookscopeError(
-            f"metric {metric!r} needs answers=(correct_ids, wrong_ids) (token ids per example)."
+            f"metric {metric!r} needs answers=(correct, wrong): token ids or one-token strings, "
+            "one per example or one for all."
         )
     correct, wrong = (
         answers if isinstance(answers, tuple | list) and len(answers) == 2 else (answers, None)
     )
-    correct = torch.as_tensor(correct).reshape(-1)
-    wrong = torch.as_tensor(wrong).reshape(-1) if wrong is not None else None
-    if correct.numel() != examples or (wrong is not None and wrong.numel() != examples):
-        raise HookscopeError(f"answers need one token id per example ({examples}).")
     if metric == "logit_diff" and wrong is None:
-        raise HookscopeError("metric 'logit_diff' needs answers=(correct_ids, wrong_ids).")
+        raise HookscopeError("metric 'logit_diff' needs answers=(correct, wrong).")
+    correct = _answer_side(correct, examples, tokenizer, "correct")
+    wrong = _answer_side(wrong, examples, tokenizer, "wrong") if wrong is not None else None
     return correct, wrong
+
+
+def _answer_side(side: Any, examples: int, tokenizer: Any, what: str) -> torch.Tensor:
+    """One side of ``answers`` -> ``[examples]`` token ids."""
+    if isinstance(side, str) or (
+        isinstance(side, list | tuple) and side and all(isinstance(a, str) for a in side)
+    ):
+        side = [one_token_id(tokenizer, a) for a in ([side] if isinstance(side, str) else side)]
+    try:
+        ids = torch.as_tensor(side).reshape(-1)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise HookscopeError(
+            f"answers ({what}) must be token ids or one-token strings, got {side!r} ({error})."
+        ) from None
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise HookscopeError(f"answers ({what}) must be integer token ids, got {side!r}.")
+    if ids.numel() == 1:
+        ids = ids.expand(examples)
+    if ids.numel() != examples:
+        raise HookscopeError(
+            f"answers ({what}) need one token per example or one for all: got {ids.numel()} "
+            f"for {examples} examples."
+        )
+    return ids.long()
+
+
+def one_token_id(tokenizer: Any, text: str) -> int:
+    """The id of ``text`` when it is exactly one token (no special tokens added).
+
+    Raises:
+        HookscopeError: for text of several tokens (naming them) or a model without a tokenizer.
+    """
+    if tokenizer is None:
+        raise HookscopeError(f"answer {text!r} is a string but this model has no tokenizer.")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        pieces = [tokenizer.decode([i]) for i in ids]
+        raise HookscopeError(
+            f"answer {text!r} is {len(ids)} tokens {pieces}; answers must be single tokens "
+            "(mind the leading space: ' Paris', not 'Paris')."
+        )
+    return int(ids[0])
 
 
 def _metric(logits: torch.Tensor, metric: str, correct, wrong, clean_logprobs=None) -> torch.Tensor:
@@ -132,7 +179,9 @@ def _baselines(hm, clean: Any, corrupt: Any, answers: Any, metric: str):
     """Aligned clean / corrupt inputs, answer ids, and the metric of both unpatched runs:
     ``(clean, corrupt, correct, wrong, clean_logprobs or None, clean_metric, corrupt_metric)``."""
     clean, corrupt = _pair(hm, clean, corrupt)
-    correct, wrong = _answer_ids(answers, clean["input_ids"].shape[0], metric)
+    correct, wrong = _answer_ids(
+        answers, clean["input_ids"].shape[0], metric, hm.get_text_tokenizer()
+    )
     clean_logits, corrupt_logits = _last_logits(hm, clean), _last_logits(hm, corrupt)
     clean_logprobs = clean_logits.float().log_softmax(-1) if metric == "kl" else None
     clean_metric = _metric(clean_logits, metric, correct, wrong, clean_logprobs)
@@ -302,11 +351,26 @@ def _result(
     per_example, axes, labels, clean_metric, corrupt_metric, metric, normalize, method, forwards
 ):
     """Build a :class:`PatchingResult`; normalising maps the corrupt run to 0 and the clean run
-    to 1 (attribution estimates a change, so it is only divided by clean - corrupt)."""
+    to 1 (attribution estimates a change, so it is only divided by clean - corrupt). When an
+    example's clean and corrupt metrics are equal there is nothing to normalise by: the values
+    come back unnormalised, with a warning that says so."""
+    if normalize:
+        gap = clean_metric - corrupt_metric
+        flat = gap.abs() <= 1e-6 * clean_metric.abs().clamp(min=1.0)
+        if bool(flat.any()):
+            warnings.warn(
+                f"patching: the clean and corrupt runs give the same {metric} for examples "
+                f"{flat.nonzero().flatten().tolist()} (clean {clean_metric[flat].tolist()}), so "
+                "(patched - corrupt) / (clean - corrupt) would divide by zero; the values are "
+                "returned unnormalised (result.normalized is False). Check that the corrupt "
+                "prompts really differ where it matters.",
+                stacklevel=3,
+            )
+            normalize = False
     if normalize:
         shape = (len(per_example), *[1] * (per_example.dim() - 1))
         baseline = corrupt_metric.view(shape) if method == "activation" else 0
-        per_example = (per_example - baseline) / (clean_metric - corrupt_metric).view(shape)
+        per_example = (per_example - baseline) / gap.view(shape)
     return PatchingResult(
         per_example.mean(0),
         per_example,

@@ -37,7 +37,7 @@ from .config import ExtractionConfig
 from .editing import prepare
 from .errors import HookscopeError, PositionError
 from .hooks import ModuleHook, as_module_hook, installed
-from .inputs import model_input_names
+from .inputs import model_input_names, to_left_padding
 from .plan import ExtractionPlan, plan_extraction
 from .positions import PositionContext, ResolvedPositions
 from .vision_points import vision_capture_hooks, vision_points
@@ -126,6 +126,7 @@ def plan_call(
     if generation:
         _check_generation_request(config, extraction)
         model_inputs.pop("position_ids", None)  # generate derives them from the mask itself
+        model_inputs = to_left_padding(model_inputs)  # new tokens go right after each prompt
     elif "use_cache" in model_input_names(hm.hf_model):
         model_inputs.setdefault("use_cache", False)  # one forward: no KV cache to keep
     context = hm.position_context(model_inputs, pivot_positions, seed)
