@@ -2,6 +2,11 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+# Tests never write to the user's home: hookscope's cache (the converted default model, the
+# remembered self-check outcomes) goes to .hookscope-cache/ in the repository unless set.
+os.environ.setdefault(
+    "HOOKSCOPE_CACHE", os.path.join(os.path.dirname(os.path.dirname(__file__)), ".hookscope-cache")
+)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

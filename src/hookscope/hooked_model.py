@@ -16,7 +16,6 @@ from .assemble import assemble_cache
 from .attention import AttentionHooks
 from .cache import ActivationCache
 from .capture import StopForward, capture_hooks, plan_capture
-from .checks import warn_if_known_failures
 from .config import ExtractionConfig, HookedModelConfig
 from .editing import CallWindow, prepare
 from .errors import HookscopeError, InputError, PositionError
@@ -82,7 +81,6 @@ class HookedModel:
         self._persistent_handles: list[RemovableHandle] = []
         self._registered_interventions: list[AnyIntervention] = []
         self._busy = threading.RLock()  # one call at a time: hooks live on the shared modules
-        warn_if_known_failures(self.model_map.model_type, next(hf_model.parameters()).dtype)
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
