@@ -71,6 +71,10 @@ GUIDE = {
         "block) or one that no module hook can reach.",
         "Use the points the message names instead; `hookscope info MODEL` lists them.",
     ),
+    "checks": (
+        "`HOOKSCOPE_REMEMBER_CHECKS` holds a value that is neither on nor off.",
+        "Set it to 0 (or false, no, off) to stop remembering self-check outcomes, or unset it.",
+    ),
     "cli": (
         "A command-line value that cannot be used: a missing prompts file, a malformed .jsonl line, "
         "an unknown point kind, an answer that is not one token.",

@@ -2,6 +2,14 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+# Tests never write to the user's home: hookscope's cache (the converted default model, the
+# remembered self-check outcomes) and matplotlib's font cache go to .hookscope-cache/ in the
+# repository unless set.
+_REPO_CACHE = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".hookscope-cache"
+)
+os.environ.setdefault("HOOKSCOPE_CACHE", _REPO_CACHE)
+os.environ.setdefault("MPLCONFIGDIR", os.path.join(_REPO_CACHE, "matplotlib"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

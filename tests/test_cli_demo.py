@@ -173,3 +173,15 @@ def test_patch_and_lens_commands(tiny_folder, tmp_path, capsys):
         == 0
     )
     assert "layer   1" in capsys.readouterr().out and (tmp_path / "logit_lens.png").exists()
+
+
+def test_check_command_remembers_only_when_asked(tiny_folder, tmp_path, monkeypatch, capsys):
+    from hookscope.checks import CHECKS, records_path
+
+    monkeypatch.setenv("HOOKSCOPE_CACHE", str(tmp_path / "cache"))
+    assert main(["check", str(tiny_folder), "--no-remember"]) == 0
+    assert f"{len(CHECKS)}/{len(CHECKS)} checks passed" in capsys.readouterr().out
+    assert not (tmp_path / "cache").exists()
+    assert main(["check", str(tiny_folder)]) == 0
+    (stored,) = json.loads(records_path().read_text()).values()
+    assert stored == dict.fromkeys(CHECKS, True)

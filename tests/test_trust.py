@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import sys
 import threading
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from tiny_models import FAMILIES, PROMPTS, build_model, build_tokenizer
 
-from hookscope import ExtractionConfig, HookedModel, HookscopeError
+from hookscope import ExtractionConfig, HookedModel, HookscopeError, checks
 
 
 @pytest.fixture(autouse=True)
@@ -39,8 +43,101 @@ def test_self_check_catches_a_wrong_spec_and_remembers():
     failed = [row.name for row in report.rows if not row.passed]
     assert failed == ["residual decomposition"], str(report)
     assert "FAIL  residual decomposition" in str(report)
-    with pytest.warns(UserWarning, match="failed: \\['residual decomposition'\\]"):
-        HookedModel.from_hf(build_model("llama"), build_tokenizer())
+    # remembered, and read back only when asked
+    (remembered,) = checks.remembered_results("llama").values()
+    assert remembered == {row.name: row.name != "residual decomposition" for row in report.rows}
+    assert checks.remembered_results("gpt2") == {}
+    assert list(checks.remembered_results()) == [report.key]
+
+
+def test_the_checks_are_a_registry_run_in_order(monkeypatch, tiny_llama):
+    assert all(
+        entry.description and "\n" not in entry.description for entry in checks.CHECKS.values()
+    )
+
+    def crashes(ctx):
+        raise RuntimeError("broken on purpose\nsecond line")
+
+    monkeypatch.setitem(checks.CHECKS, "crashes", checks.Check("crashes", "always raises", crashes))
+    report = tiny_llama.self_check(remember=False, print_report=False)
+    assert [row.name for row in report.rows] == list(checks.CHECKS)
+    assert [row.name for row in report.rows if not row.passed] == ["crashes"]
+    assert report.rows[-1].detail == "raised RuntimeError: broken on purpose"
+
+
+# The files opened while a test records them (an audit hook sees every open, from Python or C).
+_opened: list[str] | None = None
+
+
+def _record_opens(event, args):
+    if event == "open" and _opened is not None and isinstance(args[0], (str, bytes, Path)):
+        _opened.append(os.fsdecode(args[0]))
+
+
+sys.addaudithook(_record_opens)
+
+
+def _files_opened(action) -> list[Path]:
+    global _opened
+    _opened = []
+    try:
+        action()
+        return [Path(p).resolve() for p in _opened]
+    finally:
+        _opened = None
+
+
+def _remember_a_failure(model) -> Path:
+    """A records file saying an earlier self-check of ``model``'s architecture failed."""
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    key = f"{model.config.model_type}|{transformers.__version__}|{dtype}"
+    path = checks.records_path()
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({key: {"resid chain": False}}))
+    return path
+
+
+def test_loading_reads_nothing_but_the_model(tiny_folder):
+    model, tokenizer = build_model("llama"), build_tokenizer()
+    records = _remember_a_failure(model)
+    assert checks.remembered_results("llama")  # the file is there, and readable
+    cache = records.parent.resolve()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wrapped = _files_opened(lambda: HookedModel.from_hf(model, tokenizer))
+        loaded = _files_opened(lambda: HookedModel.from_pretrained(str(tiny_folder)))
+    assert not [p for p in wrapped + loaded if p.is_relative_to(cache)]
+    # the recorder works: it saw the folder's config and tokenizer files being read
+    # (safetensors maps the weights from Rust, which Python's audit hooks do not see)
+    assert {p.name for p in loaded if p.parent == tiny_folder.resolve()} >= {
+        "config.json",
+        "tokenizer_config.json",
+    }
+
+
+def test_self_check_without_remembering_reads_and_writes_nothing(monkeypatch, tiny_llama):
+    cache = checks.records_path().parent
+    report = tiny_llama.self_check(remember=False, print_report=False)
+    assert report.passed and not cache.exists()
+    records = _remember_a_failure(tiny_llama.hf_model)
+    before = records.read_text()
+    monkeypatch.setenv(checks.REMEMBER_ENV, "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the remembered failure would warn "outcome changed"
+        opened = _files_opened(lambda: tiny_llama.self_check(print_report=False))
+    assert not [p for p in opened if p.is_relative_to(cache.resolve())]
+    assert records.read_text() == before and sorted(cache.iterdir()) == [records]
+    monkeypatch.setenv(checks.REMEMBER_ENV, "nope")
+    with pytest.raises(HookscopeError, match="HOOKSCOPE_REMEMBER_CHECKS='nope' is not one of"):
+        tiny_llama.self_check(print_report=False)
+
+
+def test_self_check_remembers_under_hookscope_cache(monkeypatch, tmp_path, tiny_llama):
+    monkeypatch.setenv("HOOKSCOPE_CACHE", str(tmp_path / "elsewhere"))
+    assert checks.records_path() == tmp_path / "elsewhere" / "self_checks.json"
+    report = tiny_llama.self_check(print_report=False)
+    stored = json.loads(checks.records_path().read_text())
+    assert stored == {report.key: {row.name: True for row in report.rows}}
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

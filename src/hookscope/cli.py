@@ -2,7 +2,7 @@
 
     hookscope demo [--out DIR]
     hookscope info [MODEL]
-    hookscope check [MODEL]
+    hookscope check [MODEL] [--no-remember]
     hookscope extract [MODEL] --prompts FILE --positions last --points resid_out --out DIR
     hookscope patch [MODEL] --clean TEXT --corrupt TEXT --correct TOKEN --wrong TOKEN --out DIR
     hookscope lens [MODEL] --prompt TEXT [--target TOKEN] --out DIR
@@ -17,6 +17,7 @@ import json
 import sys
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 from .errors import HookscopeError
 
@@ -218,7 +219,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 
 def _cmd_check(args: argparse.Namespace) -> None:
-    report = _load(args.model).self_check()
+    report = _load(args.model).self_check(remember=args.remember)
     if not report.passed:
         raise CliError(
             f"{sum(not r.passed for r in report.rows)} self-check(s) failed (see the table above)"
@@ -252,14 +253,11 @@ def _cmd_info(args: argparse.Namespace) -> None:
         print(f"  {name:<34} {kind.shape:<22} {kind.definition}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="hookscope",
-        description="Look inside HuggingFace transformers: extract activations, patch, read the logit lens.",
-        epilog="MODEL is a model folder, a .gguf file or a hub id; omit it for the embedded SmolLM2-135M-Instruct.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _model_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", default=None, metavar="MODEL")
 
+
+def _add_demo(sub: Any) -> None:
     demo = sub.add_parser(
         "demo", help="logit lens, patching and attention on the embedded model (offline)"
     )
@@ -268,20 +266,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(func=_cmd_demo)
 
+
+def _add_info(sub: Any) -> None:
     info = sub.add_parser("info", help="architecture map and activation points of a model")
-    info.add_argument("model", nargs="?", default=None, metavar="MODEL")
+    _model_argument(info)
     info.set_defaults(func=_cmd_info)
 
+
+def _add_check(sub: Any) -> None:
     check = sub.add_parser(
         "check", help="verify hookscope against a model: points, identities, padding, writes"
     )
-    check.add_argument("model", nargs="?", default=None, metavar="MODEL")
+    _model_argument(check)
+    check.add_argument(
+        "--no-remember",
+        dest="remember",
+        action="store_false",
+        help="do not read or store the outcome in $HOOKSCOPE_CACHE/self_checks.json",
+    )
     check.set_defaults(func=_cmd_check)
 
+
+def _add_extract(sub: Any) -> None:
     extract = sub.add_parser(
         "extract", help="extract activations of many prompts to a safetensors file"
     )
-    extract.add_argument("model", nargs="?", default=None, metavar="MODEL")
+    _model_argument(extract)
     extract.add_argument(
         "--prompts", required=True, help="a .txt file (one prompt a line) or .jsonl ({'text': ...})"
     )
@@ -306,10 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
     _extraction_options(extract)
     extract.set_defaults(func=_cmd_extract)
 
+
+def _add_patch(sub: Any) -> None:
     patch = sub.add_parser(
         "patch", help="activation-patching sweep on a clean / corrupt prompt pair"
     )
-    patch.add_argument("model", nargs="?", default=None, metavar="MODEL")
+    _model_argument(patch)
     patch.add_argument("--clean", required=True, help="the prompt whose activations are copied")
     patch.add_argument(
         "--corrupt", required=True, help="the prompt they are copied into (same token length)"
@@ -325,12 +337,26 @@ def build_parser() -> argparse.ArgumentParser:
     patch.add_argument("--out", default="hookscope-patch")
     patch.set_defaults(func=_cmd_patch)
 
+
+def _add_lens(sub: Any) -> None:
     lens = sub.add_parser("lens", help="logit lens of one prompt, layer by layer")
-    lens.add_argument("model", nargs="?", default=None, metavar="MODEL")
+    _model_argument(lens)
     lens.add_argument("--prompt", required=True)
     lens.add_argument("--target", help="a token to follow, e.g. ' Paris'")
     lens.add_argument("--out", default="hookscope-lens")
     lens.set_defaults(func=_cmd_lens)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``hookscope`` parser: one sub-command per ``_add_*`` function, in help order."""
+    parser = argparse.ArgumentParser(
+        prog="hookscope",
+        description="Look inside HuggingFace transformers: extract activations, patch, read the logit lens.",
+        epilog="MODEL is a model folder, a .gguf file or a hub id; omit it for the embedded SmolLM2-135M-Instruct.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_demo, _add_info, _add_check, _add_extract, _add_patch, _add_lens):
+        add(sub)
     return parser
 
 

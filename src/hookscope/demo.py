@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from .config import ExtractionConfig
 from .hooked_model import HookedModel
@@ -23,57 +28,74 @@ IOI_CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
 __all__ = ["lens_logits", "run_demo"]
 
 
-def run_demo(out_dir: str | Path = "hookscope-demo", print_fn=print) -> dict:
-    """Run the demo and write its figures; returns a summary dict (used by the tests)."""
-    from . import plot
+@dataclass
+class _Demo:
+    """What every step of the demo shares: the model, where figures go, how to print."""
 
-    started = time.perf_counter()
-    out = Path(out_dir)
-    hm = HookedModel.from_pretrained()
-    name = "SmolLM2-135M-Instruct"
-    print_fn(f"{hm}\nloaded in {time.perf_counter() - started:.1f} s")
-    tokenizer = hm.get_tokenizer()
+    hm: HookedModel
+    out: Path
+    say: Callable[[str], Any]
+    name: str = "SmolLM2-135M-Instruct"
 
-    # 1. next tokens and the residual stream at the last position
-    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
-    cache = hm.forward(batch, ["last"], extraction_config=ExtractionConfig(extract_resid_out=True))
-    print_fn("\n1. Top next token at the last position of each prompt:")
+    @property
+    def tokenizer(self) -> Any:
+        return self.hm.get_tokenizer()
+
+    def token_id(self, text: str) -> int:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"][0]
+
+
+def _next_tokens(demo: _Demo) -> tuple[list[str], Path]:
+    """Step 1: the top next token of each prompt; saves the last-position residual stream
+    (``resid_out_l`` ``[3, 1, d_model]`` and logits). Returns (top tokens, saved file)."""
+    batch = demo.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    config = ExtractionConfig(extract_resid_out=True)
+    cache = demo.hm.forward(batch, ["last"], extraction_config=config)
+    demo.say("\n1. Top next token at the last position of each prompt:")
     top_tokens = []
     for row, prompt in enumerate(PROMPTS):
         probs = cache["logits"][row, 0].softmax(-1)
         top = int(probs.argmax())
-        top_tokens.append(hm.to_string_tokens([top])[0])
-        print_fn(f"   {prompt!r:48} -> {top_tokens[-1]!r}  (p={probs[top]:.2f})")
-    cache_path = cache.save(out / "resid_out_last.safetensors")
+        top_tokens.append(demo.hm.to_string_tokens([top])[0])
+        demo.say(f"   {prompt!r:48} -> {top_tokens[-1]!r}  (p={probs[top]:.2f})")
+    return top_tokens, cache.save(demo.out / "resid_out_last.safetensors")
 
-    # 2. logit lens on the factual prompt
-    lens = logit_lens(hm, PROMPTS[0], ["all"])
-    target_id = tokenizer(TARGET, add_special_tokens=False)["input_ids"][0]
+
+def _lens_step(demo: _Demo) -> tuple[Any, int | None]:
+    """Step 2: the logit lens on the factual prompt; returns (lens, first layer where the
+    target is the top token, or None)."""
+    from . import plot
+
+    lens = logit_lens(demo.hm, PROMPTS[0], ["all"])
+    target_id = demo.token_id(TARGET)
     rank = lens.rank(target_id)[:, 0, -1]
     prob = lens.prob(target_id)[:, 0, -1]
     tops = lens.top_k(1, example=0, position=-1)
     first_top_layer = next(
         (layer for layer, r in zip(lens.layers, rank.tolist(), strict=True) if r == 1), None
     )
-    print_fn(
+    demo.say(
         f"\n2. Logit lens on {PROMPTS[0]!r} (last token): layer, top token, p({TARGET!r}), rank"
     )
     for index, layer in enumerate(lens.layers):
         if index % 3 == 2 or index >= len(lens.layers) - 4:
-            print_fn(
+            demo.say(
                 f"   {layer:>5}  {tops[index][0][0]!r:<12} {prob[index]:>7.3f}  {int(rank[index])}"
             )
-    print_fn(f"   {TARGET!r} first becomes the top token at layer {first_top_layer}.")
-    plot.lens_figure(lens, name, path=out / "logit_lens.png")
+    demo.say(f"   {TARGET!r} first becomes the top token at layer {first_top_layer}.")
+    plot.lens_figure(lens, demo.name, path=demo.out / "logit_lens.png")
+    return lens, first_top_layer
 
-    # 3. activation patching on an IOI pair
-    clean, corrupt = (tokenizer([t], return_tensors="pt") for t in (IOI_CLEAN, IOI_CORRUPT))
-    mary, john = (
-        tokenizer(t, add_special_tokens=False)["input_ids"][0] for t in (" Mary", " John")
-    )
+
+def _patching_step(demo: _Demo, clean: Any, corrupt: Any) -> Any:
+    """Step 3: activation patching of resid_out on the IOI pair; returns the PatchingResult
+    (values ``[n_layers, n_positions]``)."""
+    from . import plot
+
+    mary, john = demo.token_id(" Mary"), demo.token_id(" John")
     sweep_start = time.perf_counter()
-    result = activation_patching(hm, clean, corrupt, ([mary], [john]), point="resid_out")
-    print_fn(
+    result = activation_patching(demo.hm, clean, corrupt, ([mary], [john]), point="resid_out")
+    demo.say(
         f"\n3. Activation patching, resid_out, {IOI_CLEAN!r} -> ' Mary' vs ' John':\n"
         f"   logit diff clean {result.clean_metric[0]:.2f}, corrupt {result.corrupt_metric[0]:.2f}; "
         f"{result.values.numel()} sites in {result.forwards} batched forwards "
@@ -82,16 +104,18 @@ def run_demo(out_dir: str | Path = "hookscope-demo", print_fn=print) -> dict:
     positions = result.labels["position"]
     for layer in (0, 10, 20, 29):
         best = int(result.values[layer].abs().argmax())
-        print_fn(
+        demo.say(
             f"   layer {layer:>2}: strongest at position {best} {positions[best]!r} "
             f"({result.values[layer, best]:+.2f})"
         )
-    plot.patching_figure(result, name, path=out / "patching_resid_out.png")
+    plot.patching_figure(result, demo.name, path=demo.out / "patching_resid_out.png")
+    return result
 
-    # 4. the head that moves the indirect object's name to the last position
-    ids = clean["input_ids"][0]
-    io_position = int((ids == mary).nonzero()[0])
-    rows = hm.forward(
+
+def _strongest_head(demo: _Demo, clean: Any, io_position: int) -> tuple[int, int, float]:
+    """(layer, head, attention) of the head whose last-token row attends most to the
+    indirect object."""
+    rows = demo.hm.forward(
         clean,
         ["last"],
         extraction_config=ExtractionConfig(extract_attn_pattern=True, attn_pattern_all_keys=True),
@@ -99,7 +123,18 @@ def run_demo(out_dir: str | Path = "hookscope-demo", print_fn=print) -> dict:
     points = [parse_point(key) for key in rows if key.startswith("pattern_")]
     scores = {(p.layer, p.head): float(rows[p.name][0, 0, io_position]) for p in points}
     layer, head = max(scores, key=scores.get)
-    full = hm.forward(
+    return layer, head, scores[(layer, head)]
+
+
+def _head_step(demo: _Demo, clean: Any) -> tuple[tuple[int, int], torch.Tensor, list[str]]:
+    """Step 4: the head that moves the indirect object's name to the last position; returns
+    ((layer, head), its full pattern ``[seq, seq]``, the prompt's tokens)."""
+    from . import plot
+
+    ids = clean["input_ids"][0]
+    io_position = int((ids == demo.token_id(" Mary")).nonzero()[0])
+    layer, head, score = _strongest_head(demo, clean, io_position)
+    full = demo.hm.forward(
         clean,
         ["all"],
         extraction_config=ExtractionConfig(
@@ -107,44 +142,59 @@ def run_demo(out_dir: str | Path = "hookscope-demo", print_fn=print) -> dict:
         ),
     )
     pattern = full[f"pattern_L{layer}H{head}"][0]
-    tokens = hm.to_string_tokens(ids)
-    print_fn(
-        f"\n4. Head L{layer}H{head} sends {scores[(layer, head)]:.2f} of the last token's attention "
+    tokens = demo.hm.to_string_tokens(ids)
+    demo.say(
+        f"\n4. Head L{layer}H{head} sends {score:.2f} of the last token's attention "
         f"to {tokens[io_position]!r} (the indirect object)."
     )
-    plot.attention_figure(pattern, tokens, tokens, name, layer, head, path=out / "attention.png")
-
-    top_id = lens.probs[:, 0].argmax(-1)
-    page = plot.html_page(
-        f"hookscope demo: {name}",
-        [
-            plot.heatmap_html(
-                lens.probs[:, 0].max(-1).values,
-                lens.layers,
-                lens.tokens[0],
-                f"Logit lens on {PROMPTS[0]!r}: top token per layer and position",
-                "top-token probability",
-                [[t for t in hm.to_string_tokens(r.tolist())] for r in top_id],
-            ),
-            plot.heatmap_html(
-                result.values,
-                result.labels["layer"],
-                positions,
-                "Activation patching (resid_out), normalised logit difference",
-                "restored fraction",
-            ),
-            plot.heatmap_html(
-                pattern,
-                tokens,
-                tokens,
-                f"Attention pattern, layer {layer} head {head}",
-                "probability",
-            ),
-        ],
-        path=out / "index.html",
+    plot.attention_figure(
+        pattern, tokens, tokens, demo.name, layer, head, path=demo.out / "attention.png"
     )
+    return (layer, head), pattern, tokens
+
+
+def _html_page(demo: _Demo, lens: Any, result: Any, head_step: tuple) -> str:
+    """The three heatmaps as one interactive page, ``index.html``; returns its text."""
+    from . import plot
+
+    (layer, head), pattern, tokens = head_step
+    top_id = lens.probs[:, 0].argmax(-1)
+    figures = [
+        plot.heatmap_html(
+            lens.probs[:, 0].max(-1).values,
+            lens.layers,
+            lens.tokens[0],
+            f"Logit lens on {PROMPTS[0]!r}: top token per layer and position",
+            "top-token probability",
+            [[t for t in demo.hm.to_string_tokens(r.tolist())] for r in top_id],
+        ),
+        plot.heatmap_html(
+            result.values,
+            result.labels["layer"],
+            result.labels["position"],
+            "Activation patching (resid_out), normalised logit difference",
+            "restored fraction",
+        ),
+        plot.heatmap_html(
+            pattern, tokens, tokens, f"Attention pattern, layer {layer} head {head}", "probability"
+        ),
+    ]
+    return plot.html_page(f"hookscope demo: {demo.name}", figures, path=demo.out / "index.html")
+
+
+def run_demo(out_dir: str | Path = "hookscope-demo", print_fn=print) -> dict:
+    """Run the demo and write its figures; returns a summary dict (used by the tests)."""
+    started = time.perf_counter()
+    demo = _Demo(HookedModel.from_pretrained(), Path(out_dir), print_fn)
+    print_fn(f"{demo.hm}\nloaded in {time.perf_counter() - started:.1f} s")
+    top_tokens, cache_path = _next_tokens(demo)
+    lens, first_top_layer = _lens_step(demo)
+    clean, corrupt = (demo.tokenizer([t], return_tensors="pt") for t in (IOI_CLEAN, IOI_CORRUPT))
+    result = _patching_step(demo, clean, corrupt)
+    head_step = _head_step(demo, clean)
+    page = _html_page(demo, lens, result, head_step)
     print_fn(
-        f"\nWrote {out}/logit_lens.png, patching_resid_out.png, attention.png, index.html "
+        f"\nWrote {demo.out}/logit_lens.png, patching_resid_out.png, attention.png, index.html "
         f"({len(page) // 1024} KB) and {cache_path.name}."
     )
     print_fn(f"Done in {time.perf_counter() - started:.1f} s.")
@@ -153,6 +203,6 @@ def run_demo(out_dir: str | Path = "hookscope-demo", print_fn=print) -> dict:
         "first_top_layer": first_top_layer,
         "cache_path": cache_path,
         "patching": result,
-        "head": (layer, head),
-        "out": out,
+        "head": head_step[0],
+        "out": demo.out,
     }

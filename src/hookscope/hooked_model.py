@@ -11,7 +11,6 @@ from torch.utils.hooks import RemovableHandle
 
 from .archs import ModelMap, resolve_architecture
 from .cache import ActivationCache
-from .checks import warn_if_known_failures
 from .config import ExtractionConfig, HookedModelConfig
 from .errors import HookscopeError, InputError, PositionError
 from .hooks import ModuleHook, as_module_hook, get_module, register
@@ -76,7 +75,6 @@ class HookedModel:
         self._language_only = False  # use_language_model_only()
         self._persistent_handles: list[RemovableHandle] = []
         self._registered_interventions: list[AnyIntervention] = []
-        warn_if_known_failures(self.model_map.model_type, next(hf_model.parameters()).dtype)
 
     # -- construction --------------------------------------------------------------------------
     @classmethod

@@ -404,6 +404,74 @@ def _needs_rows(item: PositionItem) -> bool:
     )
 
 
+@dataclass
+class _Rows:
+    """Per-row views of one batch, indexed by real token (only built when an item needs them):
+    ``ids[b]`` its token ids, ``images[b]`` each token's image number (-1: text), ``text[b]``
+    the real-token indices of its text tokens. Each is None when its input was not given."""
+
+    lengths: torch.Tensor
+    ids: list[torch.Tensor] | None = None
+    images: list[torch.Tensor] | None = None
+    text: list[torch.Tensor] | None = None
+
+
+def _rows(
+    real: torch.Tensor,
+    lengths: torch.Tensor,
+    input_ids: torch.Tensor | None,
+    image_numbers: torch.Tensor | None,
+) -> _Rows:
+    """The per-row views of a batch whose row b's j-th real token sits at ``real[b, j]``."""
+    n_real = lengths.tolist()
+    rows = _Rows(lengths)
+    if input_ids is not None:
+        ids = input_ids.detach().to("cpu")
+        rows.ids = [ids[b, real[b, :n]] for b, n in enumerate(n_real)]
+    if image_numbers is not None:
+        numbers = image_numbers.detach().to("cpu")
+        if numbers.dtype == torch.bool:
+            numbers = number_images(numbers.long(), ImageLayout(token=1))
+        rows.images = [numbers[b, real[b, :n]] for b, n in enumerate(n_real)]
+    rows.text = [
+        torch.arange(n) if rows.images is None else torch.nonzero(rows.images[b] < 0).flatten()
+        for b, n in enumerate(n_real)
+    ]
+    return rows
+
+
+def _resolve_random(item: str, rows: _Rows, seed: int) -> list[list[int]]:
+    """Per row, the sorted real-token indices a ``random-*`` item draws."""
+    text_random, image_random = _RANDOM_TEXT.match(item), _RANDOM_IMAGE.match(item)
+    count = int((text_random or image_random).group(1) or 1)
+    pool = rows.text
+    if image_random:
+        pool = [torch.tensor(r) for r in _image_lists("all-image", rows.images, rows.lengths)]
+    return _random_draw(item, count, pool, rows.lengths, rows.ids, seed)
+
+
+def _resolve_item(
+    item: PositionItem,
+    rows: _Rows,
+    pivot_positions: Sequence[int] | None,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One item -> ``(relative [batch, width], valid [batch, width])``: indices into each row's
+    real tokens, and which slots are real (padded slots point at the row's last real token)."""
+    lengths = rows.lengths
+    if isinstance(item, str) and (_RANDOM_TEXT.match(item) or _RANDOM_IMAGE.match(item)):
+        return _from_lists(_resolve_random(item, rows, seed), lengths)
+    if _IMAGE_ITEM.match(str(item)):
+        return _from_lists(_image_lists(item, rows.images, lengths), lengths)
+    if item == "all-text" and rows.images is not None:
+        return _from_lists([p.tolist() for p in rows.text], lengths)
+    start, count = _item_range(item, lengths, pivot_positions)
+    offsets = torch.arange(int(count.max()))
+    valid = offsets < count.unsqueeze(1)
+    relative = torch.where(valid, start.unsqueeze(1) + offsets, (lengths - 1).unsqueeze(1))
+    return relative, valid
+
+
 def resolve_positions(
     items: Sequence[PositionItem],
     attention_mask: torch.Tensor,
@@ -435,48 +503,12 @@ def resolve_positions(
         raise PositionError(f"example {row} has no real token (its attention mask is all 0).")
     # real[b, j] = sequence index of row b's j-th real token (stable sort keeps their order).
     real = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
-    real_ids = image_real = text_pool = None
+    rows = _Rows(lengths)
     if any(_needs_rows(item) for item in items):  # per-row lists only for the items that need them
-        n_real = lengths.tolist()
-        if input_ids is not None:
-            ids = input_ids.detach().to("cpu")
-            real_ids = [ids[b, real[b, :n]] for b, n in enumerate(n_real)]
-        if image_numbers is not None:
-            numbers = image_numbers.detach().to("cpu")
-            if numbers.dtype == torch.bool:
-                numbers = number_images(numbers.long(), ImageLayout(token=1))
-            image_real = [numbers[b, real[b, :n]] for b, n in enumerate(n_real)]
-        text_pool = [
-            torch.arange(n) if image_real is None else torch.nonzero(image_real[b] < 0).flatten()
-            for b, n in enumerate(n_real)
-        ]
-
+        rows = _rows(real, lengths, input_ids, image_numbers)
     columns, valid, mapping, widths = [], [], {}, []
     for item in items:
-        text_random = _RANDOM_TEXT.match(item) if isinstance(item, str) else None
-        image_random = _RANDOM_IMAGE.match(item) if isinstance(item, str) else None
-        if text_random or image_random:
-            count = int((text_random or image_random).group(1) or 1)
-            pool = text_pool
-            if image_random:
-                pool = [
-                    torch.tensor(rows) for rows in _image_lists("all-image", image_real, lengths)
-                ]
-            relative, block_valid = _from_lists(
-                _random_draw(item, count, pool, lengths, real_ids, seed), lengths
-            )
-        elif _IMAGE_ITEM.match(str(item)):
-            relative, block_valid = _from_lists(_image_lists(item, image_real, lengths), lengths)
-        elif item == "all-text" and image_real is not None:
-            relative, block_valid = _from_lists([p.tolist() for p in text_pool], lengths)
-        else:
-            start, count = _item_range(item, lengths, pivot_positions)
-            offsets = torch.arange(int(count.max()))
-            block_valid = offsets < count.unsqueeze(1)
-            # padded slots point at the row's last real token; the mask marks them
-            relative = torch.where(
-                block_valid, start.unsqueeze(1) + offsets, (lengths - 1).unsqueeze(1)
-            )
+        relative, block_valid = _resolve_item(item, rows, pivot_positions, seed)
         first = sum(widths)
         mapping[item] = list(range(first, first + relative.shape[1]))
         widths.append(relative.shape[1])
