@@ -1,8 +1,14 @@
 """hookscope: look inside HuggingFace transformers and change them while they run.
 
-Public names::
+The public API is what this package exports (``hookscope.__all__``)::
 
-    from hookscope import HookedModel, HookedModelConfig, ExtractionConfig, ActivationCache
+    from hookscope import HookedModel, ExtractionConfig          # extract
+    from hookscope import Ablation, Patch, Steer, PatternEdit    # intervene
+    from hookscope import activation_patching, logit_lens        # analyse
+
+Modules whose docstring says *internal* (``pipeline``, ``editing``, ``capture``, ``plan``,
+``assemble``, ``scoped_attention``, ``window``, ``keywords``) may change between versions; the
+reference design's compatibility forms live in :mod:`hookscope.compat`.
 """
 
 from .archs import ArchSpec, ModelMap
@@ -13,32 +19,58 @@ from .errors import (
     ArchitectureError,
     HookscopeError,
     InputError,
+    KeywordError,
     PositionError,
 )
 from .hooked_model import HookedModel
 from .hooks import ModuleHook
+from .interventions import (
+    Ablation,
+    Custom,
+    InterventionContext,
+    Patch,
+    PatternEdit,
+    Steer,
+    intervention_from_dict,
+)
+from .lens import LensResult, logit_lens
+from .patching import PatchingResult, activation_patching, attribution_patching
 from .points import KINDS, Point, parse_point
-from .store import ActivationSaver, ActivationStore
+from .store import ActivationSaver, ActivationStore, StoreError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "KINDS",
+    "Ablation",
     "ActivationCache",
     "ActivationPointError",
     "ActivationSaver",
     "ActivationStore",
     "ArchSpec",
     "ArchitectureError",
+    "Custom",
     "ExtractionConfig",
     "HookedModel",
     "HookedModelConfig",
     "HookscopeError",
     "InputError",
+    "InterventionContext",
+    "KeywordError",
+    "LensResult",
     "ModelMap",
     "ModuleHook",
+    "Patch",
+    "PatchingResult",
+    "PatternEdit",
     "Point",
     "PositionError",
+    "Steer",
+    "StoreError",
     "__version__",
+    "activation_patching",
+    "attribution_patching",
+    "intervention_from_dict",
+    "logit_lens",
     "parse_point",
 ]

@@ -1,4 +1,4 @@
-"""Turn what one forward's hooks captured into its ActivationCache."""
+"""Internal: turn what one forward's hooks captured into its ActivationCache."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""How interventions become hooks: validated before the forward, applied inside it.
+"""Internal: how interventions become hooks: validated before the forward, applied inside it.
 
 A :class:`~hookscope.window.CallWindow` tells the hooks which absolute positions the current
 model call covers (all of them in ``forward``; one new token per step under the KV cache in

@@ -1,4 +1,4 @@
-"""Unknown keywords raise: a misspelled option must never be ignored.
+"""Internal: unknown keywords raise: a misspelled option must never be ignored.
 
 hookscope's entry points take extra keywords for the HF model (``forward(..., output_router_logits=True)``).
 HF forwards accept ``**kwargs`` and drop what they do not know, so a misspelled hookscope option

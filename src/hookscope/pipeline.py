@@ -1,4 +1,4 @@
-"""The one call pipeline: every entry point *plans* its call, then *runs* the plan.
+"""Internal: the one call pipeline: every entry point *plans* its call, then *runs* the plan.
 
 ``forward``, each batch of ``extract_cache``, ``generate`` (once, for all its steps), every
 forward of a patching sweep and its baselines go through the same two functions:

@@ -1,4 +1,4 @@
-"""hookscope's attention function, switched on for one model at a time.
+"""Internal: hookscope's attention function, switched on for one model at a time.
 
 transformers (v5) looks an attention module's kernel up by name, ``config._attn_implementation``,
 in ``AttentionInterface`` (and the mask builder in ``AttentionMaskInterface``). hookscope

@@ -1,4 +1,4 @@
-"""Which token positions one model call covers.
+"""Internal: which token positions one model call covers.
 
 ``forward`` runs every position in one call. ``generate`` runs the prompt, then (under the KV
 cache) one new token per call, or (without it) the whole sequence again. A :class:`CallWindow`
