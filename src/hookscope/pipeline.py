@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .archs import ModelMap
 from .assemble import assemble_cache
 from .attention import AttentionHooks
 from .cache import ActivationCache
@@ -57,6 +58,7 @@ class CallPlan:
     """One planned call: everything the executor installs and runs, nothing left to decide.
 
     Attributes:
+        model_map: the model the plan is for.
         model_inputs: keyword arguments of the HF call, on the model's device.
         config: the extraction config of the call.
         extraction: which points module hooks and the attention function capture.
@@ -65,10 +67,12 @@ class CallPlan:
         row_positions: the query rows of patterns, when they differ from the targets.
         window: which absolute positions each model call covers (generation steps).
         hooks: module hooks in installation order (interventions, extra hooks, capture).
-        attention: the attention requests and pattern edits, switched on for the call.
+        pattern_edits: resolved pattern edits by layer (applied by the attention function).
         sink: where the hooks write captured tensors, by cache key.
+        attention: the attention requests and pattern edits, switched on for the call.
     """
 
+    model_map: ModelMap
     model_inputs: dict[str, Any]
     config: ExtractionConfig
     extraction: ExtractionPlan
@@ -77,8 +81,23 @@ class CallPlan:
     row_positions: ResolvedPositions | None
     window: CallWindow
     hooks: list[ModuleHook]
-    attention: AttentionHooks
-    sink: dict[str, torch.Tensor] = field(default_factory=dict)
+    pattern_edits: dict[int, list]
+    sink: dict[str, torch.Tensor]
+    attention: AttentionHooks = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.attention = AttentionHooks(
+            self.model_map,
+            self.extraction.attention,
+            self.targets,
+            self.row_positions,
+            self.sink,
+            all_keys=self.config.attn_pattern_all_keys,
+            average=self.config.extract_avg,
+            keep_gradient=self.config.keep_gradient,
+            edits=self.pattern_edits,
+            window=self.window,
+        )
 
     def cache(self, output: Any, pad_token_id: int) -> ActivationCache:
         """The :class:`ActivationCache` of a finished forward (``output``: the HF output, or
@@ -120,15 +139,10 @@ def plan_call(
         PositionError, InputError, ActivationPointError, HookscopeError: for bad input, before
         any forward.
     """
-    model_inputs = hm.prepare_inputs(inputs)
-    model_inputs.update(model_kwargs or {})
     extraction = plan_extraction(config, hm.model_map)
     if generation:
         _check_generation_request(config, extraction)
-        model_inputs.pop("position_ids", None)  # generate derives them from the mask itself
-        model_inputs = to_left_padding(model_inputs)  # new tokens go right after each prompt
-    elif "use_cache" in model_input_names(hm.hf_model):
-        model_inputs.setdefault("use_cache", False)  # one forward: no KV cache to keep
+    model_inputs = _model_inputs(hm, inputs, model_kwargs, generation)
     context = hm.position_context(model_inputs, pivot_positions, seed)
     targets = _targets(context, target_token_positions, extraction, generation)
     row_positions = None
@@ -153,30 +167,25 @@ def plan_call(
     capture_positions = StepPositions(targets, window) if generation and targets else targets
     call_hooks = intervention_hooks + [as_module_hook(h) for h in hooks]
     call_hooks += capture_hooks_for(hm, extraction, config, capture_positions, sink, generation)
-    attention = AttentionHooks(
-        hm.model_map,
-        extraction.attention,
-        targets,
-        row_positions,
-        sink,
-        all_keys=config.attn_pattern_all_keys,
-        average=config.extract_avg,
-        keep_gradient=config.keep_gradient,
-        edits=pattern_edits,
-        window=window,
-    )
     return CallPlan(
-        model_inputs,
-        config,
-        extraction,
-        context,
-        targets,
-        row_positions,
-        window,
-        call_hooks,
-        attention,
-        sink,
-    )
+        hm.model_map, model_inputs, config, extraction, context, targets, row_positions, window, call_hooks,
+        pattern_edits, sink,
+    )  # fmt: skip
+
+
+def _model_inputs(
+    hm: Any, inputs: Any, model_kwargs: dict[str, Any] | None, generation: bool
+) -> dict[str, Any]:
+    """The HF call's keyword arguments. A single forward keeps no KV cache (the one place
+    ``use_cache`` is set); ``generate`` gets left-padded prompts and derives positions itself."""
+    model_inputs = hm.prepare_inputs(inputs)
+    model_inputs.update(model_kwargs or {})
+    if generation:
+        model_inputs.pop("position_ids", None)  # generate derives them from the mask itself
+        return to_left_padding(model_inputs)  # new tokens go right after each prompt
+    if "use_cache" in model_input_names(hm.hf_model):
+        model_inputs.setdefault("use_cache", False)
+    return model_inputs
 
 
 def _targets(
