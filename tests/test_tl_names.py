@@ -15,11 +15,16 @@ from hookscope.interventions import Steer
 from hookscope.points import Point, parse_point
 
 
-def test_parse_point_translates_one_point_hooks():
+def test_parse_point_translates_one_point_hooks(tiny_llama):
     assert parse_point("blocks.3.hook_resid_post") == Point("resid_out", 3)
     assert parse_point("blocks.0.hook_resid_pre") == Point("resid_in", 0)
-    assert parse_point("blocks.2.hook_mlp_out") == Point("mlp_out", 2)
-    assert parse_point("blocks.2.ln1.hook_out") == Point("attn_in", 2)
+    llama = tiny_llama.model_map
+    assert parse_point("blocks.2.hook_mlp_out", llama) == Point("mlp_out", 2)
+    assert parse_point("blocks.2.ln1.hook_out", llama) == Point("attn_in", 2)
+    # names whose hookscope equal depends on the family need the model
+    for hook in ("hook_attn_out", "hook_mlp_out", "ln1.hook_out"):
+        with pytest.raises(ActivationPointError, match="depends on the family.*with the model"):
+            parse_point(f"blocks.1.{hook}")
     with pytest.raises(ActivationPointError, match="hook_normalized.*Supported.*hook_resid_post"):
         parse_point("blocks.1.ln1.hook_normalized")
     with pytest.raises(ActivationPointError, match="every head of layer 1.*pattern_L1H0"):

@@ -24,7 +24,7 @@ import transformers
 from .config import ExtractionConfig
 from .interventions import Ablation, PatternEdit, Steer
 from .loading import cache_dir
-from .points import KINDS, parse_point
+from .points import parse_point, point_key, width_of
 
 
 @dataclass
@@ -136,24 +136,15 @@ def self_check(hm: Any, remember: bool = True, print_report: bool = True) -> Che
     def points_fire():
         cache = hm.forward(batch, ["last", 0], extraction_config=everything)
         state["cache"] = cache
-        expected = {"d_model": m.d_model, "d_head": m.d_head, "vocab": None}
         wrong = []
         for key, value in cache.tensors().items():
             if key in ("position_mask", "logits"):
                 continue
             point = parse_point(key)
-            width = {
-                "queries": m.n_heads * m.d_head,
-                "keys": m.n_kv_heads * m.d_head,
-                "values": m.n_kv_heads * m.d_head,
-            }.get(
-                point.kind,
-                expected["d_head"] if KINDS[point.kind].shape.endswith("d_head]") else m.d_model,
-            )
             if point.kind == "pattern":
                 ok = list(value.shape) == [2, 2, batch["input_ids"].shape[1]]
-            else:
-                ok = list(value.shape) == [2, 2, width]
+            else:  # the width the point table documents
+                ok = list(value.shape) == [2, 2, width_of(point.kind, m)]
             if not ok:
                 wrong.append(f"{key} {list(value.shape)}")
         count = len(cache.tensors())
@@ -166,7 +157,9 @@ def self_check(hm: Any, remember: bool = True, print_report: bool = True) -> Che
         bad = [
             layer
             for layer in range(last_layer)
-            if not torch.equal(cache[f"resid_out_{layer}"], cache[f"resid_in_{layer + 1}"])
+            if not torch.equal(
+                cache[point_key("resid_out", layer)], cache[point_key("resid_in", layer + 1)]
+            )
         ]
         return (
             not bad,
@@ -181,7 +174,7 @@ def self_check(hm: Any, remember: bool = True, print_report: bool = True) -> Che
                 **{k: v.to(hm.device()) for k, v in row.items()}, output_hidden_states=True
             ).hidden_states
         results = [
-            _close(cache[f"resid_in_{layer}"], reference[layer], rtol)
+            _close(cache[point_key("resid_in", layer)], reference[layer], rtol)
             for layer in range(m.n_layers)
         ]
         ok, worst = all(r[0] for r in results), max(r[1] for r in results)
@@ -192,15 +185,18 @@ def self_check(hm: Any, remember: bool = True, print_report: bool = True) -> Che
         worst, ok = 0.0, True
         for layer, parts in enumerate(m.layers):
             with torch.no_grad():
-                attn = cache[f"attn_out_{layer}"]
+                attn = cache[point_key("attn_out", layer)]
                 attn = parts.attn_out_norm(attn) if parts.attn_out_norm is not None else attn
-                mlp = cache[f"mlp_out_{layer}"]
+                mlp = cache[point_key("mlp_out", layer)]
                 mlp = parts.mlp_out_norm(mlp) if parts.mlp_out_norm is not None else mlp
-            resid_in, resid_out = cache[f"resid_in_{layer}"], cache[f"resid_out_{layer}"]
+            resid_in, resid_out = (
+                cache[point_key("resid_in", layer)],
+                cache[point_key("resid_out", layer)],
+            )
             if m.parallel_residual:
                 pairs = [(resid_out, resid_in + attn + mlp)]
             else:
-                resid_mid = cache[f"resid_mid_{layer}"]
+                resid_mid = cache[point_key("resid_mid", layer)]
                 pairs = [(resid_mid, resid_in + attn), (resid_out, resid_mid + mlp)]
             for a, b in pairs:
                 good, diff = _close(a, b, rtol)
@@ -218,15 +214,15 @@ def self_check(hm: Any, remember: bool = True, print_report: bool = True) -> Che
         for layer in {0, last_layer}:
             o_proj = getattr(m.layers[layer].attention, m.spec.o_proj)
             bias = o_proj.bias if getattr(o_proj, "bias", None) is not None else 0
-            total = sum(cache[f"head_out_L{layer}H{h}"] for h in range(m.n_heads))
-            good, diff = _close(total, cache[f"attn_out_{layer}"] - bias, rtol)
+            total = sum(cache[point_key("head_out", layer, h)] for h in range(m.n_heads))
+            good, diff = _close(total, cache[point_key("attn_out", layer)] - bias, rtol)
             ok, worst = ok and good, max(worst, diff)
         return ok, f"sum_h head_out == attn_out - bias, max diff {worst:.2e}"
 
     def pattern_rows():
         cache = state["cache"]
         sums = torch.stack(
-            [cache[f"pattern_L{e['layer']}H{e['head']}"].float().sum(-1) for e in heads]
+            [cache[point_key("pattern", e["layer"], e["head"])].float().sum(-1) for e in heads]
         )
         worst = float((sums - 1).abs().max())
         return worst <= rtol * 10, f"rows sum to 1, max deviation {worst:.2e}"
@@ -260,10 +256,11 @@ def self_check(hm: Any, remember: bool = True, print_report: bool = True) -> Che
         plain = hm.forward(batch, ["last"])["logits"]
         middle = m.n_layers // 2
         writes = {
-            f"resid_out_{middle}": Ablation(point=f"resid_out_{middle}"),
-            f"attn_out_{middle}": Ablation(point=f"attn_out_{middle}"),
-            f"mlp_out_{middle}": Ablation(point=f"mlp_out_{middle}"),
-            f"head_out_L{middle}H0": Ablation(point=f"head_out_L{middle}H0"),
+            **{
+                point_key(kind, middle): Ablation(point=point_key(kind, middle))
+                for kind in ("resid_out", "attn_out", "mlp_out")
+            },
+            point_key("head_out", middle, 0): Ablation(point=point_key("head_out", middle, 0)),
             f"pattern L{middle}": PatternEdit(
                 layer=middle, heads=[0], key_positions=[0], query_positions=["last"], op="zero"
             ),

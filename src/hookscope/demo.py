@@ -9,7 +9,7 @@ from .config import ExtractionConfig
 from .hooked_model import HookedModel
 from .lens import lens_logits, logit_lens
 from .patching import activation_patching
-from .points import parse_point
+from .points import parse_point, point_key
 
 PROMPTS = [
     "The capital of France is",
@@ -106,7 +106,7 @@ def run_demo(out_dir: str | Path = "hookscope-demo", print_fn=print) -> dict:
             extract_attn_pattern=True, attn_heads=[{"layer": layer, "head": head}]
         ),
     )
-    pattern = full[f"pattern_L{layer}H{head}"][0]
+    pattern = full[point_key("pattern", layer, head)][0]
     tokens = hm.to_string_tokens(ids)
     print_fn(
         f"\n4. Head L{layer}H{head} sends {scores[(layer, head)]:.2f} of the last token's attention "

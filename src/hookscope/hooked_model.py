@@ -373,7 +373,7 @@ class HookedModel:
         Raises:
             PositionError, InputError, ActivationPointError: for bad input, before the forward.
         """
-        config = _extraction_config(extraction_config, names)
+        config = _extraction_config(extraction_config, names, self.model_map)
         model_inputs = self.prepare_inputs(inputs)
         model_inputs.update(model_kwargs)
         plan = plan_extraction(config, self.model_map)
@@ -491,7 +491,7 @@ class HookedModel:
             One :class:`ActivationCache` with every example in dataloader order, or the
             :class:`ActivationStore` written to ``output_dir``.
         """
-        config = _extraction_config(extraction_config, names)
+        config = _extraction_config(extraction_config, names, self.model_map)
         target_token_positions = normalize_items(target_token_positions)  # fail before the loop
         writer = None
         if output_dir is not None:
@@ -656,7 +656,7 @@ def _tokens(batch: Any) -> int:
 
 
 def _extraction_config(
-    config: ExtractionConfig | None, names: Sequence[str] | None
+    config: ExtractionConfig | None, names: Sequence[str] | None, model_map: ModelMap
 ) -> ExtractionConfig:
     """The config of a call that got ``extraction_config``, ``names`` or neither."""
     if names is None:
@@ -664,6 +664,6 @@ def _extraction_config(
     if config is not None:
         raise InputError(
             "pass names or extraction_config, not both; for more options use "
-            "extraction_config=ExtractionConfig.from_names(names, save_logits=False, ...)."
+            "extraction_config=ExtractionConfig.from_names(names, hm.model_map, save_logits=False)."
         )
-    return ExtractionConfig.from_names(names)
+    return ExtractionConfig.from_names(names, model_map)
