@@ -39,31 +39,16 @@ POINTS = ExtractionConfig(
     extract_attn_pattern=True,
     extract_head_z=True,
 )
-# What TransformerLens names "that which is added to the residual stream" (HookedTransformer's
-# definition). On sandwich-norm families TransformerBridge 4 aliases these hooks to the module
-# outputs before the post-norm (hookscope's attn_out / mlp_out), so there the ground truth is the
-# Bridge's own residual stream: resid_mid - resid_pre and resid_post - resid_mid.
-ADDED_TO_RESIDUAL = {
-    "hook_attn_out": ("hook_resid_mid", "hook_resid_pre"),
-    "hook_mlp_out": ("hook_resid_post", "hook_resid_mid"),
-}
 
 
 def _bridge(folder, family):
-    return _bridge_from(folder, copy.deepcopy(build_model(family, attn_implementation="eager")))
-
-
-def _expected(theirs, name: str, sandwich: bool):
-    """The Bridge's value of TransformerLens's ``name`` (see ADDED_TO_RESIDUAL)."""
-    _, layer, hook = name.split(".", 2)
-    if sandwich and hook in ADDED_TO_RESIDUAL:
-        after, before = ADDED_TO_RESIDUAL[hook]
-        return theirs[f"blocks.{layer}.{after}"] - theirs[f"blocks.{layer}.{before}"]
-    return theirs[name]
+    model = copy.deepcopy(build_model(family, attn_implementation="eager"))
+    model.config.architectures = [type(model).__name__]  # how the Bridge picks its adapter
+    return _bridge_from(folder, model)
 
 
 @needs_transformer_lens
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "gemma2", "gemma3_text", "olmo2"])
 def test_transformer_lens_bridge(family, tmp_path):
     build_model(family).save_pretrained(tmp_path)
     build_tokenizer().save_pretrained(tmp_path)
@@ -87,12 +72,15 @@ def test_transformer_lens_bridge(family, tmp_path):
     # keys hookscope's cache, in TransformerLens's layouts, and equals TransformerLens's value
     hooks = tl_hooks(m)
     assert ("hook_attn_out" in hooks) and ("attn.hook_rot_q" in hooks) == (family != "gpt2")
+    assert ("ln1.hook_out" in hooks) == (family != "olmo2")  # OLMo2 has no input norm
     names = [f"blocks.{layer}.{hook}" for layer in range(m.n_layers) for hook in hooks]
     by_name = hm.forward({"input_ids": tokens}, ["all"], names=names)
-    sandwich = m.spec.attn_out_norm is not None
     for name in names:
-        assert_close_to_scale(by_name[name], _expected(theirs, name, sandwich), msg=name)
-    if sandwich:  # hookscope's pre-norm kinds are the Bridge's module outputs
+        assert_close_to_scale(by_name[name], theirs[name], msg=name)
+    if m.spec.attn_out_norm is not None:
+        # sandwich norms: hook_attn_out / hook_mlp_out are after the post-norms (what the block
+        # adds, TransformerLens's definition); hookscope's attn_out / mlp_out are the module
+        # outputs before them, the Bridge's attn.hook_out / mlp.hook_out
         for layer in range(m.n_layers):
             for kind, hook in (("attn_out", "attn.hook_out"), ("mlp_out", "mlp.hook_out")):
                 assert_close_to_scale(
