@@ -238,7 +238,7 @@ def self_check(hm: Any, remember: bool = True, print_report: bool = True) -> Che
                 ["last", 0],
                 extraction_config=config,
             )
-            for key in (f"resid_out_{last_layer}", "logits"):
+            for key in (point_key("resid_out", last_layer), "logits"):
                 good, diff = _close(together[key][row], alone[key][0], rtol)
                 ok, worst = ok and good, max(worst, diff)
         return ok, f"left-padded batch vs each row alone, max diff {worst:.2e}"
@@ -271,8 +271,8 @@ def self_check(hm: Any, remember: bool = True, print_report: bool = True) -> Che
             if torch.equal(hm.forward(batch, ["last"], interventions=[iv])["logits"], plain)
         ]
         noops = [
-            Ablation(point=f"resid_out_{middle}", method="scale", factor=1.0),
-            Steer(point=f"mlp_out_{middle}", vector=torch.zeros(m.d_model)),
+            Ablation(point=point_key("resid_out", middle), method="scale", factor=1.0),
+            Steer(point=point_key("mlp_out", middle), vector=torch.zeros(m.d_model)),
         ]
         moved = [
             iv.point
