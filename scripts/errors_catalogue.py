@@ -189,6 +189,32 @@ def collect() -> dict[str, list[tuple[str, str]]]:
     return found
 
 
+def from_point_table() -> dict[str, list[str]]:
+    """Catalogue lines that the point table (hookscope.points.KINDS) declares, by module: which
+    TransformerLens names hold only on some families, and which points cannot be written."""
+    sys.path.insert(0, str(SOURCE.parent))
+    from hookscope.points import KINDS, TL_ALIASES
+
+    conditional = [
+        f"- `blocks.{{l}}.{hook}` is `{kind}` on {alias.where} (refused elsewhere)"
+        for hook, rows in TL_ALIASES.items()
+        for kind, alias in rows
+        if alias.conditional
+    ]
+    unwritable = [
+        f"- `{kind.name}` cannot be intervened on: {kind.not_writable}."
+        for kind in KINDS.values()
+        if kind.not_writable
+    ]
+    return {
+        "points": [
+            "TransformerLens names whose hookscope equal depends on the family:",
+            *conditional,
+        ],
+        "editing": ["Points that interventions cannot write (from the point table):", *unwritable],
+    }
+
+
 def render() -> str:
     lines = [
         "# Error catalogue",
@@ -201,11 +227,14 @@ def render() -> str:
         "them as one line plus a hint and exits with status 2.",
         "",
     ]
+    table = from_point_table()
     for module, entries in collect().items():
         cause, fix = GUIDE.get(module, ("", ""))
         lines += [f"## {module}", "", f"**Cause.** {cause}", "", f"**Fix.** {fix}", ""]
         lines += [f"- `{name}`: {text}" for name, text in entries]
         lines.append("")
+        if module in table:
+            lines += [*table[module], ""]
     return "\n".join(lines)
 
 

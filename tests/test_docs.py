@@ -2,18 +2,25 @@
 
 from pathlib import Path
 
-from hookscope.points import KINDS
+from hookscope.points import KINDS, readme_table
 
 
-def test_readme_lists_every_point_kind():
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    for kind in KINDS.values():
-        key = {
-            "model": f"`{kind.name}`",
-            "layer": f"`{kind.name}_{{l}}`",
-            "head": f"`{kind.name}_L{{l}}H{{h}}`",
-        }[kind.scope]
-        assert key in readme, f"README activation-point table misses {key}"
+def test_readme_point_table_is_rendered_from_the_point_table():
+    import importlib.util
+
+    root = Path(__file__).parents[1]
+    spec = importlib.util.spec_from_file_location(
+        "points_table", root / "scripts" / "points_table.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    section = script.readme_section((root / "README.md").read_text())
+    assert section == readme_table(), (
+        "README's activation-point table is stale: run python scripts/points_table.py --write"
+    )
+    for kind in KINDS.values():  # the rendering itself lists every kind with its flag
+        key = {"model": "`{k}`", "layer": "`{k}_{{l}}`", "head": "`{k}_L{{l}}H{{h}}`"}[kind.scope]
+        assert f"| {key.format(k=kind.name)} |" in section and f"`{kind.flag}`" in section
 
 
 def test_error_catalogue_is_up_to_date():

@@ -17,7 +17,7 @@ from conftest import assert_close_to_scale
 from tiny_models import PROMPTS, build_model, build_tokenizer
 
 from hookscope import ExtractionConfig, HookedModel
-from hookscope.points import TL_HEAD_HOOKS, TL_LAYER_HOOKS
+from hookscope.points import point_key, tl_hooks
 
 
 def _need(package: str):
@@ -39,47 +39,53 @@ POINTS = ExtractionConfig(
     extract_attn_pattern=True,
     extract_head_z=True,
 )
-TL_HOOKS = [*TL_LAYER_HOOKS, *TL_HEAD_HOOKS]
-# cache kind -> TransformerLens name template, from hookscope's own alias table
-TL_NAMES = {kind: f"blocks.{{l}}.{hook}" for hook, kind in TL_LAYER_HOOKS.items()}
 
 
 def _bridge(folder, family):
-    return _bridge_from(folder, copy.deepcopy(build_model(family, attn_implementation="eager")))
+    model = copy.deepcopy(build_model(family, attn_implementation="eager"))
+    model.config.architectures = [type(model).__name__]  # how the Bridge picks its adapter
+    return _bridge_from(folder, model)
 
 
 @needs_transformer_lens
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "gemma2", "gemma3_text", "olmo2"])
 def test_transformer_lens_bridge(family, tmp_path):
     build_model(family).save_pretrained(tmp_path)
     build_tokenizer().save_pretrained(tmp_path)
     hm = HookedModel.from_hf(build_model(family), build_tokenizer())
+    m = hm.model_map
     tokens = build_tokenizer()(PROMPTS[2], return_tensors="pt")["input_ids"]
     ours = hm.forward({"input_ids": tokens}, ["all"], extraction_config=POINTS)
     bridge = _bridge(tmp_path, family)
     _, theirs = bridge.run_with_cache(tokens, names_filter=lambda name: name.startswith("blocks."))
-    for layer in range(hm.model_map.n_layers):
-        for kind, template in TL_NAMES.items():
-            assert_close_to_scale(
-                ours[f"{kind}_{layer}"][0],
-                theirs[template.format(l=layer)][0],
-                msg=f"{kind}_{layer}",
-            )
-        for head in range(hm.model_map.n_heads):
+    for layer in range(m.n_layers):
+        for head in range(m.n_heads):
             pattern = theirs[f"blocks.{layer}.attn.hook_pattern"][0, head]
             assert_close_to_scale(
-                ours[f"pattern_L{layer}H{head}"][0], pattern, msg=f"pattern L{layer}H{head}"
+                ours[point_key("pattern", layer, head)][0], pattern, msg=f"pattern L{layer}H{head}"
             )
             z = theirs[f"blocks.{layer}.attn.hook_z"][0, :, head]
-            assert_close_to_scale(ours[f"head_z_L{layer}H{head}"][0], z, msg=f"z L{layer}H{head}")
-    # the same hook names select and key hookscope's cache, in TransformerLens's layouts
-    names = [
-        f"blocks.{layer}.{hook}" for layer in range(hm.model_map.n_layers) for hook in TL_HOOKS
-    ]
+            assert_close_to_scale(
+                ours[point_key("head_z", layer, head)][0], z, msg=f"z L{layer}H{head}"
+            )
+    # every hook name with an equal on this family (hookscope's own alias table) selects and
+    # keys hookscope's cache, in TransformerLens's layouts, and equals TransformerLens's value
+    hooks = tl_hooks(m)
+    assert ("hook_attn_out" in hooks) and ("attn.hook_rot_q" in hooks) == (family != "gpt2")
+    assert ("ln1.hook_out" in hooks) == (family != "olmo2")  # OLMo2 has no input norm
+    names = [f"blocks.{layer}.{hook}" for layer in range(m.n_layers) for hook in hooks]
     by_name = hm.forward({"input_ids": tokens}, ["all"], names=names)
     for name in names:
-        if name in theirs:  # attn.hook_rot_q exists in rotary models only
-            assert_close_to_scale(by_name[name], theirs[name], msg=name)
+        assert_close_to_scale(by_name[name], theirs[name], msg=name)
+    if m.spec.attn_out_norm is not None:
+        # sandwich norms: hook_attn_out / hook_mlp_out are after the post-norms (what the block
+        # adds, TransformerLens's definition); hookscope's attn_out / mlp_out are the module
+        # outputs before them, the Bridge's attn.hook_out / mlp.hook_out
+        for layer in range(m.n_layers):
+            for kind, hook in (("attn_out", "attn.hook_out"), ("mlp_out", "mlp.hook_out")):
+                assert_close_to_scale(
+                    ours[point_key(kind, layer)][0], theirs[f"blocks.{layer}.{hook}"][0], msg=kind
+                )
 
 
 @needs_nnsight

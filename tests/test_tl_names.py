@@ -8,18 +8,24 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import PROMPTS, build_model, build_tokenizer
+from conftest import assert_close_to_scale
+from tiny_models import FAMILIES, INPUT_NORM, PROMPTS, build_model, build_tokenizer
 
 from hookscope import ActivationPointError, ExtractionConfig, HookedModel, InputError
 from hookscope.interventions import Steer
 from hookscope.points import Point, parse_point
 
 
-def test_parse_point_translates_one_point_hooks():
+def test_parse_point_translates_one_point_hooks(tiny_llama):
     assert parse_point("blocks.3.hook_resid_post") == Point("resid_out", 3)
     assert parse_point("blocks.0.hook_resid_pre") == Point("resid_in", 0)
-    assert parse_point("blocks.2.hook_mlp_out") == Point("mlp_out", 2)
-    assert parse_point("blocks.2.ln1.hook_out") == Point("attn_in", 2)
+    llama = tiny_llama.model_map
+    assert parse_point("blocks.2.hook_mlp_out", llama) == Point("mlp_out", 2)
+    assert parse_point("blocks.2.ln1.hook_out", llama) == Point("attn_in", 2)
+    # names whose hookscope equal depends on the family need the model
+    for hook in ("hook_attn_out", "hook_mlp_out", "ln1.hook_out"):
+        with pytest.raises(ActivationPointError, match="depends on the family.*with the model"):
+            parse_point(f"blocks.1.{hook}")
     with pytest.raises(ActivationPointError, match="hook_normalized.*Supported.*hook_resid_post"):
         parse_point("blocks.1.ln1.hook_normalized")
     with pytest.raises(ActivationPointError, match="every head of layer 1.*pattern_L1H0"):
@@ -134,3 +140,129 @@ def test_names_in_extract_cache_and_exclusive_with_a_config(tiny_llama):
         tiny_llama.forward(
             PROMPTS[0], ["last"], names=["resid_out_1"], extraction_config=ExtractionConfig()
         )
+
+
+# -- one definition on every family: TransformerLens's -----------------------------------------
+def _hooked(family: str) -> HookedModel:
+    return HookedModel.from_hf(build_model(family), build_tokenizer())
+
+
+def _tl_cache(hm: HookedModel, hooks: list[str]):
+    ids = build_tokenizer()(PROMPTS[1], return_tensors="pt")["input_ids"]
+    names = [f"blocks.{layer}.{hook}" for layer in range(hm.model_map.n_layers) for hook in hooks]
+    return hm.forward({"input_ids": ids}, ["all"], names=names)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_attn_and_mlp_out_are_what_the_block_adds_on_every_family(family):
+    """TransformerLens's hook_attn_out / hook_mlp_out are what attention / the MLP add to the
+    residual stream; ground truth: the residual stream itself (block input and output)."""
+    hm = _hooked(family)
+    parallel = hm.model_map.parallel_residual
+    hooks = ["hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_out"]
+    hooks += [] if parallel else ["hook_resid_mid"]
+    cache = _tl_cache(hm, hooks)
+    for layer in range(hm.model_map.n_layers):
+        tl = {hook: cache[f"blocks.{layer}.{hook}"] for hook in hooks}
+        if parallel:
+            added = tl["hook_resid_post"] - tl["hook_resid_pre"]
+            assert_close_to_scale(tl["hook_attn_out"] + tl["hook_mlp_out"], added, msg=family)
+        else:
+            mid = tl["hook_resid_mid"]
+            assert_close_to_scale(tl["hook_attn_out"], mid - tl["hook_resid_pre"], msg=family)
+            assert_close_to_scale(tl["hook_mlp_out"], tl["hook_resid_post"] - mid, msg=family)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "olmo2"])
+def test_sandwich_norm_families_name_the_normalised_outputs(family):
+    hm = _hooked(family)
+    cache = _tl_cache(hm, ["hook_attn_out", "hook_mlp_out"])
+    parts = hm.model_map.layers[0]
+    assert set(cache.tl_names) >= {"hook_attn_out", "hook_mlp_out"}
+    assert "attn_out_post_norm_0" in cache and "attn_out_0" not in cache
+    # the keys the names resolve to are the post-norm modules' outputs, not the sub-block outputs
+    plain = hm.forward(
+        {"input_ids": build_tokenizer()(PROMPTS[1], return_tensors="pt")["input_ids"]},
+        ["all"],
+        extraction_config=ExtractionConfig(extract_attn_out=True, extract_mlp_out=True),
+    )
+    with torch.no_grad():
+        normed_attn = parts.attn_out_norm(plain["attn_out_0"])
+        normed_mlp = parts.mlp_out_norm(plain["mlp_out_0"])
+    assert_close_to_scale(cache["blocks.0.hook_attn_out"], normed_attn)
+    assert_close_to_scale(cache["blocks.0.hook_mlp_out"], normed_mlp)
+    gap = (cache["blocks.0.hook_attn_out"] - plain["attn_out_0"]).abs().max()
+    assert gap > 0.1 * plain["attn_out_0"].abs().max()  # the two are different quantities
+    # a cache of the pre-norm kinds never answers the TransformerLens name with them
+    assert "blocks.0.hook_attn_out" not in plain
+    with pytest.raises(KeyError, match="attn_out_post_norm_0"):
+        plain["blocks.0.hook_attn_out"]
+
+
+def test_names_whose_meaning_depends_on_the_family_need_the_model(tiny_llama):
+    gemma2 = _hooked("gemma2").model_map
+    assert ExtractionConfig.from_names(
+        ["blocks.0.hook_attn_out"], gemma2
+    ).extract_attn_out_post_norm
+    on_llama = ExtractionConfig.from_names(["blocks.0.hook_attn_out"], tiny_llama.model_map)
+    assert on_llama.extract_attn_out and not on_llama.extract_attn_out_post_norm
+    with pytest.raises(ActivationPointError, match="depends on the family"):
+        ExtractionConfig.from_names(["blocks.0.hook_mlp_out"])
+    # a cache that does not record its model answers family-independent names only
+    from hookscope import ActivationCache
+
+    bare = ActivationCache({"attn_out_0": torch.ones(1, 1, 4), "resid_out_0": torch.zeros(1, 1, 4)})
+    assert torch.equal(bare["blocks.0.hook_resid_post"], bare["resid_out_0"])
+    assert "blocks.0.hook_attn_out" not in bare
+    with pytest.raises(ActivationPointError, match="depends on the family"):
+        bare["blocks.0.hook_attn_out"]
+
+
+def test_post_norm_kinds_are_refused_where_there_is_no_such_norm(tiny_llama):
+    with pytest.raises(ActivationPointError, match="without a norm.*use attn_out_1"):
+        tiny_llama.forward(PROMPTS[0], ["last"], names=["attn_out_post_norm_1"])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "olmo2"])
+def test_ln1_hook_out_is_the_input_norm_output_or_refused(family):
+    """TransformerLens's ln1 is the input norm; OLMo2 has none (the Bridge maps ln1 to its
+    post-attention norm there), so the name is refused rather than given another tensor."""
+    hm = _hooked(family)
+    norm_name = INPUT_NORM[family]
+    ids = build_tokenizer()(PROMPTS[1], return_tensors="pt")["input_ids"]
+    if norm_name is None:
+        with pytest.raises(ActivationPointError, match="no equal on olmo2.*input norm"):
+            hm.forward({"input_ids": ids}, ["all"], names=["blocks.0.ln1.hook_out"])
+        return
+    seen = {}
+    norm = getattr(hm.model_map.layers[0].block, norm_name)
+    handle = norm.register_forward_hook(lambda _m, _a, out: seen.update(out=out))
+    try:
+        cache = hm.forward({"input_ids": ids}, ["all"], names=["blocks.0.ln1.hook_out"])
+    finally:
+        handle.remove()
+    torch.testing.assert_close(cache["blocks.0.ln1.hook_out"], seen["out"], rtol=0, atol=0)
+
+
+def test_rot_q_is_refused_without_rotary_embedding():
+    hm = _hooked("gpt2")
+    with pytest.raises(ActivationPointError, match="no equal on gpt2.*rotary models"):
+        hm.forward(PROMPTS[0], ["last"], names=["blocks.0.attn.hook_rot_q"])
+
+
+def test_interventions_at_tl_names_follow_the_family(tmp_path):
+    hm = _hooked("gemma2")
+    ids = build_tokenizer()(PROMPTS[0], return_tensors="pt")["input_ids"]
+    vector = torch.linspace(-1, 1, hm.model_map.d_model)
+
+    def steered(point):
+        steer = Steer(point=point, positions=["last"], vector=vector, coefficient=3.0)
+        return hm.forward({"input_ids": ids}, ["last"], interventions=[steer])["logits"]
+
+    by_name = steered("blocks.0.hook_attn_out")
+    assert torch.equal(by_name, steered("attn_out_post_norm_0"))
+    assert not torch.allclose(by_name, steered("attn_out_0"))  # the pre-norm point differs
+    # a saved cache keeps its model's meanings
+    cache = _tl_cache(hm, ["hook_attn_out"])
+    loaded = type(cache).load(cache.save(tmp_path / "c.safetensors"))
+    assert torch.equal(loaded["blocks.1.hook_attn_out"], cache["attn_out_post_norm_1"])

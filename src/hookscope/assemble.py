@@ -26,6 +26,7 @@ def assemble_cache(
     """The cache of one forward: what the hooks wrote to ``sink``, the logits at the target
     positions, ``mapping_index`` / ``position_mask``, running means and pattern merge axes."""
     cache = ActivationCache(sink, pad_token_id=pad_token_id)
+    cache.tl_names = plan.tl_names
     if config.save_logits and output is not None:
         logits = positions.select(output.logits)
         logits = logits if config.keep_gradient else logits.detach()

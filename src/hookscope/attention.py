@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .archs import ModelMap
+from .points import point_key
 from .positions import ResolvedPositions
 from .scoped_attention import AttentionFn, scoped_attention
 
@@ -355,17 +356,17 @@ class AttentionHooks:
                 keep = keep & columns[:, None, None, :]
             chosen = chosen * keep
             for slot, head in enumerate(request.heads):
-                self._store(f"pattern_L{layer}H{head}", chosen[:, slot], False)
+                self._store(point_key("pattern", layer, head), chosen[:, slot], False)
         for head in request.heads:
             kv_head = head // groups
             if request.queries:
-                self._store(f"head_queries_L{layer}H{head}", select(query[:, head]))
+                self._store(point_key("head_queries", layer, head), select(query[:, head]))
             if request.keys:
-                self._store(f"head_keys_L{layer}H{head}", select(key[:, kv_head]))
+                self._store(point_key("head_keys", layer, head), select(key[:, kv_head]))
             if request.values or request.projected_values:
                 head_values = select(value[:, kv_head])
                 if request.values:
-                    self._store(f"head_values_L{layer}H{head}", head_values)
+                    self._store(point_key("head_values", layer, head), head_values)
                 if request.projected_values:
                     block = request.output_blocks[head].to(head_values.dtype)
-                    self._store(f"projected_value_L{layer}H{head}", head_values @ block.T)
+                    self._store(point_key("projected_value", layer, head), head_values @ block.T)

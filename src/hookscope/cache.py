@@ -32,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import HookscopeError
-from .points import Point, TLName, parse_point, parse_tl_name
+from .points import Point, TLName, parse_point, point_key, recorded_tl_name
 
 METADATA_KEYS = ("mapping_index", "batch_saver")
 _FORMAT = "hookscope.ActivationCache/1"
@@ -53,6 +53,13 @@ def default_axes(key: str, value: torch.Tensor) -> Axes:
     if key == "input_ids" or value.dim() < 2:
         return Axes(slots=())
     return Axes()
+
+
+def _point_or_none(key: str) -> Point | None:
+    try:
+        return parse_point(key)
+    except HookscopeError:
+        return None
 
 
 def _human_bytes(n: int) -> str:
@@ -78,38 +85,47 @@ class ActivationCache(MutableMapping):
         self._counts: dict[str, torch.Tensor] = {}
         self._axes: dict[str, Axes] = {}
         self.pad_token_id = pad_token_id
+        # TransformerLens hook -> (kind, head axis) on the model this cache came from (set by
+        # the forward that made it; kept by cat, take and save). None when unknown: then names
+        # whose meaning depends on the family (hook_attn_out, ...) are refused.
+        self.tl_names: dict[str, tuple[str, int | None]] | None = None
 
     # -- dict protocol -------------------------------------------------------------------------
     def __getitem__(self, key: str) -> Any:
         """A value by its key, or by a TransformerLens hook name: ``blocks.3.hook_resid_post``
         reads ``resid_out_3``; ``blocks.3.attn.hook_pattern`` / ``attn.hook_z`` stack the layer's
         per-head keys in TransformerLens's layout (``[batch, heads, rows, P]`` /
-        ``[batch, P, heads, d_head]``), which needs every head from 0 up in the cache."""
+        ``[batch, P, heads, d_head]``), which needs every head from 0 up in the cache.
+        TransformerLens names mean what they mean on the model the cache came from
+        (``hook_attn_out`` is ``attn_out_post_norm`` on sandwich-norm families)."""
         self._merge_pending()
         if key in self._data:
             return self._data[key]
-        tl = parse_tl_name(key)
+        tl = recorded_tl_name(key, self.tl_names)
         if tl is None:
             raise KeyError(f"{key!r} is not in this cache; keys: {list(self._data)}")
         if tl.head_axis is None:
-            return self[Point(tl.kind, tl.layer).name]
+            return self[point_key(tl.kind, tl.layer)]
         return self._stack_heads(key, tl)
 
     def _stack_heads(self, key: str, tl: TLName) -> torch.Tensor:
         heads = self._heads_from_zero(tl)
         if heads is None:
             raise KeyError(
-                f"{key!r} stacks {tl.kind}_L{tl.layer}H0, H1, ... but this cache does not hold "
+                f"{key!r} stacks {point_key(tl.kind, tl.layer, 0)}, H1, ... but this cache does not hold "
                 f"every head of layer {tl.layer} from 0 up: extract every head (attn_heads='all')."
             )
         return torch.stack(
-            [self._data[Point(tl.kind, tl.layer, h).name] for h in heads], tl.head_axis
+            [self._data[point_key(tl.kind, tl.layer, h)] for h in heads], tl.head_axis
         )
 
     def _heads_from_zero(self, tl: TLName) -> list[int] | None:
         """The heads of ``tl``'s kind and layer in the cache, if they are 0, 1, ..., else None."""
-        prefix = f"{tl.kind}_L{tl.layer}H"
-        heads = sorted(parse_point(k).head for k in self._data if k.startswith(prefix))
+        heads = sorted(
+            point.head
+            for point in map(_point_or_none, self._data)
+            if point and (point.kind, point.layer) == (tl.kind, tl.layer) and point.head is not None
+        )
         return heads if heads and heads == list(range(len(heads))) else None
 
     def __setitem__(self, key: str, value: Any) -> None:
@@ -134,13 +150,13 @@ class ActivationCache(MutableMapping):
         if key in self._data:
             return True
         try:
-            tl = parse_tl_name(key)
-        except HookscopeError:  # a TransformerLens hook with no hookscope equivalent
+            tl = recorded_tl_name(key, self.tl_names)
+        except HookscopeError:  # a TransformerLens hook with no equal here
             return False
         if tl is None:
             return False
         if tl.head_axis is None:
-            return Point(tl.kind, tl.layer).name in self._data
+            return point_key(tl.kind, tl.layer) in self._data
         return self._heads_from_zero(tl) is not None
 
     # -- batches -------------------------------------------------------------------------------
@@ -151,6 +167,8 @@ class ActivationCache(MutableMapping):
         """
         counts = getattr(other, "_counts", {})
         self._axes.update(getattr(other, "_axes", {}))
+        if self.tl_names is None:
+            self.tl_names = getattr(other, "tl_names", None)
         for key, count in counts.items():
             self._add_to_running_mean(key, other[key], count)
         self._pending.append({k: v for k, v in other.items() if k not in counts})
@@ -201,6 +219,7 @@ class ActivationCache(MutableMapping):
         self._merge_pending()
         out = ActivationCache(pad_token_id=self.pad_token_id)
         out._axes, out._counts = dict(self._axes), dict(self._counts)
+        out.tl_names = self.tl_names
         out._data = {key: self._rows_of(key, value, rows) for key, value in self._data.items()}
         return out
 
@@ -318,6 +337,8 @@ class ActivationCache(MutableMapping):
             "batch_saver": json.dumps(saver_json),
             "pad_token_id": str(self.pad_token_id),
         }
+        if self.tl_names is not None:
+            metadata["tl_names"] = json.dumps(self.tl_names)
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(handle)
@@ -353,6 +374,8 @@ class ActivationCache(MutableMapping):
             data["batch_saver"] = saver
         cache = cls(data, pad_token_id=int(metadata.get("pad_token_id", 0)))
         cache._counts = counts
+        if "tl_names" in metadata:
+            cache.tl_names = {h: tuple(v) for h, v in json.loads(metadata["tl_names"]).items()}
         return cache
 
 

@@ -18,7 +18,7 @@ from .archs import ModelMap
 from .attention import output_projection_block
 from .errors import ActivationPointError, ArchitectureError
 from .hooks import ModuleHook, reading_hook
-from .points import Point, check_layer
+from .points import KINDS, Point, check_layer
 from .positions import ResolvedPositions
 
 
@@ -69,61 +69,91 @@ def _qkv_columns(model_map: ModelMap, kind: str) -> torch.Tensor:
     return torch.arange(starts[part], starts[part] + widths[part])
 
 
+def _layer_module(role: str) -> Callable[[Point, ModelMap], nn.Module]:
+    return lambda point, m: getattr(m.layers[point.layer], role)
+
+
+def _resid_mid_site(point: Point, m: ModelMap) -> nn.Module:
+    if m.parallel_residual:
+        raise ActivationPointError(
+            f"{point.name}: {m.model_type} layers use a parallel residual (attention "
+            "and MLP both read resid_in), so there is no resid_mid. Use resid_in, attn_out "
+            "and mlp_out: resid_out = resid_in + attn_out + mlp_out."
+        )
+    parts = m.layers[point.layer]
+    if parts.resid_mid_site is None:
+        raise ArchitectureError(
+            f"{point.name}: hookscope does not know where resid_mid lives in "
+            f"{m.model_type} layers (no pre-MLP norm in {m.path_of(parts.block)})."
+        )
+    return parts.resid_mid_site
+
+
+def _output_norm(role: str, sub_block: str) -> Callable[[Point, ModelMap], nn.Module]:
+    def find(point: Point, m: ModelMap) -> nn.Module:
+        module = getattr(m.layers[point.layer], role)
+        if module is None:
+            plain = point.kind.removesuffix("_post_norm")
+            raise ActivationPointError(
+                f"{point.name}: {m.model_type} layers add the {sub_block} output to the residual "
+                f"stream without a norm (no sandwich norm), so use {plain}_{point.layer}."
+            )
+        return module
+
+    return find
+
+
+# Module roles of :class:`hookscope.points.Site` -> the module of one point in this model.
+_MODULES: dict[str, Callable[[Point, ModelMap], nn.Module]] = {
+    "first_block": lambda point, m: m.layers[0].block,
+    "final_norm": lambda point, m: m.final_norm,
+    "block": _layer_module("block"),
+    "attention": _layer_module("attention"),
+    "mlp": _layer_module("mlp"),
+    "resid_mid_site": _resid_mid_site,
+    "attn_out_norm": _output_norm("attn_out_norm", "attention"),
+    "mlp_out_norm": _output_norm("mlp_out_norm", "MLP"),
+}
+_PROJECTIONS = {"q_proj": "queries", "k_proj": "keys", "v_proj": "values"}
+
+
+def _projection_site(point: Point, m: ModelMap, role: str) -> PointSite:
+    """q/k/v: the separate projection's output, or its columns of the fused one."""
+    separate = getattr(m.spec, role)
+    if separate:
+        module = m.attention_child(point.layer, separate, f"{point.kind} projection")
+        return PointSite(module, "output")
+    fused = m.attention_child(point.layer, m.spec.qkv_proj, "q/k/v projection")
+    return PointSite(fused, "output", _qkv_columns(m, _PROJECTIONS[role]))
+
+
+def _head_site(point: Point, m: ModelMap, project: bool) -> PointSite:
+    """Head h's ``d_head`` columns of the output projection's input (through W_O's block)."""
+    o_proj = m.attention_child(point.layer, m.spec.o_proj, "output projection")
+    columns = torch.arange(point.head * m.d_head, (point.head + 1) * m.d_head)
+    block = output_projection_block(m, point.layer, point.head) if project else None
+    return PointSite(o_proj, "input", columns, block)
+
+
 def locate(point: Point, model_map: ModelMap) -> PointSite:
-    """Where ``point`` lives in this model.
+    """Where ``point`` lives in this model, from its kind's :class:`~hookscope.points.Site`.
 
     Raises:
         ActivationPointError: for a layer out of range, or a point with no such tensor here.
         ArchitectureError: when the module that holds it cannot be found.
     """
-    spec = model_map.spec
-    if point.kind == "input_embeddings":
-        return PointSite(model_map.layers[0].block, "input")
-    if point.kind == "last_layernorm":
-        return PointSite(model_map.final_norm, "output")
-    check_layer(point.layer, model_map.n_layers)
-    parts = model_map.layers[point.layer]
-    simple = {
-        "resid_in": (parts.block, "input"),
-        "resid_out": (parts.block, "output"),
-        "attn_in": (parts.attention, "input"),
-        "resid_in_post_layernorm": (parts.attention, "input"),
-        "attn_out": (parts.attention, "output"),
-        "mlp_out": (parts.mlp, "output"),
-    }
-    if point.kind in simple:
-        return PointSite(*simple[point.kind])
-    if point.kind == "resid_mid":
-        if model_map.parallel_residual:
-            raise ActivationPointError(
-                f"{point.name}: {model_map.model_type} layers use a parallel residual (attention "
-                "and MLP both read resid_in), so there is no resid_mid. Use resid_in, attn_out "
-                "and mlp_out: resid_out = resid_in + attn_out + mlp_out."
-            )
-        if parts.resid_mid_site is None:
-            raise ArchitectureError(
-                f"{point.name}: hookscope does not know where resid_mid lives in "
-                f"{model_map.model_type} layers (no pre-MLP norm in {model_map.path_of(parts.block)})."
-            )
-        return PointSite(parts.resid_mid_site, "input")
-    if point.kind in ("queries", "keys", "values"):
-        separate = {"queries": spec.q_proj, "keys": spec.k_proj, "values": spec.v_proj}[point.kind]
-        if separate:
-            module = model_map.attention_child(point.layer, separate, f"{point.kind} projection")
-            return PointSite(module, "output")
-        fused = model_map.attention_child(point.layer, spec.qkv_proj, "q/k/v projection")
-        return PointSite(fused, "output", _qkv_columns(model_map, point.kind))
-    if point.kind in ("head_out", "head_z"):
-        o_proj = model_map.attention_child(point.layer, spec.o_proj, "output projection")
-        d_head = model_map.d_head
-        columns = torch.arange(point.head * d_head, (point.head + 1) * d_head)
-        project = (
-            output_projection_block(model_map, point.layer, point.head)
-            if point.kind == "head_out"
-            else None
-        )
-        return PointSite(o_proj, "input", columns, project)
-    raise ActivationPointError(f"{point.name} cannot be reached by a module hook.")
+    site = KINDS[point.kind].site
+    if KINDS[point.kind].scope != "model":
+        check_layer(point.layer, model_map.n_layers)
+    if site.module in _MODULES:
+        return PointSite(_MODULES[site.module](point, model_map), site.hook)
+    if site.module in _PROJECTIONS:
+        return _projection_site(point, model_map, site.module)
+    if site.module == "o_proj":
+        return _head_site(point, model_map, project=site.part == "head @ W_O")
+    raise ActivationPointError(
+        f"{point.name} cannot be reached by a module hook (it is read at: {site})."
+    )
 
 
 def plan_capture(points: list[Point], model_map: ModelMap) -> list[CaptureSite]:

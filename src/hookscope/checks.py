@@ -38,7 +38,7 @@ from .config import ExtractionConfig
 from .errors import HookscopeError
 from .interventions import Ablation, PatternEdit, Steer
 from .loading import cache_dir
-from .points import KINDS, parse_point
+from .points import parse_point, point_key, width_of
 
 #: the environment variable that turns remembering off for the process (``0``/``false``/...)
 REMEMBER_ENV = "HOOKSCOPE_REMEMBER_CHECKS"
@@ -198,13 +198,7 @@ def _expected_shape(ctx: CheckContext, key: str) -> list[int]:
     m, kind = ctx.m, parse_point(key).kind
     if kind == "pattern":
         return [2, 2, ctx.batch["input_ids"].shape[1]]
-    widths = {
-        "queries": m.n_heads * m.d_head,
-        "keys": m.n_kv_heads * m.d_head,
-        "values": m.n_kv_heads * m.d_head,
-    }
-    per_head = KINDS[kind].shape.endswith("d_head]")
-    return [2, 2, widths.get(kind, m.d_head if per_head else m.d_model)]
+    return [2, 2, width_of(kind, m)]  # the width the point table documents
 
 
 @check("activation points fire", "every activation point fires with its documented shape")
@@ -226,7 +220,9 @@ def _resid_chain(ctx: CheckContext) -> tuple[bool, str]:
     bad = [
         layer
         for layer in range(ctx.last_layer)
-        if not torch.equal(cache[f"resid_out_{layer}"], cache[f"resid_in_{layer + 1}"])
+        if not torch.equal(
+            cache[point_key("resid_out", layer)], cache[point_key("resid_in", layer + 1)]
+        )
     ]
     if bad:
         return False, f"differs at layers {bad[:5]}"
@@ -242,7 +238,7 @@ def _hidden_states(ctx: CheckContext) -> tuple[bool, str]:
             **{k: v.to(hm.device()) for k, v in row.items()}, output_hidden_states=True
         ).hidden_states
     results = [
-        _close(cache[f"resid_in_{layer}"], reference[layer], ctx.rtol)
+        _close(cache[point_key("resid_in", layer)], reference[layer], ctx.rtol)
         for layer in range(ctx.m.n_layers)
     ]
     ok, worst = all(r[0] for r in results), max(r[1] for r in results)
@@ -253,14 +249,14 @@ def _decomposition_pairs(ctx: CheckContext, layer: int) -> list[tuple[torch.Tens
     """(read, expected) pairs of one layer's residual decomposition, each ``[2, 2, d_model]``."""
     cache, parts = ctx.full_cache, ctx.m.layers[layer]
     with torch.no_grad():
-        attn = cache[f"attn_out_{layer}"]
+        attn = cache[point_key("attn_out", layer)]
         attn = parts.attn_out_norm(attn) if parts.attn_out_norm is not None else attn
-        mlp = cache[f"mlp_out_{layer}"]
+        mlp = cache[point_key("mlp_out", layer)]
         mlp = parts.mlp_out_norm(mlp) if parts.mlp_out_norm is not None else mlp
-    resid_in, resid_out = cache[f"resid_in_{layer}"], cache[f"resid_out_{layer}"]
+    resid_in, resid_out = cache[point_key("resid_in", layer)], cache[point_key("resid_out", layer)]
     if ctx.m.parallel_residual:
         return [(resid_out, resid_in + attn + mlp)]
-    resid_mid = cache[f"resid_mid_{layer}"]
+    resid_mid = cache[point_key("resid_mid", layer)]
     return [(resid_mid, resid_in + attn), (resid_out, resid_mid + mlp)]
 
 
@@ -287,8 +283,8 @@ def _heads_sum(ctx: CheckContext) -> tuple[bool, str]:
     for layer in {0, ctx.last_layer}:
         o_proj = getattr(m.layers[layer].attention, m.spec.o_proj)
         bias = o_proj.bias if getattr(o_proj, "bias", None) is not None else 0
-        total = sum(cache[f"head_out_L{layer}H{h}"] for h in range(m.n_heads))
-        results.append(_close(total, cache[f"attn_out_{layer}"] - bias, ctx.rtol))
+        total = sum(cache[point_key("head_out", layer, h)] for h in range(m.n_heads))
+        results.append(_close(total, cache[point_key("attn_out", layer)] - bias, ctx.rtol))
     ok, worst = all(r[0] for r in results), max(r[1] for r in results)
     return ok, f"sum_h head_out == attn_out - bias, max diff {worst:.2e}"
 
@@ -297,7 +293,7 @@ def _heads_sum(ctx: CheckContext) -> tuple[bool, str]:
 def _pattern_rows(ctx: CheckContext) -> tuple[bool, str]:
     cache = ctx.full_cache
     sums = torch.stack(
-        [cache[f"pattern_L{e['layer']}H{e['head']}"].float().sum(-1) for e in ctx.heads]
+        [cache[point_key("pattern", e["layer"], e["head"])].float().sum(-1) for e in ctx.heads]
     )
     worst = float((sums - 1).abs().max())
     return worst <= ctx.rtol * 10, f"rows sum to 1, max deviation {worst:.2e}"
@@ -316,7 +312,7 @@ def _padded_equals_alone(ctx: CheckContext) -> tuple[bool, str]:
             ["last", 0],
             extraction_config=config,
         )
-        for key in (f"resid_out_{last}", "logits"):
+        for key in (point_key("resid_out", last), "logits"):
             results.append(_close(together[key][row], alone[key][0], ctx.rtol))
     ok, worst = all(r[0] for r in results), max(r[1] for r in results)
     return ok, f"left-padded batch vs each row alone, max diff {worst:.2e}"
@@ -336,17 +332,17 @@ def _writes(ctx: CheckContext) -> tuple[dict[str, Any], list[Any]]:
     """One write of each kind at the middle layer (by label), and writes that change nothing."""
     middle = ctx.m.n_layers // 2
     writes = {
-        f"resid_out_{middle}": Ablation(point=f"resid_out_{middle}"),
-        f"attn_out_{middle}": Ablation(point=f"attn_out_{middle}"),
-        f"mlp_out_{middle}": Ablation(point=f"mlp_out_{middle}"),
-        f"head_out_L{middle}H0": Ablation(point=f"head_out_L{middle}H0"),
+        point_key("resid_out", middle): Ablation(point=point_key("resid_out", middle)),
+        point_key("attn_out", middle): Ablation(point=point_key("attn_out", middle)),
+        point_key("mlp_out", middle): Ablation(point=point_key("mlp_out", middle)),
+        point_key("head_out", middle, 0): Ablation(point=point_key("head_out", middle, 0)),
         f"pattern L{middle}": PatternEdit(
             layer=middle, heads=[0], key_positions=[0], query_positions=["last"], op="zero"
         ),
     }
     noops = [
-        Ablation(point=f"resid_out_{middle}", method="scale", factor=1.0),
-        Steer(point=f"mlp_out_{middle}", vector=torch.zeros(ctx.m.d_model)),
+        Ablation(point=point_key("resid_out", middle), method="scale", factor=1.0),
+        Steer(point=point_key("mlp_out", middle), vector=torch.zeros(ctx.m.d_model)),
     ]
     return writes, noops
 

@@ -144,7 +144,7 @@ def compute_patching(
     for index, (base, target) in enumerate(zip(base_batches, target_batches, strict=True)):
         interventions = []
         for positions, points in queries:
-            config = ExtractionConfig(**_flags_for(points), save_logits=False)
+            config = ExtractionConfig(**_flags_for(points, hm.model_map), save_logits=False)
             source = hm.forward(base, positions, extraction_config=config)
             interventions += [Patch(point=p, positions=positions, source=source) for p in points]
         patched = hm.forward(
@@ -268,16 +268,16 @@ def _parse_queries(patching_query) -> list[tuple[list, list[str]]]:
     return parsed
 
 
-def _flags_for(points: list[str]) -> dict[str, Any]:
+def _flags_for(points: list[str], model_map: Any) -> dict[str, Any]:
     """ExtractionConfig flags that extract ``points`` (what the patches read from)."""
     from .config import FLAG_OF_KIND, HEAD_FLAGS, LAYER_FLAGS
-    from .points import parse_point
+    from .points import KINDS, parse_point
 
     flags: dict[str, Any] = {}
     heads = []
     for name in points:
-        point = parse_point(name)
-        kind = "head_z" if point.kind == "head_out" else point.kind
+        point = parse_point(name, model_map)
+        kind = KINDS[point.kind].write_kind  # head_out's patch source is head_z
         if point.head is not None and kind in HEAD_FLAGS.values():
             flags[FLAG_OF_KIND[kind]] = True
             heads.append({"layer": point.layer, "head": point.head})

@@ -4,62 +4,39 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from .keywords import reject_unknown_fields
+from .points import KINDS
 
-# ExtractionConfig flags that request activations of one kind in every (selected) layer.
+if TYPE_CHECKING:
+    from .archs import ModelMap
+
+# The flag tables, derived from the point table (hookscope.points.KINDS): flag -> kind.
+# Flags that request activations of one kind in every (selected) layer.
 LAYER_FLAGS: dict[str, str] = {
-    "extract_resid_in": "resid_in",
-    "extract_resid_mid": "resid_mid",
-    "extract_resid_out": "resid_out",
-    "extract_resid_in_post_layernorm": "resid_in_post_layernorm",
-    "extract_attn_in": "attn_in",
-    "extract_attn_out": "attn_out",
-    "extract_mlp_out": "mlp_out",
-    "extract_queries": "queries",
-    "extract_keys": "keys",
-    "extract_values": "values",
+    k.flag: k.name for k in KINDS.values() if k.scope == "layer" and not k.is_vision
 }
-# Flags that request one model-level point.
+# Flags that request one model-level point (logits and input_ids are save_* flags, below).
 MODEL_FLAGS: dict[str, str] = {
-    "extract_embed": "input_embeddings",
-    "extract_last_layernorm": "last_layernorm",
+    k.flag: k.name
+    for k in KINDS.values()
+    if k.scope == "model" and not k.is_vision and k.flag.startswith("extract_")
 }
 # Flags that request one kind per selected (layer, head): keys ``{kind}_L{layer}H{head}``.
 HEAD_FLAGS: dict[str, str] = {
-    "extract_attn_pattern": "pattern",
-    "extract_head_queries": "head_queries",
-    "extract_head_keys": "head_keys",
-    "extract_head_values": "head_values",
-    "extract_values_vectors_projected": "projected_value",
-    "extract_head_out": "head_out",
-    "extract_head_z": "head_z",
+    k.flag: k.name for k in KINDS.values() if k.scope == "head" and k.averages is None
 }
 # Flags that request points of the vision encoder / projector (vision-language models).
-VISION_FLAGS: dict[str, str] = {
-    "extract_vision_resid_out": "vision_resid_out",
-    "extract_vision_attn_out": "vision_attn_out",
-    "extract_projector_out": "projector_out",
-}
+VISION_FLAGS: dict[str, str] = {k.flag: k.name for k in KINDS.values() if k.is_vision}
 # Flags that keep a running mean over examples: flag -> (mean kind, the per-example kind it averages).
 RUNNING_MEAN_FLAGS: dict[str, tuple[str, str]] = {
-    "extract_avg_attn_pattern": ("avg_pattern", "pattern"),
-    "extract_avg_values_vectors_projected": ("avg_projected_value", "projected_value"),
+    k.flag: (k.name, k.averages) for k in KINDS.values() if k.averages is not None
 }
 # The inverse: point kind -> the flag that extracts it (every kind a config can request).
-FLAG_OF_KIND: dict[str, str] = {
-    **{
-        kind: flag
-        for flags in (LAYER_FLAGS, MODEL_FLAGS, HEAD_FLAGS, VISION_FLAGS)
-        for flag, kind in flags.items()
-    },
-    **{mean: flag for flag, (mean, _) in RUNNING_MEAN_FLAGS.items()},
-    "logits": "save_logits",
-    "input_ids": "save_input_ids",
-}
+FLAG_OF_KIND: dict[str, str] = {k.name: k.flag for k in KINDS.values()}
 
 
 @reject_unknown_fields
@@ -104,7 +81,9 @@ class ExtractionConfig:
     Per layer (keys ``{kind}_{layer}``, see ``hookscope.points.KINDS`` for definitions):
     ``extract_resid_in``, ``extract_resid_mid``, ``extract_resid_out``,
     ``extract_resid_in_post_layernorm``, ``extract_attn_in``, ``extract_attn_out``,
-    ``extract_mlp_out``, ``extract_queries``, ``extract_keys``, ``extract_values``.
+    ``extract_mlp_out``, ``extract_queries``, ``extract_keys``, ``extract_values``; on
+    sandwich-norm families (Gemma2/3, OLMo2) also ``extract_attn_out_post_norm`` /
+    ``extract_mlp_out_post_norm``, what attention / the MLP adds to the residual stream there.
 
     Model level: ``extract_embed`` -> ``input_embeddings``; ``extract_last_layernorm`` ->
     ``last_layernorm``; ``save_input_ids`` -> ``input_ids``; ``save_logits`` -> ``logits``
@@ -144,6 +123,8 @@ class ExtractionConfig:
     extract_attn_in: bool = False
     extract_attn_out: bool = False
     extract_mlp_out: bool = False
+    extract_attn_out_post_norm: bool = False
+    extract_mlp_out_post_norm: bool = False
     extract_queries: bool = False
     extract_keys: bool = False
     extract_values: bool = False
@@ -192,17 +173,22 @@ class ExtractionConfig:
         return any(getattr(self, flag) for flag in flags)
 
     @classmethod
-    def from_names(cls, names: Sequence[str], **options: Any) -> ExtractionConfig:
+    def from_names(
+        cls, names: Sequence[str], model_map: ModelMap | None = None, **options: Any
+    ) -> ExtractionConfig:
         """The config that extracts the points ``names``: cache keys (``resid_out_3``,
         ``pattern_L2H5``, ``logits``) or TransformerLens hook names (``blocks.3.hook_resid_post``,
-        ``blocks.2.attn.hook_pattern``; see ``hookscope.points.TL_LAYER_HOOKS``).
+        ``blocks.2.attn.hook_pattern``; see ``hookscope.points.tl_kind``). TransformerLens names
+        whose meaning depends on the family (``hook_attn_out``, ``hook_mlp_out``,
+        ``ln1.hook_out``, ``attn.hook_rot_q``) need ``model_map`` (``hm.model_map``).
 
         Flags are per kind and ``layers`` / ``attn_heads`` per config, so naming ``resid_out_1``
         and ``mlp_out_4`` extracts both kinds in layers 1 and 4: the cache holds at least the
         named points. ``options`` are other fields (``save_logits=False``, ...).
 
         Raises:
-            ActivationPointError: for a name that is no activation point (listing valid forms).
+            ActivationPointError: for a name that is no activation point (listing valid forms),
+                or a TransformerLens name with no equal on this model.
         """
         from .points import parse_point, parse_tl_name
 
@@ -211,13 +197,13 @@ class ExtractionConfig:
         chosen: dict[str, Any] = {}
         layers, vision_layers, heads, every_head = set(), set(), [], False
         for name in names:
-            tl = parse_tl_name(name)
+            tl = parse_tl_name(name, model_map)
             if tl is not None and tl.head_axis is not None:
                 chosen[FLAG_OF_KIND[tl.kind]] = True
                 layers.add(tl.layer)
                 every_head = True
                 continue
-            point = parse_point(name)
+            point = parse_point(name, model_map)
             chosen[FLAG_OF_KIND[point.kind]] = True
             if point.kind in VISION_FLAGS.values() and point.layer is not None:
                 vision_layers.add(point.layer)

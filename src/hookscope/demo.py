@@ -14,7 +14,7 @@ from .config import ExtractionConfig
 from .hooked_model import HookedModel
 from .lens import lens_logits, logit_lens
 from .patching import activation_patching
-from .points import parse_point
+from .points import parse_point, point_key
 
 PROMPTS = [
     "The capital of France is",
@@ -141,7 +141,7 @@ def _head_step(demo: _Demo, clean: Any) -> tuple[tuple[int, int], torch.Tensor, 
             extract_attn_pattern=True, attn_heads=[{"layer": layer, "head": head}]
         ),
     )
-    pattern = full[f"pattern_L{layer}H{head}"][0]
+    pattern = full[point_key("pattern", layer, head)][0]
     tokens = demo.hm.to_string_tokens(ids)
     demo.say(
         f"\n4. Head L{layer}H{head} sends {score:.2f} of the last token's attention "

@@ -29,7 +29,7 @@ from .interventions import (
     PatternEdit,
     Steer,
 )
-from .points import Point, check_layer, parse_point
+from .points import KINDS, Point, check_layer, parse_point, point_key, width_of
 from .positions import PositionContext, ResolvedPositions
 from .vision import VisionMap
 from .vision_points import is_vision_point, vision_intervention_hook
@@ -48,22 +48,13 @@ def write_slots(
 
 
 def _point_width(point: Point, model_map: ModelMap) -> int:
-    m = model_map
-    if point.kind in ("head_out", "head_z"):
-        return m.d_head
-    if point.kind == "queries":
-        return m.n_heads * m.d_head
-    if point.kind in ("keys", "values"):
-        return m.n_kv_heads * m.d_head
-    return m.d_model
+    """Width of what an intervention on ``point`` writes (head_out is written as head_z)."""
+    return width_of(KINDS[point.kind].write_kind, model_map)
 
 
 def _source_key(point: Point, explicit: str | None) -> str:
-    if explicit:
-        return explicit
-    if point.kind == "head_out":  # head writes happen in z space
-        return f"head_z_L{point.layer}H{point.head}"
-    return point.name
+    """The cache key a patch / mean source is read from (head_out's is head_z's)."""
+    return explicit or point_key(KINDS[point.kind].write_kind, point.layer, point.head)
 
 
 def _cache_mean(cache: Any, key: str, what: str) -> torch.Tensor:
@@ -103,14 +94,9 @@ class PreparedIntervention:
             self.point, self.site = None, None
             self.custom_module = iv.module
         else:
-            self.point = parse_point(iv.point)
-            if self.point.kind in ("pattern", "avg_pattern"):
-                raise ActivationPointError(
-                    f"{iv.point}: edit attention patterns with hookscope.PatternEdit "
-                    f"(layer={self.point.layer}, heads=[{self.point.head}], ...)."
-                )
-            if self.point.kind in ("logits", "input_ids") or self.point.kind.startswith("avg_"):
-                raise ActivationPointError(f"{iv.point} cannot be intervened on.")
+            self.point = parse_point(iv.point, model_map)
+            if (reason := KINDS[self.point.kind].not_writable) is not None:
+                raise ActivationPointError(f"{iv.point} cannot be intervened on: {reason}.")
             if self.point.head is not None and not 0 <= self.point.head < model_map.n_heads:
                 raise ActivationPointError(
                     f"{iv.point}: head {self.point.head} is out of range (valid 0..{model_map.n_heads - 1})."
@@ -130,8 +116,7 @@ class PreparedIntervention:
     # -- where --------------------------------------------------------------------------------
     def _write_site(self) -> PointSite:
         point = self.point
-        if point.kind == "head_out":  # written in z space: no projection
-            point = Point("head_z", point.layer, point.head)
+        point = Point(KINDS[point.kind].write_kind, point.layer, point.head)  # head_out: as head_z
         site = locate(point, self.model_map)
         if point.kind == "resid_mid":
             # Writing the pre-MLP norm's input would leave the residual add untouched: instead the
@@ -349,7 +334,7 @@ def resolve_pattern_edit(
     if edit.op == "patch":
         source = edit.source
         if hasattr(source, "tensors"):
-            key = f"pattern_L{edit.layer}H{heads[0]}"
+            key = point_key("pattern", edit.layer, heads[0])
             if len(heads) != 1 or key not in source:
                 raise HookscopeError(
                     f"PatternEdit patch from a cache needs one head and the cache key {key!r}."

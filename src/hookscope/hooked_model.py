@@ -343,7 +343,7 @@ class HookedModel:
             PositionError, InputError, ActivationPointError: for bad input, before the forward.
         """
         check_model_kwargs(model_kwargs, self.hf_model, HookedModel.forward)
-        config = _extraction_config(extraction_config, names)
+        config = _extraction_config(extraction_config, names, self.model_map)
         plan = plan_call(
             self,
             inputs,
@@ -408,7 +408,7 @@ class HookedModel:
             :class:`ActivationStore` written to ``output_dir``.
         """
         check_model_kwargs(model_kwargs, self.hf_model, HookedModel.extract_cache)
-        config = _extraction_config(extraction_config, names)
+        config = _extraction_config(extraction_config, names, self.model_map)
         target_token_positions = normalize_items(target_token_positions)  # fail before the loop
         writer = None
         if output_dir is not None:
@@ -578,7 +578,7 @@ def _tokens(batch: Any) -> int:
 
 
 def _extraction_config(
-    config: ExtractionConfig | None, names: Sequence[str] | None
+    config: ExtractionConfig | None, names: Sequence[str] | None, model_map: ModelMap
 ) -> ExtractionConfig:
     """The config of a call that got ``extraction_config``, ``names`` or neither."""
     if names is None:
@@ -586,6 +586,6 @@ def _extraction_config(
     if config is not None:
         raise InputError(
             "pass names or extraction_config, not both; for more options use "
-            "extraction_config=ExtractionConfig.from_names(names, save_logits=False, ...)."
+            "extraction_config=ExtractionConfig.from_names(names, hm.model_map, save_logits=False)."
         )
-    return ExtractionConfig.from_names(names)
+    return ExtractionConfig.from_names(names, model_map)

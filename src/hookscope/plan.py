@@ -9,16 +9,12 @@ from .archs import ModelMap
 from .attention import LayerRequest, output_projection_block
 from .config import HEAD_FLAGS, LAYER_FLAGS, MODEL_FLAGS, RUNNING_MEAN_FLAGS, ExtractionConfig
 from .errors import ActivationPointError, HookscopeError
-from .points import Point, check_layer
+from .points import KINDS, Point, check_layer, point_key, tl_hooks
 
-# Per-head kinds read inside the attention function (the rest come from module hooks).
-_ATTENTION_KINDS = {
-    "pattern": "pattern",
-    "head_queries": "queries",
-    "head_keys": "keys",
-    "head_values": "values",
-    "projected_value": "projected_values",
-}
+# Per-head kinds read inside the attention function -> their LayerRequest field.
+_ATTENTION_KINDS = {k.name: k.request for k in KINDS.values() if k.request is not None}
+# Per-head kinds read by module hooks (head columns of the output projection's input).
+_HOOKED_HEAD_KINDS = [k.name for k in KINDS.values() if k.site.module == "o_proj"]
 
 
 @dataclass
@@ -30,12 +26,15 @@ class ExtractionPlan:
         attention: per-layer requests served by hookscope's attention function.
         running_means: ``(mean key, source key)`` pairs averaged over examples.
         temporary: source keys captured only to feed a running mean (dropped afterwards).
+        tl_names: the TransformerLens hooks with an equal on this model -> (kind, head axis),
+            recorded in the cache so that it reads those names as this family means them.
     """
 
     points: list[Point] = field(default_factory=list)
     attention: list[LayerRequest] = field(default_factory=list)
     running_means: list[tuple[str, str]] = field(default_factory=list)
     temporary: set[str] = field(default_factory=set)
+    tl_names: dict[str, tuple[str, int | None]] = field(default_factory=dict)
 
     def last_layer(self) -> int | None:
         """The last layer anything is read from, or None when a model-level point after the
@@ -90,7 +89,7 @@ def plan_extraction(config: ExtractionConfig, model_map: ModelMap) -> Extraction
         ActivationPointError: for layers or heads out of range.
         HookscopeError: for combinations that have no meaning (see the messages).
     """
-    plan = ExtractionPlan()
+    plan = ExtractionPlan(tl_names=tl_hooks(model_map))
     layers = range(model_map.n_layers) if config.layers is None else config.layers
     for layer in layers:
         check_layer(layer, model_map.n_layers, "ExtractionConfig.layers entry")
@@ -121,17 +120,20 @@ def plan_extraction(config: ExtractionConfig, model_map: ModelMap) -> Extraction
                     h: output_projection_block(model_map, layer, h) for h in heads
                 }
             plan.attention.append(request)
-        for kind in ("head_out", "head_z"):
+        for kind in _HOOKED_HEAD_KINDS:
             if kind in head_kinds:
                 plan.points += [Point(kind, layer, head) for head in heads]
     plan.running_means = [
-        (f"{mean}_L{r.layer}H{h}", f"{source}_L{r.layer}H{h}")
+        (point_key(mean, r.layer, h), point_key(source, r.layer, h))
         for mean, source in plan.running_means
         for r in plan.attention
         for h in r.heads
     ]
     plan.temporary = {
-        f"{kind}_L{r.layer}H{h}" for kind in plan.temporary for r in plan.attention for h in r.heads
+        point_key(kind, r.layer, h)
+        for kind in plan.temporary
+        for r in plan.attention
+        for h in r.heads
     }
     return plan
 

@@ -81,5 +81,6 @@ def discover_spec(decoder: nn.Module, num_layers: int, model_type: str) -> ArchS
         v_proj=separate[2] if separate else None,
         qkv_proj=None if separate else _first_child(attn_module, _FUSED_QKV),
         o_proj=_first_child(attn_module, _O_PROJ) or "o_proj",
+        input_norm="input_layernorm" if "input_layernorm" in layer_children else None,
         resid_mid_site="post_attention_layernorm" if plain_pre_norm else None,
     )

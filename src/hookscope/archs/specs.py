@@ -29,6 +29,8 @@ class ArchSpec:
         qkv_layout: how the fused output splits: ``"concat"`` is ``[q | k | v]`` along the last
             axis (GPT-2, Phi-3); ``"neox"`` interleaves per head ``[q_h | k_h | v_h]`` (GPT-NeoX).
         o_proj: the attention output projection under the attention module.
+        input_norm: the norm before attention (its output is ``attn_in``), under a layer, or
+            ``None`` for post-norm blocks (OLMo2) whose attention reads the residual stream.
         resid_mid_site: the layer child whose *input* is the residual stream between the
             attention and MLP sub-blocks; ``None`` where the block has no such tensor.
         attn_out_norm / mlp_out_norm: a norm applied to the attention / MLP output before it is
@@ -48,6 +50,7 @@ class ArchSpec:
     qkv_proj: str | None = None
     qkv_layout: QKVLayout = "concat"
     o_proj: str = "o_proj"
+    input_norm: str | None = "input_layernorm"
     resid_mid_site: str | None = "post_attention_layernorm"
     attn_out_norm: str | None = None
     mlp_out_norm: str | None = None
@@ -64,6 +67,7 @@ SANDWICH_NORMS = replace(
 # OLMo2 is post-norm: no input norm, sub-block outputs are normalised before the residual add.
 OLMO2 = replace(
     LLAMA_LIKE,
+    input_norm=None,
     resid_mid_site="mlp",
     attn_out_norm="post_attention_layernorm",
     mlp_out_norm="post_feedforward_layernorm",
@@ -79,6 +83,7 @@ GPT2 = ArchSpec(
     v_proj=None,
     qkv_proj="c_attn",
     o_proj="c_proj",
+    input_norm="ln_1",
     resid_mid_site="ln_2",
 )
 GPT_NEOX = ArchSpec(
