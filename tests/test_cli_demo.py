@@ -20,6 +20,7 @@ def test_info_on_a_folder(tmp_path, capsys):
     assert "gpt2: 2 layers, 4 heads (4 KV), d_model 64" in out
     assert "transformer.h.0.attn" in out and "transformer.h.0.ln_2" in out
     assert "resid_out_{0..1}" in out
+    assert "vision" not in out and "projector_out" not in out  # a text-only model
 
 
 def test_bad_model_is_one_line_error(tmp_path, capsys):
@@ -53,33 +54,39 @@ def test_demo(tmp_path):
     assert any("first becomes the top token" in line for line in lines)
 
 
+def _extract_argv(folder, prompts, out, *extra):
+    return [
+        "extract",
+        str(folder),
+        "--prompts",
+        str(prompts),
+        "--points",
+        "resid_out",
+        "--positions",
+        "last",
+        "0:2",
+        "--extract-mlp-out",
+        "--layers",
+        "1",
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
 def test_extract_command_matches_extract_cache(tiny_folder, tmp_path, capsys):
     from tiny_models import PROMPTS
 
     from hookscope import ExtractionConfig, HookedModel
+    from hookscope.store import ActivationStore
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps({"text": p}) for p in PROMPTS[:3]))
-    code = main(
-        [
-            "extract",
-            str(tiny_folder),
-            "--prompts",
-            str(prompts),
-            "--points",
-            "resid_out",
-            "--positions",
-            "last",
-            "0:2",
-            "--extract-mlp-out",
-            "--layers",
-            "1",
-            "--out",
-            str(tmp_path / "out"),
-        ]
-    )
+    code = main(_extract_argv(tiny_folder, prompts, tmp_path / "out", "--batch-size", "2"))
     assert code == 0, capsys.readouterr().err
-    saved = ActivationCache.load(tmp_path / "out" / "activations.safetensors")
+    assert f"3 prompts -> {tmp_path / 'out'}/ (2 shards" in capsys.readouterr().out
+    store = ActivationStore.open(tmp_path / "out")
+    assert store.complete and len(store) == 3
     hm = HookedModel.from_pretrained(str(tiny_folder))
     expected = hm.extract_cache(
         PROMPTS[:3],
@@ -88,9 +95,95 @@ def test_extract_command_matches_extract_cache(tiny_folder, tmp_path, capsys):
             extract_resid_out=True, extract_mlp_out=True, layers=[1]
         ),
     )
-    assert sorted(saved.tensors()) == sorted(expected.tensors())
-    torch.testing.assert_close(saved["resid_out_1"], expected["resid_out_1"], rtol=1e-5, atol=1e-5)
-    assert saved["mapping_index"] == {"last": [0], (0, 2): [1, 2]}
+    assert sorted(k for k in store.keys() if not k.startswith("batch_saver")) == sorted(
+        expected.tensors()
+    )
+    for key in ("resid_out_1", "mlp_out_1", "logits"):
+        torch.testing.assert_close(store[key], expected[key], rtol=1e-5, atol=1e-5)
+    assert store.mapping_index == {"last": [0], (0, 2): [1, 2]}
+    assert json.loads((tmp_path / "out" / "prompts.json").read_text()) == PROMPTS[:3]
+
+
+def test_extract_refuses_blank_lines_with_their_number(tiny_folder, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("The cat sat\n\nA dog\n")
+    assert main(_extract_argv(tiny_folder, prompts, tmp_path / "out")) == 2
+    assert f"{prompts}:2 is blank" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    prompts.write_text("The cat sat\nA dog\n\n")  # blank lines at the end shift nothing
+    assert main(_extract_argv(tiny_folder, prompts, tmp_path / "out")) == 0
+    assert "2 prompts ->" in capsys.readouterr().out
+
+
+def test_extract_refuses_other_prompts_unless_overwrite(tiny_folder, tmp_path, capsys):
+    from hookscope.store import ActivationStore
+
+    out, first, second = tmp_path / "out", tmp_path / "a.txt", tmp_path / "b.txt"
+    first.write_text("The cat sat\nA dog\n")
+    second.write_text("A dog\nThe cat sat\n")
+    assert main(_extract_argv(tiny_folder, first, out)) == 0
+    before = ActivationStore.open(out)["resid_out_1"]
+    capsys.readouterr()
+    assert main(_extract_argv(tiny_folder, second, out)) == 2
+    err = capsys.readouterr().err
+    assert "holds a store of other prompts; pass --overwrite" in err
+    torch.testing.assert_close(ActivationStore.open(out)["resid_out_1"], before, rtol=0, atol=0)
+    assert main(_extract_argv(tiny_folder, second, out, "--overwrite")) == 0
+    after = ActivationStore.open(out)["resid_out_1"]
+    torch.testing.assert_close(after, before.flip(0), rtol=1e-5, atol=1e-5)  # rows swapped
+    # the same command again keeps the complete store
+    assert main(_extract_argv(tiny_folder, second, out)) == 0
+    torch.testing.assert_close(ActivationStore.open(out)["resid_out_1"], after, rtol=0, atol=0)
+
+
+def test_overwrite_deletes_only_a_hookscope_store(tiny_folder, tmp_path, capsys):
+    prompts, out = tmp_path / "p.txt", tmp_path / "mine"
+    prompts.write_text("The cat sat\n")
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    assert main(_extract_argv(tiny_folder, prompts, out, "--overwrite")) == 2
+    assert "is not a hookscope store" in capsys.readouterr().err
+    assert (out / "thesis.tex").read_text() == "precious"
+
+
+def test_ctrl_c_stops_in_one_line_and_the_rerun_resumes(tiny_folder, tmp_path, monkeypatch, capsys):
+    from hookscope.store import ActivationStore, StoreWriter
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("The cat sat on the mat\nA dog\nHello there world\nParis is\n")
+    assert main(_extract_argv(tiny_folder, prompts, tmp_path / "whole", "--batch-size", "1")) == 0
+    whole = ActivationStore.open(tmp_path / "whole")
+    write, written = StoreWriter.write, []
+
+    def interrupted_after_one_batch(self, cache):
+        if written:
+            raise KeyboardInterrupt
+        written.append(len(cache["position_mask"]))
+        write(self, cache)
+
+    monkeypatch.setattr(StoreWriter, "write", interrupted_after_one_batch)
+    capsys.readouterr()
+    argv = _extract_argv(tiny_folder, prompts, tmp_path / "out", "--batch-size", "1")
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    said = [line for line in err.splitlines() if line.startswith("hookscope:")]
+    assert "Traceback" not in err and len(said) == 1, err
+    assert said[0] == (
+        f"hookscope: interrupted; 1 of 4 prompts are saved in {tmp_path / 'out'}/: "
+        "run the same command again to resume"
+    )
+
+    def counted(self, cache):
+        written.append(len(cache["position_mask"]))
+        write(self, cache)
+
+    monkeypatch.setattr(StoreWriter, "write", counted)
+    assert main(argv) == 0
+    assert written == [1, 1, 1, 1]  # the rerun wrote the three missing batches only
+    resumed = ActivationStore.open(tmp_path / "out")
+    assert resumed.complete and len(resumed) == 4 and resumed.keys() == whole.keys()
+    for key in whole.keys():
+        assert torch.equal(resumed[key], whole[key]), key
 
 
 @pytest.mark.parametrize(

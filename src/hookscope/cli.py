@@ -4,16 +4,20 @@
     hookscope info [MODEL]
     hookscope check [MODEL]
     hookscope extract [MODEL] --prompts FILE --positions last --points resid_out --out DIR
+                      [--overwrite]   (a resumable store; Ctrl-C, then the same command resumes)
     hookscope patch [MODEL] --clean TEXT --corrupt TEXT --correct TOKEN --wrong TOKEN --out DIR
     hookscope lens [MODEL] --prompt TEXT [--target TOKEN] --out DIR
 
-User mistakes print one line and a hint, and exit with status 2 (no stack trace).
+User mistakes print one line and a hint, and exit with status 2 (no stack trace); Ctrl-C prints
+one line and exits with status 130.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -24,11 +28,19 @@ _HINTS = {
     "could not load": "pass a model folder, a .gguf file, or nothing for the embedded default model",
     "position item": "positions look like: last first 0 -2 2:5 all (see README, Token positions)",
     "unknown activation point": "see `hookscope info` for the activation points of a model",
+    "holds a different extraction": "pass --overwrite to replace that store, or choose another --out",
 }
+
+
+PROMPTS_FILE = "prompts.json"  # beside the store: the prompts it holds, in row order
 
 
 class CliError(HookscopeError):
     """A command-line mistake (bad file, bad option value)."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a command; ``main`` prints this one line and exits with status 130."""
 
 
 def _quiet_transformers() -> None:
@@ -63,23 +75,38 @@ def _positions(values: list[str]) -> list:
 
 
 def _read_prompts(path: str) -> list[str]:
+    """The prompts of a ``.txt`` file (one a line) or ``.jsonl`` file (``{"text": ...}`` a line).
+
+    Row i of the output is line i + 1 of the file: a blank line inside the file is refused with
+    its line number (skipping it would shift every later row); blank lines at the end are fine.
+    """
     file = Path(path)
     if not file.is_file():
         raise CliError(f"prompts file {path!r} does not exist")
-    lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if file.suffix == ".jsonl":
-        prompts = []
-        for number, line in enumerate(lines, start=1):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise CliError(f"{path}:{number} is not JSON ({error.msg})") from None
-            text = record.get("text", record.get("prompt")) if isinstance(record, dict) else record
-            if not isinstance(text, str):
-                raise CliError(f"{path}:{number} has no 'text' (or 'prompt') string")
-            prompts.append(text)
-        return prompts
-    return lines
+    lines = file.read_text(encoding="utf-8").splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if not lines:
+        raise CliError(f"prompts file {path!r} has no prompts")
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            raise CliError(
+                f"{path}:{number} is blank; each line is one prompt and row i of the output is "
+                "line i + 1, so remove blank lines (or put text on them)"
+            )
+    if file.suffix != ".jsonl":
+        return lines
+    prompts = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise CliError(f"{path}:{number} is not JSON ({error.msg})") from None
+        text = record.get("text", record.get("prompt")) if isinstance(record, dict) else record
+        if not isinstance(text, str):
+            raise CliError(f"{path}:{number} has no 'text' (or 'prompt') string")
+        prompts.append(text)
+    return prompts
 
 
 def _extraction_options(parser: argparse.ArgumentParser) -> None:
@@ -103,10 +130,10 @@ def _extraction_options(parser: argparse.ArgumentParser) -> None:
                 )
 
 
-def _cmd_extract(args: argparse.Namespace) -> None:
+def _extraction_config_of(args: argparse.Namespace):
+    """The ExtractionConfig of ``hookscope extract``'s flags, ``--points`` and ``--layers``."""
     from .config import FLAG_OF_KIND, LAYER_FLAGS, MODEL_FLAGS, ExtractionConfig
 
-    prompts = _read_prompts(args.prompts)
     values = {
         f.name: getattr(args, f.name) for f in fields(ExtractionConfig) if hasattr(args, f.name)
     }
@@ -119,36 +146,93 @@ def _cmd_extract(args: argparse.Namespace) -> None:
         values[by_kind[point]] = True
     if args.layers:
         values["layers"] = args.layers
-    config = ExtractionConfig(**values)
+    return ExtractionConfig(**values)
+
+
+def _prepare_output(out: Path, prompts: list[str], overwrite: bool) -> None:
+    """Make ``out`` ready for a store of ``prompts``: a new or empty folder; a store of the same
+    prompts (a partial one resumes, a complete one is kept); or, with ``overwrite``, a hookscope
+    store deleted first. Anything else is refused (hookscope deletes only its own stores)."""
+    from .store import MANIFEST
+
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {str(out)!r} is a file; give a folder")
+    is_store = (out / MANIFEST).is_file()
+    if out.is_dir() and any(out.iterdir()) and not is_store:
+        raise CliError(
+            f"--out {str(out)!r} exists and is not a hookscope store (no {MANIFEST}); "
+            "choose another folder (hookscope deletes only its own stores)"
+        )
+    if is_store and overwrite:
+        shutil.rmtree(out)
+    elif is_store:
+        saved = out / PROMPTS_FILE
+        if not saved.is_file() or json.loads(saved.read_text(encoding="utf-8")) != prompts:
+            raise CliError(
+                f"--out {str(out)!r} holds a store of other prompts; pass --overwrite to "
+                "replace it, or choose another folder"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{PROMPTS_FILE}.tmp"
+    tmp.write_text(json.dumps(prompts, indent=1), encoding="utf-8")
+    os.replace(tmp, out / PROMPTS_FILE)
+
+
+def _committed_examples(out: Path) -> int:
+    """Examples committed in the store at ``out`` (0 when there is no readable manifest)."""
+    from .store import MANIFEST
+
+    try:
+        return int(json.loads((out / MANIFEST).read_text())["examples"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def _run_extraction(args: argparse.Namespace, prompts: list[str], config, out: Path):
+    """Extract ``prompts`` into the store at ``out`` (in this process, or on Ray)."""
+    positions = _positions(args.positions)
     if args.ray:
         import functools
 
         from .distributed import extract_distributed
         from .hooked_model import HookedModel
 
-        store = extract_distributed(
+        return extract_distributed(
             functools.partial(HookedModel.from_pretrained, args.model),
             prompts,
-            _positions(args.positions),
+            positions,
             config,
-            args.out,
+            str(out),
             num_workers=args.workers,
             batch_size=args.batch_size,
             address=None if args.ray == "local" else args.ray,
         )
-        print(
-            f"{len(prompts)} prompts -> {args.out} ({len(store.manifest['shards'])} shards, {args.workers} workers)"
-        )
-        return
     hm = _load(args.model)
     hm.config.batch_size = args.batch_size
-    cache = hm.extract_cache(
-        prompts, _positions(args.positions), extraction_config=config, progress=True
+    return hm.extract_cache(
+        prompts, positions, extraction_config=config, progress=True, output_dir=str(out)
     )
-    path = cache.save(Path(args.out) / "activations.safetensors")
-    (Path(args.out) / "prompts.json").write_text(json.dumps(prompts, indent=1), encoding="utf-8")
+
+
+def _cmd_extract(args: argparse.Namespace) -> None:
+    """Stream the activations of every prompt into a resumable store (``hookscope.store``)."""
+    prompts = _read_prompts(args.prompts)
+    config = _extraction_config_of(args)
+    out = Path(args.out)
+    _prepare_output(out, prompts, args.overwrite)
+    try:
+        store = _run_extraction(args, prompts, config, out)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"interrupted; {_committed_examples(out)} of {len(prompts)} prompts are saved in "
+            f"{out}/: run the same command again to resume"
+        ) from None
+    shards = store.manifest["shards"]
+    size = sum(shard["bytes"] for shard in shards) / 2**20
+    workers = f", {args.workers} workers" if args.ray else ""
     print(
-        f"{len(prompts)} prompts -> {path} ({len(cache)} keys, {cache.memory_size() / 2**20:.1f} MB)"
+        f"{len(store)} prompts -> {out}/ ({len(shards)} shards{workers}, "
+        f"{len(store.keys())} keys, {size:.1f} MB)"
     )
 
 
@@ -227,6 +311,7 @@ def _cmd_check(args: argparse.Namespace) -> None:
 
 def _cmd_info(args: argparse.Namespace) -> None:
     from .points import KINDS
+    from .vision_points import VISION_KINDS
 
     hm = _load(args.model)
     m = hm.model_map
@@ -244,6 +329,8 @@ def _cmd_info(args: argparse.Namespace) -> None:
         print(f"  {label:<26} {m.path_of(module) if module is not None else '(none)'}")
     print("activation points:")
     for kind in KINDS.values():
+        if kind.name in VISION_KINDS and hm.vision_map is None:
+            continue  # a text-only model has no vision points
         name = {
             "model": kind.name,
             "layer": f"{kind.name}_{{0..{m.n_layers - 1}}}",
@@ -279,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_cmd_check)
 
     extract = sub.add_parser(
-        "extract", help="extract activations of many prompts to a safetensors file"
+        "extract", help="extract activations of many prompts into a resumable store"
     )
     extract.add_argument("model", nargs="?", default=None, metavar="MODEL")
     extract.add_argument(
@@ -302,7 +389,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="run on Ray: a cluster address, or 'local' for a local cluster",
     )
     extract.add_argument("--workers", type=int, default=2, help="Ray workers (with --ray)")
-    extract.add_argument("--out", required=True, help="output folder")
+    extract.add_argument(
+        "--out",
+        required=True,
+        help="output folder: a resumable store (manifest.json, one shard per batch); "
+        "run the same command again to resume an interrupted run",
+    )
+    extract.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete an existing store in --out first (only a hookscope store is ever deleted)",
+    )
     _extraction_options(extract)
     extract.set_defaults(func=_cmd_extract)
 
@@ -345,4 +442,10 @@ def main(argv: list[str] | None = None) -> int:
         hint = next((h for key, h in _HINTS.items() if key in message), None)
         print(f"hint: {hint or 'run `hookscope ' + args.command + ' --help`'}", file=sys.stderr)
         return 2
+    except Interrupted as note:
+        print(f"\nhookscope: {note}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("\nhookscope: interrupted", file=sys.stderr)
+        return 130
     return 0
