@@ -210,7 +210,10 @@ def test_ctrl_c_stops_in_one_line_and_the_rerun_resumes(tiny_folder, tmp_path, m
         ),
     ],
 )
-def test_cli_errors_are_one_line_with_a_hint(tiny_folder, tmp_path, capsys, argv, message):
+def test_cli_errors_are_one_line_with_a_hint(
+    tiny_folder, tmp_path, monkeypatch, capsys, argv, message
+):
+    monkeypatch.chdir(tmp_path)
     prompts = tmp_path / "p.txt"
     prompts.write_text("hello world\n")
     argv = [a.replace("{prompts}", str(prompts)) for a in argv]
@@ -219,6 +222,7 @@ def test_cli_errors_are_one_line_with_a_hint(tiny_folder, tmp_path, capsys, argv
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0].startswith("hookscope: error:") and message in err[0]
     assert err[1].startswith("hint:") and len(err) == 2
+    assert not (tmp_path / "x").exists()  # nothing written before every argument is checked
 
 
 def test_patch_and_lens_commands(tiny_folder, tmp_path, capsys):

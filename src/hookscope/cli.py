@@ -216,8 +216,11 @@ def _run_extraction(args: argparse.Namespace, prompts: list[str], config, out: P
 
 def _cmd_extract(args: argparse.Namespace) -> None:
     """Stream the activations of every prompt into a resumable store (``hookscope.store``)."""
+    from .positions import normalize_items
+
     prompts = _read_prompts(args.prompts)
     config = _extraction_config_of(args)
+    normalize_items(_positions(args.positions))  # every mistake is reported before any write
     out = Path(args.out)
     _prepare_output(out, prompts, args.overwrite)
     try:
