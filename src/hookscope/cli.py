@@ -233,9 +233,10 @@ def _cmd_extract(args: argparse.Namespace) -> None:
     shards = store.manifest["shards"]
     size = sum(shard["bytes"] for shard in shards) / 2**20
     workers = f", {args.workers} workers" if args.ray else ""
+    keys = [key for key in store.keys() if not key.startswith("batch_saver/")]
     print(
-        f"{len(store)} prompts -> {out}/ ({len(shards)} shards{workers}, "
-        f"{len(store.keys())} keys, {size:.1f} MB)"
+        f"{len(store)} prompts -> {out}/ ({len(shards)} shard{'s' * (len(shards) != 1)}{workers}, "
+        f"{len(keys)} keys, {size:.1f} MB)"
     )
 
 
@@ -248,8 +249,28 @@ def _token_id(hm, text: str) -> int:
     return ids[0]
 
 
-def _cmd_patch(args: argparse.Namespace) -> None:
+def _patching_figures(result, model_name: str, point: str, out: Path) -> None:
+    """The PNG and HTML heatmaps of a patching result (a 1-D grid is drawn as one row)."""
     from . import plot
+
+    values, axes = result.values, list(result.axes)
+    if values.dim() == 1:
+        values, axes = values.unsqueeze(0), ["", *axes]
+    rows = result.labels.get(axes[0], [""])
+    columns = result.labels[axes[1]]
+    metric = f"{result.metric}{' (normalised: clean=1, corrupt=0)' if result.normalized else ''}"
+    title = f"{model_name}: {result.method} patching of {point}, {metric}"
+    plot.heatmap_figure(
+        values, rows, columns, title, axes[1], axes[0], metric,
+        path=out / f"patching_{point}.png", diverging=True,
+    )  # fmt: skip
+    heatmap = plot.heatmap_html(
+        values, rows, columns, title, metric, row_name=axes[0] or "row", col_name=axes[1]
+    )
+    plot.html_page(f"hookscope patch: {model_name}", [heatmap], path=out / f"patching_{point}.html")
+
+
+def _cmd_patch(args: argparse.Namespace) -> None:
     from .patching import activation_patching
 
     hm = _load(args.model)
@@ -260,21 +281,7 @@ def _cmd_patch(args: argparse.Namespace) -> None:
         hm, clean, corrupt, answers, point=args.point, per=args.per, progress=True
     )
     out = Path(args.out)
-    plot.patching_figure(result, str(hm.model_name), path=out / f"patching_{args.point}.png")
-    labels = [result.labels[a] for a in result.axes]
-    plot.html_page(
-        f"hookscope patch: {hm.model_name}",
-        [
-            plot.heatmap_html(
-                result.values,
-                labels[0],
-                labels[1] if len(labels) > 1 else [""],
-                f"{result.method} patching of {args.point}",
-                result.metric,
-            )
-        ],
-        path=out / f"patching_{args.point}.html",
-    )
+    _patching_figures(result, str(hm.model_name), args.point, out)
     print(
         f"{result}\nclean {result.clean_metric[0]:.3f}, corrupt {result.corrupt_metric[0]:.3f}; "
         f"figures in {out}/"
