@@ -52,6 +52,16 @@ def test_demo(tmp_path):
     for name in ("logit_lens.png", "patching_resid_out.png", "attention.png", "index.html"):
         assert (tmp_path / name).stat().st_size > 1000, name
     assert any("first becomes the top token" in line for line in lines)
+    # the output shown in the README is this run's (rules in tests/test_readme.py)
+    from test_readme import README, matches_shown, output_lines, readme_blocks
+
+    shown = next(
+        b.code
+        for b in readme_blocks(README.read_text(encoding="utf-8"))
+        if b.marker == ("output-of", "tests/test_cli_demo.py::test_demo")
+    )
+    printed = "\n".join(lines).replace(str(tmp_path), "hookscope-demo")
+    assert matches_shown(["...", *output_lines(shown)], output_lines(printed)), printed
 
 
 def _extract_argv(folder, prompts, out, *extra):
