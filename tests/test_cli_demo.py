@@ -253,3 +253,44 @@ def test_patch_and_lens_commands(tiny_folder, tmp_path, capsys, per):
     lens_argv = ["lens", str(tiny_folder), "--prompt", "The cat sat", "--target", single[0]]
     assert main([*lens_argv, "--out", str(tmp_path)]) == 0
     assert "layer   1" in capsys.readouterr().out and (tmp_path / "logit_lens.png").exists()
+
+
+def test_sigint_stops_a_real_run_in_one_line(tiny_folder, tmp_path):
+    """A real SIGINT to ``hookscope extract``: status 130, one line, a consistent partial store."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import hookscope
+    from hookscope.store import ActivationStore
+
+    prompts, out = tmp_path / "p.txt", tmp_path / "out"
+    prompts.write_text("\n".join(f"prompt number {i} about the cat" for i in range(3000)))
+    env = {**os.environ, "PYTHONPATH": str(Path(hookscope.__file__).parents[1])}
+    argv = [sys.executable, "-m", "hookscope", "extract", str(tiny_folder), "--prompts"]
+    argv += [str(prompts), "--points", "resid_out", "--batch-size", "1", "--out", str(out)]
+    process = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while _committed(out) < 3 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    said = [line.split("\r")[-1] for line in err.splitlines() if "hookscope:" in line]
+    assert process.returncode == 130 and "Traceback" not in err, err[-2000:]
+    store = ActivationStore.open(out)
+    assert said == [
+        f"hookscope: interrupted; {len(store)} of 3000 prompts are saved in {out}/: "
+        "run the same command again to resume"
+    ]
+    assert 3 <= len(store) < 3000 and not store.complete
+    store.verify()
+    assert store["resid_out_1"].shape[0] == len(store)
+
+
+def _committed(out) -> int:
+    from hookscope.cli import _committed_examples
+
+    return _committed_examples(out)
