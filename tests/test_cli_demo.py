@@ -154,6 +154,11 @@ def test_overwrite_deletes_only_a_hookscope_store(tiny_folder, tmp_path, capsys)
     assert main(_extract_argv(tiny_folder, prompts, out, "--overwrite")) == 2
     assert "is not a hookscope store" in capsys.readouterr().err
     assert (out / "thesis.tex").read_text() == "precious"
+    # a run stopped before its first write left only its prompts: the next run starts there
+    (out / "thesis.tex").unlink()
+    (out / "prompts.json").write_text('["another prompt"]')
+    assert main(_extract_argv(tiny_folder, prompts, out)) == 0
+    assert json.loads((out / "prompts.json").read_text()) == ["The cat sat"]
 
 
 def test_ctrl_c_stops_in_one_line_and_the_rerun_resumes(tiny_folder, tmp_path, monkeypatch, capsys):
@@ -294,3 +299,24 @@ def _committed(out) -> int:
     from hookscope.cli import _committed_examples
 
     return _committed_examples(out)
+
+
+def test_extract_on_ray_writes_the_same_store(tiny_folder, tmp_path, capsys):
+    pytest.importorskip("ray")
+    from hookscope.store import ActivationStore
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("The cat sat on the mat\nA dog\nHello there world\nParis is\nThe end\n")
+    argv = _extract_argv(tiny_folder, prompts, tmp_path / "local", "--batch-size", "2")
+    assert main(argv) == 0
+    ray_argv = _extract_argv(tiny_folder, prompts, tmp_path / "ray", "--batch-size", "2")
+    ray_argv += ["--ray", "local", "--workers", "2"]
+    assert main(ray_argv) == 0, capsys.readouterr().err
+    assert "5 prompts -> " in capsys.readouterr().out
+    local, ray = ActivationStore.open(tmp_path / "local"), ActivationStore.open(tmp_path / "ray")
+    for key in ("resid_out_1", "mlp_out_1", "logits"):
+        torch.testing.assert_close(ray[key], local[key], rtol=1e-5, atol=1e-6)
+    other = tmp_path / "other.txt"
+    other.write_text("A dog\n")
+    assert main([*ray_argv[:3], str(other), *ray_argv[4:]]) == 2  # another run's store
+    assert "holds a store of other prompts" in capsys.readouterr().err

@@ -157,8 +157,10 @@ def _prepare_output(out: Path, prompts: list[str], overwrite: bool) -> None:
 
     if out.exists() and not out.is_dir():
         raise CliError(f"--out {str(out)!r} is a file; give a folder")
-    is_store = (out / MANIFEST).is_file()
-    if out.is_dir() and any(out.iterdir()) and not is_store:
+    contents = {path.name for path in out.iterdir()} if out.is_dir() else set()
+    # a store, a Ray run's part stores, or only the prompts of a run stopped before its first write
+    is_store = (out / MANIFEST).is_file() or any(out.glob(f"part-*/{MANIFEST}"))
+    if not is_store and not contents <= {PROMPTS_FILE}:
         raise CliError(
             f"--out {str(out)!r} exists and is not a hookscope store (no {MANIFEST}); "
             "choose another folder (hookscope deletes only its own stores)"
@@ -179,13 +181,17 @@ def _prepare_output(out: Path, prompts: list[str], overwrite: bool) -> None:
 
 
 def _committed_examples(out: Path) -> int:
-    """Examples committed in the store at ``out`` (0 when there is no readable manifest)."""
+    """Examples committed in the store at ``out`` (or in a Ray run's part stores; 0 if none)."""
     from .store import MANIFEST
 
-    try:
-        return int(json.loads((out / MANIFEST).read_text())["examples"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
+    manifests = [out / MANIFEST] if (out / MANIFEST).is_file() else out.glob(f"part-*/{MANIFEST}")
+    total = 0
+    for path in manifests:
+        try:
+            total += int(json.loads(path.read_text())["examples"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # a manifest being replaced: count what can be read
+    return total
 
 
 def _run_extraction(args: argparse.Namespace, prompts: list[str], config, out: Path):
