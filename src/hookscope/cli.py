@@ -380,13 +380,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("model", nargs="?", default=None, metavar="MODEL")
     check.set_defaults(func=_cmd_check)
+    _add_extract(sub)
+    _add_patch(sub)
+    _add_lens(sub)
+    return parser
 
+
+def _add_extract(sub) -> None:
+    """The ``extract`` verb's arguments."""
     extract = sub.add_parser(
         "extract", help="extract activations of many prompts into a resumable store"
     )
     extract.add_argument("model", nargs="?", default=None, metavar="MODEL")
     extract.add_argument(
-        "--prompts", required=True, help="a .txt file (one prompt a line) or .jsonl ({'text': ...})"
+        "--prompts",
+        required=True,
+        help="a .txt file (one prompt a line, row i = line i + 1: no blank lines) or .jsonl "
+        "({'text': ...} a line)",
     )
     extract.add_argument(
         "--positions",
@@ -419,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     _extraction_options(extract)
     extract.set_defaults(func=_cmd_extract)
 
+
+def _add_patch(sub) -> None:
+    """The ``patch`` verb's arguments."""
     patch = sub.add_parser(
         "patch", help="activation-patching sweep on a clean / corrupt prompt pair"
     )
@@ -438,13 +451,15 @@ def build_parser() -> argparse.ArgumentParser:
     patch.add_argument("--out", default="hookscope-patch")
     patch.set_defaults(func=_cmd_patch)
 
+
+def _add_lens(sub) -> None:
+    """The ``lens`` verb's arguments."""
     lens = sub.add_parser("lens", help="logit lens of one prompt, layer by layer")
     lens.add_argument("model", nargs="?", default=None, metavar="MODEL")
     lens.add_argument("--prompt", required=True)
     lens.add_argument("--target", help="a token to follow, e.g. ' Paris'")
     lens.add_argument("--out", default="hookscope-lens")
     lens.set_defaults(func=_cmd_lens)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
