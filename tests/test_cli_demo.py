@@ -138,6 +138,10 @@ def test_extract_refuses_other_prompts_unless_overwrite(tiny_folder, tmp_path, c
     err = capsys.readouterr().err
     assert "holds a store of other prompts; pass --overwrite" in err
     torch.testing.assert_close(ActivationStore.open(out)["resid_out_1"], before, rtol=0, atol=0)
+    assert main([*_extract_argv(tiny_folder, first, out), "--layers", "0"]) == 2  # other config
+    err = capsys.readouterr().err.splitlines()
+    assert "different extraction" in err[0]
+    assert err[1] == "hint: pass --overwrite to replace that store, or choose another --out"
     assert main(_extract_argv(tiny_folder, second, out, "--overwrite")) == 0
     after = ActivationStore.open(out)["resid_out_1"]
     torch.testing.assert_close(after, before.flip(0), rtol=1e-5, atol=1e-5)  # rows swapped

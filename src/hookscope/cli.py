@@ -28,7 +28,6 @@ _HINTS = {
     "could not load": "pass a model folder, a .gguf file, or nothing for the embedded default model",
     "position item": "positions look like: last first 0 -2 2:5 all (see README, Token positions)",
     "unknown activation point": "see `hookscope info` for the activation points of a model",
-    "holds a different extraction": "pass --overwrite to replace that store, or choose another --out",
 }
 
 
@@ -462,6 +461,12 @@ def _add_lens(sub) -> None:
     lens.set_defaults(func=_cmd_lens)
 
 
+def _is_store_error(error: Exception) -> bool:
+    from .store import StoreError
+
+    return isinstance(error, StoreError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_transformers()
@@ -471,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
         message = str(error).splitlines()[0]
         print(f"hookscope: error: {message}", file=sys.stderr)
         hint = next((h for key, h in _HINTS.items() if key in message), None)
+        if args.command == "extract" and _is_store_error(error):
+            hint = "pass --overwrite to replace that store, or choose another --out"
         print(f"hint: {hint or 'run `hookscope ' + args.command + ' --help`'}", file=sys.stderr)
         return 2
     except Interrupted as note:
