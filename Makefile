@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.install-stamp
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: install test test-fast demo lint bench gpu-check parity bench-peers clean
+.PHONY: install test test-fast test-unit test-integration test-acceptance demo lint bench gpu-check parity bench-peers clean
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,19 @@ test: install
 	$(PY) -m pytest -q
 
 test-fast: install
-	$(PY) -m pytest -q -m "not real_model"
+	$(PY) -m pytest -q -m "not acceptance"
+
+# Test tiers (each test is in exactly one; tests/conftest.py sets them): unit = no model,
+# integration = tiny models built from config classes, acceptance = the real embedded SmolLM2
+# (README code blocks included, tests/test_readme.py).
+test-unit: install
+	$(PY) -m pytest -q -m unit
+
+test-integration: install
+	$(PY) -m pytest -q -m integration
+
+test-acceptance: install
+	$(PY) -m pytest -q -m acceptance
 
 demo: install
 	$(PY) -m hookscope demo

@@ -1,4 +1,6 @@
+import inspect
 import os
+import re
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -112,3 +114,54 @@ def vlm(request):
     from tiny_vlms import build_vlm
 
     return build_vlm(request.param)
+
+
+# Test tiers (as TransformerLens's tests/unit, integration, acceptance): every test gets exactly
+# one marker. acceptance: the real embedded SmolLM2 (marked real_model); integration: builds or
+# loads a model (tiny ones from tests/tiny_models.py / tiny_vlms.py), seen in the source of the
+# test, of the module's helpers it calls, or of its fixtures; unit: no model at all.
+_BUILDS_A_MODEL = re.compile(
+    r"\b(build_model|build_vlm|HookedModel|from_pretrained|from_hf|AutoModel\w*|Llama\w*Config)\b"
+)
+TIERS = ("unit", "integration", "acceptance")
+
+
+def _sources(function, module, seen: set) -> list[str]:
+    """The source of ``function`` and of every function of the test suite (``module``'s own or
+    imported from tests/) that it names, recursively."""
+    function = inspect.unwrap(function)
+    if function in seen or not inspect.isfunction(function):
+        return []
+    seen.add(function)
+    try:
+        texts = [inspect.getsource(function)]
+    except (OSError, TypeError):
+        return []
+    for name in re.findall(r"\b\w+\b", texts[0]):
+        helper = getattr(module, name, None)
+        if inspect.isfunction(helper) and _in_test_suite(helper):
+            texts += _sources(helper, inspect.getmodule(helper), seen)
+    return texts
+
+
+def _in_test_suite(function) -> bool:
+    path = inspect.getsourcefile(function) or ""
+    return os.path.dirname(os.path.abspath(path)) == os.path.dirname(os.path.abspath(__file__))
+
+
+def _tier(item) -> str:
+    if item.get_closest_marker("real_model"):
+        return "acceptance"
+    seen: set = set()
+    texts = _sources(item.function, item.module, seen)
+    for definitions in item._fixtureinfo.name2fixturedefs.values():
+        for definition in definitions:
+            module = inspect.getmodule(definition.func)
+            texts += _sources(definition.func, module, seen) if module else []
+    return "integration" if any(_BUILDS_A_MODEL.search(t) for t in texts) else "unit"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if isinstance(item, pytest.Function):
+            item.add_marker(_tier(item))

@@ -4,20 +4,23 @@
     hookscope info [MODEL]
     hookscope check [MODEL] [--no-remember]
     hookscope extract [MODEL] --prompts FILE --positions last --points resid_out --out DIR
+                      [--overwrite]   (a resumable store; Ctrl-C, then the same command resumes)
     hookscope patch [MODEL] --clean TEXT --corrupt TEXT --correct TOKEN --wrong TOKEN --out DIR
     hookscope lens [MODEL] --prompt TEXT [--target TOKEN] --out DIR
 
-User mistakes print one line and a hint, and exit with status 2 (no stack trace).
+User mistakes print one line and a hint, and exit with status 2 (no stack trace); Ctrl-C prints
+one line and exits with status 130.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
 
 from .errors import HookscopeError
 
@@ -28,8 +31,15 @@ _HINTS = {
 }
 
 
+PROMPTS_FILE = "prompts.json"  # beside the store: the prompts it holds, in row order
+
+
 class CliError(HookscopeError):
     """A command-line mistake (bad file, bad option value)."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a command; ``main`` prints this one line and exits with status 130."""
 
 
 def _quiet_transformers() -> None:
@@ -64,23 +74,38 @@ def _positions(values: list[str]) -> list:
 
 
 def _read_prompts(path: str) -> list[str]:
+    """The prompts of a ``.txt`` file (one a line) or ``.jsonl`` file (``{"text": ...}`` a line).
+
+    Row i of the output is line i + 1 of the file: a blank line inside the file is refused with
+    its line number (skipping it would shift every later row); blank lines at the end are fine.
+    """
     file = Path(path)
     if not file.is_file():
         raise CliError(f"prompts file {path!r} does not exist")
-    lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if file.suffix == ".jsonl":
-        prompts = []
-        for number, line in enumerate(lines, start=1):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise CliError(f"{path}:{number} is not JSON ({error.msg})") from None
-            text = record.get("text", record.get("prompt")) if isinstance(record, dict) else record
-            if not isinstance(text, str):
-                raise CliError(f"{path}:{number} has no 'text' (or 'prompt') string")
-            prompts.append(text)
-        return prompts
-    return lines
+    lines = file.read_text(encoding="utf-8").splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if not lines:
+        raise CliError(f"prompts file {path!r} has no prompts")
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            raise CliError(
+                f"{path}:{number} is blank; each line is one prompt and row i of the output is "
+                "line i + 1, so remove blank lines (or put text on them)"
+            )
+    if file.suffix != ".jsonl":
+        return lines
+    prompts = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise CliError(f"{path}:{number} is not JSON ({error.msg})") from None
+        text = record.get("text", record.get("prompt")) if isinstance(record, dict) else record
+        if not isinstance(text, str):
+            raise CliError(f"{path}:{number} has no 'text' (or 'prompt') string")
+        prompts.append(text)
+    return prompts
 
 
 def _extraction_options(parser: argparse.ArgumentParser) -> None:
@@ -104,10 +129,10 @@ def _extraction_options(parser: argparse.ArgumentParser) -> None:
                 )
 
 
-def _cmd_extract(args: argparse.Namespace) -> None:
+def _extraction_config_of(args: argparse.Namespace):
+    """The ExtractionConfig of ``hookscope extract``'s flags, ``--points`` and ``--layers``."""
     from .config import FLAG_OF_KIND, LAYER_FLAGS, MODEL_FLAGS, ExtractionConfig
 
-    prompts = _read_prompts(args.prompts)
     values = {
         f.name: getattr(args, f.name) for f in fields(ExtractionConfig) if hasattr(args, f.name)
     }
@@ -120,36 +145,103 @@ def _cmd_extract(args: argparse.Namespace) -> None:
         values[by_kind[point]] = True
     if args.layers:
         values["layers"] = args.layers
-    config = ExtractionConfig(**values)
+    return ExtractionConfig(**values)
+
+
+def _prepare_output(out: Path, prompts: list[str], overwrite: bool) -> None:
+    """Make ``out`` ready for a store of ``prompts``: a new or empty folder; a store of the same
+    prompts (a partial one resumes, a complete one is kept); or, with ``overwrite``, a hookscope
+    store deleted first. Anything else is refused (hookscope deletes only its own stores)."""
+    from .store import MANIFEST
+
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {str(out)!r} is a file; give a folder")
+    contents = {path.name for path in out.iterdir()} if out.is_dir() else set()
+    # a store, a Ray run's part stores, or only the prompts of a run stopped before its first write
+    is_store = (out / MANIFEST).is_file() or any(out.glob(f"part-*/{MANIFEST}"))
+    if not is_store and not contents <= {PROMPTS_FILE}:
+        raise CliError(
+            f"--out {str(out)!r} exists and is not a hookscope store (no {MANIFEST}); "
+            "choose another folder (hookscope deletes only its own stores)"
+        )
+    if is_store and overwrite:
+        shutil.rmtree(out)
+    elif is_store:
+        saved = out / PROMPTS_FILE
+        if not saved.is_file() or json.loads(saved.read_text(encoding="utf-8")) != prompts:
+            raise CliError(
+                f"--out {str(out)!r} holds a store of other prompts; pass --overwrite to "
+                "replace it, or choose another folder"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{PROMPTS_FILE}.tmp"
+    tmp.write_text(json.dumps(prompts, indent=1), encoding="utf-8")
+    os.replace(tmp, out / PROMPTS_FILE)
+
+
+def _committed_examples(out: Path) -> int:
+    """Examples committed in the store at ``out`` (or in a Ray run's part stores; 0 if none)."""
+    from .store import MANIFEST
+
+    manifests = [out / MANIFEST] if (out / MANIFEST).is_file() else out.glob(f"part-*/{MANIFEST}")
+    total = 0
+    for path in manifests:
+        try:
+            total += int(json.loads(path.read_text())["examples"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # a manifest being replaced: count what can be read
+    return total
+
+
+def _run_extraction(args: argparse.Namespace, prompts: list[str], config, out: Path):
+    """Extract ``prompts`` into the store at ``out`` (in this process, or on Ray)."""
+    positions = _positions(args.positions)
     if args.ray:
         import functools
 
         from .distributed import extract_distributed
         from .hooked_model import HookedModel
 
-        store = extract_distributed(
+        return extract_distributed(
             functools.partial(HookedModel.from_pretrained, args.model),
             prompts,
-            _positions(args.positions),
+            positions,
             config,
-            args.out,
+            str(out),
             num_workers=args.workers,
             batch_size=args.batch_size,
             address=None if args.ray == "local" else args.ray,
         )
-        print(
-            f"{len(prompts)} prompts -> {args.out} ({len(store.manifest['shards'])} shards, {args.workers} workers)"
-        )
-        return
     hm = _load(args.model)
     hm.config.batch_size = args.batch_size
-    cache = hm.extract_cache(
-        prompts, _positions(args.positions), extraction_config=config, progress=True
+    return hm.extract_cache(
+        prompts, positions, extraction_config=config, progress=True, output_dir=str(out)
     )
-    path = cache.save(Path(args.out) / "activations.safetensors")
-    (Path(args.out) / "prompts.json").write_text(json.dumps(prompts, indent=1), encoding="utf-8")
+
+
+def _cmd_extract(args: argparse.Namespace) -> None:
+    """Stream the activations of every prompt into a resumable store (``hookscope.store``)."""
+    from .positions import normalize_items
+
+    prompts = _read_prompts(args.prompts)
+    config = _extraction_config_of(args)
+    normalize_items(_positions(args.positions))  # every mistake is reported before any write
+    out = Path(args.out)
+    _prepare_output(out, prompts, args.overwrite)
+    try:
+        store = _run_extraction(args, prompts, config, out)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"interrupted; {_committed_examples(out)} of {len(prompts)} prompts are saved in "
+            f"{out}/: run the same command again to resume"
+        ) from None
+    shards = store.manifest["shards"]
+    size = sum(shard["bytes"] for shard in shards) / 2**20
+    workers = f", {args.workers} workers" if args.ray else ""
+    keys = [key for key in store.keys() if not key.startswith("batch_saver/")]
     print(
-        f"{len(prompts)} prompts -> {path} ({len(cache)} keys, {cache.memory_size() / 2**20:.1f} MB)"
+        f"{len(store)} prompts -> {out}/ ({len(shards)} shard{'s' * (len(shards) != 1)}{workers}, "
+        f"{len(keys)} keys, {size:.1f} MB)"
     )
 
 
@@ -162,8 +254,28 @@ def _token_id(hm, text: str) -> int:
     return ids[0]
 
 
-def _cmd_patch(args: argparse.Namespace) -> None:
+def _patching_figures(result, model_name: str, point: str, out: Path) -> None:
+    """The PNG and HTML heatmaps of a patching result (a 1-D grid is drawn as one row)."""
     from . import plot
+
+    values, axes = result.values, list(result.axes)
+    if values.dim() == 1:
+        values, axes = values.unsqueeze(0), ["", *axes]
+    rows = result.labels.get(axes[0], [""])
+    columns = result.labels[axes[1]]
+    metric = f"{result.metric}{' (normalised: clean=1, corrupt=0)' if result.normalized else ''}"
+    title = f"{model_name}: {result.method} patching of {point}, {metric}"
+    plot.heatmap_figure(
+        values, rows, columns, title, axes[1], axes[0], metric,
+        path=out / f"patching_{point}.png", diverging=True,
+    )  # fmt: skip
+    heatmap = plot.heatmap_html(
+        values, rows, columns, title, metric, row_name=axes[0] or "row", col_name=axes[1]
+    )
+    plot.html_page(f"hookscope patch: {model_name}", [heatmap], path=out / f"patching_{point}.html")
+
+
+def _cmd_patch(args: argparse.Namespace) -> None:
     from .patching import activation_patching
 
     hm = _load(args.model)
@@ -174,21 +286,7 @@ def _cmd_patch(args: argparse.Namespace) -> None:
         hm, clean, corrupt, answers, point=args.point, per=args.per, progress=True
     )
     out = Path(args.out)
-    plot.patching_figure(result, str(hm.model_name), path=out / f"patching_{args.point}.png")
-    labels = [result.labels[a] for a in result.axes]
-    plot.html_page(
-        f"hookscope patch: {hm.model_name}",
-        [
-            plot.heatmap_html(
-                result.values,
-                labels[0],
-                labels[1] if len(labels) > 1 else [""],
-                f"{result.method} patching of {args.point}",
-                result.metric,
-            )
-        ],
-        path=out / f"patching_{args.point}.html",
-    )
+    _patching_figures(result, str(hm.model_name), args.point, out)
     print(
         f"{result}\nclean {result.clean_metric[0]:.3f}, corrupt {result.corrupt_metric[0]:.3f}; "
         f"figures in {out}/"
@@ -228,6 +326,7 @@ def _cmd_check(args: argparse.Namespace) -> None:
 
 def _cmd_info(args: argparse.Namespace) -> None:
     from .points import KINDS
+    from .vision_points import VISION_KINDS
 
     hm = _load(args.model)
     m = hm.model_map
@@ -245,6 +344,8 @@ def _cmd_info(args: argparse.Namespace) -> None:
         print(f"  {label:<26} {m.path_of(module) if module is not None else '(none)'}")
     print("activation points:")
     for kind in KINDS.values():
+        if not _available(kind.name, hm, VISION_KINDS):
+            continue  # e.g. vision points of a text-only model, post-norm kinds without norms
         name = {
             "model": kind.name,
             "layer": f"{kind.name}_{{0..{m.n_layers - 1}}}",
@@ -253,11 +354,33 @@ def _cmd_info(args: argparse.Namespace) -> None:
         print(f"  {name:<34} {kind.shape:<22} {kind.definition}")
 
 
-def _model_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", nargs="?", default=None, metavar="MODEL")
+def _available(kind: str, hm, vision_kinds: frozenset) -> bool:
+    """Whether this model has point ``kind`` (checked on layer 0 where it has layers)."""
+    from .capture import locate
+    from .errors import HookscopeError
+    from .points import KINDS, Point
+
+    if kind in vision_kinds:
+        return hm.vision_map is not None
+    if KINDS[kind].site.hook is None:  # read inside the attention function, a running mean...
+        return True
+    scope = KINDS[kind].scope
+    point = Point(kind, None if scope == "model" else 0, 0 if scope == "head" else None)
+    try:
+        locate(point, hm.model_map)
+    except HookscopeError:
+        return False
+    return True
 
 
-def _add_demo(sub: Any) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hookscope",
+        description="Look inside HuggingFace transformers: extract activations, patch, read the logit lens.",
+        epilog="MODEL is a model folder, a .gguf file or a hub id; omit it for the embedded SmolLM2-135M-Instruct.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
     demo = sub.add_parser(
         "demo", help="logit lens, patching and attention on the embedded model (offline)"
     )
@@ -266,18 +389,14 @@ def _add_demo(sub: Any) -> None:
     )
     demo.set_defaults(func=_cmd_demo)
 
-
-def _add_info(sub: Any) -> None:
     info = sub.add_parser("info", help="architecture map and activation points of a model")
-    _model_argument(info)
+    info.add_argument("model", nargs="?", default=None, metavar="MODEL")
     info.set_defaults(func=_cmd_info)
 
-
-def _add_check(sub: Any) -> None:
     check = sub.add_parser(
         "check", help="verify hookscope against a model: points, identities, padding, writes"
     )
-    _model_argument(check)
+    check.add_argument("model", nargs="?", default=None, metavar="MODEL")
     check.add_argument(
         "--no-remember",
         dest="remember",
@@ -285,15 +404,23 @@ def _add_check(sub: Any) -> None:
         help="do not read or store the outcome in $HOOKSCOPE_CACHE/self_checks.json",
     )
     check.set_defaults(func=_cmd_check)
+    _add_extract(sub)
+    _add_patch(sub)
+    _add_lens(sub)
+    return parser
 
 
-def _add_extract(sub: Any) -> None:
+def _add_extract(sub) -> None:
+    """The ``extract`` verb's arguments."""
     extract = sub.add_parser(
-        "extract", help="extract activations of many prompts to a safetensors file"
+        "extract", help="extract activations of many prompts into a resumable store"
     )
-    _model_argument(extract)
+    extract.add_argument("model", nargs="?", default=None, metavar="MODEL")
     extract.add_argument(
-        "--prompts", required=True, help="a .txt file (one prompt a line) or .jsonl ({'text': ...})"
+        "--prompts",
+        required=True,
+        help="a .txt file (one prompt a line, row i = line i + 1: no blank lines) or .jsonl "
+        "({'text': ...} a line)",
     )
     extract.add_argument(
         "--positions",
@@ -312,16 +439,27 @@ def _add_extract(sub: Any) -> None:
         help="run on Ray: a cluster address, or 'local' for a local cluster",
     )
     extract.add_argument("--workers", type=int, default=2, help="Ray workers (with --ray)")
-    extract.add_argument("--out", required=True, help="output folder")
+    extract.add_argument(
+        "--out",
+        required=True,
+        help="output folder: a resumable store (manifest.json, one shard per batch); "
+        "run the same command again to resume an interrupted run",
+    )
+    extract.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete an existing store in --out first (only a hookscope store is ever deleted)",
+    )
     _extraction_options(extract)
     extract.set_defaults(func=_cmd_extract)
 
 
-def _add_patch(sub: Any) -> None:
+def _add_patch(sub) -> None:
+    """The ``patch`` verb's arguments."""
     patch = sub.add_parser(
         "patch", help="activation-patching sweep on a clean / corrupt prompt pair"
     )
-    _model_argument(patch)
+    patch.add_argument("model", nargs="?", default=None, metavar="MODEL")
     patch.add_argument("--clean", required=True, help="the prompt whose activations are copied")
     patch.add_argument(
         "--corrupt", required=True, help="the prompt they are copied into (same token length)"
@@ -338,26 +476,20 @@ def _add_patch(sub: Any) -> None:
     patch.set_defaults(func=_cmd_patch)
 
 
-def _add_lens(sub: Any) -> None:
+def _add_lens(sub) -> None:
+    """The ``lens`` verb's arguments."""
     lens = sub.add_parser("lens", help="logit lens of one prompt, layer by layer")
-    _model_argument(lens)
+    lens.add_argument("model", nargs="?", default=None, metavar="MODEL")
     lens.add_argument("--prompt", required=True)
     lens.add_argument("--target", help="a token to follow, e.g. ' Paris'")
     lens.add_argument("--out", default="hookscope-lens")
     lens.set_defaults(func=_cmd_lens)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``hookscope`` parser: one sub-command per ``_add_*`` function, in help order."""
-    parser = argparse.ArgumentParser(
-        prog="hookscope",
-        description="Look inside HuggingFace transformers: extract activations, patch, read the logit lens.",
-        epilog="MODEL is a model folder, a .gguf file or a hub id; omit it for the embedded SmolLM2-135M-Instruct.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_demo, _add_info, _add_check, _add_extract, _add_patch, _add_lens):
-        add(sub)
-    return parser
+def _is_store_error(error: Exception) -> bool:
+    from .store import StoreError
+
+    return isinstance(error, StoreError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -369,6 +501,14 @@ def main(argv: list[str] | None = None) -> int:
         message = str(error).splitlines()[0]
         print(f"hookscope: error: {message}", file=sys.stderr)
         hint = next((h for key, h in _HINTS.items() if key in message), None)
+        if args.command == "extract" and _is_store_error(error):
+            hint = "pass --overwrite to replace that store, or choose another --out"
         print(f"hint: {hint or 'run `hookscope ' + args.command + ' --help`'}", file=sys.stderr)
         return 2
+    except Interrupted as note:
+        print(f"\nhookscope: {note}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("\nhookscope: interrupted", file=sys.stderr)
+        return 130
     return 0
