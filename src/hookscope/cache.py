@@ -290,10 +290,11 @@ class ActivationCache(MutableMapping):
         return "\n".join(lines)
 
     # -- disk ----------------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
         """Write the cache to one safetensors file (tensors) with JSON metadata; atomic.
 
         Non-tensor ``batch_saver`` values must be JSON-serialisable (never pickled).
+        ``metadata``: extra string entries for the file's header (the store's fingerprints).
         """
         path = Path(path)
         tensors = {k: v.detach().contiguous().clone() for k, v in self.tensors().items()}
@@ -317,6 +318,7 @@ class ActivationCache(MutableMapping):
             "mapping_index": json.dumps(_encode_mapping(self._data.get("mapping_index"))),
             "batch_saver": json.dumps(saver_json),
             "pad_token_id": str(self.pad_token_id),
+            **(metadata or {}),
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

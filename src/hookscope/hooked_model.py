@@ -467,6 +467,7 @@ class HookedModel:
         output_dir: str | None = None,
         sort_by_length: bool = False,
         names: Sequence[str] | None = None,
+        overwrite: bool = False,
         **model_kwargs: Any,
     ) -> ActivationCache | ActivationStore:
         """Run :meth:`forward` over every batch and merge the results in order.
@@ -482,7 +483,9 @@ class HookedModel:
             output_dir: stream each batch to this folder (sharded safetensors + manifest, see
                 ``hookscope.store``) instead of memory, and return an :class:`ActivationStore`.
                 Started again with the same arguments, a killed run resumes after its last
-                committed shard.
+                committed shard. A folder that holds other examples (or more), or another
+                extraction, raises a ``StoreError`` naming the first difference.
+            overwrite: replace whatever store ``output_dir`` holds (see ``hookscope.store``).
             sort_by_length: (lists of strings) batch prompts of similar length together to waste
                 little on padding; results come back in the original order.
             names: the points by name instead of ``extraction_config`` (see :meth:`forward`).
@@ -506,15 +509,15 @@ class HookedModel:
                     "pivot_positions": list(pivot_positions or []),
                 },
             )
-            writer = StoreWriter(output_dir, description)
+            writer = StoreWriter(output_dir, description, overwrite=overwrite)
         track_order = writer is not None or sort_by_length
         merged = ActivationCache(pad_token_id=self._pad_token_id())
         seen = writer.examples if writer else 0
         bar = _progress_bar(dataloader, seen) if progress else None
         tokens = 0
         for index, (batch, order) in enumerate(self._batches(dataloader, sort_by_length)):
-            if writer is not None and index < writer.completed_batches:
-                continue  # committed by an earlier run
+            if writer is not None and writer.check_batch(index, batch, self.get_text_tokenizer()):
+                continue  # committed by an earlier run, with the same examples
             cache = self.forward(
                 batch,
                 target_token_positions,
