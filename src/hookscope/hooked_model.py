@@ -474,10 +474,12 @@ class HookedModel:
 
         Args:
             dataloader: an iterable of batches (dicts / ``BatchEncoding`` with ``input_ids`` and
-                ``attention_mask``, plus any fields of your own), or a list of strings, batched
-                here by ``config.batch_size``.
+                ``attention_mask``, plus any fields of your own), or a list of strings or of
+                records (``{"text": ..., "label": ...}``), batched here by ``config.batch_size``.
             batch_saver: ``batch -> dict`` of things to keep per batch (labels, ids); merged
-                across batches into ``cache["batch_saver"]``.
+                across batches into ``cache["batch_saver"]``. For a list of records it gets the
+                batch's records (a list of dicts), e.g.
+                ``lambda records: {"label": torch.tensor([r["label"] for r in records])}``.
             move_to_cpu_after_forward: move each batch's activations off the accelerator at once.
             progress: show a progress bar (examples/s, tokens/s).
             output_dir: stream each batch to this folder (sharded safetensors + manifest, see
@@ -515,9 +517,12 @@ class HookedModel:
         seen = writer.examples if writer else 0
         bar = _progress_bar(dataloader, seen) if progress else None
         tokens = 0
-        for index, (batch, order) in enumerate(self._batches(dataloader, sort_by_length)):
-            if writer is not None and writer.check_batch(index, batch, self.get_text_tokenizer()):
+        batches = self._batches(dataloader, sort_by_length)
+        for index, (batch, order, records) in enumerate(batches):
+            tokenizer = self.get_text_tokenizer()
+            if writer is not None and writer.check_batch(index, batch, tokenizer, records):
                 continue  # committed by an earlier run, with the same examples
+            seen = writer.examples if writer is not None else seen  # a short last batch reruns
             cache = self.forward(
                 batch,
                 target_token_positions,
@@ -531,7 +536,8 @@ class HookedModel:
                 **model_kwargs,
             )
             rows = len(cache["position_mask"])
-            payload = batch_saver(batch) if batch_saver is not None else None
+            saved = batch if records is None else records
+            payload = batch_saver(saved) if batch_saver is not None else None
             if payload is not None and not isinstance(payload, dict):
                 raise HookscopeError(
                     f"batch_saver must return a dict (or None), got {type(payload).__name__}."
@@ -568,27 +574,31 @@ class HookedModel:
 
     def _batches(
         self, dataloader: Iterable[Any], sort_by_length: bool = False
-    ) -> Iterator[tuple[Any, torch.Tensor | None]]:
-        """``(batch, original indices or None)``; lists of strings are tokenised here."""
-        strings = isinstance(dataloader, list) and dataloader and isinstance(dataloader[0], str)
-        if sort_by_length and not strings:
+    ) -> Iterator[tuple[Any, torch.Tensor | None, list[dict] | None]]:
+        """``(batch, original indices or None, records or None)``; lists of strings and of
+        records (dicts with a ``"text"``) are tokenised here, ``config.batch_size`` at a time."""
+        texts = _texts_of(dataloader)
+        if sort_by_length and texts is None:
             raise InputError(
-                "sort_by_length needs a list of strings (hookscope then builds the batches)."
+                "sort_by_length needs a list of strings or records (hookscope then builds the "
+                "batches)."
             )
-        if not strings:
+        if texts is None:
             for batch in dataloader:
-                yield batch, None
+                yield batch, None, None
             return
         tokenizer, size = self.get_text_tokenizer(), self.config.batch_size
-        order = list(range(len(dataloader)))
+        order = list(range(len(texts)))
         if sort_by_length:
-            lengths = [len(ids) for ids in tokenizer(dataloader)["input_ids"]]
+            lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
             order.sort(key=lambda i: lengths[i])
+        records = texts is not dataloader
         for start in range(0, len(order), size):
             chosen = order[start : start + size]
             yield (
-                tokenize(tokenizer, [dataloader[i] for i in chosen]),
+                tokenize(tokenizer, [texts[i] for i in chosen]),
                 torch.tensor(chosen) if sort_by_length else None,
+                [dataloader[i] for i in chosen] if records else None,
             )
 
     # -- generation ----------------------------------------------------------------------------
@@ -645,10 +655,32 @@ class HookedModel:
         )
 
 
+def _texts_of(dataloader: Any) -> list[str] | None:
+    """The texts of a list of strings (itself) or of records ``[{"text": ..., ...}]``, else None.
+
+    Raises:
+        InputError: a list of records where one has no string ``"text"`` (named by its index).
+    """
+    if not isinstance(dataloader, list) or not dataloader:
+        return None
+    if isinstance(dataloader[0], str):
+        return dataloader
+    first = dataloader[0]
+    if not (isinstance(first, dict) and isinstance(first.get("text"), str)) or "input_ids" in first:
+        return None  # batches (a dataset's batch may carry its texts beside the input_ids)
+    for index, record in enumerate(dataloader):
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise InputError(
+                f"record {index} has no string 'text' field ({record!r:.80}); every record of a "
+                "list of records needs one."
+            )
+    return [record["text"] for record in dataloader]
+
+
 def _progress_bar(dataloader: Any, done: int = 0):
     from tqdm.auto import tqdm
 
-    strings = isinstance(dataloader, list) and dataloader and isinstance(dataloader[0], str)
+    strings = _texts_of(dataloader) is not None
     return tqdm(total=len(dataloader) if strings else None, initial=done, unit="ex", desc="extract")
 
 
