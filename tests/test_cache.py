@@ -142,7 +142,7 @@ def test_save_keeps_every_key_or_names_the_one_it_cannot(tmp_path):
     assert loaded["attn_pattern_row_mapping_index"] == {(0, 2): [0, 1], "last": [2], 3: [3]}
     assert torch.equal(loaded["x"], cache["x"])
     cache["plan"] = object()
-    with pytest.raises(HookscopeError, match="cannot save 'plan': a object is not JSON data"):
+    with pytest.raises(HookscopeError, match="cannot save 'plan': it holds a object"):
         cache.save(tmp_path / "d.safetensors")
     assert not (tmp_path / "d.safetensors").exists()
 

@@ -239,6 +239,7 @@ def test_more_prompts_resume_and_append_equal_to_a_clean_run(tmp_path, small_hm)
     # batch 0 is kept; the short batch 1 runs again whole, then batches 2 and 3
     assert len(calls) == 3
     calls.clear()
+    assert extended.complete
     assert_same_store(extended, small_run(small_hm, tmp_path / "clean", texts))
     assert sorted(p.name for p in (tmp_path / "acts").iterdir()) == sorted(
         p.name for p in (tmp_path / "clean").iterdir()

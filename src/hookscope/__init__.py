@@ -14,6 +14,7 @@ from .errors import (
     HookscopeError,
     InputError,
     PositionError,
+    StoreError,
 )
 from .hooked_model import HookedModel
 from .hooks import ModuleHook
@@ -39,6 +40,7 @@ __all__ = [
     "ModuleHook",
     "Point",
     "PositionError",
+    "StoreError",
     "__version__",
     "parse_point",
 ]

@@ -364,18 +364,11 @@ class ActivationCache(MutableMapping):
             HookscopeError: naming the first key whose value is neither a tensor nor made of
                 dicts, lists, tuples, strings, numbers, booleans and None.
         """
-        out = {}
-        for key, value in self._data.items():
-            if isinstance(value, torch.Tensor) or key == "batch_saver":
-                continue
-            try:
-                out[key] = _to_json(value)
-            except TypeError as error:
-                raise HookscopeError(
-                    f"cannot save {key!r}: {error}; a cache file holds tensors and JSON data only "
-                    f"(hookscope never pickles): convert it or `del cache[{key!r}]` first."
-                ) from None
-        return out
+        return {
+            key: _to_json(value, key)
+            for key, value in self._data.items()
+            if not isinstance(value, torch.Tensor) and key != "batch_saver"
+        }
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "cpu") -> ActivationCache:
@@ -407,18 +400,22 @@ class ActivationCache(MutableMapping):
 
 
 # -- JSON with tuples and non-string keys ------------------------------------------------------
-def _to_json(value: Any) -> Any:
-    """``value`` as JSON data: dicts become ``{"dict": [[key, value], ...]}`` and tuples
-    ``{"tuple": [...]}`` so that :func:`_from_json` restores them exactly."""
+def _to_json(value: Any, key: str) -> Any:
+    """``value`` (of the cache's ``key``) as JSON data: dicts become ``{"dict": [[key, value],
+    ...]}`` and tuples ``{"tuple": [...]}`` so that :func:`_from_json` restores them exactly."""
     if value is None or isinstance(value, bool | int | float | str):
         return value
     if isinstance(value, list):
-        return [_to_json(v) for v in value]
+        return [_to_json(v, key) for v in value]
     if isinstance(value, tuple):
-        return {"tuple": [_to_json(v) for v in value]}
+        return {"tuple": [_to_json(v, key) for v in value]}
     if isinstance(value, dict):
-        return {"dict": [[_to_json(k), _to_json(v)] for k, v in value.items()]}
-    raise TypeError(f"a {type(value).__name__} is not JSON data")
+        return {"dict": [[_to_json(k, key), _to_json(v, key)] for k, v in value.items()]}
+    raise HookscopeError(
+        f"cannot save {key!r}: it holds a {type(value).__name__}, which is neither a tensor nor "
+        "JSON data; a cache file holds tensors and JSON data only (hookscope never pickles): "
+        f"convert it or `del cache[{key!r}]` first."
+    )
 
 
 def _from_json(value: Any) -> Any:

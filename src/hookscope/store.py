@@ -32,6 +32,7 @@ its pid); a second live writer gets a :class:`StoreError`, the lock of a dead on
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -269,6 +270,20 @@ def _live_threads() -> set[int]:
     return {thread.ident for thread in threading.enumerate()}
 
 
+def _releases_on_error(method: Callable) -> Callable:
+    """Release the writer's folder lock when ``method`` raises (the folder is left as it was)."""
+
+    @functools.wraps(method)
+    def wrapper(self: StoreWriter, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except BaseException:
+            self.close()
+            raise
+
+    return wrapper
+
+
 class StoreWriter:
     """Writes one shard per batch and commits it in the manifest (see the module docstring).
 
@@ -364,11 +379,8 @@ class StoreWriter:
         if lock is not None:
             lock.release()
 
-    def _fail(self, message: str) -> StoreError:
-        self.close()
-        return StoreError(message)
-
     # -- resume: the asked data must extend the committed data ---------------------------------
+    @_releases_on_error
     def check_batch(
         self, index: int, batch: Any, tokenizer: Any = None, records: list | None = None
     ) -> bool:
@@ -388,7 +400,7 @@ class StoreWriter:
                 first example that differs, or saying the store holds more examples than asked.
         """
         if index != self._asked_batches:
-            raise self._fail(f"check_batch got batch {index}; batch {self._asked_batches} is next.")
+            raise StoreError(f"check_batch got batch {index}; batch {self._asked_batches} is next.")
         asked = batch_fingerprints(batch, tokenizer, records)
         self._asked_batches += 1
         self._asked_examples += len(asked)
@@ -396,6 +408,9 @@ class StoreWriter:
             return True
         if index < self.completed_batches:
             self._rewind_last()
+        elif self.manifest["complete"]:  # appending: the store is not complete until finish()
+            self.manifest["complete"] = False
+            _write_json(self.folder / MANIFEST, self.manifest)
         self._pending = (index, asked)
         return False
 
@@ -409,23 +424,23 @@ class StoreWriter:
         committed = self._committed_fingerprints(shard)
         for row, (was, now) in enumerate(zip(committed, asked, strict=False)):
             if was != now:
-                raise self._fail(
+                raise StoreError(
                     f"{self.folder} holds other data: example {low + row} (batch {index}, row "
                     f"{row}) is not the one committed there (tokens fingerprint {was}, asked "
                     f"{now}); use another output_dir, or overwrite=True to replace the store."
                 )
         if len(asked) < len(committed):
-            raise self._fail(self._more_than_asked(low + len(asked)))
+            self._refuse_more_than_asked(low + len(asked))
         if index != self.completed_batches - 1:
-            raise self._fail(
+            raise StoreError(
                 f"{self.folder} holds other data: example {high} is committed in batch {index + 1} "
                 f"but asked in batch {index} (the batches differ); use the same batch size and "
                 "batches, or overwrite=True to replace the store."
             )
         return True
 
-    def _more_than_asked(self, asked: int) -> str:
-        return (
+    def _refuse_more_than_asked(self, asked: int) -> None:
+        raise StoreError(
             f"{self.folder} holds {self.examples} examples, more than the {asked} asked (which "
             f"are its first {asked}). A store holds exactly the examples asked: read the first "
             f"{asked} with ActivationStore.open({str(self.folder)!r})[key][:{asked}], or pass "
@@ -435,7 +450,7 @@ class StoreWriter:
     def _committed_fingerprints(self, shard: dict) -> list[str]:
         path = self.folder / shard["file"]
         if not path.exists() or _sha256(path) != shard["sha256"]:
-            raise self._fail(f"shard {shard['file']} is missing or corrupted in {self.folder}.")
+            raise StoreError(f"shard {shard['file']} is missing or corrupted in {self.folder}.")
         with safe_open(str(path), framework="pt") as handle:
             return json.loads((handle.metadata() or {}).get("example_fingerprints", "[]"))
 
@@ -457,16 +472,17 @@ class StoreWriter:
         _remove_store_files(self.folder, self.manifest)
 
     # -- write ---------------------------------------------------------------------------------
+    @_releases_on_error
     def write(self, cache: ActivationCache) -> None:
         """Write ``cache`` (the batch last passed to :meth:`check_batch`) as the next shard and
         commit it."""
         index = self.completed_batches
         if self._pending is None or self._pending[0] != index:
-            raise self._fail(f"write() needs check_batch({index}, batch) first.")
+            raise StoreError(f"write() needs check_batch({index}, batch) first.")
         fingerprints = self._pending[1]
         rows = len(cache["position_mask"])
         if rows != len(fingerprints):
-            raise self._fail(f"batch {index} has {rows} rows but {len(fingerprints)} were checked.")
+            raise StoreError(f"batch {index} has {rows} rows but {len(fingerprints)} were checked.")
         name = f"shard-{index:05d}.safetensors"
         path = cache.save(
             self.folder / name, metadata={"example_fingerprints": json.dumps(fingerprints)}
@@ -502,6 +518,7 @@ class StoreWriter:
         os.replace(tmp, self.folder / name)
         return name
 
+    @_releases_on_error
     def finish(self) -> ActivationStore:
         """Mark the store complete and release the folder.
 
@@ -509,7 +526,7 @@ class StoreWriter:
             StoreError: the store holds more examples than were asked (see :meth:`check_batch`).
         """
         if self._asked_batches < self.completed_batches:
-            raise self._fail(self._more_than_asked(self._asked_examples))
+            self._refuse_more_than_asked(self._asked_examples)
         self.manifest["complete"] = True
         _write_json(self.folder / MANIFEST, self.manifest)
         self.close()
