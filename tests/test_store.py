@@ -229,11 +229,20 @@ def test_other_prompts_are_refused_and_the_folder_is_unchanged(tmp_path, small_h
     assert len(small_run(small_hm, tmp_path / "acts", texts)) == 10 and not calls
 
 
-def test_more_prompts_resume_and_append_equal_to_a_clean_run(tmp_path, small_hm):
+@pytest.mark.parametrize("previous_stats", [True, False])
+def test_more_prompts_resume_and_append_equal_to_a_clean_run(tmp_path, small_hm, previous_stats):
+    """The short last batch is uncommitted and its statistics go back to the batch before
+    (kept in the manifest, or recounted from the shards when that file is gone)."""
     from store_worker import assert_same_store
 
     texts = prompts(14)
     small_run(small_hm, tmp_path / "acts", texts[:6])  # batches of 4 and 2
+    if not previous_stats:
+        path = tmp_path / "acts" / "manifest.json"
+        manifest = json.loads(path.read_text())
+        (tmp_path / "acts" / manifest["previous_stats"]).unlink()
+        manifest["previous_stats"] = None
+        path.write_text(json.dumps(manifest))
     calls = count_forwards(small_hm)
     extended = small_run(small_hm, tmp_path / "acts", texts)
     # batch 0 is kept; the short batch 1 runs again whole, then batches 2 and 3
@@ -269,6 +278,16 @@ def test_overwrite_replaces_only_hookscope_files(tmp_path, small_hm):
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         [p.name for p in (tmp_path / "clean").iterdir()] + ["notes.txt"]
     )
+
+
+def test_a_damaged_manifest_is_named(tmp_path, small_hm):
+    small_run(small_hm, tmp_path / "acts", prompts(3))
+    (tmp_path / "acts" / "manifest.json").write_text('{"format": "hooks')
+    with pytest.raises(StoreError, match="manifest.json is not valid JSON"):
+        small_run(small_hm, tmp_path / "acts", prompts(3))
+    with pytest.raises(StoreError, match="manifest.json is not valid JSON"):
+        ActivationStore.open(tmp_path / "acts")
+    assert len(small_run(small_hm, tmp_path / "acts", prompts(3), overwrite=True)) == 3
 
 
 def test_a_foreign_manifest_is_never_replaced(tmp_path, small_hm):

@@ -27,7 +27,8 @@ deleted (only hookscope's own), so the folder is at every moment one valid store
 (``pixel_values``) are not fingerprinted: a vision-language store is checked on its token ids only.
 
 One writer at a time: a writer holds an ``flock`` on ``.hookscope-writer.lock`` (the file holds
-its pid); a second live writer gets a :class:`StoreError`, the lock of a dead one is taken over.
+its pid); a second live writer gets a :class:`StoreError`, the lock of a dead one is taken over
+(POSIX; Windows has no lock between processes).
 """
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 from safetensors.torch import save_file
 
 from .cache import ActivationCache, _decode_mapping, _encode_mapping
@@ -61,6 +67,18 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _read_manifest(path: Path) -> dict:
+    """The manifest at ``path``; a StoreError when it is not JSON (damaged by hand or on disk:
+    hookscope writes it atomically)."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise StoreError(
+            f"{path} is not valid JSON ({error}); restore it, or use overwrite=True / another "
+            "output_dir."
+        ) from None
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -226,8 +244,6 @@ class _FolderLock:
     thread or process is refused with a :class:`StoreError` naming its pid."""
 
     def __init__(self, folder: Path):
-        import fcntl
-
         self.path, self.key = folder / LOCK, str(folder.resolve())
         self.thread = threading.get_ident()
         held = _HELD.get(self.key)
@@ -240,7 +256,8 @@ class _FolderLock:
             held.release()
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if fcntl is not None:  # (Windows: no lock between processes)
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.read(self.fd, 64).decode(errors="replace").strip() or "unknown"
             os.close(self.fd)
@@ -254,14 +271,13 @@ class _FolderLock:
 
     def release(self) -> None:
         """Drop the lock (the file stays: unlinking a flock file races with the next writer)."""
-        import fcntl
-
         if self.fd is None:
             return
         if _HELD.get(self.key) is self:
             del _HELD[self.key]
         os.ftruncate(self.fd, 0)
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        if fcntl is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
         self.fd = None
 
@@ -319,7 +335,14 @@ class StoreWriter:
         for stray in self.folder.glob(".*.tmp"):
             stray.unlink()  # half-written files of a killed run
         path = self.folder / MANIFEST
-        old = json.loads(path.read_text()) if path.exists() else None
+        old = None
+        if path.exists():
+            try:
+                old = _read_manifest(path)
+            except StoreError:
+                if not overwrite:
+                    raise
+                old = {"format": _FORMAT, "shards": []}  # damaged: replaced, its shards swept
         if old is not None and old.get("format") != _FORMAT:
             raise StoreError(
                 f"{path} is not a hookscope activation-store manifest; hookscope will not replace "
@@ -581,7 +604,7 @@ class ActivationStore:
         path = folder / MANIFEST
         if not path.exists():
             raise StoreError(f"{folder} is not an activation store (no {MANIFEST}).")
-        manifest = json.loads(path.read_text())
+        manifest = _read_manifest(path)
         if manifest.get("format") != _FORMAT:
             raise StoreError(f"{path} is not a hookscope activation-store manifest.")
         for shard in manifest["shards"]:
