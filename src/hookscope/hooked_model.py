@@ -517,9 +517,8 @@ class HookedModel:
         seen = writer.examples if writer else 0
         bar = _progress_bar(dataloader, seen) if progress else None
         tokens = 0
-        batches = self._batches(dataloader, sort_by_length)
+        batches, tokenizer = self._batches(dataloader, sort_by_length), self.get_text_tokenizer()
         for index, (batch, order, records) in enumerate(batches):
-            tokenizer = self.get_text_tokenizer()
             if writer is not None and writer.check_batch(index, batch, tokenizer, records):
                 continue  # committed by an earlier run, with the same examples
             seen = writer.examples if writer is not None else seen  # a short last batch reruns

@@ -282,6 +282,15 @@ class _FolderLock:
         self.fd = None
 
 
+def release_writer(folder: str | os.PathLike) -> None:
+    """Release ``folder`` if a writer of this process still holds it after an error (a failed
+    ``extract_cache`` keeps its lock until the writer is garbage-collected or the same thread
+    writes the folder again; a process that lives on, a Ray worker, calls this)."""
+    held = _HELD.get(str(Path(folder).resolve()))
+    if held is not None:
+        held.release()
+
+
 def _live_threads() -> set[int]:
     return {thread.ident for thread in threading.enumerate()}
 
