@@ -147,9 +147,13 @@ GUIDE = {
         "Names are `kind`, `kind_{layer}` or `kind_L{layer}H{head}`; `hookscope info` lists them.",
     ),
     "store": (
-        "An output folder that is not a store, holds a different extraction, or has a shard "
-        "whose size or sha256 does not match the manifest (truncated or corrupted on disk).",
-        "Use a fresh output_dir for a different extraction; re-run to rewrite a corrupted store.",
+        "An output folder that is not a store, holds a different extraction (the message names "
+        "each differing field) or other examples than asked (it names the first that differs), "
+        "holds more examples than asked, is being written by another live process, or has a "
+        "shard whose size or sha256 does not match the manifest (truncated or corrupted on disk).",
+        "Use a fresh output_dir, or overwrite=True to replace the store; a store resumes when the "
+        "examples asked start with the ones it holds. Wait for (or stop) the other writer; re-run "
+        "to rewrite a corrupted store.",
     ),
     "positions": (
         "A token position item that is unknown, malformed, or does not fit some example "

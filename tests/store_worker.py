@@ -37,3 +37,22 @@ def run(folder: str, n: int, slow: float = 0.0):
 if __name__ == "__main__":
     torch.set_num_threads(1)
     run(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]))
+
+
+def assert_same_store(store, clean) -> None:
+    """``store`` holds exactly what ``clean`` (a fresh run on the same examples) holds: the same
+    examples (fingerprints), values, running statistics and shard layout."""
+    assert len(store) == len(clean)
+    assert [s["data_sha256"] for s in store.manifest["shards"]] == [
+        s["data_sha256"] for s in clean.manifest["shards"]
+    ]
+    assert [s["examples"] for s in store.manifest["shards"]] == [
+        s["examples"] for s in clean.manifest["shards"]
+    ]
+    assert store.keys() == clean.keys()
+    for key in clean.keys():
+        assert torch.equal(store[key], clean[key]), key
+    if clean.manifest["stats"]:
+        for key in ("resid_out_1",):
+            for part, value in clean.stats(key).items():
+                assert torch.equal(store.stats(key)[part], value), (key, part)

@@ -86,12 +86,18 @@ def test_killed_run_resumes_to_the_identical_store(tmp_path, complete_store):
             if manifest.exists() and len(json.loads(manifest.read_text())["shards"]) >= 3:
                 break
             time.sleep(0.05)
+        # a second writer is refused while the first one lives, naming its pid
+        with pytest.raises(
+            StoreError, match=f"being written by another process \\(pid {process.pid}"
+        ):
+            run(str(folder), N)
         os.kill(process.pid, signal.SIGKILL)
     finally:
         process.wait()
     partial = json.loads((folder / "manifest.json").read_text())
     assert 3 <= len(partial["shards"]) < N // 50 and not partial["complete"]
-    resumed = run(str(folder), N)
+    assert (folder / ".hookscope-writer.lock").read_text().strip() == str(process.pid)
+    resumed = run(str(folder), N)  # the dead writer's lock is taken over
     assert resumed.complete and len(resumed) == N
     for key in KEYS:
         assert torch.equal(resumed[key], complete_store[key]), key
@@ -165,3 +171,167 @@ def test_ray_workers_build_the_same_store(tmp_path, complete_store):
         torch.testing.assert_close(
             store.stats("resid_out_1")[stat], single.stats("resid_out_1")[stat]
         )
+
+
+# -- a reused folder is checked against the data it is asked to hold ---------------------------
+SMALL = ExtractionConfig(extract_resid_out=True)
+
+
+@pytest.fixture
+def small_hm():
+    hm = HookedModel.from_hf(build_model("llama"), build_tokenizer())
+    hm.config.batch_size = 4
+    return hm
+
+
+def small_run(hm, folder, texts, **kwargs):
+    return hm.extract_cache(
+        texts, ["last", 0], extraction_config=SMALL, output_dir=str(folder), **kwargs
+    )
+
+
+def count_forwards(hm) -> list[int]:
+    calls = []
+    hm.hf_model.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_fingerprints_ignore_padding_and_see_every_real_token():
+    from hookscope.store import fingerprint_examples
+
+    texts = ["The cat sat on the mat", "A dog"]
+    right = build_tokenizer("right")(texts, return_tensors="pt", padding=True)
+    left = build_tokenizer("left")(texts, return_tensors="pt", padding=True)
+    alone = [fingerprint_examples(build_tokenizer()(t)["input_ids"])[0] for t in texts]
+    assert fingerprint_examples(right["input_ids"], right["attention_mask"]) == alone
+    assert fingerprint_examples(left["input_ids"], left["attention_mask"]) == alone
+    mask = right["attention_mask"]
+    changed = right["input_ids"].clone()
+    changed[1, int(mask[1].sum()) - 1] += 1  # the last real token of row 1
+    fingerprints = fingerprint_examples(changed, mask)
+    assert fingerprints[0] == alone[0] and fingerprints[1] != alone[1]
+    padding = right["input_ids"].clone()
+    padding[~mask.bool()] = 5  # other ids where the mask is 0
+    assert fingerprint_examples(padding, mask) == alone
+
+
+def test_other_prompts_are_refused_and_the_folder_is_unchanged(tmp_path, small_hm):
+    texts = prompts(10)
+    small_run(small_hm, tmp_path / "acts", texts)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "acts").iterdir()}
+    other = texts[:6] + ["Hello world"] + texts[7:]
+    with pytest.raises(StoreError, match=r"acts holds other data: example 6 \(batch 1, row 2\)"):
+        small_run(small_hm, tmp_path / "acts", other)
+    after = {p.name: p.read_bytes() for p in (tmp_path / "acts").iterdir()}
+    assert before == after
+    # the lock was released with the error: the right prompts still resume (nothing to run)
+    calls = count_forwards(small_hm)
+    assert len(small_run(small_hm, tmp_path / "acts", texts)) == 10 and not calls
+
+
+@pytest.mark.parametrize("previous_stats", [True, False])
+def test_more_prompts_resume_and_append_equal_to_a_clean_run(tmp_path, small_hm, previous_stats):
+    """The short last batch is uncommitted and its statistics go back to the batch before
+    (kept in the manifest, or recounted from the shards when that file is gone)."""
+    from store_worker import assert_same_store
+
+    texts = prompts(14)
+    small_run(small_hm, tmp_path / "acts", texts[:6])  # batches of 4 and 2
+    if not previous_stats:
+        path = tmp_path / "acts" / "manifest.json"
+        manifest = json.loads(path.read_text())
+        (tmp_path / "acts" / manifest["previous_stats"]).unlink()
+        manifest["previous_stats"] = None
+        path.write_text(json.dumps(manifest))
+    calls = count_forwards(small_hm)
+    extended = small_run(small_hm, tmp_path / "acts", texts)
+    # batch 0 is kept; the short batch 1 runs again whole, then batches 2 and 3
+    assert len(calls) == 3
+    calls.clear()
+    assert extended.complete
+    assert_same_store(extended, small_run(small_hm, tmp_path / "clean", texts))
+    assert sorted(p.name for p in (tmp_path / "acts").iterdir()) == sorted(
+        p.name for p in (tmp_path / "clean").iterdir()
+    )
+
+
+@pytest.mark.parametrize("asked", [6, 8])
+def test_fewer_prompts_are_refused(tmp_path, small_hm, asked):
+    """A store holds exactly the examples asked: a prefix of it is refused (within a batch or
+    at a batch boundary) with the way out."""
+    small_run(small_hm, tmp_path / "acts", prompts(10))
+    with pytest.raises(StoreError, match=f"holds 10 examples, more than the {asked} asked"):
+        small_run(small_hm, tmp_path / "acts", prompts(asked))
+    assert len(ActivationStore.open(tmp_path / "acts")) == 10
+
+
+def test_overwrite_replaces_only_hookscope_files(tmp_path, small_hm):
+    from store_worker import assert_same_store
+
+    folder = tmp_path / "acts"
+    small_run(small_hm, folder, prompts(10))
+    (folder / "notes.txt").write_text("mine")
+    other = ["Hello world", "A dog barked", "The cat sat on the mat"]
+    replaced = small_run(small_hm, folder, other, overwrite=True)
+    assert_same_store(replaced, small_run(small_hm, tmp_path / "clean", other))
+    assert (folder / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [p.name for p in (tmp_path / "clean").iterdir()] + ["notes.txt"]
+    )
+
+
+def test_a_damaged_manifest_is_named(tmp_path, small_hm):
+    small_run(small_hm, tmp_path / "acts", prompts(3))
+    (tmp_path / "acts" / "manifest.json").write_text('{"format": "hooks')
+    with pytest.raises(StoreError, match="manifest.json is not valid JSON"):
+        small_run(small_hm, tmp_path / "acts", prompts(3))
+    with pytest.raises(StoreError, match="manifest.json is not valid JSON"):
+        ActivationStore.open(tmp_path / "acts")
+    assert len(small_run(small_hm, tmp_path / "acts", prompts(3), overwrite=True)) == 3
+
+
+def test_a_foreign_manifest_is_never_replaced(tmp_path, small_hm):
+    (tmp_path / "acts").mkdir()
+    (tmp_path / "acts" / "manifest.json").write_text('{"name": "my project"}')
+    with pytest.raises(StoreError, match="not a hookscope activation-store manifest"):
+        small_run(small_hm, tmp_path / "acts", prompts(3), overwrite=True)
+    assert (tmp_path / "acts" / "manifest.json").read_text() == '{"name": "my project"}'
+
+
+def test_a_different_extraction_names_the_fields(tmp_path, small_hm):
+    small_run(small_hm, tmp_path / "acts", prompts(3))
+    small_hm.config.batch_size = 2
+    with pytest.raises(StoreError, match="batch_size: stored 4, asked 2") as error:
+        small_hm.extract_cache(
+            prompts(3),
+            ["last", 0],
+            extraction_config=ExtractionConfig(extract_resid_out=True, extract_mlp_out=True),
+            output_dir=str(tmp_path / "acts"),
+        )
+    assert "extraction_config.extract_mlp_out: stored False, asked True" in str(error.value)
+
+
+def test_a_store_without_fingerprints_is_not_resumed(tmp_path, small_hm):
+    small_run(small_hm, tmp_path / "acts", prompts(5))
+    path = tmp_path / "acts" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    for shard in manifest["shards"]:
+        del shard["data_sha256"]
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match="did not fingerprint the data"):
+        small_run(small_hm, tmp_path / "acts", prompts(5))
+
+
+def test_records_are_fingerprinted_with_their_fields(tmp_path, small_hm):
+    """Records keep their other fields (labels) in the store, so changing a label is other data."""
+    records = [{"text": t, "label": i % 2} for i, t in enumerate(prompts(5))]
+    store = small_run(
+        small_hm,
+        tmp_path / "acts",
+        records,
+        batch_saver=lambda batch: {"label": torch.tensor([r["label"] for r in batch])},
+    )
+    assert store.select(lambda f: f["label"] == 1).tolist() == [1, 3]
+    relabelled = [dict(r, label=1) for r in records]
+    with pytest.raises(StoreError, match="example 0 "):
+        small_run(small_hm, tmp_path / "acts", relabelled)

@@ -165,6 +165,7 @@ class ActivationCache(MutableMapping):
 
         Running means are combined at once (they are small); everything else is merged lazily.
         """
+        self._check_same_keys(other)
         counts = getattr(other, "_counts", {})
         self._axes.update(getattr(other, "_axes", {}))
         if self.tl_names is None:
@@ -173,6 +174,23 @@ class ActivationCache(MutableMapping):
             self._add_to_running_mean(key, other[key], count)
         self._pending.append({k: v for k, v in other.items() if k not in counts})
         return self
+
+    def _check_same_keys(self, other: ActivationCache | dict[str, Any]) -> None:
+        """Raise (before anything is appended) when ``other`` holds other keys than this cache.
+
+        Raises:
+            HookscopeError: naming the keys only one side has.
+        """
+        mine = set(self._pending[0] if self._pending else ()) | set(self._data)
+        if not mine:
+            return  # the first batch
+        theirs = set(other.keys())
+        if theirs != mine:
+            raise HookscopeError(
+                f"cannot append a batch whose keys differ from this cache's: missing "
+                f"{sorted(mine - theirs)}, extra {sorted(theirs - mine)}; extract every batch "
+                "with the same config."
+            )
 
     def set_running_mean(self, key: str, mean: torch.Tensor, count: torch.Tensor) -> None:
         """Store ``mean`` as a running mean over ``count`` examples (per cell, broadcastable)."""
@@ -309,10 +327,14 @@ class ActivationCache(MutableMapping):
         return "\n".join(lines)
 
     # -- disk ----------------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
         """Write the cache to one safetensors file (tensors) with JSON metadata; atomic.
 
-        Non-tensor ``batch_saver`` values must be JSON-serialisable (never pickled).
+        Every key is saved: tensors as tensors, other values (``mapping_index``, ``text``, ...)
+        as JSON data in the header (tuples and non-string keys kept); a value that is neither
+        raises naming its key. Non-tensor ``batch_saver`` values must be JSON-serialisable
+        (never pickled).
+        ``metadata``: extra string entries for the file's header (the store's fingerprints).
         """
         path = Path(path)
         tensors = {k: v.detach().contiguous().clone() for k, v in self.tensors().items()}
@@ -331,11 +353,16 @@ class ActivationCache(MutableMapping):
                     ) from error
         for key, count in self._counts.items():
             tensors[f"running_count/{key}"] = count.detach().contiguous().clone()
+        mapping = self._data.get("mapping_index")
         metadata = {
             "format": _FORMAT,
-            "mapping_index": json.dumps(_encode_mapping(self._data.get("mapping_index"))),
+            "mapping_index": json.dumps(
+                _encode_mapping(mapping) if isinstance(mapping, dict) else None
+            ),
+            "values": json.dumps(self._json_values()),
             "batch_saver": json.dumps(saver_json),
             "pad_token_id": str(self.pad_token_id),
+            **(metadata or {}),
         }
         if self.tl_names is not None:
             metadata["tl_names"] = json.dumps(self.tl_names)
@@ -349,6 +376,20 @@ class ActivationCache(MutableMapping):
             if os.path.exists(tmp):
                 os.remove(tmp)
         return path
+
+    def _json_values(self) -> dict[str, Any]:
+        """Every value that is not a tensor (``batch_saver`` aside), tagged for JSON so that
+        tuples and non-string keys come back as they were.
+
+        Raises:
+            HookscopeError: naming the first key whose value is neither a tensor nor made of
+                dicts, lists, tuples, strings, numbers, booleans and None.
+        """
+        return {
+            key: _to_json(value, key)
+            for key, value in self._data.items()
+            if not isinstance(value, torch.Tensor) and key != "batch_saver"
+        }
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "cpu") -> ActivationCache:
@@ -370,6 +411,8 @@ class ActivationCache(MutableMapping):
         mapping = _decode_mapping(json.loads(metadata["mapping_index"]))
         if mapping is not None:
             data["mapping_index"] = mapping
+        for key, value in json.loads(metadata.get("values", "{}")).items():
+            data[key] = _from_json(value)
         if saver:
             data["batch_saver"] = saver
         cache = cls(data, pad_token_id=int(metadata.get("pad_token_id", 0)))
@@ -377,6 +420,39 @@ class ActivationCache(MutableMapping):
         if "tl_names" in metadata:
             cache.tl_names = {h: tuple(v) for h, v in json.loads(metadata["tl_names"]).items()}
         return cache
+
+
+# -- JSON with tuples and non-string keys ------------------------------------------------------
+def _to_json(value: Any, key: str) -> Any:
+    """``value`` (of the cache's ``key``) as JSON data: dicts become ``{"dict": [[key, value],
+    ...]}`` and tuples ``{"tuple": [...]}`` so that :func:`_from_json` restores them exactly."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list):
+        return [_to_json(v, key) for v in value]
+    if isinstance(value, tuple):
+        return {"tuple": [_to_json(v, key) for v in value]}
+    if isinstance(value, dict):
+        return {"dict": [[_to_json(k, key), _to_json(v, key)] for k, v in value.items()]}
+    raise HookscopeError(
+        f"cannot save {key!r}: it holds a {type(value).__name__}, which is neither a tensor nor "
+        "JSON data; a cache file holds tensors and JSON data only (hookscope never pickles): "
+        f"convert it or `del cache[{key!r}]` first."
+    )
+
+
+def _from_json(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_from_json(v) for v in value]
+    if isinstance(value, dict) and "tuple" in value:
+        return tuple(_from_json(v) for v in value["tuple"])
+    if isinstance(value, dict):
+        return {_hashable(_from_json(k)): _from_json(v) for k, v in value["dict"]}
+    return value
+
+
+def _hashable(key: Any) -> Any:
+    return tuple(_hashable(k) for k in key) if isinstance(key, list | tuple) else key
 
 
 # -- mapping index encoding --------------------------------------------------------------------
@@ -416,9 +492,12 @@ def _merge_batches(
     layout = _common_layout(mappings)
     axes_of = {}
     for key in keys:
-        if isinstance(batches[0][key], torch.Tensor) and key != "input_ids":
+        if isinstance(batches[0][key], torch.Tensor):
             axes_of[key] = declared.get(key) or default_axes(key, batches[0][key])
-            _check_mergeable(key, [batch[key] for batch in batches], axes_of[key])
+            slots_free = layout is not None or key == "input_ids"
+            _check_mergeable(key, [batch[key] for batch in batches], axes_of[key], slots_free)
+        elif key == "batch_saver":
+            _check_saver_mergeable([batch[key] for batch in batches])
     merged: dict[str, Any] = {}
     for key in keys:
         values = [batch.pop(key) for batch in batches]
@@ -444,9 +523,14 @@ def _merge_batches(
     return merged
 
 
-def _check_mergeable(key: str, values: list[torch.Tensor], axes: Axes) -> None:
-    """Raise unless ``values`` agree on every axis but the batch, slot and ragged axes."""
-    free = {0, *axes.slots, *axes.ragged}
+def _check_mergeable(
+    key: str, values: list[torch.Tensor], axes: Axes, slots_free: bool = True
+) -> None:
+    """Raise unless ``values`` agree on every axis but the batch and ragged axes, and the slot
+    axes when ``slots_free`` (the batches' position layouts differ and are re-laid)."""
+    free = {0, *axes.ragged, *(axes.slots if slots_free else ())}
+    if key == "input_ids":
+        free |= {1}  # right-padded to the longest batch
     shapes = [
         [size for axis, size in enumerate(v.shape) if axis not in free] + [v.dim()] for v in values
     ]
@@ -455,6 +539,28 @@ def _check_mergeable(key: str, values: list[torch.Tensor], axes: Axes) -> None:
             f"cannot merge {key!r}: batch shapes {[list(v.shape) for v in values]} differ "
             "beyond the batch axis."
         )
+
+
+def _check_saver_mergeable(savers: list[Any]) -> None:
+    """Raise unless the batches' ``batch_saver`` dicts have the same fields and each tensor
+    field the same shape beyond the batch axis."""
+    if not all(isinstance(saver, dict) for saver in savers):
+        return
+    for index, saver in enumerate(savers[1:], start=1):
+        if set(saver) != set(savers[0]):
+            raise HookscopeError(
+                f"cannot merge batch_saver of batch {index}: its fields {sorted(saver)} differ "
+                f"from the first batch's {sorted(savers[0])}."
+            )
+    for field in savers[0]:
+        parts = [saver[field] for saver in savers]
+        if all(isinstance(p, torch.Tensor) for p in parts):
+            shapes = [list(p.shape) for p in parts]
+            if any(shape[1:] != shapes[0][1:] for shape in shapes):
+                raise HookscopeError(
+                    f"cannot merge batch_saver[{field!r}]: batch shapes {shapes} differ beyond "
+                    "the batch axis."
+                )
 
 
 def _common_layout(mappings: list[dict | None]) -> tuple[dict, dict] | None:

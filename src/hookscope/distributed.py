@@ -25,7 +25,15 @@ from safetensors.torch import save_file
 from .config import ExtractionConfig
 from .errors import HookscopeError
 from .positions import normalize_items
-from .store import _FORMAT, MANIFEST, ActivationStore, RunningStats, _load_all, _write_json
+from .store import (
+    _FORMAT,
+    MANIFEST,
+    ActivationStore,
+    RunningStats,
+    _load_all,
+    _write_json,
+    release_writer,
+)
 
 
 def _import_ray():
@@ -42,13 +50,16 @@ def _extract_part(model_factory, prompts, positions, config_dict, folder, batch_
     """Run on a worker: extract ``prompts`` into the part folder ``folder``."""
     hm = model_factory()
     hm.config.batch_size = batch_size
-    hm.extract_cache(
-        prompts,
-        positions,
-        extraction_config=ExtractionConfig.from_dict(config_dict),
-        output_dir=folder,
-        seed=seed,
-    )
+    try:
+        hm.extract_cache(
+            prompts,
+            positions,
+            extraction_config=ExtractionConfig.from_dict(config_dict),
+            output_dir=folder,
+            seed=seed,
+        )
+    finally:
+        release_writer(folder)  # the worker process lives on: a retry may run in another one
     return folder
 
 

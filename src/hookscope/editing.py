@@ -57,8 +57,14 @@ def _source_key(point: Point, explicit: str | None) -> str:
     return explicit or point_key(KINDS[point.kind].write_kind, point.layer, point.head)
 
 
-def _cache_mean(cache: Any, key: str, what: str) -> torch.Tensor:
-    """Mean over a cache's examples of ``key`` ``[N, P, *rest]`` -> ``[P, *rest]`` (real slots)."""
+def _cache_mean(cache: Any, key: str, what: str, mapping: dict) -> torch.Tensor:
+    """Mean over a cache's examples of ``key`` ``[N, P, *rest]`` (real slots only).
+
+    The rule: a cache with one slot per example (``P == 1``) gives one mean ``[*rest]``, used at
+    any positions; otherwise the cache's ``mapping_index`` must be the intervention's
+    ``mapping`` (the same position items, each as wide) and the mean is ``[P, *rest]``, slot by
+    slot. Raises a HookscopeError naming both layouts when they differ.
+    """
     if key not in cache:
         raise HookscopeError(
             f"{what}: the cache has no {key!r}; its keys: {list(cache.keys())[:12]}."
@@ -70,7 +76,17 @@ def _cache_mean(cache: Any, key: str, what: str) -> torch.Tensor:
         else torch.ones(value.shape[:2], dtype=torch.bool)
     )
     weight = mask.view(*mask.shape, *([1] * (value.dim() - 2))).to(value.dtype)
-    return (value * weight).sum(0) / weight.sum(0).clamp(min=1)
+    mean = (value * weight).sum(0) / weight.sum(0).clamp(min=1)
+    if mean.shape[0] == 1:
+        return mean[0]
+    cached = cache.get("mapping_index")
+    if cached is not None and cached != mapping:
+        raise HookscopeError(
+            f"{what}: the cache was extracted at positions {cached} but the ablation resolves to "
+            f"{mapping}; extract the mean at the same position items, or with one slot per "
+            "example (e.g. ['last'], or extract_avg=True over one item), which applies anywhere."
+        )
+    return mean
 
 
 class PreparedIntervention:
@@ -171,7 +187,10 @@ class PreparedIntervention:
             mean = iv.mean
             if hasattr(mean, "tensors"):
                 mean = _cache_mean(
-                    mean, _source_key(self.point, None), f"Ablation mean for {iv.point}"
+                    mean,
+                    _source_key(self.point, None),
+                    f"Ablation mean for {iv.point}",
+                    self.positions.mapping_index,
                 )
             return self._fit(mean, "mean")
         if isinstance(iv, Steer):

@@ -30,6 +30,11 @@ class InputError(HookscopeError):
     """The model inputs are malformed (missing attention mask under padding, wrong shapes, ...)."""
 
 
+class StoreError(HookscopeError):
+    """An activation store that is missing, foreign, incomplete, corrupted, being written by
+    another process, or holding other data or another extraction than the one asked for."""
+
+
 def choices(values: Iterable[object], limit: int = 12) -> str:
     """Format valid choices for an error message: ``'a', 'b', 'c' (+3 more)``."""
     values = [repr(v) for v in values]

@@ -383,22 +383,27 @@ class HookedModel:
         output_dir: str | None = None,
         sort_by_length: bool = False,
         names: Sequence[str] | None = None,
+        overwrite: bool = False,
         **model_kwargs: Any,
     ) -> ActivationCache | ActivationStore:
         """Run :meth:`forward` over every batch and merge the results in order.
 
         Args:
             dataloader: an iterable of batches (dicts / ``BatchEncoding`` with ``input_ids`` and
-                ``attention_mask``, plus any fields of your own), or a list of strings, batched
-                here by ``config.batch_size``.
+                ``attention_mask``, plus any fields of your own), or a list of strings or of
+                records (``{"text": ..., "label": ...}``), batched here by ``config.batch_size``.
             batch_saver: ``batch -> dict`` of things to keep per batch (labels, ids); merged
-                across batches into ``cache["batch_saver"]``.
+                across batches into ``cache["batch_saver"]``. For a list of records it gets the
+                batch's records (a list of dicts), e.g.
+                ``lambda records: {"label": torch.tensor([r["label"] for r in records])}``.
             move_to_cpu_after_forward: move each batch's activations off the accelerator at once.
             progress: show a progress bar (examples/s, tokens/s).
             output_dir: stream each batch to this folder (sharded safetensors + manifest, see
                 ``hookscope.store``) instead of memory, and return an :class:`ActivationStore`.
                 Started again with the same arguments, a killed run resumes after its last
-                committed shard.
+                committed shard. A folder that holds other examples (or more), or another
+                extraction, raises a ``StoreError`` naming the first difference.
+            overwrite: replace whatever store ``output_dir`` holds (see ``hookscope.store``).
             sort_by_length: (lists of strings) batch prompts of similar length together to waste
                 little on padding; results come back in the original order.
             names: the points by name instead of ``extraction_config`` (see :meth:`forward`).
@@ -423,15 +428,17 @@ class HookedModel:
                     "pivot_positions": list(pivot_positions or []),
                 },
             )
-            writer = StoreWriter(output_dir, description)
+            writer = StoreWriter(output_dir, description, overwrite=overwrite)
         track_order = writer is not None or sort_by_length
         merged = ActivationCache(pad_token_id=self.pad_token_id)
         seen = writer.examples if writer else 0
         bar = _progress_bar(dataloader, seen) if progress else None
         tokens = 0
-        for index, (batch, order) in enumerate(self._batches(dataloader, sort_by_length)):
-            if writer is not None and index < writer.completed_batches:
-                continue  # committed by an earlier run
+        batches, tokenizer = self._batches(dataloader, sort_by_length), self.get_text_tokenizer()
+        for index, (batch, order, records) in enumerate(batches):
+            if writer is not None and writer.check_batch(index, batch, tokenizer, records):
+                continue  # committed by an earlier run, with the same examples
+            seen = writer.examples if writer is not None else seen  # a short last batch reruns
             cache = self.forward(
                 batch,
                 target_token_positions,
@@ -445,7 +452,8 @@ class HookedModel:
                 **model_kwargs,
             )
             rows = len(cache["position_mask"])
-            payload = batch_saver(batch) if batch_saver is not None else None
+            saved = batch if records is None else records
+            payload = batch_saver(saved) if batch_saver is not None else None
             if payload is not None and not isinstance(payload, dict):
                 raise HookscopeError(
                     f"batch_saver must return a dict (or None), got {type(payload).__name__}."
@@ -482,32 +490,36 @@ class HookedModel:
 
     def _batches(
         self, dataloader: Iterable[Any], sort_by_length: bool = False
-    ) -> Iterator[tuple[Any, torch.Tensor | None]]:
-        """``(batch, original indices or None)``; lists of strings are tokenised here."""
+    ) -> Iterator[tuple[Any, torch.Tensor | None, list[dict] | None]]:
+        """``(batch, original indices or None, records or None)``; lists of strings and of
+        records (dicts with a ``"text"``) are tokenised here, ``config.batch_size`` at a time."""
         if isinstance(dataloader, Mapping | torch.Tensor):  # one tokenized batch, not a dataset
             if sort_by_length:
                 raise InputError("sort_by_length needs a list of strings, got one batch.")
-            yield dataloader, None
+            yield dataloader, None, None
             return
-        strings = isinstance(dataloader, list) and dataloader and isinstance(dataloader[0], str)
-        if sort_by_length and not strings:
+        texts = _texts_of(dataloader)
+        if sort_by_length and texts is None:
             raise InputError(
-                "sort_by_length needs a list of strings (hookscope then builds the batches)."
+                "sort_by_length needs a list of strings or records (hookscope then builds the "
+                "batches)."
             )
-        if not strings:
+        if texts is None:
             for batch in dataloader:
-                yield batch, None
+                yield batch, None, None
             return
         tokenizer, size = self.get_text_tokenizer(), self.config.batch_size
-        order = list(range(len(dataloader)))
+        order = list(range(len(texts)))
         if sort_by_length:
-            lengths = [len(ids) for ids in tokenizer(dataloader)["input_ids"]]
+            lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
             order.sort(key=lambda i: lengths[i])
+        records = texts is not dataloader
         for start in range(0, len(order), size):
             chosen = order[start : start + size]
             yield (
-                tokenize(tokenizer, [dataloader[i] for i in chosen]),
+                tokenize(tokenizer, [texts[i] for i in chosen]),
                 torch.tensor(chosen) if sort_by_length else None,
+                [dataloader[i] for i in chosen] if records else None,
             )
 
     # -- generation ----------------------------------------------------------------------------
@@ -564,10 +576,32 @@ class HookedModel:
         )
 
 
+def _texts_of(dataloader: Any) -> list[str] | None:
+    """The texts of a list of strings (itself) or of records ``[{"text": ..., ...}]``, else None.
+
+    Raises:
+        InputError: a list of records where one has no string ``"text"`` (named by its index).
+    """
+    if not isinstance(dataloader, list) or not dataloader:
+        return None
+    if isinstance(dataloader[0], str):
+        return dataloader
+    first = dataloader[0]
+    if not (isinstance(first, dict) and isinstance(first.get("text"), str)) or "input_ids" in first:
+        return None  # batches (a dataset's batch may carry its texts beside the input_ids)
+    for index, record in enumerate(dataloader):
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise InputError(
+                f"record {index} has no string 'text' field ({record!r:.80}); every record of a "
+                "list of records needs one."
+            )
+    return [record["text"] for record in dataloader]
+
+
 def _progress_bar(dataloader: Any, done: int = 0):
     from tqdm.auto import tqdm
 
-    strings = isinstance(dataloader, list) and dataloader and isinstance(dataloader[0], str)
+    strings = _texts_of(dataloader) is not None
     return tqdm(total=len(dataloader) if strings else None, initial=done, unit="ex", desc="extract")
 
 

@@ -83,7 +83,12 @@ class Ablation(Intervention):
 
     ``method="zero"``: zeros. ``"scale"``: multiply by ``factor``. ``"mean"``: the mean from
     ``mean``, a tensor (``[*rest]`` or ``[positions, *rest]``) or an :class:`ActivationCache`
-    holding the point (averaged over its examples, per position slot).
+    holding the point, averaged over its examples (real slots only). The positions rule for a
+    cache: one taken with one slot per example (e.g. at ``["last"]``) gives one mean vector that
+    replaces the point at *any* positions; one with several slots gives a mean per slot, so its
+    ``mapping_index`` must equal the ablation's resolved positions (same items, same widths),
+    else a ``HookscopeError`` names both. A store's running statistics
+    (``store.stats(point)["mean"]``, ``[P, *rest]``) are a tensor: the shape rule applies.
     """
 
     method: Literal["zero", "mean", "scale"] = "zero"

@@ -12,31 +12,53 @@ Every file is written to a temporary name and renamed; the manifest is rewritten
 the commit point: a run killed at any moment leaves a folder whose manifest names only complete
 shards, and a restart with the same arguments continues after them (no example lost or
 duplicated). Reading checks each shard's size and sha256 and raises a clear error on a mismatch.
+
+A reused folder is checked against the data it is asked to hold. Each example has a fingerprint,
+the sha256 of its real token ids (where the attention mask is 1, so padding does not change it;
+plus a record's other fields): each shard keeps its examples' fingerprints in its metadata, the
+manifest a digest of them per shard and the count. A run resumes only when the committed examples
+are the first examples asked, checked batch by batch before a committed batch is skipped; it then
+continues (more examples are appended; a last batch that was shorter than the one now asked is
+run again whole, so the store equals a clean run on the examples asked). Otherwise a
+:class:`StoreError` names the folder and the first example that differs; one that holds *more*
+examples than asked is refused too (a store holds exactly what was asked). ``overwrite=True``
+replaces the store: the new empty manifest is committed first, then the old store's files are
+deleted (only hookscope's own), so the folder is at every moment one valid store. Images
+(``pixel_values``) are not fingerprinted: a vision-language store is checked on its token ids only.
+
+One writer at a time: a writer holds an ``flock`` on ``.hookscope-writer.lock`` (the file holds
+its pid); a second live writer gets a :class:`StoreError`, the lock of a dead one is taken over
+(POSIX; Windows has no lock between processes).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator
+import shutil
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 from safetensors.torch import save_file
 
 from .cache import ActivationCache, _decode_mapping, _encode_mapping
-from .errors import HookscopeError
+from .errors import StoreError
 
 MANIFEST = "manifest.json"
 _FORMAT = "hookscope.ActivationStore/1"
 _NOT_STATS = ("logits", "position_mask", "input_ids")
-
-
-class StoreError(HookscopeError):
-    """An activation store that is missing, foreign, incomplete or corrupted."""
+_OWN_FILES = ("shard-[0-9][0-9][0-9][0-9][0-9].safetensors", "stats-*.safetensors")
 
 
 def _sha256(path: Path) -> str:
@@ -45,6 +67,18 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _read_manifest(path: Path) -> dict:
+    """The manifest at ``path``; a StoreError when it is not JSON (damaged by hand or on disk:
+    hookscope writes it atomically)."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise StoreError(
+            f"{path} is not valid JSON ({error}); restore it, or use overwrite=True / another "
+            "output_dir."
+        ) from None
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -123,46 +157,242 @@ class RunningStats:
         }
 
 
+# -- what the store holds: data fingerprints ---------------------------------------------------
+def fingerprint_examples(
+    input_ids: Any, attention_mask: Any = None, extras: list[str] | None = None
+) -> list[str]:
+    """One fingerprint per example: the sha256 (16 hex digits) of its real token ids.
+
+    Args:
+        input_ids: ``[batch, seq]`` (or ``[seq]``) token ids.
+        attention_mask: ``[batch, seq]``; only positions where it is 1 count, so the padding
+            side and length do not change a fingerprint. None: every position is real.
+        extras: per example, text that also identifies it (a record's other fields).
+    """
+    ids = torch.as_tensor(input_ids)
+    ids = ids.unsqueeze(0) if ids.dim() == 1 else ids
+    mask = (
+        torch.ones_like(ids, dtype=torch.bool)
+        if attention_mask is None
+        else torch.as_tensor(attention_mask).reshape(ids.shape).bool()
+    )
+    out = []
+    for row in range(ids.shape[0]):
+        real = ids[row][mask[row].to(ids.device)].to(device="cpu", dtype=torch.int64)
+        digest = hashlib.sha256(real.numpy().astype("<i8").tobytes())
+        if extras is not None:
+            digest.update(b"\0" + extras[row].encode())
+        out.append(digest.hexdigest()[:16])
+    return out
+
+
+def batch_fingerprints(batch: Any, tokenizer: Any = None, records: list | None = None) -> list[str]:
+    """Fingerprints of one ``extract_cache`` batch: a mapping with ``input_ids`` (and
+    ``attention_mask``), an id tensor, or text (tokenised with ``tokenizer`` as ``forward`` does).
+    ``records``: the batch's ``{"text": ..., ...}`` records; their other fields count too.
+    A batch's images are not part of its fingerprint (see the store module's docstring)."""
+    from .inputs import tokenize
+
+    if isinstance(batch, str) or (isinstance(batch, list) and batch and isinstance(batch[0], str)):
+        batch = tokenize(tokenizer, batch)
+    if isinstance(batch, torch.Tensor):
+        batch = {"input_ids": batch}
+    if not isinstance(batch, Mapping) or batch.get("input_ids") is None:
+        raise StoreError(
+            f"cannot fingerprint a batch of type {type(batch).__name__} for the store: give "
+            "batches with input_ids (a tokenizer's output), strings or id tensors."
+        )
+    extras = None
+    if records is not None:
+        extras = [
+            json.dumps({k: v for k, v in r.items() if k != "text"}, sort_keys=True, default=str)
+            for r in records
+        ]
+    return fingerprint_examples(batch["input_ids"], batch.get("attention_mask"), extras)
+
+
+def _digest(fingerprints: list[str]) -> str:
+    return hashlib.sha256("\n".join(fingerprints).encode()).hexdigest()
+
+
+def _description_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """``"field: stored X, asked Y"`` for each leaf where two descriptions differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            missing = "(absent)"
+            out += _description_differences(
+                old.get(key, missing), new.get(key, missing), f"{prefix}{key}."
+            )
+        return out
+    if old == new:
+        return []
+    return [f"{prefix.rstrip('.')}: stored {old!r}, asked {new!r}"]
+
+
+# -- one writer at a time ----------------------------------------------------------------------
+LOCK = ".hookscope-writer.lock"
+_HELD: dict[str, _FolderLock] = {}  # folders this process writes, by resolved path
+
+
+class _FolderLock:
+    """An exclusive ``flock`` on ``folder/.hookscope-writer.lock``, which holds the writer's pid.
+
+    The kernel drops the lock when its process dies, so the lock of a killed writer is stale
+    and simply taken over. Within one process, a writer abandoned by an exception (a Ctrl-C in
+    a notebook) is taken over by the next writer of the same thread; a live writer in another
+    thread or process is refused with a :class:`StoreError` naming its pid."""
+
+    def __init__(self, folder: Path):
+        self.path, self.key = folder / LOCK, str(folder.resolve())
+        self.thread = threading.get_ident()
+        held = _HELD.get(self.key)
+        if held is not None:
+            if held.thread != self.thread and held.thread in _live_threads():
+                raise StoreError(
+                    f"{folder} is being written by another thread of this process "
+                    f"(pid {os.getpid()}); wait for it to finish."
+                )
+            held.release()
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if fcntl is not None:  # (Windows: no lock between processes)
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(self.fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            raise StoreError(
+                f"{folder} is being written by another process (pid {holder}, lock {self.path}); "
+                "wait for it to finish, or stop it: a dead writer's lock is taken over."
+            ) from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"{os.getpid()}\n".encode())
+        _HELD[self.key] = self
+
+    def release(self) -> None:
+        """Drop the lock (the file stays: unlinking a flock file races with the next writer)."""
+        if self.fd is None:
+            return
+        if _HELD.get(self.key) is self:
+            del _HELD[self.key]
+        os.ftruncate(self.fd, 0)
+        if fcntl is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = None
+
+
+def release_writer(folder: str | os.PathLike) -> None:
+    """Release ``folder`` if a writer of this process still holds it after an error (a failed
+    ``extract_cache`` keeps its lock until the writer is garbage-collected or the same thread
+    writes the folder again; a process that lives on, a Ray worker, calls this)."""
+    held = _HELD.get(str(Path(folder).resolve()))
+    if held is not None:
+        held.release()
+
+
+def _live_threads() -> set[int]:
+    return {thread.ident for thread in threading.enumerate()}
+
+
+def _releases_on_error(method: Callable) -> Callable:
+    """Release the writer's folder lock when ``method`` raises (the folder is left as it was)."""
+
+    @functools.wraps(method)
+    def wrapper(self: StoreWriter, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except BaseException:
+            self.close()
+            raise
+
+    return wrapper
+
+
 class StoreWriter:
     """Writes one shard per batch and commits it in the manifest (see the module docstring).
 
+    Use: ``check_batch(i, batch)`` for every batch ``i`` in order (True: already committed, skip
+    it), ``write(cache)`` for each batch it did not skip, then ``finish()``.
+
     Args:
-        folder: the output folder (created; an existing store of the *same* extraction resumes).
+        folder: the output folder (created). An existing store of the same extraction resumes
+            when its committed examples are the first examples asked (checked batch by batch).
         description: what is extracted (model, config, positions, ...): it must match on resume.
+        overwrite: replace an existing store in ``folder`` (whatever it holds) by this one.
+
+    Raises:
+        StoreError: another live writer holds the folder; the folder holds another extraction
+            (the message names each differing field) or a file that is not a hookscope manifest.
     """
 
-    def __init__(self, folder: str | os.PathLike, description: dict[str, Any]):
+    def __init__(
+        self, folder: str | os.PathLike, description: dict[str, Any], overwrite: bool = False
+    ):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
+        self._lock = _FolderLock(self.folder)
+        try:
+            self._open(json.loads(json.dumps(description)), overwrite)
+        except BaseException:
+            self.close()
+            raise
+        self._pending: tuple[int, list[str]] | None = None
+        self._asked_batches = self._asked_examples = 0
+
+    def _open(self, description: dict[str, Any], overwrite: bool) -> None:
         for stray in self.folder.glob(".*.tmp"):
             stray.unlink()  # half-written files of a killed run
         path = self.folder / MANIFEST
+        old = None
         if path.exists():
-            manifest = json.loads(path.read_text())
-            if manifest.get("description") != description:
-                raise StoreError(
-                    f"{self.folder} holds a different extraction ({manifest.get('description')}); "
-                    "use another output_dir or delete this one."
-                )
-            self.manifest = manifest
-            stats_file = manifest.get("stats")
-            self.stats = (
-                RunningStats.from_tensors(_load_all(self.folder / stats_file))
-                if stats_file
-                else RunningStats()
+            try:
+                old = _read_manifest(path)
+            except StoreError:
+                if not overwrite:
+                    raise
+                old = {"format": _FORMAT, "shards": []}  # damaged: replaced, its shards swept
+        if old is not None and old.get("format") != _FORMAT:
+            raise StoreError(
+                f"{path} is not a hookscope activation-store manifest; hookscope will not replace "
+                "it: use another output_dir."
             )
-        else:
-            self.manifest = {
-                "format": _FORMAT,
-                "description": description,
-                "shards": [],
-                "stats": None,
-                "examples": 0,
-                "complete": False,
-                "batch_saver": None,
-            }
-            self.stats = RunningStats()
-            _write_json(path, self.manifest)
+        if old is not None and not overwrite:
+            self._resume(old, description)
+            return
+        self.manifest = {
+            "format": _FORMAT,
+            "description": description,
+            "shards": [],
+            "stats": None,
+            "previous_stats": None,
+            "examples": 0,
+            "complete": False,
+            "batch_saver": None,
+        }
+        self.stats = RunningStats()
+        _write_json(path, self.manifest)  # the commit point: from here the folder is the new store
+        if old is not None:
+            _remove_store_files(self.folder, self.manifest, replaced=old)
+
+    def _resume(self, manifest: dict[str, Any], description: dict[str, Any]) -> None:
+        if manifest.get("description") != description:
+            differences = _description_differences(manifest.get("description"), description)
+            raise StoreError(
+                f"{self.folder} holds a different extraction ({'; '.join(differences)}); use "
+                "another output_dir, or overwrite=True to replace it."
+            )
+        if any("data_sha256" not in shard for shard in manifest["shards"]):
+            raise StoreError(
+                f"{self.folder} was written by a hookscope that did not fingerprint the data, so "
+                "resuming it cannot be checked; use overwrite=True to write it again."
+            )
+        self.manifest = manifest
+        self.stats = self._stats_file(manifest.get("stats"))
+        _remove_store_files(self.folder, manifest)  # files of a batch killed before its commit
+
+    def _stats_file(self, name: str | None) -> RunningStats:
+        return RunningStats.from_tensors(_load_all(self.folder / name)) if name else RunningStats()
 
     @property
     def completed_batches(self) -> int:
@@ -172,18 +402,127 @@ class StoreWriter:
     def examples(self) -> int:
         return self.manifest["examples"]
 
+    def close(self) -> None:
+        """Release the folder (done by :meth:`finish` and by every error the writer raises)."""
+        self._lock.release()
+
+    def __del__(self) -> None:
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.release()
+
+    # -- resume: the asked data must extend the committed data ---------------------------------
+    @_releases_on_error
+    def check_batch(
+        self, index: int, batch: Any, tokenizer: Any = None, records: list | None = None
+    ) -> bool:
+        """Check batch ``index`` (batches in order) against the store before running it.
+
+        Returns True when the batch is committed already, with the same examples (skip it).
+        The last committed batch may hold a prefix of the batch asked (a finished run on fewer
+        examples): it is then uncommitted and returns False, so it runs again whole and the
+        store equals a clean run on the examples asked.
+
+        Args:
+            batch: the batch as ``forward`` gets it (see :func:`batch_fingerprints`).
+            tokenizer: tokenises a batch of text; records: the batch's records, if any.
+
+        Raises:
+            StoreError: (the folder released, nothing changed in it) naming the folder and the
+                first example that differs, or saying the store holds more examples than asked.
+        """
+        if index != self._asked_batches:
+            raise StoreError(f"check_batch got batch {index}; batch {self._asked_batches} is next.")
+        asked = batch_fingerprints(batch, tokenizer, records)
+        self._asked_batches += 1
+        self._asked_examples += len(asked)
+        if index < self.completed_batches and not self._committed_prefix(index, asked):
+            return True
+        if index < self.completed_batches:
+            self._rewind_last()
+        elif self.manifest["complete"]:  # appending: the store is not complete until finish()
+            self.manifest["complete"] = False
+            _write_json(self.folder / MANIFEST, self.manifest)
+        self._pending = (index, asked)
+        return False
+
+    def _committed_prefix(self, index: int, asked: list[str]) -> bool:
+        """False when batch ``index`` holds exactly ``asked``; True when it holds a strict prefix
+        of it and is the last committed batch; else raise naming the first difference."""
+        shard = self.manifest["shards"][index]
+        low, high = shard["examples"]
+        if len(asked) == high - low and _digest(asked) == shard["data_sha256"]:
+            return False
+        committed = self._committed_fingerprints(shard)
+        for row, (was, now) in enumerate(zip(committed, asked, strict=False)):
+            if was != now:
+                raise StoreError(
+                    f"{self.folder} holds other data: example {low + row} (batch {index}, row "
+                    f"{row}) is not the one committed there (tokens fingerprint {was}, asked "
+                    f"{now}); use another output_dir, or overwrite=True to replace the store."
+                )
+        if len(asked) < len(committed):
+            self._refuse_more_than_asked(low + len(asked))
+        if index != self.completed_batches - 1:
+            raise StoreError(
+                f"{self.folder} holds other data: example {high} is committed in batch {index + 1} "
+                f"but asked in batch {index} (the batches differ); use the same batch size and "
+                "batches, or overwrite=True to replace the store."
+            )
+        return True
+
+    def _refuse_more_than_asked(self, asked: int) -> None:
+        raise StoreError(
+            f"{self.folder} holds {self.examples} examples, more than the {asked} asked (which "
+            f"are its first {asked}). A store holds exactly the examples asked: read the first "
+            f"{asked} with ActivationStore.open({str(self.folder)!r})[key][:{asked}], or pass "
+            "overwrite=True to replace it with these."
+        )
+
+    def _committed_fingerprints(self, shard: dict) -> list[str]:
+        path = self.folder / shard["file"]
+        if not path.exists() or _sha256(path) != shard["sha256"]:
+            raise StoreError(f"shard {shard['file']} is missing or corrupted in {self.folder}.")
+        with safe_open(str(path), framework="pt") as handle:
+            return json.loads((handle.metadata() or {}).get("example_fingerprints", "[]"))
+
+    def _rewind_last(self) -> None:
+        """Uncommit the last shard (its statistics go back to the shard before)."""
+        shard = self.manifest["shards"].pop()
+        self.manifest["examples"] = shard["examples"][0]
+        self.manifest["complete"] = False
+        previous = self.manifest.get("previous_stats")
+        if previous is None and self.completed_batches:  # recount from the shards
+            self.stats = RunningStats()
+            for kept in self.manifest["shards"]:
+                self.stats.update(ActivationCache.load(self.folder / kept["file"]))
+            previous = self._save_stats(self.completed_batches - 1)
+        else:
+            self.stats = self._stats_file(previous)
+        self.manifest["stats"], self.manifest["previous_stats"] = previous, None
+        _write_json(self.folder / MANIFEST, self.manifest)
+        _remove_store_files(self.folder, self.manifest)
+
+    # -- write ---------------------------------------------------------------------------------
+    @_releases_on_error
     def write(self, cache: ActivationCache) -> None:
-        """Write ``cache`` (one batch) as the next shard and commit it."""
+        """Write ``cache`` (the batch last passed to :meth:`check_batch`) as the next shard and
+        commit it."""
         index = self.completed_batches
-        name = f"shard-{index:05d}.safetensors"
-        path = cache.save(self.folder / name)
+        if self._pending is None or self._pending[0] != index:
+            raise StoreError(f"write() needs check_batch({index}, batch) first.")
+        fingerprints = self._pending[1]
         rows = len(cache["position_mask"])
+        if rows != len(fingerprints):
+            raise StoreError(f"batch {index} has {rows} rows but {len(fingerprints)} were checked.")
+        name = f"shard-{index:05d}.safetensors"
+        path = cache.save(
+            self.folder / name, metadata={"example_fingerprints": json.dumps(fingerprints)}
+        )
         self.stats.update(cache)
-        stats_name = f"stats-{index:05d}.safetensors"
-        stats_tmp = self.folder / f".{stats_name}.tmp"
-        save_file({k: v.contiguous() for k, v in self.stats.tensors().items()}, str(stats_tmp))
-        os.replace(stats_tmp, self.folder / stats_name)
-        previous_stats = self.manifest["stats"]
+        stale = self.manifest.get("previous_stats")
+        self.manifest["previous_stats"] = self.manifest["stats"]
+        self.manifest["stats"] = self._save_stats(index)
         start = self.examples
         self.manifest["shards"].append(
             {
@@ -191,20 +530,63 @@ class StoreWriter:
                 "examples": [start, start + rows],
                 "bytes": path.stat().st_size,
                 "sha256": _sha256(path),
+                "data_sha256": _digest(fingerprints),
             }
         )
         self.manifest["examples"] = start + rows
-        self.manifest["stats"] = stats_name
+        self.manifest["complete"] = False
         if "batch_saver" in cache and self.manifest["batch_saver"] is None:
             self.manifest["batch_saver"] = sorted(cache["batch_saver"])
         _write_json(self.folder / MANIFEST, self.manifest)  # the commit point
-        if previous_stats:
-            (self.folder / previous_stats).unlink(missing_ok=True)
+        if stale:
+            (self.folder / stale).unlink(missing_ok=True)
+        self._pending = None
 
+    def _save_stats(self, index: int) -> str:
+        """Write the running statistics as of shard ``index``; returns the file name."""
+        name = f"stats-{index:05d}.safetensors"
+        tmp = self.folder / f".{name}.tmp"
+        save_file({k: v.contiguous() for k, v in self.stats.tensors().items()}, str(tmp))
+        os.replace(tmp, self.folder / name)
+        return name
+
+    @_releases_on_error
     def finish(self) -> ActivationStore:
+        """Mark the store complete and release the folder.
+
+        Raises:
+            StoreError: the store holds more examples than were asked (see :meth:`check_batch`).
+        """
+        if self._asked_batches < self.completed_batches:
+            self._refuse_more_than_asked(self._asked_examples)
         self.manifest["complete"] = True
         _write_json(self.folder / MANIFEST, self.manifest)
+        self.close()
         return ActivationStore.open(self.folder)
+
+
+def _remove_store_files(folder: Path, manifest: dict, replaced: dict | None = None) -> None:
+    """Delete hookscope's own files in ``folder`` that ``manifest`` does not name: shards and
+    statistics of uncommitted batches, and those of the ``replaced`` store (part folders of a
+    distributed store included). Other files are never touched."""
+    keep = {shard["file"] for shard in manifest["shards"]}
+    keep |= {manifest.get("stats"), manifest.get("previous_stats")}
+    doomed = {p.name for pattern in _OWN_FILES for p in folder.glob(pattern)}
+    if replaced is not None:
+        doomed |= {shard["file"] for shard in replaced["shards"]}
+        doomed |= {replaced.get("stats"), replaced.get("previous_stats")}
+    parts = set()
+    for name in doomed - keep - {None}:
+        (folder / name).unlink(missing_ok=True)
+        if "/" in name:
+            parts.add(folder / name.split("/")[0])
+    for part in parts:
+        manifest_path = part / MANIFEST
+        if (
+            manifest_path.exists()
+            and json.loads(manifest_path.read_text()).get("format") == _FORMAT
+        ):
+            shutil.rmtree(part)
 
 
 def _load_all(path: Path) -> dict[str, torch.Tensor]:
@@ -231,7 +613,7 @@ class ActivationStore:
         path = folder / MANIFEST
         if not path.exists():
             raise StoreError(f"{folder} is not an activation store (no {MANIFEST}).")
-        manifest = json.loads(path.read_text())
+        manifest = _read_manifest(path)
         if manifest.get("format") != _FORMAT:
             raise StoreError(f"{path} is not a hookscope activation-store manifest.")
         for shard in manifest["shards"]:
