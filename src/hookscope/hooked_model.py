@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -12,16 +12,17 @@ from torch.utils.hooks import RemovableHandle
 from .archs import ModelMap, resolve_architecture
 from .cache import ActivationCache
 from .config import ExtractionConfig, HookedModelConfig
+from .dataset import DatasetRun
 from .errors import HookscopeError, InputError, PositionError
 from .hooks import ModuleHook, as_module_hook, get_module, register
-from .inputs import prepare_inputs, tokenize
+from .inputs import prepare_inputs
 from .interventions import AnyIntervention, PatternEdit, image_text_block
 from .keywords import check_model_kwargs
 from .loading import DEFAULT_MODEL_ID, load_model_and_tokenizer, prepare_tokenizer, split_processor
 from .pipeline import Executor, capture_hooks_for, plan_call
 from .plan import plan_extraction
 from .positions import PositionContext, PositionItem, ResolvedPositions, normalize_items
-from .store import ActivationStore, StoreWriter, describe
+from .store import ActivationStore
 from .vision import (
     PIXEL_FIELDS,
     ImageLayout,
@@ -414,113 +415,22 @@ class HookedModel:
         """
         check_model_kwargs(model_kwargs, self.hf_model, HookedModel.extract_cache)
         config = _extraction_config(extraction_config, names, self.model_map)
-        target_token_positions = normalize_items(target_token_positions)  # fail before the loop
-        writer = None
-        if output_dir is not None:
-            description = describe(
-                self,
-                config,
-                target_token_positions,
-                {
-                    "batch_size": self.config.batch_size,
-                    "sort_by_length": sort_by_length,
-                    "seed": seed,
-                    "pivot_positions": list(pivot_positions or []),
-                },
-            )
-            writer = StoreWriter(output_dir, description, overwrite=overwrite)
-        track_order = writer is not None or sort_by_length
-        merged = ActivationCache(pad_token_id=self.pad_token_id)
-        seen = writer.examples if writer else 0
-        bar = _progress_bar(dataloader, seen) if progress else None
-        tokens = 0
-        batches, tokenizer = self._batches(dataloader, sort_by_length), self.get_text_tokenizer()
-        for index, (batch, order, records) in enumerate(batches):
-            if writer is not None and writer.check_batch(index, batch, tokenizer, records):
-                continue  # committed by an earlier run, with the same examples
-            seen = writer.examples if writer is not None else seen  # a short last batch reruns
-            cache = self.forward(
-                batch,
-                target_token_positions,
+        run = DatasetRun(
+            self,
+            normalize_items(target_token_positions),  # fail before the loop
+            config,
+            batch_saver=batch_saver,
+            sort_by_length=sort_by_length,
+            forward_options=dict(
                 pivot_positions=pivot_positions,
-                extraction_config=config,
                 hooks=hooks,
                 move_to_cpu=move_to_cpu_after_forward,
                 seed=seed,
                 interventions=interventions,
-                example_offset=seen,
                 **model_kwargs,
-            )
-            rows = len(cache["position_mask"])
-            saved = batch if records is None else records
-            payload = batch_saver(saved) if batch_saver is not None else None
-            if payload is not None and not isinstance(payload, dict):
-                raise HookscopeError(
-                    f"batch_saver must return a dict (or None), got {type(payload).__name__}."
-                )
-            if track_order:
-                payload = {
-                    **(payload or {}),
-                    "example_index": order
-                    if order is not None
-                    else torch.arange(seen, seen + rows),
-                }
-            if payload is not None:
-                cache["batch_saver"] = payload
-            if writer is not None:
-                writer.write(cache)
-            else:
-                merged.cat(cache)
-            seen += rows
-            if bar is not None:
-                bar.update(rows)
-                tokens += _tokens(batch)
-                bar.set_postfix(
-                    tokens_per_s=f"{tokens / max(bar.format_dict['elapsed'], 1e-9):.0f}"
-                )
-        if bar is not None:
-            bar.close()
-        if writer is not None:
-            return writer.finish()
-        if len(merged) == 0:
-            raise InputError("extract_cache got an empty dataloader.")
-        if sort_by_length:
-            merged.reorder_rows(torch.argsort(merged["batch_saver"]["example_index"]))
-        return merged
-
-    def _batches(
-        self, dataloader: Iterable[Any], sort_by_length: bool = False
-    ) -> Iterator[tuple[Any, torch.Tensor | None, list[dict] | None]]:
-        """``(batch, original indices or None, records or None)``; lists of strings and of
-        records (dicts with a ``"text"``) are tokenised here, ``config.batch_size`` at a time."""
-        if isinstance(dataloader, Mapping | torch.Tensor):  # one tokenized batch, not a dataset
-            if sort_by_length:
-                raise InputError("sort_by_length needs a list of strings, got one batch.")
-            yield dataloader, None, None
-            return
-        texts = _texts_of(dataloader)
-        if sort_by_length and texts is None:
-            raise InputError(
-                "sort_by_length needs a list of strings or records (hookscope then builds the "
-                "batches)."
-            )
-        if texts is None:
-            for batch in dataloader:
-                yield batch, None, None
-            return
-        tokenizer, size = self.get_text_tokenizer(), self.config.batch_size
-        order = list(range(len(texts)))
-        if sort_by_length:
-            lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
-            order.sort(key=lambda i: lengths[i])
-        records = texts is not dataloader
-        for start in range(0, len(order), size):
-            chosen = order[start : start + size]
-            yield (
-                tokenize(tokenizer, [texts[i] for i in chosen]),
-                torch.tensor(chosen) if sort_by_length else None,
-                [dataloader[i] for i in chosen] if records else None,
-            )
+            ),
+        )
+        return run.extract(dataloader, output_dir, overwrite=overwrite, progress=progress)
 
     # -- generation ----------------------------------------------------------------------------
     def compute_patching(
@@ -574,41 +484,6 @@ class HookedModel:
             extraction_config=extraction_config,
             **generate_kwargs,
         )
-
-
-def _texts_of(dataloader: Any) -> list[str] | None:
-    """The texts of a list of strings (itself) or of records ``[{"text": ..., ...}]``, else None.
-
-    Raises:
-        InputError: a list of records where one has no string ``"text"`` (named by its index).
-    """
-    if not isinstance(dataloader, list) or not dataloader:
-        return None
-    if isinstance(dataloader[0], str):
-        return dataloader
-    first = dataloader[0]
-    if not (isinstance(first, dict) and isinstance(first.get("text"), str)) or "input_ids" in first:
-        return None  # batches (a dataset's batch may carry its texts beside the input_ids)
-    for index, record in enumerate(dataloader):
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise InputError(
-                f"record {index} has no string 'text' field ({record!r:.80}); every record of a "
-                "list of records needs one."
-            )
-    return [record["text"] for record in dataloader]
-
-
-def _progress_bar(dataloader: Any, done: int = 0):
-    from tqdm.auto import tqdm
-
-    strings = _texts_of(dataloader) is not None
-    return tqdm(total=len(dataloader) if strings else None, initial=done, unit="ex", desc="extract")
-
-
-def _tokens(batch: Any) -> int:
-    """Real tokens in a batch (for the tokens/s readout)."""
-    mask = batch.get("attention_mask") if hasattr(batch, "get") else None
-    return int(mask.sum()) if isinstance(mask, torch.Tensor) else 0
 
 
 def _extraction_config(

@@ -1,0 +1,201 @@
+"""Internal: extraction over a whole dataset (``HookedModel.extract_cache``).
+
+Three concerns, kept apart: *batching* (:func:`iter_batches`: tokenized batches as given, or
+lists of strings and records batched here), the *store* (a :class:`~hookscope.store.StoreWriter`
+that checks each batch against what is already committed and writes the new ones), and
+*progress* (:class:`Progress`). Every batch runs through ``HookedModel.forward``, so through the
+one call pipeline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+
+from .cache import ActivationCache
+from .config import ExtractionConfig
+from .errors import HookscopeError, InputError
+from .inputs import tokenize
+from .store import ActivationStore, StoreWriter, describe
+
+Batch = tuple[Any, torch.Tensor | None, list[dict] | None]
+
+
+def texts_of(dataloader: Any) -> list[str] | None:
+    """The texts of a list of strings (itself) or of records ``[{"text": ..., ...}]``, else None.
+
+    Raises:
+        InputError: a list of records where one has no string ``"text"`` (named by its index).
+    """
+    if not isinstance(dataloader, list) or not dataloader:
+        return None
+    if isinstance(dataloader[0], str):
+        return dataloader
+    first = dataloader[0]
+    if not (isinstance(first, dict) and isinstance(first.get("text"), str)) or "input_ids" in first:
+        return None  # batches (a dataset's batch may carry its texts beside the input_ids)
+    for index, record in enumerate(dataloader):
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise InputError(
+                f"record {index} has no string 'text' field ({record!r:.80}); every record of a "
+                "list of records needs one."
+            )
+    return [record["text"] for record in dataloader]
+
+
+def iter_batches(
+    dataloader: Iterable[Any], tokenizer: Any, batch_size: int, sort_by_length: bool = False
+) -> Iterator[Batch]:
+    """``(batch, original indices or None, records or None)`` for each batch of ``dataloader``.
+
+    One tokenized batch (a mapping, an id tensor) is one batch, never iterated (iterating a
+    mapping would give its key names). Lists of strings and of records (dicts with a
+    ``"text"``) are tokenised here, ``batch_size`` at a time, by length with ``sort_by_length``.
+    """
+    if isinstance(dataloader, Mapping | torch.Tensor):
+        if sort_by_length:
+            raise InputError("sort_by_length needs a list of strings, got one batch.")
+        yield dataloader, None, None
+        return
+    texts = texts_of(dataloader)
+    if sort_by_length and texts is None:
+        raise InputError(
+            "sort_by_length needs a list of strings or records (hookscope then builds the batches)."
+        )
+    if texts is None:
+        for batch in dataloader:
+            yield batch, None, None
+        return
+    order = list(range(len(texts)))
+    if sort_by_length:
+        lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
+        order.sort(key=lambda i: lengths[i])
+    records = texts is not dataloader
+    for start in range(0, len(order), batch_size):
+        chosen = order[start : start + batch_size]
+        yield (
+            tokenize(tokenizer, [texts[i] for i in chosen]),
+            torch.tensor(chosen) if sort_by_length else None,
+            [dataloader[i] for i in chosen] if records else None,
+        )
+
+
+class Progress:
+    """A progress bar in examples/s with a tokens/s readout (tqdm), or nothing when off."""
+
+    def __init__(self, dataloader: Any, done: int, enabled: bool):
+        self.bar, self.tokens = None, 0
+        if enabled:
+            from tqdm.auto import tqdm
+
+            total = len(dataloader) if texts_of(dataloader) is not None else None
+            self.bar = tqdm(total=total, initial=done, unit="ex", desc="extract")
+
+    def update(self, batch: Any, rows: int) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(rows)
+        mask = batch.get("attention_mask") if hasattr(batch, "get") else None
+        self.tokens += int(mask.sum()) if isinstance(mask, torch.Tensor) else 0
+        elapsed = max(self.bar.format_dict["elapsed"], 1e-9)
+        self.bar.set_postfix(tokens_per_s=f"{self.tokens / elapsed:.0f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class DatasetRun:
+    """One ``extract_cache`` call: the fixed parts of every batch's forward, and what each
+    batch keeps (``batch_saver`` fields, the example order)."""
+
+    def __init__(
+        self,
+        hm: Any,
+        positions: list,
+        config: ExtractionConfig,
+        batch_saver: Callable[[Any], dict[str, Any] | None] | None,
+        sort_by_length: bool,
+        forward_options: dict[str, Any],
+    ):
+        self.hm, self.positions, self.config = hm, positions, config
+        self.batch_saver, self.sort_by_length = batch_saver, sort_by_length
+        self.forward_options = forward_options
+
+    def extract(
+        self, dataloader: Any, output_dir: Any, overwrite: bool, progress: bool
+    ) -> ActivationCache | ActivationStore:
+        """Every batch in order: merged in memory, or streamed to a store at ``output_dir``."""
+        if output_dir is not None:
+            writer = self._writer(output_dir, overwrite)
+            try:
+                self._loop(dataloader, writer, progress)
+                return writer.finish()  # marks the store complete and releases the folder
+            except BaseException:
+                writer.close()  # a failed run must not hold the folder's writer lock
+                raise
+        merged = self._loop(dataloader, None, progress)
+        if len(merged) == 0:
+            raise InputError("extract_cache got an empty dataloader.")
+        if self.sort_by_length:
+            merged.reorder_rows(torch.argsort(merged["batch_saver"]["example_index"]))
+        return merged
+
+    def _writer(self, output_dir: Any, overwrite: bool) -> StoreWriter:
+        options = {
+            "batch_size": self.hm.config.batch_size,
+            "sort_by_length": self.sort_by_length,
+            "seed": self.forward_options.get("seed", 0),
+            "pivot_positions": list(self.forward_options.get("pivot_positions") or []),
+        }
+        description = describe(self.hm, self.config, self.positions, options)
+        return StoreWriter(output_dir, description, overwrite=overwrite)
+
+    def _loop(self, dataloader: Any, writer: StoreWriter | None, progress: bool) -> ActivationCache:
+        merged = ActivationCache(pad_token_id=self.hm.pad_token_id)
+        seen = writer.examples if writer is not None else 0
+        bar = Progress(dataloader, seen, progress)
+        tokenizer = self.hm.get_text_tokenizer()
+        batches = iter_batches(
+            dataloader, tokenizer, self.hm.config.batch_size, self.sort_by_length
+        )
+        for index, (batch, order, records) in enumerate(batches):
+            if writer is not None and writer.check_batch(index, batch, tokenizer, records):
+                continue  # committed by an earlier run, with the same examples
+            seen = writer.examples if writer is not None else seen  # a short last batch reruns
+            cache = self.hm.forward(
+                batch,
+                self.positions,
+                extraction_config=self.config,
+                example_offset=seen,
+                **self.forward_options,
+            )
+            rows = len(cache["position_mask"])
+            saved = self._saved(batch if records is None else records, order, seen, rows, writer)
+            if saved is not None:
+                cache["batch_saver"] = saved
+            if writer is not None:
+                writer.write(cache)
+            else:
+                merged.cat(cache)
+            seen += rows
+            bar.update(batch, rows)
+        bar.close()
+        return merged
+
+    def _saved(
+        self, batch: Any, order: torch.Tensor | None, seen: int, rows: int, writer: Any
+    ) -> dict[str, Any] | None:
+        """The batch's ``batch_saver`` fields, plus ``example_index`` (each row's index in the
+        dataset) when a store or ``sort_by_length`` needs the order back."""
+        payload = self.batch_saver(batch) if self.batch_saver is not None else None
+        if payload is not None and not isinstance(payload, dict):
+            raise HookscopeError(
+                f"batch_saver must return a dict (or None), got {type(payload).__name__}."
+            )
+        if writer is None and not self.sort_by_length:
+            return payload
+        index = order if order is not None else torch.arange(seen, seen + rows)
+        return {**(payload or {}), "example_index": index}
