@@ -151,6 +151,22 @@ def edited_attention(query, key, value, attention_mask, kwargs, edits, offset):
         region = _call_region(edit.region.to(query.device), offset, q_len, kv_len)
         return region.unsqueeze(1) & heads.view(1, -1, 1, 1)
 
+    scores, allowed = _pre_softmax_edits(scores, allowed, edits, cells)
+    scores = torch.where(allowed, scores + additive, torch.finfo(torch.float32).min)
+    if kwargs.get("s_aux") is not None:
+        sink = kwargs["s_aux"].float().view(1, -1, 1, 1).expand(batch, -1, q_len, 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    # masked and blocked cells get exactly 0; a row with nothing left (padding) is all zeros
+    probs = _post_softmax_edits(probs.masked_fill(~allowed, 0.0), allowed, edits, cells, offset)
+    output = torch.matmul(probs.to(values.dtype), values).transpose(1, 2).contiguous()
+    return output, probs
+
+
+def _pre_softmax_edits(scores, allowed, edits, cells):
+    """Scores ``[batch, heads, q_len, kv_len]`` and the allowed mask after the pre-softmax
+    edits: ``block`` removes cells from ``allowed``, ``scale`` / ``set`` change their scores."""
     for edit in (e for e in edits if e.edit.stage == "pre"):
         where = cells(edit)
         if edit.edit.op == "block":
@@ -162,14 +178,12 @@ def edited_attention(query, key, value, attention_mask, kwargs, edits, offset):
             else torch.full_like(scores, edit.edit.value)
         )
         scores = torch.where(where, new, scores)
-    scores = torch.where(allowed, scores + additive, torch.finfo(torch.float32).min)
-    if kwargs.get("s_aux") is not None:
-        sink = kwargs["s_aux"].float().view(1, -1, 1, 1).expand(batch, -1, q_len, 1)
-        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
-    else:
-        probs = torch.softmax(scores, dim=-1)
-    # masked and blocked cells get exactly 0; a row with nothing left (padding) is all zeros
-    probs = probs.masked_fill(~allowed, 0.0)
+    return scores, allowed
+
+
+def _post_softmax_edits(probs, allowed, edits, cells, offset):
+    """Probabilities after the post-softmax edits (never on masked cells), each edited row
+    renormalised when its edit asks for it."""
     for edit in (e for e in edits if e.edit.stage == "post"):
         where = cells(edit) & allowed
         if edit.edit.op == "patch":
@@ -186,8 +200,7 @@ def edited_attention(query, key, value, attention_mask, kwargs, edits, offset):
             probs = torch.where(
                 touched, probs / probs.sum(-1, keepdim=True).clamp(min=1e-30), probs
             )
-    output = torch.matmul(probs.to(values.dtype), values).transpose(1, 2).contiguous()
-    return output, probs
+    return probs
 
 
 def _patched_probs(probs: torch.Tensor, edit, offset: int) -> torch.Tensor:

@@ -142,11 +142,7 @@ def compute_patching(
         ):
             _check_dictionary_idxs(hm, name, idxs, target_batches)
     for index, (base, target) in enumerate(zip(base_batches, target_batches, strict=True)):
-        interventions = []
-        for positions, points in queries:
-            config = ExtractionConfig(**_flags_for(points, hm.model_map), save_logits=False)
-            source = hm.forward(base, positions, extraction_config=config)
-            interventions += [Patch(point=p, positions=positions, source=source) for p in points]
+        interventions = _patches_from(hm, base, queries)
         patched = hm.forward(
             target,
             list(target_token_positions),
@@ -155,20 +151,40 @@ def compute_patching(
             **kwargs,
         )
         if return_logit_diff:
-            clean = hm.forward(target, ["last"])["logits"][:, 0]
-            after = hm.forward(target, ["last"], interventions=interventions)["logits"][:, 0]
-            base_ids, target_ids = base_dictonary_idxs[index], target_dictonary_idxs[index]
-            in_clean = _logit_of(clean, target_ids) - _logit_of(clean, base_ids)
-            in_patched = _logit_of(after, target_ids) - _logit_of(after, base_ids)
-            patched["logit_diff_in_clean"] = in_clean
-            patched["logit_diff_in_patched"] = in_patched
-            patched["logit_diff_variation"] = in_patched - in_clean
-            clean_lp, after_lp = clean.float().log_softmax(-1), after.float().log_softmax(-1)
-            patched["kl_clean_to_patched"] = (clean_lp.exp() * (clean_lp - after_lp)).sum(-1)
+            ids = (base_dictonary_idxs[index], target_dictonary_idxs[index])
+            patched.update(_logit_diff_fields(hm, target, interventions, *ids))
         if batch_saver is not None and (payload := batch_saver(target)) is not None:
             patched["batch_saver"] = payload
         merged.cat(patched)
     return merged
+
+
+def _patches_from(hm: Any, base: Any, queries: list[tuple[list, list[str]]]) -> list[Patch]:
+    """One :class:`Patch` per queried point, its source extracted from the base batch."""
+    patches = []
+    for positions, points in queries:
+        config = ExtractionConfig(**_flags_for(points, hm.model_map), save_logits=False)
+        source = hm.forward(base, positions, extraction_config=config)
+        patches += [Patch(point=p, positions=positions, source=source) for p in points]
+    return patches
+
+
+def _logit_diff_fields(
+    hm: Any, target: Any, patches: list[Patch], base_ids: Any, target_ids: Any
+) -> dict[str, torch.Tensor]:
+    """``[batch]`` logit(target) - logit(base) before and after patching, their difference,
+    and KL(clean || patched) of the next-token distributions, at the last real token."""
+    clean = hm.forward(target, ["last"])["logits"][:, 0]
+    after = hm.forward(target, ["last"], interventions=patches)["logits"][:, 0]
+    in_clean = _logit_of(clean, target_ids) - _logit_of(clean, base_ids)
+    in_patched = _logit_of(after, target_ids) - _logit_of(after, base_ids)
+    clean_lp, after_lp = clean.float().log_softmax(-1), after.float().log_softmax(-1)
+    return {
+        "logit_diff_in_clean": in_clean,
+        "logit_diff_in_patched": in_patched,
+        "logit_diff_variation": in_patched - in_clean,
+        "kl_clean_to_patched": (clean_lp.exp() * (clean_lp - after_lp)).sum(-1),
+    }
 
 
 def _batch_list(dataloader: Any) -> list[Any]:

@@ -1,4 +1,6 @@
-"""HookedModel: the facade. It wires positions, capture hooks and the HF forward together."""
+"""HookedModel: the facade. Loading, accessors and hook registration; each entry point plans its
+call and runs it through :mod:`hookscope.pipeline` (forward, generate) or a module around it
+(:mod:`hookscope.dataset`, :mod:`hookscope.patching`, :mod:`hookscope.compat`)."""
 
 from __future__ import annotations
 

@@ -103,16 +103,22 @@ def prepare_inputs(
         )
     kwargs["attention_mask"] = mask
     prepare_multimodal(kwargs, model, accepted)
-    padded = not bool(mask.bool().all())
+    _add_padded_positions(kwargs, model, accepted)
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+
+
+def _add_padded_positions(kwargs: dict[str, Any], model: nn.Module, accepted: frozenset) -> None:
+    """Under padding, ``position_ids`` counted over each row's real tokens (unless given, or
+    the model derives its own), so a padded row computes exactly what it computes alone."""
+    mask = kwargs["attention_mask"]
     if (
-        padded
+        not bool(mask.bool().all())
         and "position_ids" in accepted
         and kwargs.get("position_ids") is None
         and not computes_own_positions(accepted)
     ):
         position_ids = mask.long().cumsum(-1) - 1 + first_position(model)
         kwargs["position_ids"] = position_ids.masked_fill(mask == 0, 1)
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
 
 
 def to_left_padding(model_inputs: dict[str, Any]) -> dict[str, Any]:

@@ -1,5 +1,6 @@
-"""Activation patching: batched sweeps over layers x
-positions / heads, a one-forward-per-site loop (the slow reference), and attribution patching.
+"""Activation patching: batched sweeps over layers x positions / heads, a one-forward-per-site
+loop (the slow reference), and attribution patching. (The reference design's
+``compute_patching`` is in :mod:`hookscope.compat`.)
 
 Sweeps use "clean" for the run whose activations are copied and "corrupt" for the run they are
 copied into. The metric is read at each example's last real token; with ``normalize`` it is

@@ -92,24 +92,14 @@ def _count_kv_heads(attention: nn.Module, spec: ArchSpec, n_heads: int, d_head: 
     return keys // d_head if keys else None
 
 
-def resolve_architecture(model: nn.Module) -> ModelMap:
-    """Find the decoder stack of ``model`` (an HF PreTrainedModel) and resolve its parts.
+def _layer_parts(
+    decoder: nn.Module, spec: ArchSpec, n_layers: int, model_type: str
+) -> list[LayerParts]:
+    """The parts of each of the decoder's first ``n_layers`` layers, as ``spec`` names them.
 
     Raises:
-        ArchitectureError: naming the part that could not be found.
+        ArchitectureError: for a missing layer list, attention or MLP (naming the children).
     """
-    config = model.config.get_text_config()
-    model_type = getattr(config, "model_type", type(model).__name__)
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if decoder is None:
-        raise ArchitectureError(
-            f"{type(model).__name__} has no get_decoder(): hookscope could not find its text decoder."
-        )
-    n_layers = config.num_hidden_layers
-    spec, discovered = SPECS.get(model_type), False
-    if spec is None:
-        spec, discovered = discover_spec(decoder, n_layers, model_type), True
-
     layer_list = getattr(decoder, spec.layers, None)
     if not isinstance(layer_list, nn.ModuleList):
         raise ArchitectureError(
@@ -135,6 +125,28 @@ def resolve_architecture(model: nn.Module) -> ModelMap:
                 mlp_out_norm=_child(block, spec.mlp_out_norm),
             )
         )
+    return layers
+
+
+def resolve_architecture(model: nn.Module) -> ModelMap:
+    """Find the decoder stack of ``model`` (an HF PreTrainedModel) and resolve its parts.
+
+    Raises:
+        ArchitectureError: naming the part that could not be found.
+    """
+    config = model.config.get_text_config()
+    model_type = getattr(config, "model_type", type(model).__name__)
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if decoder is None:
+        raise ArchitectureError(
+            f"{type(model).__name__} has no get_decoder(): hookscope could not find its text decoder."
+        )
+    n_layers = config.num_hidden_layers
+    spec, discovered = SPECS.get(model_type), False
+    if spec is None:
+        spec, discovered = discover_spec(decoder, n_layers, model_type), True
+
+    layers = _layer_parts(decoder, spec, n_layers, model_type)
     final_norm, embed = _child(decoder, spec.final_norm), _child(decoder, spec.embed)
     for part, module in (("final norm", final_norm), ("token embedding", embed)):
         if module is None:
