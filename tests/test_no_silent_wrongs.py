@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tiny_models import PROMPTS, build_model, build_tokenizer
+from tiny_models import PROMPTS, build_model, build_tokenizer, patching_pair
 
 from hookscope import ExtractionConfig, HookedModel, HookedModelConfig, HookscopeError
 from hookscope.errors import InputError, KeywordError
@@ -114,13 +114,6 @@ def test_extract_cache_of_one_tokenized_batch(hm):
 
 
 # -- patching inputs ----------------------------------------------------------------------------
-def _pair():
-    tokenizer = build_tokenizer()
-    ids = tokenizer(["The cat sat on the mat"], return_tensors="pt")["input_ids"]
-    clean = {"input_ids": ids.repeat(2, 1), "attention_mask": torch.ones(2, ids.shape[1]).long()}
-    corrupt = {k: v.clone() for k, v in clean.items()}
-    corrupt["input_ids"][:, 1] = torch.tensor([100, 120])
-    return clean, corrupt
 
 
 QUERY = [{"patching_elem": "@last", "layers_to_patch": [1], "activation_type": "resid_out_{}"}]
@@ -138,7 +131,7 @@ QUERY = [{"patching_elem": "@last", "layers_to_patch": [1], "activation_type": "
     ],
 )
 def test_compute_patching_checks_dictionary_indices_before_any_forward(hm, base_idxs, match):
-    clean, corrupt = _pair()
+    clean, corrupt = patching_pair()
     calls = []
     hook = {"component": "model.layers[0]", "intervention": lambda *a: calls.append(1)}
     hm.register_forward_hook(hook["component"], hook["intervention"])
@@ -159,14 +152,14 @@ def test_compute_patching_checks_dictionary_indices_before_any_forward(hm, base_
 
 
 def test_compute_patching_takes_one_tokenized_batch(hm):
-    clean, corrupt = _pair()
+    clean, corrupt = patching_pair()
     as_list = hm.compute_patching(["last"], [clean], [corrupt], patching_query=QUERY)
     as_batch = hm.compute_patching(["last"], clean, corrupt, patching_query=QUERY)
     torch.testing.assert_close(as_batch["logits"], as_list["logits"], rtol=0, atol=0)
 
 
 def test_patching_equal_runs_warns_and_does_not_normalise(hm):
-    clean, _ = _pair()
+    clean, _ = patching_pair()
     answers = (torch.tensor([5, 9]), torch.tensor([7, 11]))
     with pytest.warns(UserWarning, match="same logit_diff .* unnormalised"):
         result = activation_patching(hm, clean, clean, answers, per="layer")
@@ -178,7 +171,7 @@ def test_patching_equal_runs_warns_and_does_not_normalise(hm):
 
 
 def test_answers_as_strings(hm):
-    clean, corrupt = _pair()
+    clean, corrupt = patching_pair()
     tokenizer = hm.get_text_tokenizer()
     one = [
         t

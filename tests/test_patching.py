@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import build_model, build_tokenizer
+from tiny_models import build_model, build_tokenizer, patching_pair
 
 from hookscope import HookedModel, InputError
 from hookscope.patching import activation_patching, attribution_patching
@@ -29,19 +29,6 @@ def hm():
     return HookedModel.from_hf(build_model("llama"), build_tokenizer())
 
 
-def _equal_lengths():
-    tokenizer = build_tokenizer()
-    ids = tokenizer(["The cat sat on the mat"], return_tensors="pt")["input_ids"]
-    clean = {
-        "input_ids": ids.repeat(2, 1),
-        "attention_mask": torch.ones(2, ids.shape[1], dtype=torch.long),
-    }
-    clean["input_ids"][1, 3] = 50
-    corrupt = {k: v.clone() for k, v in clean.items()}
-    corrupt["input_ids"][:, 1] = torch.tensor([100, 120])
-    return clean, corrupt
-
-
 @pytest.mark.parametrize(
     "point, per",
     [
@@ -53,7 +40,7 @@ def _equal_lengths():
     ],
 )
 def test_batched_sweep_equals_one_forward_per_site(hm, point, per):
-    clean, corrupt = _equal_lengths()
+    clean, corrupt = patching_pair()
     fast = activation_patching(hm, clean, corrupt, ANSWERS, point=point, per=per, batch_size=7)
     slow = activation_patching(hm, clean, corrupt, ANSWERS, point=point, per=per, batched=False)
     torch.testing.assert_close(fast.per_example, slow.per_example, rtol=1e-5, atol=1e-5)
@@ -62,7 +49,7 @@ def test_batched_sweep_equals_one_forward_per_site(hm, point, per):
 
 
 def test_residual_sweep_localises(hm):
-    clean, corrupt = _equal_lengths()
+    clean, corrupt = patching_pair()
     result = activation_patching(hm, clean, corrupt, ANSWERS, point="resid_out", per="position")
     last = result.values.shape[1] - 1
     # the final layer at the last position restores the clean logit difference exactly ...
@@ -81,7 +68,7 @@ def test_residual_sweep_localises(hm):
 
 
 def test_attribution_agrees_with_activation_patching_where_linear(hm):
-    clean, corrupt = _equal_lengths()
+    clean, corrupt = patching_pair()
     exact = activation_patching(hm, clean, corrupt, ANSWERS, point="resid_out", per="position")
     approx = attribution_patching(hm, clean, corrupt, ANSWERS, point="resid_out")
     assert approx.values.shape == exact.values.shape
@@ -106,7 +93,7 @@ def test_misaligned_pairs_fail_before_any_forward(hm):
 
 
 def test_compute_patching_reference_form(hm):
-    clean, corrupt = _equal_lengths()
+    clean, corrupt = patching_pair()
     result = hm.compute_patching(
         ["last"],
         base_dataloader=[clean],

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 import torch
-from tiny_models import build_model, build_tokenizer
+from tiny_models import build_model, build_tokenizer, patching_pair
 
 from hookscope import ExtractionConfig, HookedModel, HookscopeError
 from hookscope.interventions import Ablation, PatternEdit, Steer
@@ -32,20 +32,10 @@ def hm():
     return HookedModel.from_hf(build_model("llama"), build_tokenizer())
 
 
-def _pair():
-    tokenizer = build_tokenizer()
-    ids = tokenizer(["The cat sat on the mat"], return_tensors="pt")["input_ids"]
-    clean = {"input_ids": ids.repeat(2, 1), "attention_mask": torch.ones(2, ids.shape[1]).long()}
-    clean["input_ids"][1, 3] = 50
-    corrupt = {k: v.clone() for k, v in clean.items()}
-    corrupt["input_ids"][:, 1] = torch.tensor([100, 120])
-    return clean, corrupt
-
-
 @pytest.mark.parametrize("registered", range(len(REGISTERED)))
 @pytest.mark.parametrize("point, per", SWEEPS)
 def test_batched_equals_looped_with_registered_interventions(hm, point, per, registered):
-    clean, corrupt = _pair()
+    clean, corrupt = patching_pair()
     plain = activation_patching(hm, clean, corrupt, ANSWERS, point=point, per=per, layers=[1])
     hm.register_interventions(REGISTERED[registered])
     try:
@@ -70,7 +60,7 @@ def test_batched_equals_looped_with_registered_interventions(hm, point, per, reg
 
 
 def test_forward_generate_and_sweep_agree_on_one_intervention(hm):
-    clean, corrupt = _pair()
+    clean, corrupt = patching_pair()
     steer = Steer(point="resid_out_0", positions=["all"], vector=torch.full((64,), 0.5))
     hm.register_interventions([steer])
     try:

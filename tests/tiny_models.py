@@ -151,3 +151,18 @@ PROMPTS = [
     "The capital of France is Paris and the capital",
     "Hello world",
 ]
+
+
+def patching_pair() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A clean / corrupt pair of 2 examples of one token length (no padding): the second example
+    differs from the first at position 3, and the corrupt run differs at position 1."""
+    tokenizer = build_tokenizer()
+    ids = tokenizer(["The cat sat on the mat"], return_tensors="pt")["input_ids"]
+    clean = {
+        "input_ids": ids.repeat(2, 1),
+        "attention_mask": torch.ones(2, ids.shape[1], dtype=torch.long),
+    }
+    clean["input_ids"][1, 3] = 50
+    corrupt = {k: v.clone() for k, v in clean.items()}
+    corrupt["input_ids"][:, 1] = torch.tensor([100, 120])
+    return clean, corrupt
