@@ -84,6 +84,13 @@ GUIDE = {
         "`ExtractionConfig.from_dict` got keys that are not fields.",
         "Remove or rename the keys.",
     ),
+    "dataset": (
+        "A dataset extract_cache cannot batch as asked: an empty dataloader, records without a "
+        "string 'text', sort_by_length on batches it did not build, a batch_saver that returns "
+        "no dict.",
+        "Pass a list of strings or records (or tokenized batches) and a batch_saver returning a "
+        "dict of per-example fields.",
+    ),
     "distributed": (
         "Ray is not installed, no prompts were given, or a worker's part store did not finish.",
         "Install `hookscope[ray]`; run the same call again to resume unfinished parts.",
@@ -96,8 +103,8 @@ GUIDE = {
         "position slots; extract patch sources at the same position items.",
     ),
     "hooked_model": (
-        "Using the model in a way it cannot serve: a processor on a text model, an empty "
-        "dataloader, names and extraction_config together.",
+        "Using the model in a way it cannot serve: a processor on a text model, names and "
+        "extraction_config together.",
         "Follow the message.",
     ),
     "hooks": (
