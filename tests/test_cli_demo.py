@@ -282,6 +282,7 @@ def test_sigint_stops_a_real_run_in_one_line(tiny_folder, tmp_path):
     import signal
     import subprocess
     import sys
+    import threading
     import time
     from pathlib import Path
 
@@ -294,11 +295,22 @@ def test_sigint_stops_a_real_run_in_one_line(tiny_folder, tmp_path):
     argv = [sys.executable, "-m", "hookscope", "extract", str(tiny_folder), "--prompts"]
     argv += [str(prompts), "--points", "resid_out", "--batch-size", "1", "--out", str(out)]
     process = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
+    # drain stderr (the progress bar) as it comes, so the child never blocks on a full pipe
+    chunks: list[str] = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(process.stderr.readline, "")))
+    reader.start()
+    deadline = time.monotonic() + 300
     while _committed(out) < 3 and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be interrupted"
     process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=60)
+    try:
+        process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        reader.join(30)
+    err = "".join(chunks)
     said = [line.split("\r")[-1] for line in err.splitlines() if "hookscope:" in line]
     assert process.returncode == 130 and "Traceback" not in err, err[-2000:]
     store = ActivationStore.open(out)
