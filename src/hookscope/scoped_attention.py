@@ -79,10 +79,10 @@ def scoped_name(original: str) -> str:
     as "is a flash kernel requested" answer as they do for the original."""
     name = PREFIX + original
     with _REGISTER_LOCK:
-        if name not in AttentionInterface._global_mapping:
+        if name not in ALL_ATTENTION_FUNCTIONS:
             AttentionInterface.register(name, _dispatcher(original))
             # a kernel without a mask function gets the 2-D mask as is: keep that for ours
-            if original in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+            if original in ALL_MASK_ATTENTION_FUNCTIONS:
                 AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
     return name
 
