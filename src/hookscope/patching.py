@@ -450,6 +450,41 @@ def _looped_sweep(hm, clean, corrupt, point, sites, slots, batch_size, progress,
     return results.flatten(), len(sites)
 
 
+def _corrupt_gradients(hm, corrupt, point, layers, metric_fn) -> dict[int, torch.Tensor]:
+    """Each layer's point tensor ``[N, T, w]`` in the corrupt run, with ``.grad`` holding
+    d(sum of the metric)/d(tensor) from one forward and one backward."""
+    heads = point == "head"
+    tensors: dict[int, torch.Tensor] = {}
+    hooks = []
+    for layer in layers:
+        site = _site_of(hm, point, layer, 0 if heads else None)
+
+        def keep(tensor, key=layer):
+            tensor.retain_grad()
+            tensors[key] = tensor
+
+        hooks.append(reading_hook(site.module, site.when, keep))
+    logits = _last_logits(hm, corrupt, hooks, keep_gradient=True)
+    metric_fn(logits).sum().backward()
+    hm.hf_model.zero_grad(set_to_none=True)
+    return tensors
+
+
+def _attribution_row(hm, point, layer, tensor, clean_acts, slots, mask) -> torch.Tensor:
+    """One layer's attribution ``(clean - corrupt) . grad``: ``[N, heads]`` (summed over real
+    positions) for head sweeps, else ``[N, P]`` per real position slot."""
+    if point != "head":
+        delta = clean_acts[(layer, None)] - tensor.detach()
+        return slots.select((delta * tensor.grad).sum(-1, keepdim=True)).squeeze(-1)
+    per_head = []
+    for head in range(hm.model_map.n_heads):
+        site = _site_of(hm, point, layer, head)
+        delta = clean_acts[(layer, head)] - site.read(tensor.detach())
+        grad = site.read(tensor.grad)
+        per_head.append(((delta * grad).sum(-1) * mask).sum(-1))  # [N]
+    return torch.stack(per_head, 1)
+
+
 def attribution_patching(
     hm: Any,
     clean: Any,
@@ -475,37 +510,15 @@ def attribution_patching(
     heads = point == "head"
     clean_acts = _full_activations(hm, clean, point, layers, heads)
 
-    tensors: dict[tuple, torch.Tensor] = {}
-    hooks = []
-    for layer in layers:
-        site = _site_of(hm, point, layer, 0 if heads else None)
-
-        def keep(tensor, key=layer):
-            tensor.retain_grad()
-            tensors[key] = tensor
-
-        hooks.append(reading_hook(site.module, site.when, keep))
-    logits = _last_logits(hm, corrupt, hooks, keep_gradient=True)
-    _metric(logits, metric, correct, wrong).sum().backward()
-    hm.hf_model.zero_grad(set_to_none=True)
-    mask = corrupt["attention_mask"].bool()
+    tensors = _corrupt_gradients(hm, corrupt, point, layers, lambda logits: _metric(
+        logits, metric, correct, wrong
+    ))  # fmt: skip
     slots = resolve_positions(["all"], corrupt["attention_mask"])
-    grids = []
-    for layer in layers:
-        tensor = tensors[layer]
-        if heads:
-            per_head = []
-            for head in range(m.n_heads):
-                site = _site_of(hm, point, layer, head)
-                delta = clean_acts[(layer, head)] - site.read(tensor.detach())
-                grad = site.read(tensor.grad)
-                per_head.append(((delta * grad).sum(-1) * mask).sum(-1))  # [N]
-            grids.append(torch.stack(per_head, 1))
-        else:
-            delta = clean_acts[(layer, None)] - tensor.detach()
-            grids.append(
-                slots.select((delta * tensor.grad).sum(-1, keepdim=True)).squeeze(-1)
-            )  # [N, P]
+    mask = corrupt["attention_mask"].bool()
+    grids = [
+        _attribution_row(hm, point, layer, tensors[layer], clean_acts, slots, mask)
+        for layer in layers
+    ]
     per_example = torch.stack(grids, 1)
     axes = ["layer", "head"] if heads else ["layer", "position"]
     labels = {"layer": layers}
