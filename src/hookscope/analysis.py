@@ -155,10 +155,7 @@ class ResidualDecomposition:
         (row 0 the embeddings; the last row is :attr:`residual`)."""
         layer_of = torch.tensor(self.layer_of)
         return torch.stack(
-            [
-                self.components[layer_of < bound].sum(0)
-                for bound in range(0, self.layer + 1)
-            ]
+            [self.components[layer_of < bound].sum(0) for bound in range(0, self.layer + 1)]
         )
 
     def __getitem__(self, label: str) -> torch.Tensor:
@@ -173,7 +170,7 @@ def _layer_plan(hm: Any, layers: list[int], per_head: bool) -> ExtractionConfig:
     return ExtractionConfig(
         extract_embed=True,
         extract_resid_out=bool(layers),
-        extract_attn_out=sandwich and per_head,
+        extract_attn_out=True,
         extract_attn_out_post_norm=sandwich,
         extract_mlp_out_post_norm=sandwich,
         extract_mlp_out=not sandwich,
@@ -266,7 +263,9 @@ def decompose_resid(
     layer_of = [-1] * len(parts)
     for current in layers:
         block = _attention_parts(hm, cache, current, per_head)
-        mlp = "mlp_out" if hm.model_map.layers[current].mlp_out_norm is None else "mlp_out_post_norm"
+        mlp = (
+            "mlp_out" if hm.model_map.layers[current].mlp_out_norm is None else "mlp_out_post_norm"
+        )
         block.append((point_key(mlp, current), cache[point_key(mlp, current)].float()))
         parts += block
         layer_of += [current] * len(block)
@@ -455,7 +454,6 @@ def logit_attribution(
     )
 
 
-
 # -- head detectors ----------------------------------------------------------------------------
 
 DETECTORS = ("previous_token", "duplicate_token", "induction")
@@ -493,7 +491,9 @@ class HeadScores:
     def __str__(self) -> str:
         lines = []
         for detector in self.scores:
-            heads = ", ".join(f"L{l}H{h} {s:.2f}" for l, h, s in self.top(detector, 3))
+            heads = ", ".join(
+                f"L{layer}H{head} {score:.2f}" for layer, head, score in self.top(detector, 3)
+            )
             lines.append(f"{detector:<16} {heads}")
         return "\n".join(lines)
 
