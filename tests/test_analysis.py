@@ -289,3 +289,18 @@ def test_repeated_random_tokens_and_top(tiny_llama):
     assert f"L{layer}H{head}" in str(scores)
     with pytest.raises(HookscopeError, match="no detector 'copying'"):
         scores["copying"]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma"])
+def test_attribution_in_bfloat16(family):
+    """A half-precision model: the frozen norm casts its probe to the norm's dtype (LayerNorm
+    refuses mixed dtypes) and the attributions still sum to the model's logit difference."""
+    hm = HookedModel.from_hf(build_model(family).to(torch.bfloat16), build_tokenizer())
+    batch = hm.prepare_inputs(PROMPTS)
+    _, _, logits = _reference(hm, batch)
+    result = logit_attribution(hm, batch, 11, 40, TARGETS, per_head=True)
+    expected = _at_targets(hm, batch, logits)
+    # bfloat16 keeps ~3 significant digits: 2e-2 of scale
+    assert_close_to_scale(
+        result.total + result.constant, expected[..., 11] - expected[..., 40], rtol=2e-2
+    )

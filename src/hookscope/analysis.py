@@ -110,12 +110,13 @@ def frozen_norm(module: torch.nn.Module, probe: torch.Tensor) -> FrozenNorm:
     )
     weight = getattr(module, "weight", None)
     bias = getattr(module, "bias", None)
-    gains = [None] if weight is None else [weight.detach(), 1 + weight.detach()]
+    gains = [None] if weight is None else [weight.detach(), 1 + weight.detach().float()]
+    dtype = probe.dtype if weight is None else weight.dtype
     with torch.no_grad():
-        expected = module(probe).float()
+        expected = module(probe.to(dtype)).float()
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2  # a half-precision norm rounds
     for gain in gains:
         norm = FrozenNorm(centre, gain, None if bias is None else bias.detach(), eps)
-        tolerance = 1e-4 if probe.dtype == torch.float32 else 3e-2
         if (norm(probe) - expected).abs().max() <= tolerance * (1 + expected.abs().max()):
             return norm
     raise HookscopeError(
@@ -538,31 +539,40 @@ def detector_masks(input_ids: torch.Tensor, real: torch.Tensor) -> dict[str, tor
     }
 
 
-def _full_patterns(hm: Any, model_inputs: dict[str, Any]) -> torch.Tensor:
-    """``[batch, n_layers, n_heads, seq, seq]`` attention probabilities of every head, read
-    under the model's own kernel (rows of padded queries are 0)."""
+def _add_scores(
+    hm: Any, chunk: dict[str, Any], sums: dict[str, torch.Tensor], counts: dict[str, int]
+) -> None:
+    """Add one batch's detector masses ``[n_layers, n_heads]`` to ``sums`` and its scored
+    queries to ``counts``, from every head's pattern rows read under the model's own kernel."""
     config = ExtractionConfig(
         extract_attn_pattern=True, attn_pattern_all_keys=True, save_logits=False
     )
-    cache = hm.forward(model_inputs, ["all"], extraction_config=config)
-    mask = model_inputs["attention_mask"]
-    positions = resolve_positions(normalize_items(["all"]), mask, model_inputs["input_ids"])
-    batch, seq = mask.shape
-    n_layers, n_heads = hm.model_map.n_layers, hm.model_map.n_heads
-    full = torch.zeros(batch, n_layers, n_heads, seq, seq)
-    for layer in range(n_layers):
-        for head in range(n_heads):
-            rows = cache[point_key("pattern", layer, head)].float().cpu()
-            for b in range(batch):
-                real = positions.mask[b]
-                full[b, layer, head, positions.index[b][real]] = rows[b][real]
-    return full
+    cache = hm.forward(chunk, ["all"], extraction_config=config)
+    ids, real = chunk["input_ids"].cpu(), chunk["attention_mask"].cpu()
+    positions = resolve_positions(normalize_items(["all"]), real, ids)
+    rows_real = positions.mask  # [batch, R]: the row is a real query
+    query = positions.index.clamp(max=ids.shape[1] - 1)  # [batch, R] its absolute position
+    targets, scored = {}, {}
+    for name, mask in detector_masks(ids, real).items():
+        # the mask at each row's query [batch, R, seq]; rows that score: a real query with a target
+        targets[name] = mask.gather(1, query[..., None].expand(-1, -1, mask.shape[2]))
+        scored[name] = targets[name].any(-1) & rows_real
+        counts[name] += int(scored[name].sum())
+    for layer in range(hm.model_map.n_layers):
+        for head in range(hm.model_map.n_heads):
+            pattern = cache[point_key("pattern", layer, head)].float().cpu()
+            for name in DETECTORS:
+                mass = (pattern * targets[name]).sum(-1)  # [batch, R]
+                sums[name][layer, head] += mass[scored[name]].sum()
 
 
 def detect_heads(hm: Any, inputs: Any = None, batch_size: int = 8) -> HeadScores:
     """Previous-token, duplicate-token and induction scores of every head (see
     :class:`HeadScores`), on ``inputs`` (strings or a tokenized batch; default:
-    :func:`repeated_random_tokens`), batched by ``batch_size``, under the model's own kernel."""
+    :func:`repeated_random_tokens`), batched by ``batch_size``, under the model's own kernel.
+
+    Each batch holds every head's pattern, ``batch * n_layers * n_heads * seq^2`` floats: lower
+    ``batch_size`` for long prompts."""
     if inputs is None:
         inputs = repeated_random_tokens(hm)
     model_inputs = hm.prepare_inputs(inputs)
@@ -575,13 +585,7 @@ def detect_heads(hm: Any, inputs: Any = None, batch_size: int = 8) -> HeadScores
             key: value[start : start + batch_size] if isinstance(value, torch.Tensor) else value
             for key, value in model_inputs.items()
         }
-        patterns = _full_patterns(hm, chunk)
-        masks = detector_masks(chunk["input_ids"].cpu(), chunk["attention_mask"].cpu())
-        for name, mask in masks.items():
-            scored = mask.any(-1)  # [batch, q]: queries with a target
-            mass = (patterns * mask[:, None, None]).sum(-1)  # [batch, L, H, q]
-            sums[name] += (mass * scored[:, None, None]).sum((0, 3))
-            counts[name] += int(scored.sum())
+        _add_scores(hm, chunk, sums, counts)
     return HeadScores(
         scores={name: sums[name] / max(counts[name], 1) for name in DETECTORS},
         queries=counts,
