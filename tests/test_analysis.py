@@ -175,7 +175,14 @@ def test_result_prints_and_ranks_components(tiny_llama, tmp_path):
     assert heads.shape == (2, 4)
     assert heads[1, 2].item() == pytest.approx(mean[result.labels.index("head_out_L1H2")].item())
     figure = result.plot(tmp_path / "dla.png")
-    assert (tmp_path / "dla.png").stat().st_size > 1000 and figure is not None
+    assert (tmp_path / "dla.png").stat().st_size > 1000
+    shown = figure.axes[0].images[0].get_array()  # the heatmap holds heads()
+    assert torch.allclose(torch.as_tensor(shown.data), heads)
+    per_layer = logit_attribution(tiny_llama, PROMPTS, 9, 10)
+    grid = torch.as_tensor(per_layer.plot().axes[0].images[0].get_array().data)
+    mean = per_layer.mean()
+    assert grid[1, 0] == pytest.approx(mean[per_layer.labels.index("attn_out_1")].item())
+    assert grid[0, 1] == pytest.approx(mean[per_layer.labels.index("mlp_out_0")].item())
 
 
 def test_frozen_norm_of_each_kind():

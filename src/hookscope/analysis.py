@@ -300,11 +300,13 @@ class LogitAttribution:
         constant: ``[batch, P]``, the terms no component carries: the final norm's bias
             through the direction plus the unembedding bias of the answer (minus the other's).
         position_mask: ``[batch, P]`` bool; tokens: the string of each target position.
+        layer_of: the layer of each component (-1 for the embeddings).
         n_heads: the heads per layer when the attribution is per head, else None.
     """
 
     values: torch.Tensor
     labels: list[str]
+    layer_of: list[int]
     total: torch.Tensor
     constant: torch.Tensor
     position_mask: torch.Tensor
@@ -341,24 +343,33 @@ class LogitAttribution:
         return "\n".join(lines)
 
     def plot(self, path: Any = None) -> Any:
-        """A bar chart of the mean attribution of each component (a heatmap of the heads when
-        per head), through :mod:`hookscope.plot`; saved to ``path`` when given."""
-        import matplotlib.pyplot as plt
+        """A heatmap (:func:`hookscope.plot.heatmap_figure`) of the mean attribution: layers x
+        heads when per head, else layers x (attention, MLP); saved as PNG when ``path`` is given.
+        The embeddings' share is in the title."""
+        from .plot import heatmap_figure
 
-        figure, axes = plt.subplots(figsize=(max(6, len(self.labels) * 0.25), 3.5))
+        mean = self.mean()
+        embed = sum(float(mean[i]) for i, at in enumerate(self.layer_of) if at < 0)
         if self.n_heads is not None:
-            image = axes.imshow(self.heads().cpu(), cmap="RdBu_r", aspect="auto")
-            figure.colorbar(image, ax=axes)
-            axes.set_xlabel("head")
-            axes.set_ylabel("layer")
+            grid, columns = self.heads(), [f"H{h}" for h in range(self.n_heads)]
         else:
-            axes.bar(range(len(self.labels)), self.mean().cpu())
-            axes.set_xticks(range(len(self.labels)), self.labels, rotation=90, fontsize=7)
-        axes.set_title("direct logit attribution")
-        figure.tight_layout()
-        if path is not None:
-            figure.savefig(path, dpi=120)
-        return figure
+            n_layers = max(self.layer_of) + 1
+            grid = torch.zeros(n_layers, 2)
+            for i, (label, at) in enumerate(zip(self.labels, self.layer_of, strict=True)):
+                if at >= 0:
+                    grid[at, 1 if label.startswith("mlp_out") else 0] += mean[i]
+            columns = ["attention", "MLP"]
+        return heatmap_figure(
+            grid,
+            list(range(grid.shape[0])),
+            columns,
+            f"direct logit attribution (embeddings {embed:+.3f})",
+            "head" if self.n_heads is not None else "component",
+            "layer",
+            "attribution",
+            path=path,
+            diverging=True,
+        )
 
 
 def _token_ids(hm: Any, answer: Any, batch: int) -> torch.Tensor:
@@ -447,6 +458,7 @@ def logit_attribution(
     return LogitAttribution(
         values=values,
         labels=decomposition.labels,
+        layer_of=decomposition.layer_of,
         total=values.sum(0),
         constant=constant.clone(),
         position_mask=decomposition.position_mask,
