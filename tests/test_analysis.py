@@ -165,6 +165,13 @@ def test_one_logit_and_a_direction_agree(tiny_llama):
     assert torch.equal(logit_attribution(tiny_llama, batch, text, None, TARGETS).values, one.values)
 
 
+def test_one_position_item_is_one_slot(tiny_llama):
+    one = logit_attribution(tiny_llama, PROMPTS, 9, target_token_positions="last")
+    listed = logit_attribution(tiny_llama, PROMPTS, 9, target_token_positions=["last"])
+    assert one.values.shape[2] == 1
+    torch.testing.assert_close(one.values, listed.values)
+
+
 def test_result_prints_and_ranks_components(tiny_llama, tmp_path):
     result = logit_attribution(tiny_llama, PROMPTS, 9, 10, per_head=True)
     top = result.top(3)

@@ -222,6 +222,13 @@ def _embedding_parts(hm: Any, cache: Any, ids: torch.Tensor) -> list[tuple[str, 
     return [("embed", token), ("pos_embed", embeddings - token)]
 
 
+def _position_items(target_token_positions: Any) -> list[Any]:
+    """One position item (``"last"``, ``3``) or a list of items -> a list of items."""
+    if isinstance(target_token_positions, str | int):
+        return [target_token_positions]
+    return list(target_token_positions)
+
+
 def decompose_resid(
     hm: Any,
     inputs: Any,
@@ -249,13 +256,10 @@ def decompose_resid(
         raise HookscopeError(f"layer {layer} is out of range: choose 0..{n_layers} (or None).")
     model_inputs = hm.prepare_inputs(inputs)
     layers = list(range(layer))
-    cache = hm.forward(
-        model_inputs,
-        list(target_token_positions),
-        extraction_config=_layer_plan(hm, layers, per_head),
-    )
+    items = _position_items(target_token_positions)
+    cache = hm.forward(model_inputs, items, extraction_config=_layer_plan(hm, layers, per_head))
     positions = resolve_positions(
-        normalize_items(list(target_token_positions)),
+        normalize_items(items),
         model_inputs["attention_mask"],
         model_inputs["input_ids"],
     )
