@@ -234,3 +234,29 @@ def test_transformer_lens_decompose_resid_and_logit_attrs_on_smollm2():
         heads, tokens=torch.tensor(mary), incorrect_tokens=torch.tensor(john), pos_slice=-1
     )
     assert_close_to_scale(per_head.values[rows, 0, 0], head_attrs[:, 0], rtol=1e-4)
+
+
+@needs_transformer_lens
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_transformer_lens_logit_attrs(family, tmp_path):
+    """TransformerLens's ``logit_attrs`` (compatibility mode: the final norm folded into
+    ``W_U``, writing weights centred) equals hookscope's DLA, on a LayerNorm family with biases
+    (GPT-2: centring, the norm's bias a constant term) and an RMSNorm one."""
+    import torch
+
+    from hookscope.analysis import logit_attribution
+
+    build_model(family).save_pretrained(tmp_path)
+    build_tokenizer().save_pretrained(tmp_path)
+    hm = HookedModel.from_hf(build_model(family), build_tokenizer())
+    tokens = build_tokenizer()(PROMPTS[2], return_tensors="pt")["input_ids"]
+    bridge = _bridge(tmp_path, family)
+    bridge.enable_compatibility_mode(disable_warnings=True)
+    _, cache = bridge.run_with_cache(tokens)
+    stack = cache.decompose_resid(apply_ln=False, pos_slice=-1)
+    theirs = cache.logit_attrs(
+        stack, tokens=torch.tensor([11]), incorrect_tokens=torch.tensor([40]), pos_slice=-1
+    )
+    ours = logit_attribution(hm, {"input_ids": tokens}, 11, 40)
+    assert len(ours.labels) == len(theirs)
+    assert_close_to_scale(ours.values[:, 0, 0], theirs[:, 0], rtol=1e-4)
