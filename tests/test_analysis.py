@@ -233,6 +233,8 @@ def test_bad_inputs_raise(tiny_llama):
         logit_attribution(tiny_llama, PROMPTS, 3).heads()
     with pytest.raises(HookscopeError, match=r"got shape \(7,\)"):
         logit_attribution(tiny_llama, PROMPTS, torch.zeros(7))
+    with pytest.raises(HookscopeError, match=r"\[batch=4, d_model\] .*got shape \(3, 64\)"):
+        logit_attribution(tiny_llama, PROMPTS, torch.zeros(3, 64))
     with pytest.raises(HookscopeError, match="no component 'mlp_out_9'"):
         decompose_resid(tiny_llama, PROMPTS[0])["mlp_out_9"]
 

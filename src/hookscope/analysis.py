@@ -409,9 +409,10 @@ def _directions(
     bias = getattr(unembed, "bias", None)
     d_model = weight.shape[1]
     if isinstance(answer, torch.Tensor) and answer.is_floating_point():
-        if against is not None or answer.shape[-1] != d_model:
+        rows_ok = answer.dim() == 1 or (answer.dim() == 2 and answer.shape[0] == batch)
+        if against is not None or answer.shape[-1] != d_model or not rows_ok:
             raise HookscopeError(
-                f"a direction is a float tensor [d_model={d_model}] or [batch, d_model] with no "
+                f"a direction is a float tensor [d_model={d_model}] or [batch={batch}, d_model] with no "
                 f"'against'; got shape {tuple(answer.shape)}."
             )
         return answer.float().to(weight.device).expand(batch, d_model), torch.zeros(batch)
