@@ -19,6 +19,16 @@ TARGET = ROOT / "docs" / "errors.md"
 
 # module -> (what causes these errors, how to fix them)
 GUIDE = {
+    "analysis": (
+        "A residual decomposition or logit attribution asked for something the model does not "
+        "have: a layer outside 0..n_layers, an answer that is several tokens, one answer list "
+        "of the wrong length, a direction of the wrong width, per-head results of a per-layer "
+        "attribution, or a final norm that is not an RMSNorm / LayerNorm (so it cannot be "
+        "frozen into a linear map).",
+        "Pass a layer in range (None for the final residual), one-token answers (their ids, or "
+        "strings such as ' Mary'), one answer per example, a float direction of width d_model; "
+        "call logit_attribution(..., per_head=True) for heads().",
+    ),
     "vision": (
         "Vision-language inputs that are incomplete: image tokens without pixel_values, or "
         "pixel_values without a field the family needs (image_grid_thw, image_sizes).",

@@ -190,3 +190,73 @@ def test_nnsight_on_smollm2():
     for key, value in saved.items():
         # both run the same SDPA model: equal up to float32 kernel order
         assert_close_to_scale(ours[key][0], value[0], msg=key)
+
+
+@needs_transformer_lens
+@pytest.mark.real_model
+def test_transformer_lens_decompose_resid_and_logit_attrs_on_smollm2():
+    """hookscope's decomposition and DLA equal TransformerLens's ``decompose_resid`` /
+    ``stack_head_results`` / ``logit_attrs`` on the Bridge in compatibility mode (the final
+    norm's weight folded into ``W_U``, as TransformerLens's DLA assumes: on an unprocessed
+    Bridge ``logit_attrs`` leaves the norm's gain out and does not sum to the logit)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hookscope.analysis import decompose_resid, logit_attribution
+    from hookscope.loading import default_model_dir
+
+    folder = default_model_dir()
+    hm = HookedModel.from_pretrained()
+    bridge = _bridge_from(
+        folder, AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager")
+    )
+    bridge.enable_compatibility_mode(disable_warnings=True)
+    ioi = "When Mary and John went to the store, John gave a drink to"
+    tokens = hm.get_tokenizer()(ioi, return_tensors="pt")["input_ids"]
+    mary, john = (
+        hm.get_tokenizer()(t, add_special_tokens=False)["input_ids"] for t in (" Mary", " John")
+    )
+    _, cache = bridge.run_with_cache(tokens)
+    stack, labels = cache.decompose_resid(apply_ln=False, return_labels=True, pos_slice=-1)
+    ours = decompose_resid(hm, {"input_ids": tokens}, ["last"])
+    assert len(labels) == len(ours.labels) == 61  # embed + 30 x (attention, MLP)
+    assert_close_to_scale(ours.components[:, 0, 0], stack[:, 0], rtol=1e-4)
+    theirs = cache.logit_attrs(
+        stack, tokens=torch.tensor(mary), incorrect_tokens=torch.tensor(john), pos_slice=-1
+    )
+    dla = logit_attribution(hm, {"input_ids": tokens}, " Mary", " John")
+    assert_close_to_scale(dla.values[:, 0, 0], theirs[:, 0], rtol=1e-4)
+    # per head: stack_head_results (no output bias on SmolLM2) and their attributions
+    heads, _ = cache.stack_head_results(layer=-1, pos_slice=-1, return_labels=True)
+    per_head = logit_attribution(hm, {"input_ids": tokens}, " Mary", " John", per_head=True)
+    rows = [i for i, label in enumerate(per_head.labels) if label.startswith("head_out_")]
+    head_attrs = cache.logit_attrs(
+        heads, tokens=torch.tensor(mary), incorrect_tokens=torch.tensor(john), pos_slice=-1
+    )
+    assert_close_to_scale(per_head.values[rows, 0, 0], head_attrs[:, 0], rtol=1e-4)
+
+
+@needs_transformer_lens
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_transformer_lens_logit_attrs(family, tmp_path):
+    """TransformerLens's ``logit_attrs`` (compatibility mode: the final norm folded into
+    ``W_U``, writing weights centred) equals hookscope's DLA, on a LayerNorm family with biases
+    (GPT-2: centring, the norm's bias a constant term) and an RMSNorm one."""
+    import torch
+
+    from hookscope.analysis import logit_attribution
+
+    build_model(family).save_pretrained(tmp_path)
+    build_tokenizer().save_pretrained(tmp_path)
+    hm = HookedModel.from_hf(build_model(family), build_tokenizer())
+    tokens = build_tokenizer()(PROMPTS[2], return_tensors="pt")["input_ids"]
+    bridge = _bridge(tmp_path, family)
+    bridge.enable_compatibility_mode(disable_warnings=True)
+    _, cache = bridge.run_with_cache(tokens)
+    stack = cache.decompose_resid(apply_ln=False, pos_slice=-1)
+    theirs = cache.logit_attrs(
+        stack, tokens=torch.tensor([11]), incorrect_tokens=torch.tensor([40]), pos_slice=-1
+    )
+    ours = logit_attribution(hm, {"input_ids": tokens}, 11, 40)
+    assert len(ours.labels) == len(theirs)
+    assert_close_to_scale(ours.values[:, 0, 0], theirs[:, 0], rtol=1e-4)

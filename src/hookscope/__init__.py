@@ -11,6 +11,15 @@ Modules whose docstring says *internal* (``pipeline``, ``editing``, ``capture``,
 reference design's compatibility forms live in :mod:`hookscope.compat`.
 """
 
+from .analysis import (
+    HeadScores,
+    LogitAttribution,
+    ResidualDecomposition,
+    decompose_resid,
+    detect_heads,
+    logit_attribution,
+    repeated_random_tokens,
+)
 from .archs import ArchSpec, ModelMap
 from .cache import ActivationCache
 from .config import ExtractionConfig, HookedModelConfig
@@ -50,6 +59,7 @@ __all__ = [
     "ArchSpec",
     "ArchitectureError",
     "Custom",
+    "HeadScores",
     "ExtractionConfig",
     "HookedModel",
     "HookedModelConfig",
@@ -58,6 +68,7 @@ __all__ = [
     "InterventionContext",
     "KeywordError",
     "LensResult",
+    "LogitAttribution",
     "ModelMap",
     "ModuleHook",
     "Patch",
@@ -65,12 +76,17 @@ __all__ = [
     "PatternEdit",
     "Point",
     "PositionError",
+    "ResidualDecomposition",
     "Steer",
     "StoreError",
     "__version__",
     "activation_patching",
     "attribution_patching",
+    "decompose_resid",
+    "detect_heads",
     "intervention_from_dict",
+    "logit_attribution",
     "logit_lens",
     "parse_point",
+    "repeated_random_tokens",
 ]
