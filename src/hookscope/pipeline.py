@@ -255,7 +255,8 @@ class Executor:
 
     def __init__(self, hf_model: nn.Module):
         self.hf_model = hf_model
-        self._busy = threading.RLock()
+        self._busy = threading.Lock()
+        self._owner: int | None = None  # the thread running a call, if any
 
     @classmethod
     def of(cls, hf_model: nn.Module) -> Executor:
@@ -268,16 +269,25 @@ class Executor:
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
-        """Hold the model for one call; another thread gets a clear error instead of mixed hooks."""
+        """Hold the model for one call; another thread, or a call started inside this one (a
+        forward in a user hook), gets a clear error instead of mixed hooks."""
+        if self._owner == threading.get_ident():
+            raise HookscopeError(
+                "a hooked call on this model was started inside another one (e.g. hm.forward "
+                "inside a hook): the outer call's hooks and interventions would run in it too. "
+                "Make the call after the outer one returns, or on another model."
+            )
         if not self._busy.acquire(blocking=False):
             raise HookscopeError(
                 "this model is running a hooked call in another thread: hooks live on the shared "
                 "modules, so calls on one model cannot overlap. Use one model per thread "
                 "(from_hf on a copy) or a lock around calls."
             )
+        self._owner = threading.get_ident()
         try:
             yield
         finally:
+            self._owner = None
             self._busy.release()
 
     def run(self, plan: CallPlan, call: ModelCall = forward_call) -> Any:
