@@ -48,3 +48,64 @@ def test_a_call_inside_a_hook_of_a_call_on_the_same_model_is_refused(hm):
     assert hook_snapshot(hm.hf_model) == before
     plain = hm.hf_model(**hm.prepare_inputs(LONG)).logits
     assert torch.equal(hm.forward(LONG, ["all"])["logits"][0], plain[0])
+
+
+def _pattern_config():
+    from hookscope import ExtractionConfig
+
+    return ExtractionConfig(
+        extract_attn_pattern=True, attn_pattern_all_keys=True, layers=[1], save_logits=False
+    )
+
+
+def test_two_models_sharing_one_config_extract_patterns_at_once():
+    """``LlamaForCausalLM(a.config)`` shares ``a``'s config object, so switching the kernel name
+    on it switches both models. B's call while A's runs used to be refused as "a hooked call
+    inside another hooked call on the same model"; and had both read the config before either
+    switched it, the first to finish restored it under the other, whose later layers then ran
+    without hookscope's attention (patterns missing, pattern edits silently not applied)."""
+    import threading
+
+    from transformers import LlamaForCausalLM
+
+    tokenizer = build_tokenizer()
+    a_model = build_model("llama")
+    b_model = LlamaForCausalLM(a_model.config).eval()
+    b_model.load_state_dict(build_model("llama", seed=1).state_dict())
+    assert b_model.config is a_model.config
+    a, b = HookedModel.from_hf(a_model, tokenizer), HookedModel.from_hf(b_model, tokenizer)
+    eager = build_model("llama", attn_implementation="eager", seed=1)
+    inputs = tokenizer(["The cat sat on the mat"], return_tensors="pt")
+    with torch.no_grad():
+        expected_b = eager(**inputs, output_attentions=True).attentions[1][0, 0]
+    expected_a = a.forward(inputs, ["all"], extraction_config=_pattern_config())["pattern_L1H0"]
+    entered, release = threading.Event(), threading.Event()
+    results: dict[str, object] = {}
+
+    def block(module, args, output):
+        entered.set()
+        release.wait(10)
+
+    def run_a():
+        try:
+            results["a"] = a.forward(
+                inputs,
+                ["all"],
+                extraction_config=_pattern_config(),
+                hooks=[{"component": "model.layers[0].mlp", "intervention": block}],
+            )["pattern_L1H0"]
+        except BaseException as error:  # noqa: BLE001 - checked below
+            results["a"] = error
+
+    thread = threading.Thread(target=run_a)
+    thread.start()
+    try:
+        assert entered.wait(10)
+        got_b = b.forward(inputs, ["all"], extraction_config=_pattern_config())["pattern_L1H0"]
+    finally:
+        release.set()
+        thread.join()
+    torch.testing.assert_close(got_b[0], expected_b, rtol=1e-5, atol=1e-6)
+    assert isinstance(results["a"], torch.Tensor), results["a"]
+    torch.testing.assert_close(results["a"], expected_a, rtol=0, atol=0)
+    assert a_model.config._attn_implementation == "sdpa"
