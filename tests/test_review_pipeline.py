@@ -109,3 +109,55 @@ def test_two_models_sharing_one_config_extract_patterns_at_once():
     assert isinstance(results["a"], torch.Tensor), results["a"]
     torch.testing.assert_close(results["a"], expected_a, rtol=0, atol=0)
     assert a_model.config._attn_implementation == "sdpa"
+
+
+def test_a_callers_hooks_after_the_last_extracted_layer_still_run(hm):
+    """With ``save_logits=False`` the forward used to stop after the last extracted layer even
+    when the caller had hooks further on (per call, or kept by register_forward_hook): they
+    silently never ran."""
+    from hookscope import ExtractionConfig
+
+    config = ExtractionConfig(extract_resid_out=True, layers=[0], save_logits=False)
+    seen: list[torch.Tensor] = []
+
+    def record(module, args, output):
+        seen.append(output[0][:, -1] if isinstance(output, tuple) else output[:, -1])
+
+    handle = hm.hf_model.model.layers[1].register_forward_hook(record)
+    with torch.no_grad():
+        hm.hf_model(**hm.prepare_inputs("The cat sat"))
+    handle.remove()
+    expected = seen.pop()
+
+    cache = hm.forward(
+        "The cat sat", ["last"], extraction_config=config,
+        hooks=[{"component": "model.layers[1]", "intervention": record}],
+    )  # fmt: skip
+    assert "resid_out_0" in cache and len(seen) == 1, seen
+    torch.testing.assert_close(seen[0], expected, rtol=0, atol=0)
+    handle = hm.register_forward_hook("model.layers[1]", record)
+    try:
+        hm.forward("The cat sat", ["last"], extraction_config=config)
+    finally:
+        hm.remove_hooks()
+    assert len(seen) == 2
+    torch.testing.assert_close(seen[1], expected, rtol=0, atol=0)
+    assert handle not in hm.persistent_hooks
+
+
+def test_create_hooks_in_a_plain_forward_do_not_stop_it(hm):
+    """hm.create_hooks gives capture hooks for the caller's own forward: they must not end it
+    with hookscope's internal StopForward (only the executor catches it)."""
+    from hookscope import ExtractionConfig
+    from hookscope.hooks import installed
+
+    config = ExtractionConfig(extract_resid_out=True, layers=[0], save_logits=False)
+    inputs = hm.prepare_inputs("The cat sat")
+    context = hm.position_context(inputs)
+    sink: dict[str, torch.Tensor] = {}
+    with installed(hm.hf_model, hm.create_hooks(context.resolve(["last"]), sink, config)):
+        with torch.no_grad():
+            output = hm.hf_model(**inputs, output_hidden_states=True)
+    torch.testing.assert_close(
+        sink["resid_out_0"][:, 0], output.hidden_states[1][:, -1], rtol=0, atol=0
+    )

@@ -239,6 +239,11 @@ class HookedModel:
         self._persistent_handles.append(handle)
         return handle
 
+    @property
+    def persistent_hooks(self) -> tuple[RemovableHandle, ...]:
+        """The handles of the hooks added by :meth:`register_forward_hook` and not removed."""
+        return tuple(h for h in self._persistent_handles if h.id in (h.hooks_dict_ref() or {}))
+
     def create_hooks(
         self,
         positions: ResolvedPositions,

@@ -166,7 +166,9 @@ def plan_call(
     sink: dict[str, torch.Tensor] = {}
     capture_positions = StepPositions(targets, window) if generation and targets else targets
     call_hooks = intervention_hooks + [as_module_hook(h) for h in hooks]
-    call_hooks += capture_hooks_for(hm, extraction, config, capture_positions, sink, generation)
+    # stopping after the last extracted layer would silently skip a caller's hooks further on
+    stop_early = not generation and not hooks and not hm.persistent_hooks
+    call_hooks += capture_hooks_for(hm, extraction, config, capture_positions, sink, stop_early)
     return CallPlan(
         hm.model_map, model_inputs, config, extraction, context, targets, row_positions, window, call_hooks,
         pattern_edits, sink,
@@ -210,15 +212,16 @@ def capture_hooks_for(
     config: ExtractionConfig,
     positions: Any,
     sink: dict[str, torch.Tensor],
-    generation: bool = False,
+    stop_early: bool = False,
 ) -> list[ModuleHook]:
-    """Capture hooks for the plan's module points and vision points. A forward that needs
-    nothing after its last extracted layer stops there (never during generation)."""
+    """Capture hooks for the plan's module points and vision points. With ``stop_early``, a
+    forward that needs nothing after its last extracted layer stops there (``StopForward``,
+    which :meth:`Executor.run` catches)."""
     if positions is None:
         return []
     stop_after = None
     last = extraction.last_layer()
-    if not generation and not config.save_logits and last is not None:
+    if stop_early and not config.save_logits and last is not None:
         stop_after = hm.model_map.layers[last].block
     hooks = capture_hooks(
         plan_capture(extraction.points, hm.model_map),
