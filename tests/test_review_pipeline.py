@@ -161,3 +161,29 @@ def test_create_hooks_in_a_plain_forward_do_not_stop_it(hm):
     torch.testing.assert_close(
         sink["resid_out_0"][:, 0], output.hidden_states[1][:, -1], rtol=0, atol=0
     )
+
+
+@pytest.mark.parametrize("form", ["model.compile", "forward"])
+def test_a_compiled_model_sees_every_calls_hooks(form):
+    """torch.compile does not guard on module hooks: after a plain hooked call had compiled the
+    graph, a Steer had no effect at all (logits off by 2.6) and an extracted point was missing
+    from the cache. Hooked calls now run the compiled model's own code."""
+    from hookscope import ExtractionConfig
+
+    tokenizer = build_tokenizer()
+    reference = HookedModel.from_hf(build_model("llama"), tokenizer)
+    model = build_model("llama")
+    if form == "model.compile":
+        model.compile(backend="eager")
+    else:
+        model.forward = torch.compile(model.forward, backend="eager")
+    hm = HookedModel.from_hf(model, tokenizer)
+    vector = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    steer = Steer(point="resid_out_0", positions=["all"], vector=vector)
+    config = ExtractionConfig(extract_resid_out=True, layers=[0])
+    for options in ({}, {"interventions": [steer]}, {"extraction_config": config}):
+        got = hm.forward(LONG, ["last"], **options)
+        want = reference.forward(LONG, ["last"], **options)
+        assert set(got.tensors()) == set(want.tensors()), options
+        for key, value in want.tensors().items():
+            torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-5, msg=key)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -301,6 +301,7 @@ class Executor:
         with (
             self.exclusive(),
             grad_mode,
+            _eager_if_compiled(self.hf_model),
             plan.attention.installed(),
             installed(self.hf_model, plan.hooks),
         ):
@@ -308,3 +309,23 @@ class Executor:
                 return call(self.hf_model, plan.model_inputs)
             except StopForward:
                 return None
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` or one of its modules runs through ``torch.compile`` (``model.compile()``,
+    ``model.forward = torch.compile(model.forward)``, compiled layers)."""
+    return any(
+        getattr(module, "_compiled_call_impl", None) is not None
+        or hasattr(module.forward, "_torchdynamo_orig_callable")
+        for module in model.modules()
+    )
+
+
+def _eager_if_compiled(model: nn.Module) -> Any:
+    """Run a compiled model's own code for the call: torch.compile does not guard on module
+    hooks, so a graph compiled without hookscope's hooks would silently skip them (a Steer with
+    no effect, a point missing from the cache). Process-wide while the call runs (other compiled
+    code runs eagerly meanwhile: slower, never wrong)."""
+    if _is_compiled(model):
+        return torch.compiler.set_stance("force_eager")
+    return nullcontext()
