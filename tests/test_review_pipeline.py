@@ -163,7 +163,7 @@ def test_create_hooks_in_a_plain_forward_do_not_stop_it(hm):
     )
 
 
-@pytest.mark.parametrize("form", ["model.compile", "forward"])
+@pytest.mark.parametrize("form", ["model.compile", "forward", "torch.compile(model)"])
 def test_a_compiled_model_sees_every_calls_hooks(form):
     """torch.compile does not guard on module hooks: after a plain hooked call had compiled the
     graph, a Steer had no effect at all (logits off by 2.6) and an extracted point was missing
@@ -175,8 +175,10 @@ def test_a_compiled_model_sees_every_calls_hooks(form):
     model = build_model("llama")
     if form == "model.compile":
         model.compile(backend="eager")
-    else:
+    elif form == "forward":
         model.forward = torch.compile(model.forward, backend="eager")
+    else:  # used to fail with "inputs have no input_ids (keys: ['attention_mask', 'input_ids'])"
+        model = torch.compile(model, backend="eager")
     hm = HookedModel.from_hf(model, tokenizer)
     vector = torch.randn(64, generator=torch.Generator().manual_seed(0))
     steer = Steer(point="resid_out_0", positions=["all"], vector=vector)
