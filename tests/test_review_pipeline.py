@@ -189,3 +189,71 @@ def test_a_compiled_model_sees_every_calls_hooks(form):
         assert set(got.tensors()) == set(want.tensors()), options
         for key, value in want.tensors().items():
             torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-5, msg=key)
+
+
+def _dataset_hm(batch_size: int = 2) -> HookedModel:
+    from hookscope.config import HookedModelConfig
+
+    return HookedModel(
+        HookedModelConfig(batch_size=batch_size), hf_model=build_model("llama"),
+        tokenizer=build_tokenizer(),
+    )  # fmt: skip
+
+
+def test_a_per_example_steer_in_extract_cache_reads_each_batchs_rows():
+    """A Steer vector with one row per dataset example ``[N, slots, width]`` used to be read
+    from rows 0..B-1 in every batch of extract_cache (off by 3.3 from one forward)."""
+    from tiny_models import PROMPTS
+
+    from hookscope import ExtractionConfig
+
+    hm = _dataset_hm()
+    config = ExtractionConfig(extract_resid_out=True, layers=[1])
+    vector = torch.randn(len(PROMPTS), 1, 64, generator=torch.Generator().manual_seed(0))
+    steer = Steer(point="resid_out_0", positions=["last"], vector=vector)
+    batched = hm.extract_cache(PROMPTS, ["last"], extraction_config=config, interventions=[steer])
+    whole = hm.forward(PROMPTS, ["last"], extraction_config=config, interventions=[steer])
+    torch.testing.assert_close(batched["resid_out_1"], whole["resid_out_1"], rtol=1e-5, atol=1e-5)
+    # a per-batch vector is refused in a dataset of several batches (it has too few rows)
+    with pytest.raises(HookscopeError, match="rows 2..3"):
+        hm.extract_cache(
+            PROMPTS, ["last"], extraction_config=config,
+            interventions=[Steer(point="resid_out_0", positions=["last"], vector=vector[:2])],
+        )  # fmt: skip
+
+
+def test_sort_by_length_with_a_per_example_source_is_refused():
+    """sort_by_length batches examples out of order while a Patch source spanning the dataset is
+    read as contiguous rows: the patched activations were silently another example's (2.7)."""
+    from tiny_models import PROMPTS
+
+    from hookscope import ExtractionConfig, InputError
+    from hookscope.interventions import Patch
+
+    hm = _dataset_hm()
+    source = hm.forward(
+        PROMPTS[::-1], ["last"], extraction_config=ExtractionConfig(extract_resid_out=True)
+    )
+    patch = Patch(point="resid_out_0", positions=["last"], source=source)
+    config = ExtractionConfig(extract_resid_out=True, layers=[1])
+    with pytest.raises(InputError, match="sort_by_length=True reorders"):
+        hm.extract_cache(
+            PROMPTS, ["last"], extraction_config=config, interventions=[patch], sort_by_length=True
+        )
+    hm.register_interventions([patch])
+    try:
+        with pytest.raises(InputError, match="Patch on resid_out_0"):
+            hm.extract_cache(PROMPTS, ["last"], extraction_config=config, sort_by_length=True)
+        # unsorted, each batch reads its own rows: the same as one forward over the dataset
+        batched = hm.extract_cache(PROMPTS, ["last"], extraction_config=config)
+        whole = hm.forward(PROMPTS, ["last"], extraction_config=config)
+    finally:
+        hm.clean_interventions()
+    torch.testing.assert_close(batched["resid_out_1"], whole["resid_out_1"], rtol=1e-5, atol=1e-5)
+    # a single vector does not depend on the order: sorting stays allowed
+    steer = Steer(point="resid_out_0", positions=["last"], vector=torch.ones(64))
+    sorted_run = hm.extract_cache(
+        PROMPTS, ["last"], extraction_config=config, interventions=[steer], sort_by_length=True
+    )
+    plain_run = hm.extract_cache(PROMPTS, ["last"], extraction_config=config, interventions=[steer])
+    torch.testing.assert_close(sorted_run["resid_out_1"], plain_run["resid_out_1"])
