@@ -46,6 +46,14 @@ GUIDE = {
         "Fix the entry as the message says, or use hookscope's own API (activation_patching, "
         "Patch, ModuleHook).",
     ),
+    "dataset": (
+        "A dataset extract_cache cannot batch as asked: an empty dataloader, a record without a "
+        "string 'text', sort_by_length on something hookscope does not batch itself or with an "
+        "intervention that reads one row per example, a batch_saver that returns no dict.",
+        "Pass a non-empty list of strings or records (or tokenized batches without "
+        "sort_by_length), sort_by_length=False with per-example sources, and a batch_saver "
+        "that returns a dict.",
+    ),
     "pipeline": (
         "A call that cannot be planned or run: two threads calling one model at once, a call "
         "made from inside a hook of a running call on the same model, no target positions "
