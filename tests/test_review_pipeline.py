@@ -257,3 +257,33 @@ def test_sort_by_length_with_a_per_example_source_is_refused():
     )
     plain_run = hm.extract_cache(PROMPTS, ["last"], extraction_config=config, interventions=[steer])
     torch.testing.assert_close(sorted_run["resid_out_1"], plain_run["resid_out_1"])
+
+
+def test_compute_patching_logit_diffs_see_the_calls_hooks(hm):
+    """compute_patching passed its extra keywords (a hook) to the patched run only: the logit
+    differences it returns were measured on another model than the patched cache's logits."""
+    tokenizer = build_tokenizer()
+    base = tokenizer(
+        ["The cat sat on the mat", "A dog barked at the cat"], return_tensors="pt", padding=True
+    )
+    target = tokenizer(
+        ["The dog sat on the mat", "A cat barked at the dog"], return_tensors="pt", padding=True
+    )
+    ids = [[[5, 6], 7]], [[9, 11]]
+
+    def silence(module, args, output):
+        return output * 0.0
+
+    hook = {"component": "model.layers[1].mlp", "intervention": silence}
+    out = hm.compute_patching(
+        ["last"], [base], [target],
+        patching_query=[{"patching_elem": "@last", "layers_to_patch": [0], "activation_type": "resid_out_{}"}],
+        base_dictonary_idxs=ids[0], target_dictonary_idxs=ids[1], return_logit_diff=True,
+        hooks=[hook],
+    )  # fmt: skip
+    logits = out["logits"][:, 0]
+    in_patched = logits[:, [9, 11]].diag() - torch.stack([logits[0, [5, 6]].mean(), logits[1, 7]])
+    torch.testing.assert_close(out["logit_diff_in_patched"], in_patched, rtol=1e-5, atol=1e-5)
+    clean = hm.forward(target, ["last"], hooks=[hook])["logits"][:, 0]
+    in_clean = clean[:, [9, 11]].diag() - torch.stack([clean[0, [5, 6]].mean(), clean[1, 7]])
+    torch.testing.assert_close(out["logit_diff_in_clean"], in_clean, rtol=1e-5, atol=1e-5)

@@ -155,8 +155,10 @@ def compute_patching(
             **kwargs,
         )
         if return_logit_diff:
-            clean = hm.forward(target, ["last"])["logits"][:, 0]
-            after = hm.forward(target, ["last"], interventions=interventions)["logits"][:, 0]
+            # the same call as the patched run (its hooks, model keywords), at the last token
+            clean = hm.forward(target, ["last"], **kwargs)["logits"][:, 0]
+            after = hm.forward(target, ["last"], interventions=interventions, **kwargs)
+            after = after["logits"][:, 0]
             base_ids, target_ids = base_dictonary_idxs[index], target_dictonary_idxs[index]
             in_clean = _logit_of(clean, target_ids) - _logit_of(clean, base_ids)
             in_patched = _logit_of(after, target_ids) - _logit_of(after, base_ids)
