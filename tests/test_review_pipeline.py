@@ -143,6 +143,12 @@ def test_a_callers_hooks_after_the_last_extracted_layer_still_run(hm):
     assert len(seen) == 2
     torch.testing.assert_close(seen[1], expected, rtol=0, atol=0)
     assert handle not in hm.persistent_hooks
+    handles = hm.set_hooks([{"component": "model.layers[1]", "intervention": record}])
+    try:
+        hm.forward("The cat sat", ["last"], extraction_config=config)
+    finally:
+        hm.remove_hooks(handles)
+    assert len(seen) == 3 and not hm.persistent_hooks
 
 
 def test_create_hooks_in_a_plain_forward_do_not_stop_it(hm):

@@ -243,7 +243,8 @@ class HookedModel:
 
     @property
     def persistent_hooks(self) -> tuple[RemovableHandle, ...]:
-        """The handles of the hooks added by :meth:`register_forward_hook` and not removed."""
+        """The handles of the hooks added by :meth:`register_forward_hook` or :meth:`set_hooks`
+        and not removed yet."""
         return tuple(h for h in self._persistent_handles if h.id in (h.hooks_dict_ref() or {}))
 
     def create_hooks(
@@ -294,6 +295,7 @@ class HookedModel:
         except BaseException:
             self.remove_hooks(handles)
             raise
+        self._persistent_handles.extend(handles)  # kept: they run in every later forward
         return handles
 
     def remove_hooks(self, hook_handlers: Iterable[RemovableHandle] | None = None) -> None:
