@@ -314,11 +314,13 @@ class Executor:
 def _is_compiled(model: nn.Module) -> bool:
     """Whether ``model`` or one of its modules runs through ``torch.compile`` (``model.compile()``,
     ``model.forward = torch.compile(model.forward)``, compiled layers)."""
-    return any(
-        getattr(module, "_compiled_call_impl", None) is not None
-        or hasattr(module.forward, "_torchdynamo_orig_callable")
-        for module in model.modules()
-    )
+    for module in model.modules():
+        own = module.__dict__  # instance attributes only: cheap on a model of many modules
+        if own.get("_compiled_call_impl") is not None:
+            return True
+        if hasattr(own.get("forward"), "_torchdynamo_orig_callable"):
+            return True
+    return False
 
 
 def _eager_if_compiled(model: nn.Module) -> Any:
