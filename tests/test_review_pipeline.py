@@ -293,3 +293,64 @@ def test_compute_patching_logit_diffs_see_the_calls_hooks(hm):
     clean = hm.forward(target, ["last"], hooks=[hook])["logits"][:, 0]
     in_clean = clean[:, [9, 11]].diag() - torch.stack([clean[0, [5, 6]].mean(), clean[1, 7]])
     torch.testing.assert_close(out["logit_diff_in_clean"], in_clean, rtol=1e-5, atol=1e-5)
+
+
+def _varlen_kernel(module, query, key, value, attention_mask, scaling=None, sliding_window=None,
+                   softcap=None, **kwargs):  # fmt: skip
+    """A flash-style kernel on CPU: it gets a 2-D padding mask, or None without padding, and
+    applies causality and the sliding window itself (as flash_attention_2 does)."""
+    groups = query.shape[1] // key.shape[1]
+    keys, values = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    scores = query @ keys.transpose(-1, -2) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    q_len, kv_len = query.shape[2], key.shape[2]
+    rows = torch.arange(q_len)[:, None] + kv_len - q_len
+    columns = torch.arange(kv_len)[None]
+    allowed = columns <= rows
+    if sliding_window is not None:
+        allowed = allowed & (columns > rows - sliding_window)
+    allowed = allowed[None, None]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.bool()[:, None, None, :]
+    probs = torch.softmax(scores.masked_fill(~allowed, torch.finfo(scores.dtype).min), -1)
+    return (probs @ values).transpose(1, 2).contiguous(), probs
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_patterns_of_sliding_layers_under_a_flash_style_kernel(family, padded):
+    """Flash kernels get no mask without padding and apply the sliding window themselves:
+    hookscope's patterns of sliding layers then ignored the window (off by up to 0.99 against
+    eager output_attentions) and pattern edits attended outside it."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    from hookscope import ExtractionConfig
+    from hookscope.interventions import PatternEdit
+
+    name = "hookscope_test_varlen"  # no "flash" in it: transformers would look for the package
+    AttentionInterface.register(name, _varlen_kernel)
+    AttentionMaskInterface.register(name, flash_attention_mask)
+    tokenizer = build_tokenizer()
+    texts = [LONG, "The cat sat"] if padded else [LONG]
+    inputs = tokenizer(texts, return_tensors="pt", padding=True)
+    model = build_model(family, attn_implementation=name)
+    with torch.no_grad():
+        expected = build_model(family, attn_implementation="eager")(
+            **inputs, output_attentions=True
+        ).attentions[0]  # layer 0 slides (window 4)
+    hm = HookedModel.from_hf(model, tokenizer)
+    config = ExtractionConfig(
+        extract_attn_pattern=True, attn_pattern_all_keys=True, layers=[0], save_logits=False
+    )
+    cache = hm.forward(inputs, ["all"], extraction_config=config)
+    mask = inputs["attention_mask"].bool()
+    for row in range(len(texts)):
+        real = mask[row]
+        got = cache["pattern_L0H1"][row][: int(real.sum())][:, real]
+        torch.testing.assert_close(got, expected[row, 1][real][:, real], rtol=1e-5, atol=1e-6)
+    identity = PatternEdit(layer=0, op="scale", value=1.0)
+    plain = hm.forward(inputs, ["last"])["logits"]
+    edited = hm.forward(inputs, ["last"], interventions=[identity])["logits"]
+    torch.testing.assert_close(edited, plain, rtol=1e-5, atol=1e-5)
