@@ -354,3 +354,22 @@ def test_patterns_of_sliding_layers_under_a_flash_style_kernel(family, padded):
     plain = hm.forward(inputs, ["last"])["logits"]
     edited = hm.forward(inputs, ["last"], interventions=[identity])["logits"]
     torch.testing.assert_close(edited, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_internals_under_flex_attention_are_refused_clearly():
+    """flex_attention passes a BlockMask: patterns used to fail deep inside with
+    "'BlockMask' object has no attribute 'dim'"."""
+    from hookscope import ExtractionConfig
+    from hookscope.errors import ArchitectureError
+    from hookscope.interventions import PatternEdit
+
+    model = build_model("llama", attn_implementation="flex_attention")
+    hm = HookedModel.from_hf(model, build_tokenizer())
+    before = hook_snapshot(model)
+    config = ExtractionConfig(extract_attn_pattern=True, layers=[0])
+    with pytest.raises(ArchitectureError, match="flex_attention.*sdpa"):
+        hm.forward("The cat sat", ["all"], extraction_config=config)
+    with pytest.raises(ArchitectureError, match="flex_attention"):
+        hm.forward("The cat sat", ["all"], interventions=[PatternEdit(layer=0)])
+    assert hook_snapshot(model) == before
+    assert model.config._attn_implementation == "flex_attention"

@@ -36,6 +36,8 @@ AttentionFn = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
 Handler = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
 
 PREFIX = "hookscope+"
+#: kernels whose mask hookscope cannot read, with what their mask is
+UNSUPPORTED = {"flex_attention": "BlockMask"}
 # attention module id -> the handler of the call that is running on it (one call at a time)
 _HANDLERS: dict[int, Handler] = {}
 _REGISTER_LOCK = threading.Lock()  # registering a name happens once per kernel
@@ -114,6 +116,14 @@ def scoped_attention(model_map: ModelMap, handler: Handler) -> Iterator[None]:
     """
     modules = [parts.attention for parts in model_map.layers]
     configs = _attention_configs(model_map)
+    for config in configs:
+        if config._attn_implementation in UNSUPPORTED:
+            raise ArchitectureError(
+                f"attention internals and pattern edits are not supported under "
+                f"{config._attn_implementation!r} (its mask is a {UNSUPPORTED[config._attn_implementation]}, "
+                "not a tensor hookscope can read): load the model with "
+                'attn_implementation="sdpa" or "eager".'
+            )
     _enter(modules, configs, handler)
     try:
         yield
