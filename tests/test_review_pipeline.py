@@ -373,3 +373,30 @@ def test_attention_internals_under_flex_attention_are_refused_clearly():
         hm.forward("The cat sat", ["all"], interventions=[PatternEdit(layer=0)])
     assert hook_snapshot(model) == before
     assert model.config._attn_implementation == "flex_attention"
+
+
+def test_an_edited_layer_returns_the_pattern_it_used():
+    """Under eager attention a layer returns its attention weights (output_attentions); an
+    edited layer returned None instead of the edited pattern."""
+    from hookscope import ExtractionConfig
+    from hookscope.interventions import PatternEdit
+
+    hm = HookedModel.from_hf(build_model("llama", attn_implementation="eager"), build_tokenizer())
+    returned = {}
+
+    def grab(module, args, output):
+        returned["weights"] = output[1]
+
+    edit = PatternEdit(layer=0, key_positions=[0], op="zero", renormalize=True)
+    config = ExtractionConfig(
+        extract_attn_pattern=True, attn_pattern_all_keys=True, layers=[0], save_logits=False
+    )
+    cache = hm.forward(
+        "The cat sat on", ["all"], extraction_config=config, interventions=[edit],
+        hooks=[{"component": "model.layers[0].self_attn", "intervention": grab}],
+    )  # fmt: skip
+    weights = returned["weights"]
+    assert weights is not None
+    for head in range(4):
+        torch.testing.assert_close(weights[0, head], cache[f"pattern_L0H{head}"][0])
+    assert torch.all(weights[0, :, 1:, 0] == 0)  # the edit is in it

@@ -317,7 +317,7 @@ class AttentionHooks:
             )
             if request is not None:
                 self._capture(request, query, key, value, attention_mask, kwargs, probs)
-            return output, None
+            return output, probs.to(query.dtype)  # the pattern the model really used
         if request is not None:
             self._capture(request, query, key, value, attention_mask, kwargs)
         return original(module, query, key, value, attention_mask, *args, **kwargs)
