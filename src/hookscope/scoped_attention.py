@@ -138,16 +138,21 @@ def _enter(modules: list[nn.Module], configs: list[Any], handler: Handler) -> No
                 "this model's attention modules are already in a hooked call (another "
                 "HookedModel wraps them too): calls on shared modules cannot overlap."
             )
+        # names first (registering may raise): nothing is changed until all are known
+        names = {
+            id(config): scoped_name(config._attn_implementation or "eager")
+            for config in configs
+            if id(config) not in _SWITCHED
+        }
         for module in modules:
             _HANDLERS[id(module)] = handler
         for config in configs:
             switched = _SWITCHED.get(id(config))
             if switched is None:
-                original = config._attn_implementation
-                switched = _SWITCHED[id(config)] = [0, original]
+                switched = _SWITCHED[id(config)] = [0, config._attn_implementation]
                 # the attribute transformers' own set_attn_implementation writes (without its
                 # per-module walk and checks, which would cost more than a small forward)
-                config._attn_implementation_internal = scoped_name(original or "eager")
+                config._attn_implementation_internal = names[id(config)]
             switched[0] += 1
 
 
