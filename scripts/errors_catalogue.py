@@ -56,19 +56,29 @@ GUIDE = {
         "Fix the entry as the message says, or use hookscope's own API (activation_patching, "
         "Patch, ModuleHook).",
     ),
+    "dataset": (
+        "A dataset extract_cache cannot batch as asked: an empty dataloader, a record without a "
+        "string 'text', sort_by_length on something hookscope does not batch itself or with an "
+        "intervention that reads one row per example, a batch_saver that returns no dict.",
+        "Pass a non-empty list of strings or records (or tokenized batches without "
+        "sort_by_length), sort_by_length=False with per-example sources, and a batch_saver "
+        "that returns a dict.",
+    ),
     "pipeline": (
-        "A call that cannot be planned or run: two threads calling one model at once, no "
-        "target positions while activations are requested, or a generation request that has "
-        "no meaning per step (pattern edits, attention internals, extract_avg).",
-        "Use one model per thread (or a lock around calls); pass target_token_positions; for "
-        "generation, run forward on the prompt or on the generated sequences.",
+        "A call that cannot be planned or run: two threads calling one model at once, a call "
+        "made from inside a hook of a running call on the same model, no target positions "
+        "while activations are requested, or a generation request that has no meaning per "
+        "step (pattern edits, attention internals, extract_avg).",
+        "Use one model per thread (or a lock around calls); make the inner call after the "
+        "outer one returns; pass target_token_positions; for generation, run forward on the "
+        "prompt or on the generated sequences.",
     ),
     "scoped_attention": (
         "A model whose modeling file has no `eager_attention_forward` was run on eager "
-        "attention with attention internals requested, or a hooked call started inside "
-        "another hooked call on the same model.",
-        'Load it with `attn_implementation="sdpa"` (the original kernel still runs); do not '
-        "call the model from inside one of its own hooks.",
+        "attention with attention internals requested, or a hooked call on attention modules "
+        "that another HookedModel (wrapping them too) is running a call on.",
+        'Load it with `attn_implementation="sdpa"` (the original kernel still runs); run '
+        "calls on shared modules one after the other.",
     ),
     "cache": (
         "Merging or saving caches whose contents do not line up (different position items or "

@@ -188,7 +188,10 @@ def test_early_stop_skips_later_layers_and_keeps_values(tiny_llama):
         batch, ["last"], extraction_config=ExtractionConfig(extract_resid_out=True)
     )
     calls = []
-    tiny_llama.register_forward_hook("model.layers.1", lambda m, a, o: calls.append(1))
+    # a raw PyTorch hook observes it (hooks given to hookscope count as requests and do run)
+    handle = tiny_llama.hf_model.model.layers[1].register_forward_hook(
+        lambda m, a, o: calls.append(1)
+    )
     try:
         early = tiny_llama.forward(
             batch,
@@ -198,7 +201,7 @@ def test_early_stop_skips_later_layers_and_keeps_values(tiny_llama):
             ),
         )
     finally:
-        tiny_llama.remove_hooks()
+        handle.remove()
     assert calls == [], "layer 1 must not run"
     assert set(early.tensors()) == {"resid_out_0", "position_mask"}
     assert torch.equal(early["resid_out_0"], full["resid_out_0"])

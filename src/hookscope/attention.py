@@ -93,7 +93,9 @@ def additive_mask_rows(
     key_pos = torch.arange(kv_len, device=device)
     if attention_mask is None or attention_mask.dim() == 2:
         allowed = key_pos.view(1, 1, -1) <= query_pos.unsqueeze(-1)
-        if sliding_window is not None and attention_mask is not None:
+        # flash kernels get None without padding and apply the window themselves (SDPA gets
+        # None only when the keys fit in the window, where this changes nothing)
+        if sliding_window is not None:
             allowed &= key_pos.view(1, 1, -1) > query_pos.unsqueeze(-1) - sliding_window
         if attention_mask is not None:
             allowed &= attention_mask.bool().view(batch, 1, kv_len)
@@ -328,7 +330,7 @@ class AttentionHooks:
             )
             if request is not None:
                 self._capture(request, query, key, value, attention_mask, kwargs, probs)
-            return output, None
+            return output, probs.to(query.dtype)  # the pattern the model really used
         if request is not None:
             self._capture(request, query, key, value, attention_mask, kwargs)
         return original(module, query, key, value, attention_mask, *args, **kwargs)

@@ -152,7 +152,7 @@ def compute_patching(
         )
         if return_logit_diff:
             ids = (base_dictonary_idxs[index], target_dictonary_idxs[index])
-            patched.update(_logit_diff_fields(hm, target, interventions, *ids))
+            patched.update(_logit_diff_fields(hm, target, interventions, *ids, **kwargs))
         if batch_saver is not None and (payload := batch_saver(target)) is not None:
             patched["batch_saver"] = payload
         merged.cat(patched)
@@ -170,12 +170,13 @@ def _patches_from(hm: Any, base: Any, queries: list[tuple[list, list[str]]]) -> 
 
 
 def _logit_diff_fields(
-    hm: Any, target: Any, patches: list[Patch], base_ids: Any, target_ids: Any
+    hm: Any, target: Any, patches: list[Patch], base_ids: Any, target_ids: Any, **kwargs: Any
 ) -> dict[str, torch.Tensor]:
     """``[batch]`` logit(target) - logit(base) before and after patching, their difference,
-    and KL(clean || patched) of the next-token distributions, at the last real token."""
-    clean = hm.forward(target, ["last"])["logits"][:, 0]
-    after = hm.forward(target, ["last"], interventions=patches)["logits"][:, 0]
+    and KL(clean || patched) of the next-token distributions, at the last real token; ``kwargs``
+    (hooks, model keywords) as in the patched run, so all three runs see the same model."""
+    clean = hm.forward(target, ["last"], **kwargs)["logits"][:, 0]
+    after = hm.forward(target, ["last"], interventions=patches, **kwargs)["logits"][:, 0]
     in_clean = _logit_of(clean, target_ids) - _logit_of(clean, base_ids)
     in_patched = _logit_of(after, target_ids) - _logit_of(after, base_ids)
     clean_lp, after_lp = clean.float().log_softmax(-1), after.float().log_softmax(-1)

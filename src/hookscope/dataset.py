@@ -82,6 +82,31 @@ def iter_batches(
         )
 
 
+def _check_sortable(interventions: list) -> None:
+    """``sort_by_length`` batches examples out of order, but a tensor with one row per example
+    (a Patch source, a PatternEdit patch, a per-example Steer vector or Ablation mean) is read
+    by each batch as a contiguous run of rows: refuse the combination rather than read others.
+
+    Raises:
+        InputError: naming the intervention.
+    """
+    for iv in interventions:
+        if _reads_example_rows(iv):
+            where = getattr(iv, "point", None) or f"layer {getattr(iv, 'layer', '?')}"
+            raise InputError(
+                f"sort_by_length=True reorders the examples, but {type(iv).__name__} on {where} "
+                "reads one row per example in dataset order: pass sort_by_length=False."
+            )
+
+
+def _reads_example_rows(iv: Any) -> bool:
+    names = ("source", "vector", "mean")
+    operand = next((getattr(iv, n) for n in names if getattr(iv, n, None) is not None), None)
+    if isinstance(operand, torch.Tensor):
+        return operand.dim() == 3  # [examples, slots, width] / [examples, rows, columns]
+    return hasattr(operand, "tensors") and not hasattr(iv, "mean")  # a mean cache is averaged
+
+
 class Progress:
     """A progress bar in examples/s with a tokens/s readout (tqdm), or nothing when off."""
 
@@ -123,6 +148,12 @@ class DatasetRun:
         self.hm, self.positions, self.config = hm, positions, config
         self.batch_saver, self.sort_by_length = batch_saver, sort_by_length
         self.forward_options = forward_options
+        if sort_by_length:
+            interventions = [
+                *hm.registered_interventions,
+                *(forward_options.get("interventions") or []),
+            ]
+            _check_sortable(interventions)
 
     def extract(
         self, dataloader: Any, output_dir: Any, overwrite: bool, progress: bool

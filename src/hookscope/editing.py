@@ -152,20 +152,18 @@ class PreparedIntervention:
                 f"{type(self.iv).__name__} on {self.iv.point} applies to generated tokens: {what} must "
                 f"be one vector [{width}], got shape {list(tensor.shape)}."
             )
-        shapes = {1: [width], 2: [slots, width], 3: [self.batch, slots, width]}
-        if (
-            tensor.dim() not in shapes
-            or list(tensor.shape) != shapes[tensor.dim()]
-            and not (
-                tensor.dim() == 3
-                and tensor.shape[1:] == (slots, width)
-                and tensor.shape[0] >= self.batch
-            )
-        ):
+        first = self.window.example_offset  # a tensor of rows: this batch reads first..
+        fits = {
+            1: list(tensor.shape) == [width],
+            2: list(tensor.shape) == [slots, width],
+            3: tensor.shape[1:] == (slots, width) and tensor.shape[0] >= first + self.batch,
+        }
+        if not fits.get(tensor.dim(), False):
             raise HookscopeError(
                 f"{type(self.iv).__name__} on {self.iv.point}: {what} has shape {list(tensor.shape)}; "
                 f"expected [{width}], [{slots}, {width}] (per position slot of {self.iv.positions!r}) or "
-                f"[batch={self.batch}, {slots}, {width}]."
+                f"[batch={self.batch}, {slots}, {width}] (one row per example: this batch reads "
+                f"rows {first}..{first + self.batch - 1})."
             )
         return tensor
 
@@ -173,10 +171,11 @@ class PreparedIntervention:
         """``(selected [batch, slots, w], positions) -> new values``: the intervention's
         :meth:`~hookscope.interventions.Intervention.transform` with its operand checked now
         (before the forward) and broadcast per call."""
-        iv, operand, rows = self.iv, self._operand(), isinstance(self.iv, Patch)
+        iv, operand = self.iv, self._operand()
         if operand is None:
             return lambda x, pos: iv.transform(x, None)
-        return lambda x, pos: iv.transform(x, self._broadcast(operand, x, rows=rows))
+        # one row per example (a source, a vector or a mean alike): this batch's rows
+        return lambda x, pos: iv.transform(x, self._broadcast(operand, x, rows=True))
 
     def _operand(self) -> torch.Tensor | None:
         """The checked tensor the intervention applies: a mean, a source or a vector."""

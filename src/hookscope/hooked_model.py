@@ -89,7 +89,9 @@ class HookedModel:
     @classmethod
     def from_hf(cls, model: nn.Module, tokenizer: Any = None, processor: Any = None) -> HookedModel:
         """Wrap an already-built HF model in place (its weights are not copied). ``tokenizer``
-        may be a vision-language processor (``from_hf(model, processor)``)."""
+        may be a vision-language processor (``from_hf(model, processor)``). A
+        ``torch.compile(model)`` wrapper is unwrapped (hooked calls run the model's own code)."""
+        model = getattr(model, "_orig_mod", model) if _is_compile_wrapper(model) else model
         config = HookedModelConfig(
             model_name=getattr(model, "name_or_path", None) or None,
             attn_implementation=getattr(model.config, "_attn_implementation", None),
@@ -241,6 +243,12 @@ class HookedModel:
         self._persistent_handles.append(handle)
         return handle
 
+    @property
+    def persistent_hooks(self) -> tuple[RemovableHandle, ...]:
+        """The handles of the hooks added by :meth:`register_forward_hook` or :meth:`set_hooks`
+        and not removed yet."""
+        return tuple(h for h in self._persistent_handles if h.id in (h.hooks_dict_ref() or {}))
+
     def create_hooks(
         self,
         positions: ResolvedPositions,
@@ -289,6 +297,7 @@ class HookedModel:
         except BaseException:
             self.remove_hooks(handles)
             raise
+        self._persistent_handles.extend(handles)  # kept: they run in every later forward
         return handles
 
     def remove_hooks(self, hook_handlers: Iterable[RemovableHandle] | None = None) -> None:
@@ -486,6 +495,13 @@ class HookedModel:
             extraction_config=extraction_config,
             **generate_kwargs,
         )
+
+
+def _is_compile_wrapper(model: nn.Module) -> bool:
+    """Whether ``model`` is what ``torch.compile(module)`` returns (the module is ``_orig_mod``)."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return isinstance(model, OptimizedModule)
 
 
 def _extraction_config(

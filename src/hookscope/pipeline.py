@@ -22,7 +22,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -166,7 +166,9 @@ def plan_call(
     sink: dict[str, torch.Tensor] = {}
     capture_positions = StepPositions(targets, window) if generation and targets else targets
     call_hooks = intervention_hooks + [as_module_hook(h) for h in hooks]
-    call_hooks += capture_hooks_for(hm, extraction, config, capture_positions, sink, generation)
+    # stopping after the last extracted layer would silently skip a caller's hooks further on
+    stop_early = not generation and not hooks and not hm.persistent_hooks
+    call_hooks += capture_hooks_for(hm, extraction, config, capture_positions, sink, stop_early)
     return CallPlan(
         hm.model_map, model_inputs, config, extraction, context, targets, row_positions, window, call_hooks,
         pattern_edits, sink,
@@ -210,15 +212,16 @@ def capture_hooks_for(
     config: ExtractionConfig,
     positions: Any,
     sink: dict[str, torch.Tensor],
-    generation: bool = False,
+    stop_early: bool = False,
 ) -> list[ModuleHook]:
-    """Capture hooks for the plan's module points and vision points. A forward that needs
-    nothing after its last extracted layer stops there (never during generation)."""
+    """Capture hooks for the plan's module points and vision points. With ``stop_early``, a
+    forward that needs nothing after its last extracted layer stops there (``StopForward``,
+    which :meth:`Executor.run` catches)."""
     if positions is None:
         return []
     stop_after = None
     last = extraction.last_layer()
-    if not generation and not config.save_logits and last is not None:
+    if stop_early and not config.save_logits and last is not None:
         stop_after = hm.model_map.layers[last].block
     hooks = capture_hooks(
         plan_capture(extraction.points, hm.model_map),
@@ -255,7 +258,8 @@ class Executor:
 
     def __init__(self, hf_model: nn.Module):
         self.hf_model = hf_model
-        self._busy = threading.RLock()
+        self._busy = threading.Lock()
+        self._owner: int | None = None  # the thread running a call, if any
 
     @classmethod
     def of(cls, hf_model: nn.Module) -> Executor:
@@ -268,16 +272,25 @@ class Executor:
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
-        """Hold the model for one call; another thread gets a clear error instead of mixed hooks."""
+        """Hold the model for one call; another thread, or a call started inside this one (a
+        forward in a user hook), gets a clear error instead of mixed hooks."""
+        if self._owner == threading.get_ident():
+            raise HookscopeError(
+                "a hooked call on this model was started inside another one (e.g. hm.forward "
+                "inside a hook): the outer call's hooks and interventions would run in it too. "
+                "Make the call after the outer one returns, or on another model."
+            )
         if not self._busy.acquire(blocking=False):
             raise HookscopeError(
                 "this model is running a hooked call in another thread: hooks live on the shared "
                 "modules, so calls on one model cannot overlap. Use one model per thread "
                 "(from_hf on a copy) or a lock around calls."
             )
+        self._owner = threading.get_ident()
         try:
             yield
         finally:
+            self._owner = None
             self._busy.release()
 
     def run(self, plan: CallPlan, call: ModelCall = forward_call) -> Any:
@@ -288,6 +301,7 @@ class Executor:
         with (
             self.exclusive(),
             grad_mode,
+            _eager_if_compiled(self.hf_model),
             plan.attention.installed(),
             installed(self.hf_model, plan.hooks),
         ):
@@ -295,3 +309,25 @@ class Executor:
                 return call(self.hf_model, plan.model_inputs)
             except StopForward:
                 return None
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` or one of its modules runs through ``torch.compile`` (``model.compile()``,
+    ``model.forward = torch.compile(model.forward)``, compiled layers)."""
+    for module in model.modules():
+        own = module.__dict__  # instance attributes only: cheap on a model of many modules
+        if own.get("_compiled_call_impl") is not None:
+            return True
+        if hasattr(own.get("forward"), "_torchdynamo_orig_callable"):
+            return True
+    return False
+
+
+def _eager_if_compiled(model: nn.Module) -> Any:
+    """Run a compiled model's own code for the call: torch.compile does not guard on module
+    hooks, so a graph compiled without hookscope's hooks would silently skip them (a Steer with
+    no effect, a point missing from the cache). Process-wide while the call runs (other compiled
+    code runs eagerly meanwhile: slower, never wrong)."""
+    if _is_compiled(model):
+        return torch.compiler.set_stance("force_eager")
+    return nullcontext()

@@ -36,10 +36,15 @@ AttentionFn = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
 Handler = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
 
 PREFIX = "hookscope+"
-# attention module id -> the handler of the call that is running on it (one per model at a time:
-# the HookedModel's lock guarantees it); plain dict operations are atomic under the GIL
+#: kernels whose mask hookscope cannot read, with what their mask is
+UNSUPPORTED = {"flex_attention": "BlockMask"}
+# attention module id -> the handler of the call that is running on it (one call at a time)
 _HANDLERS: dict[int, Handler] = {}
 _REGISTER_LOCK = threading.Lock()  # registering a name happens once per kernel
+# id(config) -> [calls that need it switched, its own implementation]: a config shared by two
+# models is switched by the first call and restored by the last
+_SWITCHED: dict[int, list] = {}
+_SCOPE_LOCK = threading.Lock()  # guards _SWITCHED and the handler checks
 
 
 def family_eager_function(module: nn.Module) -> AttentionFn:
@@ -101,27 +106,63 @@ def scoped_attention(model_map: ModelMap, handler: Handler) -> Iterator[None]:
     """Route this model's decoder attention calls through ``handler`` for the block.
 
     Only the language model's attention configs are switched (a vision tower keeps its own
-    kernel); each is restored on exit, whatever happens.
+    kernel). A config object shared with another model (``LlamaForCausalLM(a.config)``) stays
+    switched while any call needs it and gets its own name back when the last one ends, whatever
+    happens: the other model's modules, without a handler, still reach the original kernel.
+
+    Raises:
+        ArchitectureError: when these attention modules are already in a hooked call (a
+            HookedModel over a part of this model, or the whole of it).
     """
     modules = [parts.attention for parts in model_map.layers]
     configs = _attention_configs(model_map)
-    originals = [config._attn_implementation for config in configs]
-    if any((name or "").startswith(PREFIX) for name in originals):
-        raise ArchitectureError(
-            "hookscope's attention is already switched on for this model (a hooked call inside "
-            "another hooked call on the same model is not supported)."
-        )
-    names = [scoped_name(name or "eager") for name in originals]
+    for config in configs:
+        if config._attn_implementation in UNSUPPORTED:
+            raise ArchitectureError(
+                f"attention internals and pattern edits are not supported under "
+                f"{config._attn_implementation!r} (its mask is a {UNSUPPORTED[config._attn_implementation]}, "
+                "not a tensor hookscope can read): load the model with "
+                'attn_implementation="sdpa" or "eager".'
+            )
+    _enter(modules, configs, handler)
     try:
-        for module in modules:
-            _HANDLERS[id(module)] = handler
-        for config, name in zip(configs, names, strict=True):
-            # the attribute transformers' own set_attn_implementation writes (without its
-            # per-module walk and checks, which would cost more than a small forward)
-            config._attn_implementation_internal = name
         yield
     finally:
-        for config, name in zip(configs, originals, strict=True):
-            config._attn_implementation_internal = name
+        _leave(modules, configs)
+
+
+def _enter(modules: list[nn.Module], configs: list[Any], handler: Handler) -> None:
+    with _SCOPE_LOCK:
+        if any(id(module) in _HANDLERS for module in modules):
+            raise ArchitectureError(
+                "this model's attention modules are already in a hooked call (another "
+                "HookedModel wraps them too): calls on shared modules cannot overlap."
+            )
+        # names first (registering may raise): nothing is changed until all are known
+        names = {
+            id(config): scoped_name(config._attn_implementation or "eager")
+            for config in configs
+            if id(config) not in _SWITCHED
+        }
+        for module in modules:
+            _HANDLERS[id(module)] = handler
+        for config in configs:
+            switched = _SWITCHED.get(id(config))
+            if switched is None:
+                switched = _SWITCHED[id(config)] = [0, config._attn_implementation]
+                # the attribute transformers' own set_attn_implementation writes (without its
+                # per-module walk and checks, which would cost more than a small forward)
+                config._attn_implementation_internal = names[id(config)]
+            switched[0] += 1
+
+
+def _leave(modules: list[nn.Module], configs: list[Any]) -> None:
+    with _SCOPE_LOCK:
+        for config in configs:
+            switched = _SWITCHED[id(config)]
+            switched[0] -= 1
+            if switched[0] == 0:
+                config._attn_implementation_internal = switched[1]
+                del _SWITCHED[id(config)]
         for module in modules:
             _HANDLERS.pop(id(module), None)
