@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from .errors import HookscopeError
 from .keywords import reject_unknown_fields
 from .points import KINDS
 
@@ -71,6 +72,11 @@ class HookedModelConfig:
     trust_remote_code: bool = False
     max_memory: dict[Any, Any] | None = None
     offload_folder: str | None = None
+
+    def __post_init__(self) -> None:
+        size = self.batch_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise HookscopeError(f"batch_size must be a positive int, got {self.batch_size!r}.")
 
 
 @reject_unknown_fields

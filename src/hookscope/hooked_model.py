@@ -490,6 +490,11 @@ def _extraction_config(
     config: ExtractionConfig | None, names: Sequence[str] | None, model_map: ModelMap
 ) -> ExtractionConfig:
     """The config of a call that got ``extraction_config``, ``names`` or neither."""
+    if config is not None and not isinstance(config, ExtractionConfig):
+        raise InputError(
+            f"extraction_config must be an ExtractionConfig, got {type(config).__name__}; "
+            "for a dict write ExtractionConfig(**d)."
+        )
     if names is None:
         return config or ExtractionConfig()
     if config is not None:

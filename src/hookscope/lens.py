@@ -108,13 +108,16 @@ def logit_lens(
             f"the logit lens reads residual points {sorted(flags)}, got {point!r}."
         )
     model_inputs = hm.prepare_inputs(inputs)
-    config = ExtractionConfig(
-        **{flags[point]: True}, layers=list(layers) if layers is not None else None
+    items = normalize_items(  # "last" is one item, not the letters l, a, s, t
+        list(target_token_positions)
+        if isinstance(target_token_positions, tuple)
+        else target_token_positions
     )
-    cache = hm.forward(model_inputs, list(target_token_positions), extraction_config=config)
+    config = ExtractionConfig(**{flags[point]: True}, layers=layers)
+    cache = hm.forward(model_inputs, items, extraction_config=config)
     chosen = sorted(parse_point(key).layer for key in cache if key.startswith(point + "_"))
     positions = resolve_positions(
-        normalize_items(list(target_token_positions)),
+        items,
         model_inputs["attention_mask"],
         model_inputs["input_ids"],
     )

@@ -330,6 +330,11 @@ class StoreWriter:
         self, folder: str | os.PathLike, description: dict[str, Any], overwrite: bool = False
     ):
         self.folder = Path(folder)
+        if self.folder.exists() and not self.folder.is_dir():
+            raise StoreError(
+                f"output_dir {str(self.folder)!r} is a file, not a folder; hookscope will not "
+                "replace it: pass a folder path."
+            )
         self.folder.mkdir(parents=True, exist_ok=True)
         self._lock = _FolderLock(self.folder)
         try:

@@ -1,0 +1,159 @@
+"""An adversary's review of the inputs (issue: no silent wrongs). Each test names an input a
+user may plausibly pass that gave wrong numbers, mixed data or a raw Python error, and checks
+that it now gives the right numbers or a HookscopeError naming the bad value."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import PROMPTS, build_model, build_tokenizer
+
+from hookscope import (
+    Ablation,
+    ExtractionConfig,
+    HookedModel,
+    HookedModelConfig,
+    HookscopeError,
+    StoreError,
+    logit_lens,
+)
+from hookscope.errors import InputError, PositionError
+
+RESID = ExtractionConfig(extract_resid_out=True, layers=[1])
+
+
+@pytest.fixture(scope="module")
+def hm():
+    model = HookedModel.from_hf(build_model("llama"), build_tokenizer())
+    model.config.batch_size = 2
+    return model
+
+
+def _alone(hm, prompt):
+    return hm.forward(prompt, ["last"], extraction_config=RESID)["resid_out_1"]
+
+
+# -- datasets ---------------------------------------------------------------------------------
+def test_extract_cache_of_one_string_is_one_example(hm):
+    """Before: a string was iterated, giving one example per character."""
+    cache = hm.extract_cache(PROMPTS[1], ["last"], extraction_config=RESID)
+    assert cache["resid_out_1"].shape[0] == 1
+    torch.testing.assert_close(cache["resid_out_1"], _alone(hm, PROMPTS[1]))
+
+
+@pytest.mark.parametrize("call", ["forward", "extract_cache"])
+def test_a_list_mixing_strings_and_records_names_the_item(hm, call):
+    """Before: the tokenizer's raw TypeError ('TextEncodeInput must be Union[...]')."""
+    with pytest.raises(InputError, match=r"item 1 .* dict"):
+        getattr(hm, call)([PROMPTS[0], {"text": PROMPTS[1]}], ["last"], extraction_config=RESID)
+
+
+def test_batch_size_must_be_positive(hm):
+    """Before: HookedModelConfig(batch_size=0) was accepted and extract_cache raised range()'s
+    'arg 3 must not be zero'; a negative size did the same."""
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(HookscopeError, match="batch_size must be a positive int"):
+            HookedModelConfig(batch_size=bad)
+    hm.config.batch_size = 0
+    try:
+        with pytest.raises(InputError, match="batch_size must be a positive int, got 0"):
+            hm.extract_cache(PROMPTS, ["last"], extraction_config=RESID)
+    finally:
+        hm.config.batch_size = 2
+
+
+# -- model inputs -----------------------------------------------------------------------------
+def test_ids_outside_the_vocabulary_or_not_integers_are_refused(hm):
+    """Before: torch's 'index out of range in self' and the embedding's dtype RuntimeError."""
+    vocab = hm.hf_model.get_input_embeddings().num_embeddings
+    for ids, bad in ((torch.tensor([[5, 6, vocab]]), vocab), (torch.tensor([[5, -1, 6]]), -1)):
+        with pytest.raises(InputError, match=rf"token id {bad}, .*valid ids: 0\.\.{vocab - 1}"):
+            hm.forward(ids, ["last"], extraction_config=RESID)
+    with pytest.raises(InputError, match="integer token ids, got dtype torch.float32"):
+        hm.forward(torch.tensor([[5.0, 6.0]]), ["last"], extraction_config=RESID)
+
+
+def test_a_mask_of_other_values_than_0_and_1_is_refused(hm):
+    """Before: a mask [0, 2, 1] ran; position ids are its cumulative sum, so every position
+    after the 2 was shifted (a silently different computation)."""
+    batch = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.tensor([[0, 2, 1]])}
+    with pytest.raises(InputError, match=r"only 0 \(padding\) and 1 .*found \[2.0\]"):
+        hm.forward(batch, ["last"], extraction_config=RESID)
+
+
+def test_a_ragged_tokenized_batch_says_to_pad(hm):
+    """Before: torch's 'expected sequence of length 11 at dim 1 (got 7)'."""
+    ragged = hm.get_tokenizer()(PROMPTS[:2])  # lists of different lengths, no padding
+    with pytest.raises(InputError, match="not a rectangular batch.*padding=True"):
+        hm.forward(ragged, ["last"], extraction_config=RESID)
+
+
+def test_extraction_config_of_the_wrong_type(hm):
+    """Before: AttributeError: 'dict' object has no attribute 'layers'."""
+    with pytest.raises(InputError, match="must be an ExtractionConfig, got dict"):
+        hm.forward(PROMPTS[0], ["last"], extraction_config={"extract_resid_out": True})
+
+
+# -- positions --------------------------------------------------------------------------------
+def test_pivot_positions_must_be_distinct_ints(hm):
+    """Before: pivots [1, 1] made 'inputs-partition-1' an empty selection without a word, and
+    an int pivot raised "'int' object is not iterable"."""
+    for pivots in ([1, 1], 1):
+        with pytest.raises(PositionError, match="pivot_positions must be a list of distinct ints"):
+            hm.forward(PROMPTS[1], ["inputs-partition-1"], pivot_positions=pivots)
+
+
+# -- lens -------------------------------------------------------------------------------------
+def test_logit_lens_takes_one_item_and_one_layer_as_forward_does(hm):
+    """Before: target_token_positions='last' was read as the items 'l', 'a', 's', 't' and
+    layers=1 raised "'int' object is not iterable"."""
+    lens = logit_lens(hm, PROMPTS[1], "last", layers=1)
+    listed = logit_lens(hm, PROMPTS[1], ["last"], layers=[1])
+    assert lens.layers == [1]
+    torch.testing.assert_close(lens.logits, listed.logits)
+
+
+# -- stores -----------------------------------------------------------------------------------
+def test_a_store_path_that_is_a_file_is_refused_and_kept(hm, tmp_path):
+    """Before: a raw FileExistsError."""
+    path = tmp_path / "results"
+    path.write_text("my notes")
+    with pytest.raises(StoreError, match="is a file, not a folder"):
+        hm.extract_cache(PROMPTS, ["last"], extraction_config=RESID, output_dir=str(path))
+    assert path.read_text() == "my notes"
+
+
+@pytest.mark.parametrize("second", ["without", "other"])
+def test_a_store_does_not_resume_under_other_interventions(hm, tmp_path, second):
+    """Before: a run with an ablation, resumed without it (or with another one), appended
+    unablated rows to the ablated ones: one store, two experiments."""
+    ablate = [Ablation(point="resid_out_0", positions=["all"])]
+    other = {"without": None, "other": [Ablation(point="resid_out_0", method="scale", factor=2)]}
+    out = str(tmp_path / "store")
+    hm.extract_cache(
+        PROMPTS[:2], ["last"], extraction_config=RESID, output_dir=out, interventions=ablate
+    )
+    with pytest.raises(StoreError, match="different extraction.*interventions"):
+        hm.extract_cache(
+            PROMPTS, ["last"], extraction_config=RESID, output_dir=out, interventions=other[second]
+        )
+    resumed = hm.extract_cache(
+        PROMPTS, ["last"], extraction_config=RESID, output_dir=out, interventions=ablate
+    )
+    alone = hm.forward(PROMPTS, ["last"], extraction_config=RESID, interventions=ablate)
+    torch.testing.assert_close(resumed["resid_out_1"], alone["resid_out_1"])
+
+
+def test_a_store_does_not_resume_under_another_steering_vector(hm, tmp_path):
+    """Interventions holding tensors are told apart by their values, not only their type."""
+    from hookscope import Steer
+
+    out = str(tmp_path / "store")
+    steer = lambda v: [Steer(point="resid_out_0", vector=torch.full((64,), v))]  # noqa: E731
+    hm.extract_cache(
+        PROMPTS[:2], ["last"], extraction_config=RESID, output_dir=out, interventions=steer(1.0)
+    )
+    with pytest.raises(StoreError, match="interventions"):
+        hm.extract_cache(
+            PROMPTS, ["last"], extraction_config=RESID, output_dir=out, interventions=steer(2.0)
+        )
