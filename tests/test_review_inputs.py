@@ -17,7 +17,7 @@ from hookscope import (
     StoreError,
     logit_lens,
 )
-from hookscope.errors import InputError, PositionError
+from hookscope.errors import InputError, KeywordError, PositionError
 
 RESID = ExtractionConfig(extract_resid_out=True, layers=[1])
 
@@ -157,3 +157,98 @@ def test_a_store_does_not_resume_under_another_steering_vector(hm, tmp_path):
         hm.extract_cache(
             PROMPTS, ["last"], extraction_config=RESID, output_dir=out, interventions=steer(2.0)
         )
+
+
+# -- activation_patching ----------------------------------------------------------------------
+def _pair():
+    ids = torch.randint(3, 300, (2, 6), generator=torch.Generator().manual_seed(0))
+    clean = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    corrupt = {"input_ids": ids.clone(), "attention_mask": torch.ones_like(ids)}
+    corrupt["input_ids"][:, 1] = torch.tensor([50, 60])
+    return clean, corrupt
+
+
+@pytest.mark.parametrize("bad", [-1, 320, 5000])
+def test_patching_answers_outside_the_vocabulary_are_refused(hm, bad):
+    """Before: -1 silently read the vocabulary's last token (a plausible grid of the wrong
+    token); 5000 gave a raw IndexError."""
+    from hookscope import activation_patching
+
+    clean, corrupt = _pair()
+    with pytest.raises(HookscopeError, match=rf"answers \(correct\) hold token ids \[{bad}, 5\]"):
+        activation_patching(hm, clean, corrupt, answers=([bad, 5], [6, 6]))
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"point": "resid_mid"}, "point 'resid_mid' cannot be swept; valid points"),  # KeyError
+        ({"point": "mlp_out", "per": "head_position"}, "per='head_position' is not valid"),
+        ({"metric": "logit_dif"}, "metric 'logit_dif' is not one of"),  # AttributeError
+        ({"batch_size": 0}, "batch_size must be a positive int, got 0"),  # ZeroDivisionError
+        ({"batch_size": -1}, "batch_size must be a positive int, got -1"),  # ran, '-24 forwards'
+    ],
+)
+def test_patching_options_name_what_exists(hm, options, message):
+    from hookscope import activation_patching
+
+    clean, corrupt = _pair()
+    with pytest.raises(HookscopeError, match=message):
+        activation_patching(hm, clean, corrupt, answers=(5, 6), **options)
+
+
+def test_patching_one_layer_as_an_int(hm):
+    """Before: layers=1 raised "'int' object is not iterable"; now it is the grid of [1]."""
+    from hookscope import activation_patching
+
+    clean, corrupt = _pair()
+    one = activation_patching(hm, clean, corrupt, answers=(5, 6), layers=1)
+    full = activation_patching(hm, clean, corrupt, answers=(5, 6))
+    torch.testing.assert_close(one.values[0], full.values[1])
+
+
+# -- compute_patching (the reference design's form) -------------------------------------------
+QUERY = {"patching_elem": "@last", "layers_to_patch": [0], "activation_type": "resid_in_{}"}
+
+
+def _patch_args():
+    tokenizer = build_tokenizer()
+    return (
+        tokenizer(PROMPTS[:2], return_tensors="pt", padding=True),
+        tokenizer(PROMPTS[2:], return_tensors="pt", padding=True),
+    )
+
+
+def test_compute_patching_with_an_empty_query_refuses(hm):
+    """Before: patching_query=[] returned the unpatched run as if it were patched."""
+    base, target = _patch_args()
+    with pytest.raises(HookscopeError, match="patching_query is empty"):
+        hm.compute_patching(["last"], base, target, patching_query=[])
+
+
+def test_compute_patching_query_keys_and_layers_are_checked(hm):
+    """Before: a misspelled key was ignored, an activation_type without '{}' patched one layer
+    for every layer asked, and layers_to_patch=0 raised a raw TypeError."""
+    base, target = _patch_args()
+    misspelled = {**QUERY, "layer_to_patch": [1]}
+    with pytest.raises(KeywordError, match="'layer_to_patch'; did you mean 'layers_to_patch'"):
+        hm.compute_patching(["last"], base, target, patching_query=[misspelled])
+    fixed = {**QUERY, "activation_type": "resid_in_0", "layers_to_patch": [0, 1]}
+    with pytest.raises(HookscopeError, match="has no '\\{\\}' for the layer"):
+        hm.compute_patching(["last"], base, target, patching_query=[fixed])
+    one = hm.compute_patching(
+        ["last"], base, target, patching_query={**QUERY, "layers_to_patch": 0}
+    )
+    listed = hm.compute_patching(["last"], base, target, patching_query=[QUERY])
+    torch.testing.assert_close(one["logits"], listed["logits"])
+
+
+def test_compute_patching_keywords_and_one_position_item(hm):
+    """Before: base_dictionary_idxs (spelt right; the reference spells 'dictonary') was
+    suggested 'position_ids' by forward(); target_token_positions='last' became 'l','a','s','t'."""
+    base, target = _patch_args()
+    with pytest.raises(KeywordError, match="did you mean 'base_dictonary_idxs'"):
+        hm.compute_patching(["last"], base, target, base_dictionary_idxs=[[5, 6]])
+    one = hm.compute_patching("last", base, target, patching_query=[QUERY])
+    listed = hm.compute_patching(["last"], base, target, patching_query=[QUERY])
+    torch.testing.assert_close(one["logits"], listed["logits"])
