@@ -252,3 +252,24 @@ def test_compute_patching_keywords_and_one_position_item(hm):
     one = hm.compute_patching("last", base, target, patching_query=[QUERY])
     listed = hm.compute_patching(["last"], base, target, patching_query=[QUERY])
     torch.testing.assert_close(one["logits"], listed["logits"])
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+def test_a_resume_refuses_a_store_with_a_damaged_shard(hm, tmp_path, damage):
+    """Before: a resume skipped the committed batches without looking at their files, ran every
+    new batch, then failed when opening the result ('truncated or missing'), without saying how
+    to recover. Now it fails before any forward and names the way out (overwrite=True)."""
+    out = tmp_path / "store"
+    hm.extract_cache(PROMPTS[:2], ["last"], extraction_config=RESID, output_dir=str(out))
+    shard = out / "shard-00000.safetensors"
+    if damage == "deleted":
+        shard.unlink()
+    else:
+        shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(StoreError, match="shard-00000.safetensors of .* is damaged"):
+        hm.extract_cache(PROMPTS, ["last"], extraction_config=RESID, output_dir=str(out))
+    again = hm.extract_cache(
+        PROMPTS, ["last"], extraction_config=RESID, output_dir=str(out), overwrite=True
+    )
+    alone = hm.forward(PROMPTS, ["last"], extraction_config=RESID)
+    torch.testing.assert_close(again["resid_out_1"], alone["resid_out_1"])

@@ -455,6 +455,7 @@ class StoreWriter:
         """False when batch ``index`` holds exactly ``asked``; True when it holds a strict prefix
         of it and is the last committed batch; else raise naming the first difference."""
         shard = self.manifest["shards"][index]
+        self._check_shard_file(shard)
         low, high = shard["examples"]
         if len(asked) == high - low and _digest(asked) == shard["data_sha256"]:
             return False
@@ -475,6 +476,18 @@ class StoreWriter:
                 "batches, or overwrite=True to replace the store."
             )
         return True
+
+    def _check_shard_file(self, shard: dict) -> None:
+        """A committed shard that a resume keeps is there, at its committed size (a cheap check:
+        its sha256 is checked when it is read)."""
+        path = self.folder / shard["file"]
+        size = path.stat().st_size if path.is_file() else None
+        if size != shard.get("bytes", size):
+            found = "missing" if size is None else f"{size} bytes, committed {shard['bytes']}"
+            raise StoreError(
+                f"shard {shard['file']} of {self.folder} is damaged ({found}), so the store "
+                "cannot be resumed; use overwrite=True to write it again."
+            )
 
     def _refuse_more_than_asked(self, asked: int) -> None:
         raise StoreError(
