@@ -273,3 +273,17 @@ def test_a_resume_refuses_a_store_with_a_damaged_shard(hm, tmp_path, damage):
     )
     alone = hm.forward(PROMPTS, ["last"], extraction_config=RESID)
     torch.testing.assert_close(again["resid_out_1"], alone["resid_out_1"])
+
+
+def test_a_store_does_not_resume_with_other_weights(hm, tmp_path):
+    """Before: two models of one family wrapped from memory (a base and its fine-tune, here two
+    seeds) have the same name, type and dtype, so the second resumed the first's store and
+    appended its rows: one store, two models."""
+    out = str(tmp_path / "store")
+    hm.extract_cache(PROMPTS[:2], ["last"], extraction_config=RESID, output_dir=out)
+    other = HookedModel.from_hf(build_model("llama", seed=1), build_tokenizer())
+    other.config.batch_size = 2
+    with pytest.raises(StoreError, match="different extraction \\(weights: stored"):
+        other.extract_cache(PROMPTS, ["last"], extraction_config=RESID, output_dir=out)
+    resumed = hm.extract_cache(PROMPTS, ["last"], extraction_config=RESID, output_dir=out)
+    assert len(resumed) == len(PROMPTS)

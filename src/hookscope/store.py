@@ -738,6 +738,22 @@ def _item(value: Any) -> Any:
     return value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
 
 
+def weights_fingerprint(model: torch.nn.Module, samples: int = 8) -> str:
+    """16 hex digits that tell weights apart: the sha256 of ``samples`` evenly spaced values of
+    every parameter (exact bytes, so the same on any device; a model wrapped from memory, e.g.
+    fine-tuned, has no name that would tell it from its base)."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.device.type == "meta" or param.numel() == 0:
+                continue  # offloaded to disk: not readable here
+            flat = param.detach().reshape(-1)
+            index = torch.linspace(0, flat.numel() - 1, samples).long().unique().to(flat.device)
+            values = flat[index].cpu().contiguous().view(torch.uint8).numpy().tobytes()
+            digest.update(name.encode() + b"\0" + values)
+    return digest.hexdigest()[:16]
+
+
 def describe(hm: Any, config: Any, positions: list, extra: dict[str, Any]) -> dict[str, Any]:
     """The manifest's description of an extraction (compared on resume)."""
     import transformers
@@ -746,6 +762,7 @@ def describe(hm: Any, config: Any, positions: list, extra: dict[str, Any]) -> di
 
     return {
         "model": str(hm.model_name),
+        "weights": weights_fingerprint(hm.hf_model),
         "revision": getattr(hm.config, "revision", None),
         "model_type": hm.model_map.model_type,
         "dtype": str(next(hm.hf_model.parameters()).dtype).removeprefix("torch."),
