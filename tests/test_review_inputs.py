@@ -287,3 +287,26 @@ def test_a_store_does_not_resume_with_other_weights(hm, tmp_path):
         other.extract_cache(PROMPTS, ["last"], extraction_config=RESID, output_dir=out)
     resumed = hm.extract_cache(PROMPTS, ["last"], extraction_config=RESID, output_dir=out)
     assert len(resumed) == len(PROMPTS)
+
+
+# -- command line -----------------------------------------------------------------------------
+def test_cli_overwrite_keeps_the_users_files_beside_a_store(tiny_folder, tmp_path):
+    """Before: `extract --overwrite` removed the whole --out folder (shutil.rmtree), so a
+    notebook saved beside the store was lost; the API's overwrite=True removes only its files."""
+    from hookscope.cli import main
+
+    prompts, out = tmp_path / "p.txt", tmp_path / "results"
+    prompts.write_text("The cat sat\nA dog\n")
+    argv = ["extract", str(tiny_folder), "--prompts", str(prompts), "--points", "resid_out"]
+    argv += ["--layers", "1", "--out", str(out)]
+    assert main(argv) == 0
+    (out / "analysis.ipynb").write_text("my work")
+    (out / "figures").mkdir()
+    (out / "figures" / "fig1.png").write_bytes(b"png")
+    prompts.write_text("A dog\nThe cat sat\n")
+    assert main([*argv, "--overwrite"]) == 0
+    assert (out / "analysis.ipynb").read_text() == "my work"
+    assert (out / "figures" / "fig1.png").read_bytes() == b"png"
+    from hookscope.store import ActivationStore
+
+    assert len(ActivationStore.open(out)) == 2
