@@ -310,3 +310,67 @@ def test_cli_overwrite_keeps_the_users_files_beside_a_store(tiny_folder, tmp_pat
     from hookscope.store import ActivationStore
 
     assert len(ActivationStore.open(out)) == 2
+
+
+# -- empty prompts, configs, interventions, lens, cache files --------------------------------
+@pytest.mark.parametrize("call", ["forward", "generate"])
+def test_an_empty_prompt_is_named(hm, call):
+    """Before: generate('') raised a raw IndexError from the padding code."""
+    args = {"forward": (["last"],), "generate": ()}[call]
+    options = {"generate": {"max_new_tokens": 2}}.get(call, {})
+    with pytest.raises(InputError, match="example 1 has no tokens"):
+        getattr(hm, call)([PROMPTS[0], ""], *args, **options)
+    with pytest.raises(InputError, match="example 0 has no tokens"):
+        getattr(hm, call)("", *args, **options)
+
+
+def test_config_layers_of_the_wrong_type_say_so():
+    """Before: layers=True raised "'bool' object is not iterable"; layers='1' and [1.0] were
+    reported as layers out of range."""
+    import numpy as np
+
+    for bad in (True, "1", [1.0], [1, "2"]):
+        with pytest.raises(HookscopeError, match="layers must be None .*an int or a list of ints"):
+            ExtractionConfig(layers=bad)
+    assert ExtractionConfig(layers=np.arange(2)).layers == [0, 1]
+    assert ExtractionConfig(layers=torch.tensor(1)).layers == [1]
+    assert ExtractionConfig(vision_layers=range(2)).vision_layers == [0, 1]
+
+
+def test_misspelled_intervention_fields_name_the_closest():
+    """Before: Python's TypeError, without the closest field (and not a HookscopeError)."""
+    from hookscope import Patch, Steer, intervention_from_dict
+
+    with pytest.raises(KeywordError, match="'methd'; did you mean 'method'"):
+        Ablation(point="resid_out_0", methd="zero")
+    with pytest.raises(KeywordError, match="'coeficient'; did you mean 'coefficient'"):
+        Steer(point="resid_out_0", vector=torch.ones(64), coeficient=2.0)
+    with pytest.raises(KeywordError, match="'sourse'; did you mean 'source'"):
+        Patch(point="resid_out_0", sourse=torch.ones(64))
+    with pytest.raises(KeywordError, match="'pont'; did you mean 'point'"):
+        intervention_from_dict({"type": "Ablation", "pont": "resid_out_0"})
+
+
+def test_lens_token_ids_and_top_k_are_checked(hm):
+    """Before: lens.logit(-1) / prob(-1) silently read the vocabulary's last token; rank(-1),
+    out-of-vocabulary ids and top_k(k > vocab) raised raw torch errors."""
+    lens = logit_lens(hm, PROMPTS[1], ["last"])
+    vocab = lens.logits.shape[-1]
+    for read in (lens.logit, lens.prob, lens.rank):
+        for bad in (-1, vocab):
+            with pytest.raises(HookscopeError, match=rf"token id {bad} .*0\.\.{vocab - 1}"):
+                read(bad)
+    with pytest.raises(HookscopeError, match=rf"k must be an int in 0\.\.{vocab}"):
+        lens.top_k(vocab + 1)
+    with pytest.raises(HookscopeError, match="example 3 .* out of range"):
+        lens.top_k(2, example=3)
+    top = lens.top_k(1)
+    best = lens.logits[:, 0, -1].argmax(-1)
+    assert [row[0][0] for row in top] == hm.to_string_tokens(best.tolist())
+
+
+def test_saving_a_cache_to_a_folder_is_refused(hm, tmp_path):
+    """Before: a raw IsADirectoryError from the atomic rename."""
+    cache = hm.forward(PROMPTS[:2], ["last"], extraction_config=RESID)
+    with pytest.raises(HookscopeError, match="it is a folder; give a file path"):
+        cache.save(tmp_path)

@@ -153,6 +153,12 @@ def _check_values(input_ids: torch.Tensor, mask: torch.Tensor, model: nn.Module)
                 f"input_ids holds token id {bad}, outside this model's vocabulary "
                 f"(valid ids: 0..{vocab - 1})."
             )
+    empty = torch.nonzero(mask.sum(1) == 0).flatten().tolist() if mask.dim() == 2 else []
+    if mask.shape[-1] == 0 or empty:
+        raise InputError(
+            f"example {empty[0] if empty else 0} has no tokens (an empty string?); every example "
+            "needs at least one real token."
+        )
     if mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
         found = sorted({float(v) for v in mask.unique().tolist()} - {0.0, 1.0})[:3]
         raise InputError(
