@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tiny_models import PROMPTS, build_model, build_tokenizer
 
 from hookscope import (
@@ -374,3 +376,73 @@ def test_saving_a_cache_to_a_folder_is_refused(hm, tmp_path):
     cache = hm.forward(PROMPTS[:2], ["last"], extraction_config=RESID)
     with pytest.raises(HookscopeError, match="it is a folder; give a file path"):
         cache.save(tmp_path)
+
+
+# -- property: every input form of the same prompts gives the same numbers ---------------------
+def _forms(tokenizer, prompts):
+    """The same prompts as each input form a user may pass to forward."""
+    left = build_tokenizer("left")
+    forms = {
+        "list": list(prompts),
+        "right": tokenizer(list(prompts), return_tensors="pt", padding=True),
+        "left": left(list(prompts), return_tensors="pt", padding=True),
+        "lists": dict(tokenizer(list(prompts), padding=True)),
+    }
+    if len(prompts) == 1:
+        ids = tokenizer(prompts[0], return_tensors="pt")["input_ids"]
+        forms |= {"string": prompts[0], "ids 1-D": ids[0], "ids 2-D": ids}
+    return forms
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    chosen=st.lists(st.sampled_from(PROMPTS), min_size=1, max_size=3),
+    items=st.sampled_from([["last"], [0, "last"], [(0, 2)], ["first", -2]]),
+)
+def test_every_input_form_gives_each_prompts_own_numbers(hm, chosen, items):
+    """Property: strings, padded batches (either side), lists of ids and id tensors of the same
+    prompts give, row by row, what each prompt gives alone."""
+    alone = [hm.forward(p, items, extraction_config=RESID)["resid_out_1"][0] for p in chosen]
+    for name, form in _forms(hm.get_tokenizer(), chosen).items():
+        got = hm.forward(form, items, extraction_config=RESID)["resid_out_1"]
+        for row, expected in enumerate(alone):
+            torch.testing.assert_close(got[row], expected, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@settings(max_examples=8, deadline=None)
+@given(chosen=st.lists(st.sampled_from(PROMPTS), min_size=1, max_size=5))
+def test_every_dataset_form_gives_the_same_cache(hm, chosen):
+    """Property: a list, a tuple, a generator (one-shot), a DataLoader, records, a list of
+    batches and one tokenized batch of the same prompts give the same rows in the same order."""
+    from torch.utils.data import DataLoader
+
+    tokenizer = hm.get_tokenizer()
+    expected = torch.cat([_alone(hm, p) for p in chosen])
+    forms = {
+        "list": list(chosen),
+        "tuple": tuple(chosen),
+        "generator": (p for p in chosen),
+        "dataloader": DataLoader(list(chosen), batch_size=2),
+        "records": [{"text": p, "label": i} for i, p in enumerate(chosen)],
+        "batches": [
+            tokenizer(chosen[i : i + 2], return_tensors="pt", padding=True)
+            for i in range(0, len(chosen), 2)
+        ],
+        "one batch": tokenizer(list(chosen), return_tensors="pt", padding=True),
+    }
+    if len(chosen) == 1:
+        forms["string"] = chosen[0]
+    for name, form in forms.items():
+        got = hm.extract_cache(form, ["last"], extraction_config=RESID)["resid_out_1"]
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_a_dataloader_over_records_says_what_to_pass(hm):
+    """A DataLoader over records collates them to {'text': [...], 'label': tensor}: the error
+    now says to pass the records themselves (which give the right rows, as the property above
+    checks)."""
+    from torch.utils.data import DataLoader
+
+    records = [{"text": p, "label": i} for i, p in enumerate(PROMPTS)]
+    with pytest.raises(InputError, match="pass the list of records itself to extract_cache"):
+        hm.extract_cache(DataLoader(records, batch_size=2), ["last"], extraction_config=RESID)

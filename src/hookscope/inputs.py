@@ -76,6 +76,12 @@ def prepare_inputs(
     accepted = model_input_names(model) - set(_NEVER_FORWARDED)
     kwargs = {k: v for k, v in inputs.items() if k in accepted and v is not None}
     input_ids = kwargs.get("input_ids")
+    if input_ids is None and "text" in inputs:  # a DataLoader over records collates them so
+        raise InputError(
+            f"inputs have no input_ids but a 'text' field (keys: {sorted(inputs)}): a DataLoader "
+            "over records gives such batches; pass the list of records itself to extract_cache "
+            "(it batches and tokenizes them), or tokenize in a collate_fn."
+        )
     if input_ids is None:
         raise InputError(f"inputs have no input_ids (keys: {sorted(inputs)}).")
     input_ids = _as_id_tensor(input_ids, "input_ids")
