@@ -446,3 +446,41 @@ def test_a_dataloader_over_records_says_what_to_pass(hm):
     records = [{"text": p, "label": i} for i, p in enumerate(PROMPTS)]
     with pytest.raises(InputError, match="pass the list of records itself to extract_cache"):
         hm.extract_cache(DataLoader(records, batch_size=2), ["last"], extraction_config=RESID)
+
+
+def test_opening_an_incomplete_store_warns(hm, tmp_path, monkeypatch):
+    """Before: a store whose run was stopped opened without a word; store[key] then held the
+    first rows only, easy to take for the whole dataset."""
+    from hookscope import ActivationStore
+    from hookscope.store import StoreWriter
+
+    write, calls = StoreWriter.write, []
+
+    def stop_at_second(self, cache):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return write(self, cache)
+
+    monkeypatch.setattr(StoreWriter, "write", stop_at_second)
+    out = tmp_path / "store"
+    with pytest.raises(KeyboardInterrupt):
+        hm.extract_cache(PROMPTS, ["last"], extraction_config=RESID, output_dir=str(out))
+    with pytest.warns(UserWarning, match="incomplete store .* first 2 examples only"):
+        partial = ActivationStore.open(out)
+    torch.testing.assert_close(partial["resid_out_1"], _alone(hm, PROMPTS[:2]))
+    monkeypatch.setattr(StoreWriter, "write", write)
+    done = hm.extract_cache(PROMPTS, ["last"], extraction_config=RESID, output_dir=str(out))
+    assert done.complete and len(done) == len(PROMPTS)
+
+
+def test_weights_fingerprint_reads_large_parameters():
+    """A float32 linspace over 28 million indices rounds its last index past the end (found on
+    the embedded model's embedding); the sampled indices stay in range for any size."""
+    from hookscope.store import weights_fingerprint
+
+    big = torch.nn.Embedding(28311552 // 576, 576)
+    first = weights_fingerprint(big)
+    with torch.no_grad():
+        big.weight.view(-1)[-1] += 1  # the last value is one of the samples
+    assert weights_fingerprint(big) != first

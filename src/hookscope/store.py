@@ -39,6 +39,7 @@ import json
 import os
 import shutil
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -641,6 +642,13 @@ class ActivationStore:
                 raise StoreError(
                     f"shard {shard['file']} is truncated or missing ({size} bytes, the manifest says {shard['bytes']})."
                 )
+        if not manifest.get("complete"):
+            warnings.warn(
+                f"{folder} is an incomplete store (its run stopped or is still running): it holds "
+                f"the first {manifest.get('examples', 0)} examples only; run the same extraction "
+                "again to finish it.",
+                stacklevel=2,
+            )
         return cls(folder, manifest)
 
     def __len__(self) -> int:
@@ -748,7 +756,9 @@ def weights_fingerprint(model: torch.nn.Module, samples: int = 8) -> str:
             if param.device.type == "meta" or param.numel() == 0:
                 continue  # offloaded to disk: not readable here
             flat = param.detach().reshape(-1)
-            index = torch.linspace(0, flat.numel() - 1, samples).long().unique().to(flat.device)
+            # integer spacing (a float32 linspace rounds past the end of a large tensor)
+            index = (torch.arange(samples) * (flat.numel() - 1)) // max(samples - 1, 1)
+            index = index.unique().to(flat.device)
             values = flat[index].cpu().contiguous().view(torch.uint8).numpy().tobytes()
             digest.update(name.encode() + b"\0" + values)
     return digest.hexdigest()[:16]
