@@ -101,8 +101,16 @@ GUIDE = {
         "Fix the value as the message says; `hookscope COMMAND --help` lists the options.",
     ),
     "config": (
-        "`ExtractionConfig.from_dict` got keys that are not fields.",
-        "Remove or rename the keys.",
+        "`ExtractionConfig.from_dict` got keys that are not fields, `layers` that are not ints, "
+        "or a `batch_size` below 1.",
+        "Remove or rename the keys; give layers as an int or a list of ints, batch_size >= 1.",
+    ),
+    "dataset": (
+        "A dataset `extract_cache` cannot batch: a list mixing strings and records, a record "
+        "without a string 'text', sort_by_length on ready batches, a batch_size below 1, or a "
+        "batch_saver that returns something other than a dict.",
+        "Pass a list of strings, a list of records {'text': ..., ...}, or tokenized batches; "
+        "return a dict (or None) from batch_saver.",
     ),
     "dataset": (
         "A dataset extract_cache cannot batch as asked: an empty dataloader, records without a "
@@ -134,7 +142,9 @@ GUIDE = {
     ),
     "inputs": (
         "Model inputs hookscope cannot read: strings without a tokenizer, missing input_ids, "
-        "wrong shapes, or padding without an attention mask (which would silently attend to pads).",
+        "wrong shapes, or padding without an attention mask (which would silently attend to pads); "
+        "ids that are not integers or outside the vocabulary, an empty prompt, a mask of other "
+        "values than 0 and 1, token lists of different lengths.",
         "Pass the tokenizer's output (`input_ids` and `attention_mask`).",
     ),
     "interventions": (
@@ -149,8 +159,9 @@ GUIDE = {
         "names them.",
     ),
     "lens": (
-        "A lens on a point that is not a residual stream, or a model without an unembedding.",
-        "Read `resid_out`, `resid_mid` or `resid_in`.",
+        "A lens on a point that is not a residual stream, a model without an unembedding, or a "
+        "token id / k / example outside what the lens holds.",
+        "Read `resid_out`, `resid_mid` or `resid_in`; use token ids of the model's vocabulary.",
     ),
     "loading": (
         "The model could not be found or loaded offline, or the default model's package is missing.",
@@ -158,7 +169,8 @@ GUIDE = {
     ),
     "patching": (
         "A patching request that cannot be computed: clean and corrupt runs that do not align "
-        "token by token, missing answers for the metric, malformed `patching_query` entries.",
+        "token by token, missing answers (or answer ids outside the vocabulary) for the metric, "
+        "a point / per / metric / batch_size that does not exist.",
         "Use prompt pairs of the same token length and give one answer token id per example.",
     ),
     "plan": (

@@ -193,3 +193,18 @@ def test_answers_as_strings(hm):
         activation_patching(hm, clean, corrupt, (many, correct), per="layer")
     with pytest.raises(HookscopeError, match="one token per example or one for all"):
         activation_patching(hm, clean, corrupt, ([1, 2, 3], [4, 5, 6]), per="layer")
+
+
+def test_one_intervention_is_a_list_of_one(hm):
+    from hookscope import Ablation
+
+    ablation = Ablation(point="mlp_out_0")
+    as_list = hm.forward(PROMPTS[0], ["last"], interventions=[ablation])["logits"]
+    alone = hm.forward(PROMPTS[0], ["last"], interventions=ablation)["logits"]
+    assert torch.equal(alone, as_list)
+    assert not torch.equal(alone, hm.forward(PROMPTS[0], ["last"])["logits"])
+    hm.register_interventions(ablation)
+    try:
+        assert torch.equal(hm.forward(PROMPTS[0], ["last"])["logits"], as_list)
+    finally:
+        hm.clean_interventions()

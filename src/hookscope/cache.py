@@ -337,6 +337,11 @@ class ActivationCache(MutableMapping):
         ``metadata``: extra string entries for the file's header (the store's fingerprints).
         """
         path = Path(path)
+        if path.is_dir():
+            raise HookscopeError(
+                f"cannot save the cache to {str(path)!r}: it is a folder; give a file path such "
+                "as 'cache.safetensors'."
+            )
         tensors = {k: v.detach().contiguous().clone() for k, v in self.tensors().items()}
         saver = self._data.get("batch_saver") or {}
         saver_json = {}

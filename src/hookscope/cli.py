@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -165,7 +164,7 @@ def _prepare_output(out: Path, prompts: list[str], overwrite: bool) -> None:
             "choose another folder (hookscope deletes only its own stores)"
         )
     if is_store and overwrite:
-        shutil.rmtree(out)
+        _remove_store(out)
     elif is_store:
         saved = out / PROMPTS_FILE
         if not saved.is_file() or json.loads(saved.read_text(encoding="utf-8")) != prompts:
@@ -177,6 +176,20 @@ def _prepare_output(out: Path, prompts: list[str], overwrite: bool) -> None:
     tmp = out / f".{PROMPTS_FILE}.tmp"
     tmp.write_text(json.dumps(prompts, indent=1), encoding="utf-8")
     os.replace(tmp, out / PROMPTS_FILE)
+
+
+def _remove_store(folder: Path) -> None:
+    """Delete the hookscope store in ``folder`` (manifest, shards, statistics, lock, prompts, a
+    Ray run's part stores) and nothing else: files of the user's beside it stay."""
+    from .store import _OWN_FILES, LOCK, MANIFEST
+
+    for part in folder.glob(f"part-*/{MANIFEST}"):
+        _remove_store(part.parent)
+    for pattern in (MANIFEST, LOCK, PROMPTS_FILE, ".*.tmp", *_OWN_FILES):
+        for path in folder.glob(pattern):
+            path.unlink()
+    if folder.name.startswith("part-") and not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def _committed_examples(out: Path) -> int:

@@ -130,7 +130,10 @@ def compute_patching(
     ``kl_clean_to_patched`` = KL(clean || patched) of the next-token distributions.
     """
     from .cache import ActivationCache
+    from .keywords import check_model_kwargs, own_keywords
 
+    forwarded = own_keywords(type(hm).forward) - {"inputs", "target_token_positions"}
+    check_model_kwargs(kwargs, hm.hf_model, compute_patching, extra_valid=forwarded)
     queries = _parse_queries(patching_query)
     merged = ActivationCache(pad_token_id=hm.pad_token_id)
     base_batches, target_batches = _batch_list(base_dataloader), _batch_list(target_dataloader)
@@ -145,7 +148,7 @@ def compute_patching(
         interventions = _patches_from(hm, base, queries)
         patched = hm.forward(
             target,
-            list(target_token_positions),
+            target_token_positions,  # forward reads one item ("last") or a list of them
             extraction_config=extraction_config,
             interventions=interventions,
             **kwargs,
@@ -266,23 +269,56 @@ def _logit_of(logits: torch.Tensor, ids: Any) -> torch.Tensor:
     return torch.stack(out)
 
 
+_QUERY_KEYS = ("patching_elem", "layers_to_patch", "activation_type")
+
+
 def _parse_queries(patching_query) -> list[tuple[list, list[str]]]:
-    parsed = []
-    for query in patching_query:
-        missing = {"patching_elem", "layers_to_patch", "activation_type"} - set(query)
-        if missing:
-            raise HookscopeError(f"patching_query entry {query!r} lacks {sorted(missing)}.")
-        elems = query["patching_elem"]
-        elems = [elems] if isinstance(elems, str) else list(elems)
-        positions = []
-        for elem in elems:
-            if not isinstance(elem, str) or not elem.startswith("@"):
-                raise HookscopeError(f"patching_elem {elem!r} must look like '@last' or '@3'.")
-            body = elem[1:]
-            positions.append(int(body) if body.lstrip("-").isdigit() else body)
-        points = [query["activation_type"].format(layer) for layer in query["layers_to_patch"]]
-        parsed.append((positions, points))
-    return parsed
+    """``patching_query`` (a list of entries, or one entry) -> ``[(positions, points)]``.
+
+    Raises:
+        HookscopeError: no entry, an entry that lacks a key, or an ``activation_type`` without
+            ``{}`` for several layers; KeywordError: an unknown key (naming the closest).
+    """
+    if isinstance(patching_query, Mapping):
+        patching_query = [patching_query]  # one entry
+    if not patching_query:
+        raise HookscopeError(
+            "patching_query is empty: nothing would be patched. Give entries such as "
+            "{'patching_elem': '@last', 'layers_to_patch': [0], 'activation_type': 'resid_in_{}'}."
+        )
+    return [_parse_query(query) for query in patching_query]
+
+
+def _parse_query(query: Any) -> tuple[list, list[str]]:
+    from .keywords import raise_unknown_keyword
+
+    if not isinstance(query, Mapping):
+        raise HookscopeError(
+            f"a patching_query entry must be a dict with {list(_QUERY_KEYS)}, got {query!r}."
+        )
+    for key in query:
+        if key not in _QUERY_KEYS:
+            raise_unknown_keyword(key, _QUERY_KEYS, "patching_query entry")
+    missing = set(_QUERY_KEYS) - set(query)
+    if missing:
+        raise HookscopeError(f"patching_query entry {query!r} lacks {sorted(missing)}.")
+    elems = query["patching_elem"]
+    elems = [elems] if isinstance(elems, str) else list(elems)
+    positions = []
+    for elem in elems:
+        if not isinstance(elem, str) or not elem.startswith("@"):
+            raise HookscopeError(f"patching_elem {elem!r} must look like '@last' or '@3'.")
+        body = elem[1:]
+        positions.append(int(body) if body.lstrip("-").isdigit() else body)
+    layers = query["layers_to_patch"]
+    layers = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else list(layers)
+    points = [query["activation_type"].format(layer) for layer in layers]
+    if len(set(points)) != len(points):
+        raise HookscopeError(
+            f"activation_type {query['activation_type']!r} has no '{{}}' for the layer, so "
+            f"layers_to_patch {layers} would all patch {points[0]!r}; write e.g. 'resid_in_{{}}'."
+        )
+    return positions, points
 
 
 def _flags_for(points: list[str], model_map: Any) -> dict[str, Any]:

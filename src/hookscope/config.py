@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from .errors import HookscopeError
 from .keywords import reject_unknown_fields
 from .points import KINDS
 
@@ -71,6 +72,30 @@ class HookedModelConfig:
     trust_remote_code: bool = False
     max_memory: dict[Any, Any] | None = None
     offload_folder: str | None = None
+
+    def __post_init__(self) -> None:
+        size = self.batch_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise HookscopeError(f"batch_size must be a positive int, got {self.batch_size!r}.")
+
+
+def _layer_list(name: str, value: Any) -> list[int] | None:
+    """``layers`` as None or a list of ints: one int is that layer (``layers=3`` is ``[3]``);
+    tuples, ranges, numpy / torch integers are accepted; anything else raises (a string '1' or a
+    float 1.0 would otherwise be reported as a layer out of range)."""
+    if value is None:
+        return None
+    if hasattr(value, "tolist") and not isinstance(value, list):  # numpy / torch
+        value = value.tolist()
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    items = list(value) if isinstance(value, list | tuple | range) else None
+    if items is None or not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+        raise HookscopeError(
+            f"ExtractionConfig.{name} must be None (all layers), an int or a list of ints, "
+            f"got {value!r}."
+        )
+    return items
 
 
 @reject_unknown_fields
@@ -152,13 +177,8 @@ class ExtractionConfig:
     vision_layers: list[int] | None = None
 
     def __post_init__(self) -> None:
-        # one layer given as an int means that layer (``layers=3`` is ``layers=[3]``)
         for name in ("layers", "vision_layers"):
-            value = getattr(self, name)
-            if isinstance(value, int) and not isinstance(value, bool):
-                setattr(self, name, [value])
-            elif isinstance(value, range | tuple):
-                setattr(self, name, list(value))
+            setattr(self, name, _layer_list(name, getattr(self, name)))
 
     def is_not_empty(self) -> bool:
         """True when at least one activation is requested (``save_logits`` aside)."""

@@ -32,6 +32,12 @@ def texts_of(dataloader: Any) -> list[str] | None:
     if not isinstance(dataloader, list) or not dataloader:
         return None
     if isinstance(dataloader[0], str):
+        for index, text in enumerate(dataloader):
+            if not isinstance(text, str):
+                raise InputError(
+                    f"item {index} of a list of strings is a {type(text).__name__} ({text!r:.80}); "
+                    "pass only strings, or only records {'text': ..., ...}."
+                )
         return dataloader
     first = dataloader[0]
     if not (isinstance(first, dict) and isinstance(first.get("text"), str)) or "input_ids" in first:
@@ -54,6 +60,8 @@ def iter_batches(
     mapping would give its key names). Lists of strings and of records (dicts with a
     ``"text"``) are tokenised here, ``batch_size`` at a time, by length with ``sort_by_length``.
     """
+    if isinstance(dataloader, str):  # one prompt, never iterated (that would give its characters)
+        dataloader = [dataloader]
     if isinstance(dataloader, Mapping | torch.Tensor):
         if sort_by_length:
             raise InputError("sort_by_length needs a list of strings, got one batch.")
@@ -68,6 +76,8 @@ def iter_batches(
         for batch in dataloader:
             yield batch, None, None
         return
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive int, got {batch_size!r}.")
     order = list(range(len(texts)))
     if sort_by_length:
         lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
@@ -105,6 +115,30 @@ def _reads_example_rows(iv: Any) -> bool:
     if isinstance(operand, torch.Tensor):
         return operand.dim() == 3  # [examples, slots, width] / [examples, rows, columns]
     return hasattr(operand, "tensors") and not hasattr(iv, "mean")  # a mean cache is averaged
+
+
+def describe_value(value: Any) -> Any:
+    """A JSON description of an intervention or hook for a store's manifest: tensors (and
+    caches) by a hash of their bytes, functions by their qualified name, dataclasses by field."""
+    import dataclasses
+    import hashlib
+
+    if isinstance(value, torch.Tensor):
+        data = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        digest = hashlib.sha256(data).hexdigest()[:16]
+        return f"tensor{list(value.shape)}:{value.dtype}:{digest}"
+    if isinstance(value, ActivationCache):
+        return {key: describe_value(v) for key, v in sorted(value.tensors().items())}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: describe_value(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {"type": type(value).__name__, **fields}
+    if isinstance(value, Mapping):
+        return {str(k): describe_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [describe_value(v) for v in value]
+    if callable(value):
+        return f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', repr(value))}"
+    return value if isinstance(value, str | int | float | bool | type(None)) else repr(value)
 
 
 class Progress:
@@ -180,6 +214,15 @@ class DatasetRun:
             "sort_by_length": self.sort_by_length,
             "seed": self.forward_options.get("seed", 0),
             "pivot_positions": list(self.forward_options.get("pivot_positions") or []),
+            # what changes the numbers besides the config: a resume without them would mix runs
+            "interventions": [
+                describe_value(i)
+                for i in [
+                    *self.hm.registered_interventions,
+                    *(self.forward_options.get("interventions") or []),
+                ]
+            ],
+            "hooks": [describe_value(h) for h in self.forward_options.get("hooks") or []],
         }
         description = describe(self.hm, self.config, self.positions, options)
         return StoreWriter(output_dir, description, overwrite=overwrite)

@@ -45,7 +45,7 @@ def generate(
         inputs,
         target_token_positions,
         config,
-        interventions=list(interventions or []),
+        interventions=interventions,
         pivot_positions=pivot_positions,
         seed=seed,
         generation=True,

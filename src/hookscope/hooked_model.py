@@ -21,7 +21,7 @@ from .inputs import prepare_inputs
 from .interventions import AnyIntervention, PatternEdit, image_text_block
 from .keywords import check_model_kwargs
 from .loading import DEFAULT_MODEL_ID, load_model_and_tokenizer, prepare_tokenizer, split_processor
-from .pipeline import Executor, capture_hooks_for, plan_call
+from .pipeline import Executor, as_intervention_list, capture_hooks_for, plan_call
 from .plan import plan_extraction
 from .positions import PositionContext, PositionItem, ResolvedPositions, normalize_items
 from .store import ActivationStore
@@ -271,7 +271,7 @@ class HookedModel:
     def register_interventions(self, interventions: Sequence[AnyIntervention]) -> None:
         """Keep ``interventions`` active in every later forward, extract_cache and generate
         (before those passed per call), until :meth:`clean_interventions`."""
-        self._registered_interventions = list(interventions)
+        self._registered_interventions = as_intervention_list(interventions)
 
     @property
     def registered_interventions(self) -> tuple[AnyIntervention, ...]:
@@ -361,7 +361,7 @@ class HookedModel:
             inputs,
             target_token_positions,
             config,
-            interventions=list(interventions or []),
+            interventions=interventions,
             hooks=list(hooks or []),
             pivot_positions=pivot_positions,
             seed=seed,
@@ -491,7 +491,7 @@ class HookedModel:
             generation_config=generation_config,
             target_token_positions=target_token_positions,
             return_text=return_text,
-            interventions=list(interventions or []),
+            interventions=interventions,
             extraction_config=extraction_config,
             **generate_kwargs,
         )
@@ -508,6 +508,11 @@ def _extraction_config(
     config: ExtractionConfig | None, names: Sequence[str] | None, model_map: ModelMap
 ) -> ExtractionConfig:
     """The config of a call that got ``extraction_config``, ``names`` or neither."""
+    if config is not None and not isinstance(config, ExtractionConfig):
+        raise InputError(
+            f"extraction_config must be an ExtractionConfig, got {type(config).__name__}; "
+            "for a dict write ExtractionConfig(**d)."
+        )
     if names is None:
         return config or ExtractionConfig()
     if config is not None:

@@ -64,6 +64,7 @@ def prepare_inputs(
     if isinstance(inputs, str) or (
         isinstance(inputs, list) and inputs and isinstance(inputs[0], str)
     ):
+        _check_all_strings(inputs)
         inputs = tokenize(tokenizer, inputs)
     elif isinstance(inputs, torch.Tensor):
         inputs = {"input_ids": inputs}
@@ -75,9 +76,15 @@ def prepare_inputs(
     accepted = model_input_names(model) - set(_NEVER_FORWARDED)
     kwargs = {k: v for k, v in inputs.items() if k in accepted and v is not None}
     input_ids = kwargs.get("input_ids")
+    if input_ids is None and "text" in inputs:  # a DataLoader over records collates them so
+        raise InputError(
+            f"inputs have no input_ids but a 'text' field (keys: {sorted(inputs)}): a DataLoader "
+            "over records gives such batches; pass the list of records itself to extract_cache "
+            "(it batches and tokenizes them), or tokenize in a collate_fn."
+        )
     if input_ids is None:
         raise InputError(f"inputs have no input_ids (keys: {sorted(inputs)}).")
-    input_ids = torch.as_tensor(input_ids)
+    input_ids = _as_id_tensor(input_ids, "input_ids")
     if input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)
     if input_ids.dim() != 2:
@@ -94,13 +101,14 @@ def prepare_inputs(
                 "if that id is a real token here)."
             )
         mask = torch.ones_like(input_ids)
-    mask = torch.as_tensor(mask)
+    mask = _as_id_tensor(mask, "attention_mask")
     if mask.dim() == 1:
         mask = mask.unsqueeze(0)
     if mask.shape != input_ids.shape:
         raise InputError(
             f"attention_mask has shape {list(mask.shape)} but input_ids has {list(input_ids.shape)}."
         )
+    _check_values(input_ids, mask, model)
     kwargs["attention_mask"] = mask
     prepare_multimodal(kwargs, model, accepted)
     _add_padded_positions(kwargs, model, accepted)
@@ -119,6 +127,55 @@ def _add_padded_positions(kwargs: dict[str, Any], model: nn.Module, accepted: fr
     ):
         position_ids = mask.long().cumsum(-1) - 1 + first_position(model)
         kwargs["position_ids"] = position_ids.masked_fill(mask == 0, 1)
+
+
+def _check_all_strings(texts: str | list) -> None:
+    """A list of prompts holds only strings (a tokenizer's own error would not say which)."""
+    for index, text in enumerate(texts if isinstance(texts, list) else [texts]):
+        if not isinstance(text, str):
+            raise InputError(
+                f"item {index} of a list of strings is a {type(text).__name__} ({text!r:.80}); "
+                "pass a list of strings, or one tokenized batch."
+            )
+
+
+def _as_id_tensor(value: Any, name: str) -> torch.Tensor:
+    """``value`` (a tensor or nested lists) as a tensor; ragged lists raise naming ``name``."""
+    try:
+        return torch.as_tensor(value)
+    except (ValueError, TypeError) as error:
+        raise InputError(
+            f"{name} is not a rectangular batch ({error}); tokenize with padding=True "
+            "(and return_tensors='pt')."
+        ) from None
+
+
+def _check_values(input_ids: torch.Tensor, mask: torch.Tensor, model: nn.Module) -> None:
+    """Integer ids inside the vocabulary, and a mask of 0s and 1s (position ids are counted
+    from it: a 2 would shift every later position)."""
+    if input_ids.is_floating_point() or input_ids.dtype == torch.bool or input_ids.is_complex():
+        raise InputError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}.")
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embeddings, "num_embeddings", None)
+    if input_ids.numel() and vocab is not None:
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= vocab:
+            bad = low if low < 0 else high
+            raise InputError(
+                f"input_ids holds token id {bad}, outside this model's vocabulary "
+                f"(valid ids: 0..{vocab - 1})."
+            )
+    empty = torch.nonzero(mask.sum(1) == 0).flatten().tolist() if mask.dim() == 2 else []
+    if mask.shape[-1] == 0 or empty:
+        raise InputError(
+            f"example {empty[0] if empty else 0} has no tokens (an empty string?); every example "
+            "needs at least one real token."
+        )
+    if mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
+        found = sorted({float(v) for v in mask.unique().tolist()} - {0.0, 1.0})[:3]
+        raise InputError(
+            f"attention_mask must hold only 0 (padding) and 1 (real token), found {found}."
+        )
 
 
 def to_left_padding(model_inputs: dict[str, Any]) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .errors import HookscopeError
+from .keywords import reject_unknown_fields
 
 Phase = Literal["prompt", "generated", "both"]
 _PHASES = ("prompt", "generated", "both")
@@ -77,6 +78,7 @@ class Intervention:
         return data
 
 
+@reject_unknown_fields
 @dataclass(kw_only=True, eq=False)
 class Ablation(Intervention):
     """Replace the point's value at ``positions``.
@@ -114,6 +116,7 @@ class Ablation(Intervention):
             )
 
 
+@reject_unknown_fields
 @dataclass(kw_only=True, eq=False)
 class Patch(Intervention):
     """Replace the point's value at ``positions`` with values from another run.
@@ -131,6 +134,7 @@ class Patch(Intervention):
         return operand
 
 
+@reject_unknown_fields
 @dataclass(kw_only=True, eq=False)
 class Steer(Intervention):
     """Add ``coefficient * vector`` (``[*rest]`` or ``[positions, *rest]``) at ``positions``."""
@@ -142,6 +146,7 @@ class Steer(Intervention):
         return values + self.coefficient * operand
 
 
+@reject_unknown_fields
 @dataclass(kw_only=True, eq=False)
 class Custom(Intervention):
     """Run ``fn(tensor, context) -> tensor`` on a point (the full ``[batch, seq, ...]`` tensor),
@@ -162,6 +167,7 @@ class Custom(Intervention):
         return self.fn(values, context)
 
 
+@reject_unknown_fields
 @dataclass(kw_only=True, eq=False)
 class PatternEdit:
     """Edit the attention matrix of ``layer`` for ``heads`` on a grid of query rows x key

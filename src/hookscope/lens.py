@@ -61,6 +61,16 @@ class LensResult:
         self, k: int = 5, example: int = 0, position: int = -1
     ) -> list[list[tuple[str, float]]]:
         """Per layer, the k most likely tokens ``(string, probability)`` at one position."""
+        vocab, (_, examples, slots) = self.logits.shape[-1], self.logits.shape[:3]
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= vocab:
+            raise HookscopeError(
+                f"top_k: k must be an int in 0..{vocab} (the vocabulary), got {k!r}."
+            )
+        if not -examples <= example < examples or not -slots <= position < slots:
+            raise HookscopeError(
+                f"top_k: example {example!r} / position {position!r} out of range: the lens holds "
+                f"{examples} example(s) x {slots} position slot(s)."
+            )
         probs = self.probs[:, example, position]
         values, ids = probs.topk(k, dim=-1)
         return [
@@ -70,16 +80,26 @@ class LensResult:
 
     def rank(self, token_id: int) -> torch.Tensor:
         """``[layers, batch, P]``: 1 + how many tokens score above ``token_id``."""
+        token_id = self._token(token_id)
         chosen = self.logits[..., token_id : token_id + 1]
         return (self.logits > chosen).sum(-1) + 1
 
     def prob(self, token_id: int) -> torch.Tensor:
         """``[layers, batch, P]`` probability of ``token_id``."""
-        return self.probs[..., token_id]
+        return self.probs[..., self._token(token_id)]
 
     def logit(self, token_id: int) -> torch.Tensor:
         """``[layers, batch, P]`` logit of ``token_id``."""
-        return self.logits[..., token_id]
+        return self.logits[..., self._token(token_id)]
+
+    def _token(self, token_id: int) -> int:
+        """``token_id`` checked against the vocabulary (a negative id would index from its end)."""
+        vocab = self.logits.shape[-1]
+        if isinstance(token_id, bool) or not isinstance(token_id, int) or not 0 <= token_id < vocab:
+            raise HookscopeError(
+                f"token id {token_id!r} is not in this vocabulary (valid ids: 0..{vocab - 1})."
+            )
+        return token_id
 
     def kl_to_final(self) -> torch.Tensor:
         """``[layers, batch, P]``: KL(final || layer), how far each layer's readout is from the
@@ -108,13 +128,16 @@ def logit_lens(
             f"the logit lens reads residual points {sorted(flags)}, got {point!r}."
         )
     model_inputs = hm.prepare_inputs(inputs)
-    config = ExtractionConfig(
-        **{flags[point]: True}, layers=list(layers) if layers is not None else None
+    items = normalize_items(  # "last" is one item, not the letters l, a, s, t
+        list(target_token_positions)
+        if isinstance(target_token_positions, tuple)
+        else target_token_positions
     )
-    cache = hm.forward(model_inputs, list(target_token_positions), extraction_config=config)
+    config = ExtractionConfig(**{flags[point]: True}, layers=layers)
+    cache = hm.forward(model_inputs, items, extraction_config=config)
     chosen = sorted(parse_point(key).layer for key in cache if key.startswith(point + "_"))
     positions = resolve_positions(
-        normalize_items(list(target_token_positions)),
+        items,
         model_inputs["attention_mask"],
         model_inputs["input_ids"],
     )

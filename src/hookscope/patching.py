@@ -184,6 +184,12 @@ def _baselines(hm, clean: Any, corrupt: Any, answers: Any, metric: str):
         answers, clean["input_ids"].shape[0], metric, hm.get_text_tokenizer()
     )
     clean_logits, corrupt_logits = _last_logits(hm, clean), _last_logits(hm, corrupt)
+    vocab = clean_logits.shape[-1]
+    for what, ids in (("correct", correct), ("wrong", wrong)):
+        if ids is not None and bool(((ids < 0) | (ids >= vocab)).any()):
+            raise HookscopeError(  # a negative id would silently index from the vocabulary's end
+                f"answers ({what}) hold token ids {ids.tolist()}; valid ids: 0..{vocab - 1}."
+            )
     clean_logprobs = clean_logits.float().log_softmax(-1) if metric == "kl" else None
     clean_metric = _metric(clean_logits, metric, correct, wrong, clean_logprobs)
     corrupt_metric = _metric(corrupt_logits, metric, correct, wrong, clean_logprobs)
@@ -307,6 +313,8 @@ def activation_patching(
     Returns:
         A :class:`PatchingResult`.
     """
+    _check_sweep_options(point, per, metric, batch_size)
+    layers = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else layers
     clean, corrupt, correct, wrong, clean_logprobs, clean_metric, corrupt_metric = _baselines(
         hm, clean, corrupt, answers, metric
     )
@@ -346,6 +354,21 @@ def activation_patching(
         "activation",
         forwards,
     )
+
+
+def _check_sweep_options(point: Any, per: Any, metric: Any, batch_size: Any) -> None:
+    """The sweep's options name what exists (checked before any forward)."""
+    if point not in _POINT_KIND:
+        raise HookscopeError(f"point {point!r} cannot be swept; valid points: {list(_POINT_KIND)}.")
+    valid_per = ("head", "head_position") if point == "head" else ("position", "layer")
+    if per not in valid_per:
+        raise HookscopeError(
+            f"per={per!r} is not valid for point {point!r}; valid: {', '.join(map(repr, valid_per))}."
+        )
+    if metric not in ("logit_diff", "prob", "kl"):
+        raise HookscopeError(f"metric {metric!r} is not one of 'logit_diff', 'prob', 'kl'.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise HookscopeError(f"batch_size must be a positive int, got {batch_size!r}.")
 
 
 def _result(

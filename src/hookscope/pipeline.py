@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +39,7 @@ from .editing import prepare
 from .errors import HookscopeError, PositionError
 from .hooks import ModuleHook, as_module_hook, installed
 from .inputs import model_input_names, to_left_padding
+from .interventions import Intervention, PatternEdit
 from .plan import ExtractionPlan, plan_extraction
 from .positions import PositionContext, ResolvedPositions
 from .vision_points import vision_capture_hooks, vision_points
@@ -120,7 +121,7 @@ def plan_call(
     target_token_positions: Any,
     config: ExtractionConfig,
     *,
-    interventions: Sequence[Any] = (),
+    interventions: Any = (),
     hooks: Sequence[ModuleHook | dict[str, Any]] = (),
     pivot_positions: Sequence[int] | None = None,
     seed: int = 0,
@@ -153,7 +154,7 @@ def plan_call(
         CallWindow(seq) if generation else CallWindow(seq, 0, seq, example_offset=example_offset)
     )
     intervention_hooks, pattern_edits = prepare(
-        [*hm.registered_interventions, *interventions],
+        [*hm.registered_interventions, *as_intervention_list(interventions)],
         hm.model_map,
         context,
         window,
@@ -188,6 +189,16 @@ def _model_inputs(
     if "use_cache" in model_input_names(hm.hf_model):
         model_inputs.setdefault("use_cache", False)
     return model_inputs
+
+
+def as_intervention_list(interventions: Any) -> list:
+    """``interventions`` as a list: one intervention (a dataclass or a reference-design dict)
+    counts as a list of one; None as none."""
+    if interventions is None:
+        return []
+    if isinstance(interventions, Intervention | PatternEdit | Mapping):
+        return [interventions]
+    return list(interventions)
 
 
 def _targets(

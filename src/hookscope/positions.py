@@ -292,6 +292,11 @@ def _partition(
             f"position item 'inputs-partition-{group}' needs pivot_positions (a list of ints that "
             "split the real tokens into groups), got none."
         )
+    if isinstance(pivot_positions, int | str) or len(set(pivot_positions)) != len(pivot_positions):
+        raise PositionError(
+            f"pivot_positions must be a list of distinct ints (a repeated pivot makes an empty "
+            f"group), got {pivot_positions!r}."
+        )
     pivots = sorted(pivot_positions)
     if group > len(pivots):
         raise PositionError(

@@ -39,6 +39,7 @@ import json
 import os
 import shutil
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -330,6 +331,11 @@ class StoreWriter:
         self, folder: str | os.PathLike, description: dict[str, Any], overwrite: bool = False
     ):
         self.folder = Path(folder)
+        if self.folder.exists() and not self.folder.is_dir():
+            raise StoreError(
+                f"output_dir {str(self.folder)!r} is a file, not a folder; hookscope will not "
+                "replace it: pass a folder path."
+            )
         self.folder.mkdir(parents=True, exist_ok=True)
         self._lock = _FolderLock(self.folder)
         try:
@@ -450,6 +456,7 @@ class StoreWriter:
         """False when batch ``index`` holds exactly ``asked``; True when it holds a strict prefix
         of it and is the last committed batch; else raise naming the first difference."""
         shard = self.manifest["shards"][index]
+        self._check_shard_file(shard)
         low, high = shard["examples"]
         if len(asked) == high - low and _digest(asked) == shard["data_sha256"]:
             return False
@@ -470,6 +477,18 @@ class StoreWriter:
                 "batches, or overwrite=True to replace the store."
             )
         return True
+
+    def _check_shard_file(self, shard: dict) -> None:
+        """A committed shard that a resume keeps is there, at its committed size (a cheap check:
+        its sha256 is checked when it is read)."""
+        path = self.folder / shard["file"]
+        size = path.stat().st_size if path.is_file() else None
+        if size != shard.get("bytes", size):
+            found = "missing" if size is None else f"{size} bytes, committed {shard['bytes']}"
+            raise StoreError(
+                f"shard {shard['file']} of {self.folder} is damaged ({found}), so the store "
+                "cannot be resumed; use overwrite=True to write it again."
+            )
 
     def _refuse_more_than_asked(self, asked: int) -> None:
         raise StoreError(
@@ -623,6 +642,13 @@ class ActivationStore:
                 raise StoreError(
                     f"shard {shard['file']} is truncated or missing ({size} bytes, the manifest says {shard['bytes']})."
                 )
+        if not manifest.get("complete"):
+            warnings.warn(
+                f"{folder} is an incomplete store (its run stopped or is still running): it holds "
+                f"the first {manifest.get('examples', 0)} examples only; run the same extraction "
+                "again to finish it.",
+                stacklevel=2,
+            )
         return cls(folder, manifest)
 
     def __len__(self) -> int:
@@ -720,6 +746,24 @@ def _item(value: Any) -> Any:
     return value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
 
 
+def weights_fingerprint(model: torch.nn.Module, samples: int = 8) -> str:
+    """16 hex digits that tell weights apart: the sha256 of ``samples`` evenly spaced values of
+    every parameter (exact bytes, so the same on any device; a model wrapped from memory, e.g.
+    fine-tuned, has no name that would tell it from its base)."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.device.type == "meta" or param.numel() == 0:
+                continue  # offloaded to disk: not readable here
+            flat = param.detach().reshape(-1)
+            # integer spacing (a float32 linspace rounds past the end of a large tensor)
+            index = (torch.arange(samples) * (flat.numel() - 1)) // max(samples - 1, 1)
+            index = index.unique().to(flat.device)
+            values = flat[index].cpu().contiguous().view(torch.uint8).numpy().tobytes()
+            digest.update(name.encode() + b"\0" + values)
+    return digest.hexdigest()[:16]
+
+
 def describe(hm: Any, config: Any, positions: list, extra: dict[str, Any]) -> dict[str, Any]:
     """The manifest's description of an extraction (compared on resume)."""
     import transformers
@@ -728,6 +772,7 @@ def describe(hm: Any, config: Any, positions: list, extra: dict[str, Any]) -> di
 
     return {
         "model": str(hm.model_name),
+        "weights": weights_fingerprint(hm.hf_model),
         "revision": getattr(hm.config, "revision", None),
         "model_type": hm.model_map.model_type,
         "dtype": str(next(hm.hf_model.parameters()).dtype).removeprefix("torch."),
