@@ -32,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import HookscopeError
-from .points import Point, TLName, parse_point, point_key, recorded_tl_name
+from .points import Point, TLName, parse_point, point_alias, point_key, recorded_tl_name
 
 METADATA_KEYS = ("mapping_index", "batch_saver")
 _FORMAT = "hookscope.ActivationCache/1"
@@ -101,6 +101,8 @@ class ActivationCache(MutableMapping):
         self._merge_pending()
         if key in self._data:
             return self._data[key]
+        if (alias := point_alias(key)) is not None and alias in self._data:
+            return self._data[alias]
         tl = recorded_tl_name(key, self.tl_names)
         if tl is None:
             raise KeyError(f"{key!r} is not in this cache; keys: {list(self._data)}")
@@ -148,6 +150,8 @@ class ActivationCache(MutableMapping):
     def __contains__(self, key: object) -> bool:
         self._merge_pending()
         if key in self._data:
+            return True
+        if isinstance(key, str) and point_alias(key) in self._data:
             return True
         try:
             tl = recorded_tl_name(key, self.tl_names)

@@ -90,14 +90,23 @@ def check_model_kwargs(
             raise_unknown_keyword(word, valid, f"{entry_point.__name__}()", extra_valid)
 
 
+#: Rewriters of other libraries' field spellings, by dataclass name (registered by
+#: :mod:`hookscope.compat`): each takes the keyword arguments and returns them in hookscope's
+#: spelling, before unknown fields are rejected.
+FIELD_ALIASES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+
+
 def reject_unknown_fields(cls: type) -> type:
     """Make a dataclass raise :class:`KeywordError` for an unknown field, naming the closest
-    one (``ExtractionConfig(extract_resid_outt=True)`` names ``extract_resid_out``)."""
+    one (``ExtractionConfig(extract_resid_outt=True)`` names ``extract_resid_out``).
+    Spellings registered in :data:`FIELD_ALIASES` are rewritten first."""
     init = cls.__init__
     valid = own_keywords(init)
 
     @functools.wraps(init)
     def checked_init(self, *args: Any, **kwargs: Any) -> None:
+        if (rewrite := FIELD_ALIASES.get(cls.__name__)) is not None:
+            kwargs = rewrite(kwargs)
         for word in kwargs:
             if word not in valid:
                 raise_unknown_keyword(word, valid, cls.__name__)

@@ -1,0 +1,297 @@
+"""easyroutine's code, as its docs write it, on tiny models: values checked against hookscope's
+own API and HF ground truth. The compatibility layer sits on top: no core module imports it."""
+
+from __future__ import annotations
+
+import ast
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import hook_snapshot
+from tiny_models import PROMPTS
+
+import hookscope
+from hookscope import Ablation, HookedModelConfig, KeywordError, Patch, PatternEdit
+from hookscope.compat import (
+    ExtractionConfig,
+    Intervention,
+    LogitLens,
+    ReferenceSpellingWarning,
+)
+from hookscope.compat.notes import forget_notes
+
+SOURCE = Path(hookscope.__file__).parent
+
+
+@pytest.fixture(autouse=True)
+def fresh_notes():
+    forget_notes()
+    yield
+    forget_notes()
+
+
+def _imports_compat(path: Path) -> list[str]:
+    """The import statements of ``path`` that reach hookscope.compat."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            names = [alias.name for alias in node.names]
+            if "compat" in module.split(".") or (module in ("", "hookscope") and "compat" in names):
+                found.append(f"{path.name}:{node.lineno}")
+        elif isinstance(node, ast.Import):
+            found += [f"{path.name}:{node.lineno}" for a in node.names if "compat" in a.name]
+    return found
+
+
+def test_no_core_module_imports_the_compatibility_layer():
+    core = [p for p in SOURCE.rglob("*.py") if "compat" not in p.relative_to(SOURCE).parts]
+    assert len(core) > 20
+    offenders = [
+        hit
+        for path in core
+        if path.name != "__init__.py" or path.parent != SOURCE
+        for hit in _imports_compat(path)
+    ]
+    assert offenders == []
+    # the package's __init__ imports it last, after every core name
+    init = (SOURCE / "__init__.py").read_text()
+    assert init.index("from . import compat") > init.index("__all__ = [")
+
+
+def test_extraction_config_field_aliases_with_one_note_each():
+    with pytest.warns(
+        ReferenceSpellingWarning, match="hookscope's is ExtractionConfig\\(extract_avg"
+    ):
+        config = ExtractionConfig(extract_resid_out=True, avg=True)
+    assert config == ExtractionConfig(extract_resid_out=True, extract_avg=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second use is silent
+        assert ExtractionConfig(avg=True).extract_avg
+    projected = ExtractionConfig(extract_head_values_projected=True)
+    assert projected.extract_values_vectors_projected
+    over_examples = ExtractionConfig(
+        extract_attn_pattern=True, extract_head_values_projected=True, avg_over_example=True
+    )
+    assert over_examples == ExtractionConfig(
+        extract_avg_attn_pattern=True, extract_avg_values_vectors_projected=True
+    )
+    assert ExtractionConfig(attn_pattern_avg="none") == ExtractionConfig()
+
+
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        ({"attn_pattern_avg": "mean"}, "attn_pattern_avg='mean'.*not implemented"),
+        ({"extract_head_keys_projected": True}, "nearest is extract_head_keys"),
+        ({"extract_head_queries_projected": True}, "nearest is extract_head_queries"),
+        ({"avgg": True}, "unexpected keyword argument 'avgg'"),
+    ],
+)
+def test_unimplemented_and_misspelled_fields_raise(fields, match):
+    with pytest.raises(KeywordError, match=match):
+        ExtractionConfig(**fields)
+
+
+def test_custom_eager_is_eager_with_a_note():
+    with pytest.warns(ReferenceSpellingWarning, match="needs no custom modules"):
+        config = HookedModelConfig(attn_implementation="custom_eager")
+    assert config.attn_implementation == "eager"
+
+
+def test_qkv_point_aliases_for_extraction(tiny_llama):
+    config = ExtractionConfig(extract_queries=True, extract_keys=True, extract_values=True)
+    cache = tiny_llama.forward(PROMPTS[0], ["all"], extraction_config=config)
+    with pytest.warns(ReferenceSpellingWarning, match="'queries_L1'.*'queries_1'"):
+        assert cache["queries_L1"] is cache["queries_1"]
+    assert "keys_L0" in cache and "values_L1" in cache and "values_L7" not in cache
+    # the projection outputs themselves (k_proj of layer 0), read by a plain PyTorch hook
+    seen = {}
+    handle = tiny_llama.hf_model.model.layers[0].self_attn.k_proj.register_forward_hook(
+        lambda m, a, out: seen.setdefault("k", out.detach().clone())
+    )
+    try:
+        tiny_llama.forward(PROMPTS[0], ["all"])
+    finally:
+        handle.remove()
+    torch.testing.assert_close(cache["keys_L0"], seen["k"])
+    named = ExtractionConfig.from_names(["keys_L1"])
+    assert named.extract_keys and named.layers == [1]
+
+
+def test_qkv_point_aliases_as_intervention_points(tiny_llama):
+    ablate = Intervention(
+        type="full", activation="values_L0", token_positions=["last"], patching_values="ablation"
+    )
+    assert ablate == Ablation(point="values_L0", positions=["last"], method="scale", factor=0.0)
+    config = ExtractionConfig(extract_values=True)
+    ours = tiny_llama.forward(
+        PROMPTS[0],
+        ["all"],
+        extraction_config=config,
+        interventions=[Ablation(point="values_0", positions=["last"], method="zero")],
+    )
+    theirs = tiny_llama.forward(
+        PROMPTS[0], ["all"], extraction_config=config, interventions=[ablate]
+    )
+    assert torch.all(theirs["values_0"][:, -1] == 0) and torch.any(theirs["values_0"][:, 0] != 0)
+    torch.testing.assert_close(theirs["logits"], ours["logits"])
+
+
+def test_intervention_constructor_patches_and_edits_patterns(tiny_llama):
+    value = torch.randn(1, 1, 64)
+    patch = Intervention(
+        type="full", activation="resid_out_0", token_positions=["last"], patching_values=value
+    )
+    assert isinstance(patch, Patch)
+    cache = tiny_llama.forward(
+        PROMPTS[1],
+        ["last"],
+        extraction_config=ExtractionConfig(extract_resid_out=True),
+        interventions=[patch],
+    )
+    torch.testing.assert_close(cache["resid_out_0"], value)
+    columns = Intervention(
+        type="columns", activation="pattern_L1H2", token_positions=[0], multiplication_value=0.0
+    )
+    assert isinstance(columns, PatternEdit) and columns.key_positions == [0]
+    pattern = ExtractionConfig(
+        extract_attn_pattern=True, attn_heads=[{"layer": 1, "head": 2}], attn_pattern_all_keys=True
+    )
+    edited = tiny_llama.forward(
+        PROMPTS[1], ["all"], extraction_config=pattern, interventions=[columns]
+    )["pattern_L1H2"]
+    plain = tiny_llama.forward(PROMPTS[1], ["all"], extraction_config=pattern)["pattern_L1H2"]
+    assert torch.all(edited[..., 0] == 0) and torch.all(plain[..., 0] > 0)
+    torch.testing.assert_close(edited[..., 1:], plain[..., 1:])  # no renormalisation asked
+
+
+def test_reference_dicts_are_accepted_as_registered_interventions(tiny_llama):
+    as_dict = {"type": "full", "activation": "resid_out_1", "token_positions": ["all"]}
+    tiny_llama.register_interventions([as_dict])
+    try:
+        cache = tiny_llama.forward(
+            PROMPTS[0], ["all"], extraction_config=ExtractionConfig(extract_resid_out=True)
+        )
+    finally:
+        tiny_llama.clean_interventions()
+    assert torch.all(cache["resid_out_1"] == 0)
+
+
+def test_hooks_with_easyroutines_signature(tiny_llama):
+    before = hook_snapshot(tiny_llama.hf_model)
+    seen = {}
+
+    def zero_mlp(module, args, kwargs, output):
+        seen["kwargs"] = kwargs
+        return torch.zeros_like(output)
+
+    def read_layer_input(module, args, kwargs, output):
+        seen["output"] = output
+        seen["input"] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+
+    config = ExtractionConfig(extract_mlp_out=True, extract_resid_in=True)
+    cache = tiny_llama.forward(
+        PROMPTS[0],
+        ["all"],
+        extraction_config=config,
+        hooks=[
+            {"component": "model.layers[0].mlp.output", "intervention": zero_mlp},
+            {"component": "model.layers[1].input", "intervention": read_layer_input},
+        ],
+    )
+    assert torch.all(cache["mlp_out_0"] == 0) and isinstance(seen["kwargs"], dict)
+    assert seen["output"] is None
+    torch.testing.assert_close(seen["input"], cache["resid_in_1"])
+    assert hook_snapshot(tiny_llama.hf_model) == before
+
+
+def test_model_accessors(tiny_llama):
+    hf = tiny_llama.hf_model
+    with pytest.warns(ReferenceSpellingWarning, match="hm.model_map"):
+        config = tiny_llama.model_config
+    assert (config.num_hidden_layers, config.num_attention_heads) == (2, 4)
+    assert (config.num_key_value_heads, config.num_key_value_groups) == (2, 2)
+    assert (config.hidden_size, config.head_dim) == (64, 16)
+    with pytest.warns(ReferenceSpellingWarning):
+        assert tiny_llama.hf_tokenizer is tiny_llama.tokenizer
+    assert tiny_llama.is_multimodal() is False
+    assert tiny_llama.get_lm_head() is hf.lm_head
+    assert tiny_llama.get_last_layernorm() is hf.model.norm
+    before, logits = hook_snapshot(hf), tiny_llama.forward(PROMPTS[0])["logits"]
+    with pytest.warns(ReferenceSpellingWarning, match="needs no custom modules"):
+        tiny_llama.set_custom_modules()
+    tiny_llama.restore_original_modules()
+    assert hook_snapshot(hf) == before
+    torch.testing.assert_close(tiny_llama.forward(PROMPTS[0])["logits"], logits)
+
+
+def _expected_top_k(hm, prompt: str, k: int) -> dict[str, float]:
+    inputs = hm.tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        probs = hm.hf_model(**inputs).logits[0, -1].float().softmax(-1)
+    values, ids = probs.topk(k)
+    expected: dict[str, float] = {}
+    for token_id, prob in zip(ids.tolist(), values.tolist(), strict=True):
+        expected.setdefault(hm.tokenizer.decode([token_id]).strip(), prob)
+    return expected
+
+
+def test_predict_top_k_per_example(tiny_llama):
+    one = tiny_llama.predict(k=5, inputs=PROMPTS[0])
+    expected = _expected_top_k(tiny_llama, PROMPTS[0], 5)
+    assert list(one) == list(expected)
+    torch.testing.assert_close(
+        torch.tensor(list(one.values())), torch.tensor(list(expected.values()))
+    )
+    several = tiny_llama.predict(k=3, inputs=PROMPTS[:2])
+    assert isinstance(several, list) and len(several) == 2
+    for prompt, got in zip(PROMPTS[:2], several, strict=True):  # padded batch: last real token
+        want = _expected_top_k(tiny_llama, prompt, 3)
+        assert list(got) == list(want)
+        torch.testing.assert_close(
+            torch.tensor(list(got.values())), torch.tensor(list(want.values()))
+        )
+
+
+def test_memory_size_and_tree(tiny_llama):
+    cache = tiny_llama.forward(
+        PROMPTS[0], ["all"], extraction_config=ExtractionConfig(extract_resid_out=True)
+    )
+    one = cache["resid_out_0"]
+    size = one.numel() * one.element_size()
+    assert cache.memory_size("resid_out_0") == f"{size / 1024:.1f} KB"
+    total = sum(v.numel() * v.element_size() for v in cache.tensors().values())
+    assert cache.memory_size() == total  # hookscope's int without a key
+    tree = cache.memory_tree()
+    assert tree["resid_out_1"] == f"{size / 1024:.1f} KB" and set(tree) == set(cache)
+    assert cache.memory_tree(grouped_tree=True)["resid_out"] == f"{2 * size / 1024:.1f} KB"
+    with pytest.raises(KeyError, match="resid_out_9"):
+        cache.memory_size("resid_out_9")
+
+
+def test_logit_lens_from_model(tiny_llama):
+    cache = tiny_llama.forward(
+        PROMPTS[:2], ["last"], extraction_config=ExtractionConfig(extract_resid_out=True)
+    )
+    lens = LogitLens.from_model(tiny_llama)
+    out = lens.compute(activations=cache, target_key="resid_out_{i}")
+    assert sorted(out) == ["logit_lens_resid_out_0", "logit_lens_resid_out_1"]
+    # the last layer read through the final norm and unembedding is the model's own output
+    torch.testing.assert_close(
+        out["logit_lens_resid_out_1"], cache["logits"].float(), rtol=1e-4, atol=1e-4
+    )
+    hf = tiny_llama.hf_model
+    raw = lens.compute(cache, "resid_out_0", apply_norm=False)["logit_lens_resid_out_0"]
+    torch.testing.assert_close(raw, hf.lm_head(cache["resid_out_0"]).float())
+    pairs = [(5, 9), (7, 11)]
+    diff = lens.compute(cache, "resid_out_1", token_directions=pairs)["logit_lens_resid_out_1"]
+    logits = cache["logits"].float()
+    expected = torch.stack([logits[i, :, a] - logits[i, :, b] for i, (a, b) in enumerate(pairs)])
+    torch.testing.assert_close(diff, expected, rtol=1e-4, atol=1e-4)
+    accuracy = lens.compute(cache, "resid_out_1", token_directions=pairs, metric="accuracy")
+    assert accuracy["logit_lens_resid_out_1"].item() == (expected[:, -1] > 0).float().mean().item()
+    with pytest.raises(hookscope.HookscopeError, match="no cache key matches 'attn_out_"):
+        lens.compute(cache, "attn_out_{i}")
