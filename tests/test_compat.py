@@ -295,3 +295,24 @@ def test_logit_lens_from_model(tiny_llama):
     assert accuracy["logit_lens_resid_out_1"].item() == (expected[:, -1] > 0).float().mean().item()
     with pytest.raises(hookscope.HookscopeError, match="no cache key matches 'attn_out_"):
         lens.compute(cache, "attn_out_{i}")
+
+
+def test_batch_saver_fields_read_at_the_top_level(tiny_llama):
+    prompts = ["The cat sat", "A dog barked", "Hello world"]
+    labels = iter([torch.tensor([1, 0]), torch.tensor([1])])
+    batches = [prompts[:2], prompts[2:]]
+    cache = tiny_llama.extract_cache(
+        batches,
+        ["last"],
+        extraction_config=ExtractionConfig(extract_resid_out=True),
+        batch_saver=lambda batch: {"labels": next(labels)},
+    )
+    assert cache["labels"].tolist() == [1, 0, 1] and "labels" in cache
+    assert cache["labels"] is cache["batch_saver"]["labels"]
+    with pytest.raises(hookscope.HookscopeError, match=r"fields \['resid_out_0'\] share names"):
+        tiny_llama.extract_cache(
+            batches[:1],
+            ["last"],
+            extraction_config=ExtractionConfig(extract_resid_out=True),
+            batch_saver=lambda batch: {"resid_out_0": torch.zeros(2)},
+        )

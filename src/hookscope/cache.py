@@ -8,7 +8,9 @@ Layout of the values (``P`` = slots of the target positions, see ``hookscope.pos
   ``pad_token_id`` when merged
 * ``mapping_index``: each position item -> its slot indices, e.g. ``{"last": [0], 0: [1]}``
 * ``batch_saver``: a dict of whatever ``extract_cache``'s ``batch_saver`` returned, merged
-  across batches (tensors concatenated, lists extended)
+  across batches (tensors concatenated, lists extended); each of its fields also reads at the
+  top level (``cache["labels"]``, as the reference design shows it), so a field may not share
+  a name with another key of the cache
 * running means (``avg_pattern_L0H1``, ...): no batch axis; each carries a count of the examples
   behind every cell, and merging two caches combines them as a weighted mean
 
@@ -101,6 +103,8 @@ class ActivationCache(MutableMapping):
         self._merge_pending()
         if key in self._data:
             return self._data[key]
+        if isinstance(saver := self._data.get("batch_saver"), dict) and key in saver:
+            return saver[key]
         if (alias := point_alias(key)) is not None and alias in self._data:
             return self._data[alias]
         tl = recorded_tl_name(key, self.tl_names)
@@ -132,6 +136,13 @@ class ActivationCache(MutableMapping):
 
     def __setitem__(self, key: str, value: Any) -> None:
         self._merge_pending()
+        if key == "batch_saver" and isinstance(value, dict):
+            clashes = sorted(set(value) & (set(self._data) - {"batch_saver"}), key=str)
+            if clashes:
+                raise HookscopeError(
+                    f"batch_saver fields {clashes} share names with keys of the cache; they read "
+                    "at the top level (cache[field]), so rename them."
+                )
         self._data[key] = value
 
     def __delitem__(self, key: str) -> None:
@@ -150,6 +161,8 @@ class ActivationCache(MutableMapping):
     def __contains__(self, key: object) -> bool:
         self._merge_pending()
         if key in self._data:
+            return True
+        if isinstance(saver := self._data.get("batch_saver"), dict) and key in saver:
             return True
         if isinstance(key, str) and point_alias(key) in self._data:
             return True
