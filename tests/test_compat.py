@@ -220,6 +220,10 @@ def test_model_accessors(tiny_llama):
     assert tiny_llama.is_multimodal() is False
     assert tiny_llama.get_lm_head() is hf.lm_head
     assert tiny_llama.get_last_layernorm() is hf.model.norm
+    tiny_llama.assert_module_exists("model.layers[1].mlp.output")
+    with pytest.raises(ValueError, match=r"no module at .*Closest paths: \[.model.layers.1.mlp.,"):
+        tiny_llama.assert_module_exists("model.layers[1].mlpp")
+    assert hookscope.ActivationCache().is_empty()
     before, logits = hook_snapshot(hf), tiny_llama.forward(PROMPTS[0])["logits"]
     with pytest.warns(ReferenceSpellingWarning, match="needs no custom modules"):
         tiny_llama.set_custom_modules()

@@ -83,6 +83,33 @@ def restore_original_modules(hm: HookedModel) -> None:
     note("hm.restore_original_modules()", "nothing (not needed)", "modules are never replaced")
 
 
+def assert_module_exists(hm: HookedModel, component: str) -> None:
+    """Raise unless ``component`` (a module path, ``.input`` / ``.output`` allowed) exists.
+
+    Raises:
+        ArchitectureError: naming the path and the closest real ones (a ``ValueError``, as
+            easyroutine raised).
+    """
+    for suffix in (".input", ".output"):
+        component = component.removesuffix(suffix)
+    hm.get_module_from_string(component)
+
+
+def assert_all_modules_exist(hm: HookedModel) -> None:
+    """A no-op: hookscope locates every module it hooks when it wraps the model (and raises
+    then for a module it cannot find)."""
+
+
+def is_empty(cache: ActivationCache) -> bool:
+    """True when the cache holds no key."""
+    return len(cache) == 0
+
+
+def cuda(cache: ActivationCache) -> ActivationCache:
+    """Same as ``to("cuda")``."""
+    return cache.to("cuda")
+
+
 def predict(
     hm: HookedModel, k: int = 10, strip: bool = True, **kwargs: Any
 ) -> dict[str, float] | list[dict[str, float]]:
@@ -168,5 +195,9 @@ def register() -> None:
     HookedModel.set_custom_modules = set_custom_modules
     HookedModel.restore_original_modules = restore_original_modules
     HookedModel.predict = predict
+    HookedModel.assert_module_exists = assert_module_exists
+    HookedModel.assert_all_modules_exist = assert_all_modules_exist
+    ActivationCache.is_empty = is_empty
+    ActivationCache.cuda = cuda
     ActivationCache.memory_size = memory_size
     ActivationCache.memory_tree = memory_tree
