@@ -320,3 +320,30 @@ def test_batch_saver_fields_read_at_the_top_level(tiny_llama):
             extraction_config=ExtractionConfig(extract_resid_out=True),
             batch_saver=lambda batch: {"resid_out_0": torch.zeros(2)},
         )
+
+
+# easyroutine 1.1.5's interpretability module: its exports, their public methods and fields, and
+# the public names of its submodules (read from its wheel).
+REFERENCE_NAMES = """
+HookedModel ExtractionConfig Intervention InterventionConfig ActivationSaver ActivationLoader
+HookedModelConfig custom_eager set_custom_modules restore_original_modules model_config
+hf_tokenizer text_tokenizer get_text_tokenizer get_tokenizer get_processor get_image_placeholder
+is_multimodal use_full_model use_language_model_only get_lm_head get_last_layernorm
+assert_module_exists assert_all_modules_exist eval device to_string_tokens get_module_from_string
+register_forward_hook set_hooks remove_hooks register_interventions clean_interventions
+create_hooks forward vocabulary_index predict generate extract_cache compute_patching
+avg avg_over_example extract_head_values_projected extract_head_keys_projected
+extract_head_queries_projected attn_pattern_avg is_not_empty to_dict
+queries_L{l} keys_L{l} values_L{l} special random-inputs-partition-N TokenIndex
+is_empty cuda memory_size memory_tree register_aggregation deferred_mode add_with_info
+ValueWithInfo add_metadata map_to_dict just_old aggregate_last_layernorm
+LogitLens from_model_name from_tuned_lens ModelConfig ModelFactory TokenizerFactory
+InputHandler AblationType AblationConfig AblationManager InterventionManager QueryResult
+""".split()
+
+
+def test_migration_page_has_a_row_for_every_reference_name():
+    page = (SOURCE.parents[1] / "docs" / "migrating-from-easyroutine.md").read_text()
+    rows = [line for line in page.splitlines() if line.startswith("| ")]
+    missing = [name for name in REFERENCE_NAMES if not any(name in row for row in rows)]
+    assert missing == []
