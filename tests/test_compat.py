@@ -347,3 +347,39 @@ def test_migration_page_has_a_row_for_every_reference_name():
     rows = [line for line in page.splitlines() if line.startswith("| ")]
     missing = [name for name in REFERENCE_NAMES if not any(name in row for row in rows)]
     assert missing == []
+
+
+def _rows_matching(slots: torch.Tensor, every: torch.Tensor) -> list[int]:
+    """For each slot vector ``[d]``, the index of the equal row of ``every`` ``[T, d]``."""
+    found = []
+    for vector in slots:
+        hits = [t for t in range(len(every)) if torch.equal(every[t], vector)]
+        assert len(hits) == 1
+        found += hits
+    return found
+
+
+def test_random_inputs_partition_draws_inside_the_partition(tiny_llama):
+    config = ExtractionConfig(extract_resid_out=True, save_logits=False)
+    prompt = PROMPTS[2]
+    every = tiny_llama.forward(prompt, ["all"], extraction_config=config)["resid_out_1"][0]
+    drawn = tiny_llama.forward(
+        prompt, ["random-inputs-partition-1-3"], pivot_positions=[4], extraction_config=config
+    )
+    chosen = _rows_matching(drawn["resid_out_1"][0], every)
+    assert len(set(chosen)) == 3 and all(4 <= t < len(every) for t in chosen)
+    assert chosen == sorted(chosen)
+    one = tiny_llama.forward(
+        prompt, ["random-inputs-partition-0"], pivot_positions=[4], extraction_config=config
+    )
+    assert _rows_matching(one["resid_out_1"][0], every)[0] < 4
+    # a row draws the same tokens in any batch
+    batch = tiny_llama.forward(
+        [PROMPTS[0], prompt],
+        ["random-inputs-partition-1-3"],
+        pivot_positions=[4],
+        extraction_config=config,
+    )
+    torch.testing.assert_close(batch["resid_out_1"][1], drawn["resid_out_1"][0])
+    with pytest.raises(hookscope.PositionError, match="needs pivot_positions"):
+        tiny_llama.forward(prompt, ["random-inputs-partition-1"])

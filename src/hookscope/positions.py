@@ -16,6 +16,8 @@ the last real one. The items:
                            own token ids (so a row draws the same tokens in any batch), sorted
 ``"inputs-partition-k"``   the k-th group of real tokens split at ``pivot_positions``
                            (``[0, p0)``, ``[p0, p1)``, ..., ``[p_last, length)``)
+``"random-inputs-          N distinct tokens of partition k (default 1), drawn as
+partition-k-N"``           ``random-text-N`` draws (easyroutine's spelling)
 ``"all-image"`` ...        image tokens (vision-language models, from the config's image token
                            id): ``all-image``, ``first-image``, ``last-image``, ``start-image`` /
                            ``end-image`` (the token before the first / after the last image
@@ -55,12 +57,13 @@ _LAST_K = re.compile(r"^last-(\d+)$")
 _RANDOM_TEXT = re.compile(r"^random-text(?:-(\d+))?$")
 _PARTITION = re.compile(r"^inputs-partition-(\d+)$")
 _RANDOM_IMAGE = re.compile(r"^random-image(?:-(\d+))?$")
+_RANDOM_PARTITION = re.compile(r"^random-inputs-partition-(\d+)(?:-(\d+))?$")
 
 
 def _valid_choices() -> str:
     return (
-        f"{choices(NAMED_ITEMS)}, 'last-k', 'random-text-N', 'inputs-partition-k' "
-        "(with pivot_positions), an int, or a (start, end) tuple"
+        f"{choices(NAMED_ITEMS)}, 'last-k', 'random-text-N', 'inputs-partition-k' and "
+        "'random-inputs-partition-k-N' (with pivot_positions), an int, or a (start, end) tuple"
     )
 
 
@@ -220,6 +223,9 @@ def _check_form(item: object) -> None:
     if match and (match.group(1) is None or int(match.group(1)) >= 1):
         return
     if _PARTITION.match(item):
+        return
+    match = _RANDOM_PARTITION.match(item)
+    if match and (match.group(2) is None or int(match.group(2)) >= 1):
         return
     raise PositionError(f"unknown position item {item!r}. Valid items: {_valid_choices()}.")
 
@@ -401,6 +407,7 @@ def _needs_rows(item: PositionItem) -> bool:
         or item == "all-text"
         or _RANDOM_TEXT.match(item)
         or _RANDOM_IMAGE.match(item)
+        or _RANDOM_PARTITION.match(item)
     )
 
 
@@ -450,6 +457,18 @@ def _resolve_random(item: str, rows: _Rows, seed: int) -> list[list[int]]:
     return _random_draw(item, count, pool, rows.lengths, rows.ids, seed)
 
 
+def _resolve_random_partition(
+    item: str, rows: _Rows, pivot_positions: Sequence[int] | None, seed: int
+) -> list[list[int]]:
+    """Per row, the sorted real-token indices ``random-inputs-partition-k-N`` draws from
+    partition k (``inputs-partition-k``)."""
+    match = _RANDOM_PARTITION.match(item)
+    group, count = int(match.group(1)), int(match.group(2) or 1)
+    start, width = _partition(group, rows.lengths, pivot_positions)
+    pool = [torch.arange(int(a), int(a) + int(n)) for a, n in zip(start, width, strict=True)]
+    return _random_draw(item, count, pool, rows.lengths, rows.ids, seed)
+
+
 def _resolve_item(
     item: PositionItem,
     rows: _Rows,
@@ -461,6 +480,8 @@ def _resolve_item(
     lengths = rows.lengths
     if isinstance(item, str) and (_RANDOM_TEXT.match(item) or _RANDOM_IMAGE.match(item)):
         return _from_lists(_resolve_random(item, rows, seed), lengths)
+    if isinstance(item, str) and _RANDOM_PARTITION.match(item):
+        return _from_lists(_resolve_random_partition(item, rows, pivot_positions, seed), lengths)
     if _IMAGE_ITEM.match(str(item)):
         return _from_lists(_image_lists(item, rows.images, lengths), lengths)
     if item == "all-text" and rows.images is not None:
