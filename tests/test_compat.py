@@ -334,7 +334,7 @@ register_forward_hook set_hooks remove_hooks register_interventions clean_interv
 create_hooks forward vocabulary_index predict generate extract_cache compute_patching
 avg avg_over_example extract_head_values_projected extract_head_keys_projected
 extract_head_queries_projected attn_pattern_avg is_not_empty to_dict
-queries_L{l} keys_L{l} values_L{l} special random-inputs-partition-N TokenIndex
+queries_L{l} keys_L{l} values_L{l} special random-inputs-partition-k TokenIndex
 is_empty cuda memory_size memory_tree register_aggregation deferred_mode add_with_info
 ValueWithInfo add_metadata map_to_dict just_old aggregate_last_layernorm
 LogitLens from_model_name from_tuned_lens ModelConfig ModelFactory TokenizerFactory
@@ -383,3 +383,32 @@ def test_random_inputs_partition_draws_inside_the_partition(tiny_llama):
     torch.testing.assert_close(batch["resid_out_1"][1], drawn["resid_out_1"][0])
     with pytest.raises(hookscope.PositionError, match="needs pivot_positions"):
         tiny_llama.forward(prompt, ["random-inputs-partition-1"])
+
+
+def test_easyroutine_keywords_name_what_to_do_instead(tiny_llama):
+    with pytest.raises(KeywordError, match="'vocabulary_index' .*retain_grad"):
+        tiny_llama.forward(PROMPTS[0], ["last"], vocabulary_index=5)
+    with pytest.raises(KeywordError, match="'external_cache' .*not needed"):
+        tiny_llama.forward(PROMPTS[0], ["last"], external_cache=None)
+
+
+def test_input_embedding_gradients_recipe_from_the_migration_page(tiny_llama):
+    kept = {}
+
+    def keep(module, args, output):
+        output.retain_grad()
+        kept["embeddings"] = output
+
+    cache = tiny_llama.forward(
+        PROMPTS[1],
+        ["last"],
+        extraction_config=ExtractionConfig(keep_gradient=True),
+        hooks=[hookscope.ModuleHook(tiny_llama.model_map.embed, keep)],
+    )
+    cache["logits"][0, -1, 5].backward()
+    hf = tiny_llama.hf_model
+    ids = tiny_llama.tokenizer(PROMPTS[1], return_tensors="pt")["input_ids"]
+    embeddings = hf.get_input_embeddings()(ids).detach().requires_grad_()
+    hf(inputs_embeds=embeddings).logits[0, -1, 5].backward()
+    torch.testing.assert_close(kept["embeddings"].grad, embeddings.grad)
+    hf.zero_grad(set_to_none=True)

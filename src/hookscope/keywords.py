@@ -62,6 +62,11 @@ def typed_kwargs(function: Callable[..., Any]) -> set[str]:
     return keys
 
 
+#: What to use instead of another library's keywords that hookscope does not take (registered by
+#: :mod:`hookscope.compat`): keyword -> the hint its error gives.
+KEYWORD_HINTS: dict[str, str] = {}
+
+
 def check_model_kwargs(
     model_kwargs: dict[str, Any],
     model: nn.Module,
@@ -85,6 +90,11 @@ def check_model_kwargs(
     named = model_input_names(model) | typed_kwargs(type(model).forward)
     accepted = named | extra_valid
     for word in model_kwargs:
+        if word not in accepted and word in KEYWORD_HINTS:
+            raise KeywordError(
+                f"{entry_point.__name__}() does not take {word!r} (easyroutine's keyword): "
+                f"{KEYWORD_HINTS[word]}"
+            )
         if word not in accepted:
             valid = own_keywords(entry_point) | named
             raise_unknown_keyword(word, valid, f"{entry_point.__name__}()", extra_valid)

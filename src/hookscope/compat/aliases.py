@@ -91,10 +91,27 @@ def model_config_fields(kwargs: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
+# easyroutine keywords of forward / extract_cache that hookscope does not take: what to do instead.
+KEYWORD_HINTS = {
+    "vocabulary_index": (
+        "input-embedding gradients are not a cache key in hookscope yet; run forward with "
+        "ExtractionConfig(keep_gradient=True) and hooks=[ModuleHook(hm.model_map.embed, keep)], "
+        "where keep(module, args, output) calls output.retain_grad() and keeps output; "
+        "backward() on a logit then fills output.grad (see docs/migrating-from-easyroutine.md)."
+    ),
+    "external_cache": (
+        "not needed: running means (extract_avg_attn_pattern, ...) accumulate in the returned "
+        "cache; merge caches with cache.cat(other)."
+    ),
+    "batch_idx": "not needed: running means accumulate in the returned cache.",
+}
+
+
 def register() -> None:
     """Add the rewriters to hookscope's registries (once)."""
     from .. import keywords, points
 
+    keywords.KEYWORD_HINTS.update(KEYWORD_HINTS)
     keywords.FIELD_ALIASES["ExtractionConfig"] = extraction_fields
     keywords.FIELD_ALIASES["HookedModelConfig"] = model_config_fields
     if point_from_reference not in points.POINT_ALIASES:
