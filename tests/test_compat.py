@@ -412,3 +412,18 @@ def test_input_embedding_gradients_recipe_from_the_migration_page(tiny_llama):
     hf(inputs_embeds=embeddings).logits[0, -1, 5].backward()
     torch.testing.assert_close(kept["embeddings"].grad, embeddings.grad)
     hf.zero_grad(set_to_none=True)
+
+
+def test_deferred_mode_gives_what_plain_cat_gives(tiny_llama):
+    config = ExtractionConfig(extract_resid_out=True)
+    parts = [tiny_llama.forward(p, ["last"], extraction_config=config) for p in PROMPTS[:3]]
+    deferred, plain = hookscope.ActivationCache(), hookscope.ActivationCache()
+    with deferred.deferred_mode() as same:
+        assert same is deferred
+        for part in parts:
+            deferred.cat(part)
+    for part in parts:
+        plain.cat(part)
+    whole = tiny_llama.forward(PROMPTS[:3], ["last"], extraction_config=config)
+    torch.testing.assert_close(deferred["resid_out_1"], plain["resid_out_1"])
+    torch.testing.assert_close(deferred["resid_out_1"], whole["resid_out_1"], rtol=1e-4, atol=1e-5)

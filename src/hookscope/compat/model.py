@@ -3,6 +3,8 @@ classes by :func:`register` (the core classes do not know them)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,6 +134,13 @@ def predict(
     return result[0] if len(result) == 1 else result
 
 
+@contextmanager
+def deferred_mode(cache: ActivationCache) -> Iterator[ActivationCache]:
+    """easyroutine's deferred ``cat``: hookscope's ``cat`` always defers, merging the appended
+    batches once, when a value is first read, so this context only yields the cache."""
+    yield cache
+
+
 def _bytes_of(value: Any) -> int:
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
@@ -199,5 +208,6 @@ def register() -> None:
     HookedModel.assert_all_modules_exist = assert_all_modules_exist
     ActivationCache.is_empty = is_empty
     ActivationCache.cuda = cuda
+    ActivationCache.deferred_mode = deferred_mode
     ActivationCache.memory_size = memory_size
     ActivationCache.memory_tree = memory_tree
