@@ -78,13 +78,11 @@ def test_extraction_config_field_aliases_with_one_note_each():
     assert over_examples == ExtractionConfig(
         extract_avg_attn_pattern=True, extract_avg_values_vectors_projected=True
     )
-    assert ExtractionConfig(attn_pattern_avg="none") == ExtractionConfig()
 
 
 @pytest.mark.parametrize(
     "fields, match",
     [
-        ({"attn_pattern_avg": "mean"}, "attn_pattern_avg='mean'.*not implemented"),
         ({"extract_head_keys_projected": True}, "nearest is extract_head_keys"),
         ({"extract_head_queries_projected": True}, "nearest is extract_head_queries"),
         ({"avgg": True}, "unexpected keyword argument 'avgg'"),
@@ -427,3 +425,79 @@ def test_deferred_mode_gives_what_plain_cat_gives(tiny_llama):
     whole = tiny_llama.forward(PROMPTS[:3], ["last"], extraction_config=config)
     torch.testing.assert_close(deferred["resid_out_1"], plain["resid_out_1"])
     torch.testing.assert_close(deferred["resid_out_1"], whole["resid_out_1"], rtol=1e-4, atol=1e-5)
+
+
+def _eager_attention(prompt: str, layer: int, head: int) -> torch.Tensor:
+    """``[T, T]`` post-softmax attention of one head, from HF's eager ``output_attentions``."""
+    from tiny_models import build_model, build_tokenizer
+
+    model = build_model("llama", attn_implementation="eager")
+    inputs = build_tokenizer()(prompt, return_tensors="pt")
+    with torch.no_grad():
+        return model(**inputs, output_attentions=True).attentions[layer][0, head]
+
+
+@pytest.mark.parametrize("method", ["mean", "sum", "baseline_ratio"])
+def test_attn_pattern_avg_blocks_match_eager_attention(tiny_llama, method):
+    prompts = [PROMPTS[2], PROMPTS[0]]  # different lengths: the second row is padded
+    targets, rows = ["first", (1, 3), "last"], [(2, 4), "last"]
+    config = ExtractionConfig(
+        extract_attn_pattern=True,
+        attn_heads=[{"layer": 1, "head": 3}],
+        attn_pattern_row_positions=rows,
+        attn_pattern_avg=method,
+    )
+    got = tiny_llama.forward(prompts, targets, extraction_config=config)["pattern_L1H3"]
+    assert got.shape == (2, 2, 3)
+    for b, prompt in enumerate(prompts):
+        attn = _eager_attention(prompt, 1, 3)
+        T = len(attn)
+        row_groups, col_groups = [[2, 3], [T - 1]], [[0], [1, 2], [T - 1]]
+        for i, r in enumerate(row_groups):
+            for j, c in enumerate(col_groups):
+                block = attn[r][:, c]
+                if method == "sum":
+                    want = block.sum()
+                elif method == "mean":
+                    want = block.mean()
+                else:  # uniform causal attention: row q spreads 1 / (q + 1) over keys 0..q
+                    share = sum(sum(k <= q for k in c) / (q + 1) for q in r) / len(r)
+                    want = block.mean() / share
+                # a block no row can see (keys after every row) is 0 / 0: NaN, as 0 / 0 is
+                torch.testing.assert_close(got[b, i, j], want, rtol=1e-4, atol=1e-5, equal_nan=True)
+    assert got[:, 0, 2].isnan().all() == (method == "baseline_ratio")
+
+
+def test_attn_pattern_avg_needs_per_item_patterns(tiny_llama):
+    with pytest.raises(hookscope.HookscopeError, match="set extract_attn_pattern=True"):
+        tiny_llama.forward(
+            PROMPTS[0], ["last"], extraction_config=ExtractionConfig(attn_pattern_avg="mean")
+        )
+    with pytest.raises(hookscope.HookscopeError, match="cannot be combined with attn_pattern_all"):
+        tiny_llama.forward(
+            PROMPTS[0],
+            ["last"],
+            extraction_config=ExtractionConfig(
+                extract_attn_pattern=True, attn_pattern_all_keys=True, attn_pattern_avg="sum"
+            ),
+        )
+    with pytest.raises(hookscope.HookscopeError, match="got 'median'"):
+        tiny_llama.forward(
+            PROMPTS[0],
+            ["last"],
+            extraction_config=ExtractionConfig(
+                extract_attn_pattern=True, attn_pattern_avg="median"
+            ),
+        )
+
+
+def test_attn_pattern_avg_merges_across_batches(tiny_llama):
+    config = ExtractionConfig(
+        extract_attn_pattern=True, attn_heads=[{"layer": 0, "head": 1}], attn_pattern_avg="mean"
+    )
+    merged = tiny_llama.extract_cache(
+        [PROMPTS[:2], PROMPTS[2:]], ["first", "all"], extraction_config=config
+    )
+    whole = tiny_llama.forward(PROMPTS, ["first", "all"], extraction_config=config)
+    assert merged["pattern_L0H1"].shape == (4, 2, 2)
+    torch.testing.assert_close(merged["pattern_L0H1"], whole["pattern_L0H1"], rtol=1e-4, atol=1e-5)

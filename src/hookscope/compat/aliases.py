@@ -35,8 +35,7 @@ def extraction_fields(kwargs: dict[str, Any]) -> dict[str, Any]:
     ``avg`` -> ``extract_avg``; ``extract_head_values_projected`` ->
     ``extract_values_vectors_projected``; ``avg_over_example`` turns the pattern and projected
     value requests into their running means over examples (``extract_avg_attn_pattern``,
-    ``extract_avg_values_vectors_projected``), as easyroutine does; ``attn_pattern_avg="none"``
-    is the default and is dropped.
+    ``extract_avg_values_vectors_projected``), as easyroutine does.
 
     Raises:
         KeywordError: for easyroutine fields hookscope does not implement yet, naming what to
@@ -61,13 +60,6 @@ def extraction_fields(kwargs: dict[str, Any]) -> dict[str, Any]:
         ):
             if kwargs.pop(per_example, False):
                 kwargs[mean] = True
-    pattern_avg = kwargs.pop("attn_pattern_avg", "none")
-    if pattern_avg != "none":
-        raise KeywordError(
-            f"ExtractionConfig(attn_pattern_avg={pattern_avg!r}) (easyroutine's pattern averages "
-            "over position groups) is not implemented in hookscope yet; extract the pattern "
-            "(extract_attn_pattern=True) and average its rows and columns yourself."
-        )
     for old, instead in _NOT_YET.items():
         if kwargs.pop(old, False):
             raise KeywordError(
