@@ -49,6 +49,11 @@ GUIDE = {
         "Patch, ModuleHook); docs/migrating-from-easyroutine.md lists every easyroutine name "
         "and its hookscope form.",
     ),
+    "assemble": (
+        "A pattern reduction (attn_pattern_avg='baseline_ratio') on a batch given without its "
+        "attention mask.",
+        "Pass the tokenizer's output (input_ids and attention_mask), or use 'mean' / 'sum'.",
+    ),
     "pipeline": (
         "A call that cannot be planned or run: two threads calling one model at once, no "
         "target positions while activations are requested, or a generation request that has "
