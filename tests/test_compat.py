@@ -501,3 +501,17 @@ def test_attn_pattern_avg_merges_across_batches(tiny_llama):
     whole = tiny_llama.forward(PROMPTS, ["first", "all"], extraction_config=config)
     assert merged["pattern_L0H1"].shape == (4, 2, 2)
     torch.testing.assert_close(merged["pattern_L0H1"], whole["pattern_L0H1"], rtol=1e-4, atol=1e-5)
+
+
+def test_special_position_is_the_tokenizers_special_tokens(tiny_llama):
+    prompt = "The cat</s> sat on<s> the mat"
+    ids = tiny_llama.tokenizer(prompt)["input_ids"]
+    where = [i for i, t in enumerate(ids) if t in tiny_llama.tokenizer.all_special_ids]
+    assert len(where) == 2  # </s> and <s> as single tokens
+    config = ExtractionConfig(extract_resid_out=True, save_logits=False)
+    every = tiny_llama.forward(prompt, ["all"], extraction_config=config)["resid_out_1"]
+    special = tiny_llama.forward(prompt, ["special"], extraction_config=config)
+    torch.testing.assert_close(special["resid_out_1"], every[:, where])
+    assert special["mapping_index"] == {"special": [0, 1]}
+    with pytest.raises(hookscope.PositionError, match="example 1 has no special token"):
+        tiny_llama.forward([prompt, "A dog barked"], ["special"])

@@ -203,8 +203,9 @@ class HookedModel:
         """What position items resolve against for these prepared inputs (see
         :class:`hookscope.positions.PositionContext`)."""
         ids = model_inputs["input_ids"]
+        special = frozenset(getattr(self.tokenizer, "all_special_ids", None) or ())
         return PositionContext(
-            model_inputs["attention_mask"], ids, pivot_positions, seed, self.image_layout
+            model_inputs["attention_mask"], ids, pivot_positions, seed, self.image_layout, special
         )
 
     def device(self) -> torch.device:
