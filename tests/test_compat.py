@@ -515,3 +515,28 @@ def test_special_position_is_the_tokenizers_special_tokens(tiny_llama):
     assert special["mapping_index"] == {"special": [0, 1]}
     with pytest.raises(hookscope.PositionError, match="example 1 has no special token"):
         tiny_llama.forward([prompt, "A dog barked"], ["special"])
+
+
+def test_register_aggregation_merges_matching_keys_by_the_function(tiny_llama):
+    config = ExtractionConfig(extract_resid_out=True)
+    parts = [tiny_llama.forward(p, ["last"], extraction_config=config) for p in PROMPTS[:3]]
+    whole = tiny_llama.forward(PROMPTS[:3], ["last"], extraction_config=config)
+    cache = hookscope.ActivationCache()
+    cache.register_aggregation(
+        "resid_out", lambda old, new: new.sum(0) if old is None else old + new.sum(0)
+    )
+    for part in parts:
+        cache.cat(part)
+    # the aggregated keys are summed over examples; the others still concatenate
+    torch.testing.assert_close(
+        cache["resid_out_0"], whole["resid_out_0"].sum(0), rtol=1e-4, atol=1e-4
+    )
+    torch.testing.assert_close(cache["logits"], whole["logits"], rtol=1e-4, atol=1e-5)
+    assert torch.equal(cache.take(torch.tensor([1]))["resid_out_1"], cache["resid_out_1"])
+    late = hookscope.ActivationCache().cat(parts[0])
+    late.register_aggregation("resid_out", lambda old, new: new)
+    with pytest.raises(hookscope.HookscopeError, match="register aggregations before the first"):
+        late.cat(parts[1])
+    assert len(late["resid_out_0"]) == 1  # the refused batch changed nothing
+    with pytest.raises(hookscope.HookscopeError, match="needs a function"):
+        late.register_aggregation("logits", "sum")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,6 +86,10 @@ class ActivationCache(MutableMapping):
         self._pending: list[dict[str, Any]] = []
         self._counts: dict[str, torch.Tensor] = {}
         self._axes: dict[str, Axes] = {}
+        # key prefix -> function(old, new) that merges those keys in cat (register_aggregation),
+        # and the keys whose value such a function made (kept out of the lazy merge)
+        self._aggregations: dict[str, Callable[[Any, Any], Any]] = {}
+        self._aggregated: set[str] = set()
         self.pad_token_id = pad_token_id
         # TransformerLens hook -> (kind, head axis) on the model this cache came from (set by
         # the forward that made it; kept by cat, take and save). None when unknown: then names
@@ -149,6 +153,7 @@ class ActivationCache(MutableMapping):
         self._merge_pending()
         del self._data[key]
         self._counts.pop(key, None)
+        self._aggregated.discard(key)
 
     def __iter__(self) -> Iterator[str]:
         self._merge_pending()
@@ -187,10 +192,55 @@ class ActivationCache(MutableMapping):
         self._axes.update(getattr(other, "_axes", {}))
         if self.tl_names is None:
             self.tl_names = getattr(other, "tl_names", None)
+        aggregated = self._aggregate(other, counts)  # checked before anything changes
         for key, count in counts.items():
             self._add_to_running_mean(key, other[key], count)
-        self._pending.append({k: v for k, v in other.items() if k not in counts})
+        self._pending.append(
+            {k: v for k, v in other.items() if k not in counts and k not in aggregated}
+        )
         return self
+
+    def register_aggregation(self, key_prefix: str, function: Callable[[Any, Any], Any]) -> None:
+        """Merge the keys that start with ``key_prefix`` in :meth:`cat` by
+        ``function(old, new)`` (``old`` is None for the first batch) instead of concatenating
+        them. Register before the first ``cat`` of such a key.
+
+        Raises:
+            HookscopeError: when ``function`` is not callable.
+        """
+        if not callable(function):
+            raise HookscopeError(
+                f"register_aggregation({key_prefix!r}, ...) needs a function(old, new), got "
+                f"{type(function).__name__}."
+            )
+        self._aggregations[key_prefix] = function
+
+    def remove_aggregation(self, key_prefix: str) -> None:
+        """Stop merging ``key_prefix`` keys by a registered function (concatenate them again)."""
+        self._aggregations.pop(key_prefix, None)
+
+    def _aggregate(self, other: Any, counts: dict[str, Any]) -> dict[str, Any]:
+        """Apply the registered functions to ``other``'s keys; returns the keys they took.
+
+        Raises:
+            HookscopeError: for a key this cache already holds concatenated.
+        """
+        taken = {}
+        for key in other.keys():
+            prefix = next((p for p in self._aggregations if key.startswith(p)), None)
+            if key in counts or prefix is None:
+                continue
+            first = key not in self._aggregated
+            if first and (key in self._data or any(key in batch for batch in self._pending)):
+                raise HookscopeError(
+                    f"register_aggregation({prefix!r}) came after {key!r} was concatenated; "
+                    "register aggregations before the first cat."
+                )
+            taken[key] = (self._aggregations[prefix], first)
+        for key, (function, first) in taken.items():
+            self._data[key] = function(None if first else self._data[key], other[key])
+            self._aggregated.add(key)
+        return taken
 
     def _check_same_keys(self, other: ActivationCache | dict[str, Any]) -> None:
         """Raise (before anything is appended) when ``other`` holds other keys than this cache.
@@ -239,7 +289,7 @@ class ActivationCache(MutableMapping):
 
     def _merge_pending(self) -> None:
         if self._pending:
-            means = {k: self._data.pop(k) for k in self._counts}
+            means = {k: self._data.pop(k) for k in (*self._counts, *self._aggregated)}
             batches = ([self._data] if self._data else []) + self._pending
             self._data = (
                 _merge_batches(batches, self.pad_token_id, self._axes)
@@ -254,6 +304,7 @@ class ActivationCache(MutableMapping):
         self._merge_pending()
         out = ActivationCache(pad_token_id=self.pad_token_id)
         out._axes, out._counts = dict(self._axes), dict(self._counts)
+        out._aggregations, out._aggregated = dict(self._aggregations), set(self._aggregated)
         out.tl_names = self.tl_names
         out._data = {key: self._rows_of(key, value, rows) for key, value in self._data.items()}
         return out
@@ -268,8 +319,8 @@ class ActivationCache(MutableMapping):
         return self
 
     def _rows_of(self, key: str, value: Any, rows: torch.Tensor) -> Any:
-        if key in self._counts:
-            return value  # running means have no batch axis
+        if key in self._counts or key in self._aggregated:
+            return value  # running means and aggregated values have no known batch axis
         if isinstance(value, torch.Tensor):
             return value[rows.to(value.device)]
         if key == "batch_saver" and isinstance(value, dict):
