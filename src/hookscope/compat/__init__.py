@@ -14,7 +14,8 @@ they are accepted everywhere; the core modules never import it:
   ``(module, args, kwargs, output)`` signature;
 * methods: ``HookedModel.compute_patching / predict / model_config / hf_tokenizer /
   is_multimodal / get_lm_head / get_last_layernorm / set_custom_modules /
-  restore_original_modules``, ``ActivationCache.memory_size(key) / memory_tree()``.
+  restore_original_modules / assert_module_exists / assert_all_modules_exist``,
+  ``ActivationCache.memory_size(key) / memory_tree() / deferred_mode() / is_empty() / cuda()``.
 
 Each easyroutine spelling, when used, warns once (:class:`ReferenceSpellingWarning`) naming
 hookscope's. See ``docs/migrating-from-easyroutine.md``.
