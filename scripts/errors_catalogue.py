@@ -49,12 +49,20 @@ GUIDE = {
         "issue with the printed children list.",
     ),
     "compat": (
-        "A reference-design (easyroutine) form that hookscope cannot translate exactly: a "
+        "An easyroutine (reference design) form that hookscope cannot translate exactly: a "
         "`patching_query` entry without its keys, an activation_type compute_patching cannot "
-        "patch, base and target batches of different sizes, a hook dict without "
-        "'component' / 'intervention'.",
+        "patch, base and target batches of different sizes, an intervention type with no "
+        "hookscope equal, an ExtractionConfig field hookscope does not implement yet "
+        "(`attn_pattern_avg`, the key / query projections), a LogitLens key or metric that "
+        "does not exist.",
         "Fix the entry as the message says, or use hookscope's own API (activation_patching, "
-        "Patch, ModuleHook).",
+        "Patch, ModuleHook); docs/migrating-from-easyroutine.md lists every easyroutine name "
+        "and its hookscope form.",
+    ),
+    "assemble": (
+        "A pattern reduction (attn_pattern_avg='baseline_ratio') on a batch given without its "
+        "attention mask.",
+        "Pass the tokenizer's output (input_ids and attention_mask), or use 'mean' / 'sum'.",
     ),
     "dataset": (
         "A dataset extract_cache cannot batch as asked: an empty dataloader, a record without a "

@@ -8,7 +8,8 @@ The public API is what this package exports (``hookscope.__all__``)::
 
 Modules whose docstring says *internal* (``pipeline``, ``editing``, ``capture``, ``plan``,
 ``assemble``, ``scoped_attention``, ``window``, ``keywords``) may change between versions; the
-reference design's compatibility forms live in :mod:`hookscope.compat`.
+reference design's (easyroutine's) spellings live in :mod:`hookscope.compat`, which sits on
+top: it registers them into small registries in the core, which never imports it.
 """
 
 from .analysis import (
@@ -45,7 +46,7 @@ from .interventions import (
 from .lens import LensResult, logit_lens
 from .patching import PatchingResult, activation_patching, attribution_patching
 from .points import KINDS, Point, parse_point
-from .store import ActivationSaver, ActivationStore, StoreError
+from .store import ActivationStore, StoreError
 
 __version__ = "0.1.0"
 
@@ -54,7 +55,6 @@ __all__ = [
     "Ablation",
     "ActivationCache",
     "ActivationPointError",
-    "ActivationSaver",
     "ActivationStore",
     "ArchSpec",
     "ArchitectureError",
@@ -90,3 +90,6 @@ __all__ = [
     "parse_point",
     "repeated_random_tokens",
 ]
+
+# Last, on top of every core module: registers easyroutine's spellings (hookscope.compat).
+from . import compat  # noqa: E402, F401

@@ -8,6 +8,7 @@ import torch
 
 from .cache import ActivationCache, Axes
 from .config import ExtractionConfig
+from .errors import HookscopeError
 from .plan import ExtractionPlan
 from .positions import ResolvedPositions
 from .vision_points import declare_vision_axes
@@ -22,6 +23,7 @@ def assemble_cache(
     plan: ExtractionPlan,
     input_ids: torch.Tensor,
     pad_token_id: int,
+    attention_mask: torch.Tensor | None = None,
 ) -> ActivationCache:
     """The cache of one forward: what the hooks wrote to ``sink``, the logits at the target
     positions, ``mapping_index`` / ``position_mask``, running means and pattern merge axes."""
@@ -43,6 +45,13 @@ def assemble_cache(
         cache["position_mask"] = positions.mask.clone()
     _add_running_means(cache, sink, plan, row_positions)
     _declare_pattern_axes(cache, config, row_positions)
+    if config.attn_pattern_avg != "none":
+        rows = row_positions if row_positions is not None else positions
+        for key in [k for k in cache if k.startswith("pattern_")]:
+            cache[key] = pattern_blocks(
+                cache[key], rows, positions, config.attn_pattern_avg, attention_mask
+            )
+            cache.set_axes(key, Axes(slots=()))
     declare_vision_axes(cache)
     if row_positions is not None:
         cache["attn_pattern_row_mapping_index"] = dict(row_positions.mapping_index)
@@ -77,6 +86,54 @@ def _masked_batch_mean(
     trailing = [1] * (value.dim() - weight.dim())
     total = (value * weight.view(*weight.shape, *trailing).to(value.dtype)).sum(0)
     return total / count.clamp(min=1).view(*count.shape, *trailing).to(value.dtype), count
+
+
+def pattern_blocks(
+    pattern: torch.Tensor,
+    rows: ResolvedPositions,
+    columns: ResolvedPositions,
+    method: str,
+    attention_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """``pattern [batch, row slots, column slots]`` -> ``[batch, row items, column items]``:
+    the mean / sum / baseline ratio of each block of real (not padded) cells."""
+    out = torch.empty(len(pattern), len(rows.items), len(columns.items), dtype=torch.float32)
+    row_mask, col_mask = rows.mask.cpu(), columns.mask.cpu()
+    values = pattern.detach().float().cpu()
+    for i, row_item in enumerate(rows.items):
+        r = rows.mapping_index[row_item]
+        for j, col_item in enumerate(columns.items):
+            c = columns.mapping_index[col_item]
+            weight = row_mask[:, r, None] & col_mask[:, None, c]  # [batch, |r|, |c|]
+            total = (values[:, r][:, :, c] * weight).sum((1, 2))
+            mean = total / weight.sum((1, 2)).clamp(min=1)
+            if method == "sum":
+                out[:, i, j] = total
+            elif method == "mean":
+                out[:, i, j] = mean
+            else:
+                out[:, i, j] = mean / _uniform_share(rows, r, columns, c, attention_mask)
+    return out.to(pattern.dtype)
+
+
+def _uniform_share(
+    rows: ResolvedPositions,
+    r: list[int],
+    columns: ResolvedPositions,
+    c: list[int],
+    attention_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """``[batch]``: the mean over the block's real rows of (its real keys at or before the row)
+    / (all real keys at or before the row): the block's mean under uniform causal attention.
+    0 (so the ratio is inf or NaN) when no key of the block is visible to its rows."""
+    if attention_mask is None:
+        raise HookscopeError("attn_pattern_avg='baseline_ratio' needs the batch's attention mask.")
+    seen = attention_mask.detach().cpu().long().cumsum(1)  # real keys at or before each index
+    row_index, col_index = rows.index.cpu()[:, r], columns.index.cpu()[:, c]
+    row_ok, col_ok = rows.mask.cpu()[:, r], columns.mask.cpu()[:, c]
+    visible = ((col_index[:, None, :] <= row_index[:, :, None]) & col_ok[:, None, :]).sum(2)
+    share = visible / seen.gather(1, row_index).clamp(min=1)  # [batch, |r|]
+    return (share * row_ok).sum(1) / row_ok.sum(1).clamp(min=1)
 
 
 def _declare_pattern_axes(

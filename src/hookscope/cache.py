@@ -8,7 +8,9 @@ Layout of the values (``P`` = slots of the target positions, see ``hookscope.pos
   ``pad_token_id`` when merged
 * ``mapping_index``: each position item -> its slot indices, e.g. ``{"last": [0], 0: [1]}``
 * ``batch_saver``: a dict of whatever ``extract_cache``'s ``batch_saver`` returned, merged
-  across batches (tensors concatenated, lists extended)
+  across batches (tensors concatenated, lists extended); each of its fields also reads at the
+  top level (``cache["labels"]``, as the reference design shows it), so a field may not share
+  a name with another key of the cache
 * running means (``avg_pattern_L0H1``, ...): no batch axis; each carries a count of the examples
   behind every cell, and merging two caches combines them as a weighted mean
 
@@ -22,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import HookscopeError
-from .points import Point, TLName, parse_point, point_key, recorded_tl_name
+from .points import Point, TLName, parse_point, point_alias, point_key, recorded_tl_name
 
 METADATA_KEYS = ("mapping_index", "batch_saver")
 _FORMAT = "hookscope.ActivationCache/1"
@@ -84,6 +86,10 @@ class ActivationCache(MutableMapping):
         self._pending: list[dict[str, Any]] = []
         self._counts: dict[str, torch.Tensor] = {}
         self._axes: dict[str, Axes] = {}
+        # key prefix -> function(old, new) that merges those keys in cat (register_aggregation),
+        # and the keys whose value such a function made (kept out of the lazy merge)
+        self._aggregations: dict[str, Callable[[Any, Any], Any]] = {}
+        self._aggregated: set[str] = set()
         self.pad_token_id = pad_token_id
         # TransformerLens hook -> (kind, head axis) on the model this cache came from (set by
         # the forward that made it; kept by cat, take and save). None when unknown: then names
@@ -101,6 +107,10 @@ class ActivationCache(MutableMapping):
         self._merge_pending()
         if key in self._data:
             return self._data[key]
+        if isinstance(saver := self._data.get("batch_saver"), dict) and key in saver:
+            return saver[key]
+        if (alias := point_alias(key)) is not None and alias in self._data:
+            return self._data[alias]
         tl = recorded_tl_name(key, self.tl_names)
         if tl is None:
             raise KeyError(f"{key!r} is not in this cache; keys: {list(self._data)}")
@@ -130,12 +140,20 @@ class ActivationCache(MutableMapping):
 
     def __setitem__(self, key: str, value: Any) -> None:
         self._merge_pending()
+        if key == "batch_saver" and isinstance(value, dict):
+            clashes = sorted(set(value) & (set(self._data) - {"batch_saver"}), key=str)
+            if clashes:
+                raise HookscopeError(
+                    f"batch_saver fields {clashes} share names with keys of the cache; they read "
+                    "at the top level (cache[field]), so rename them."
+                )
         self._data[key] = value
 
     def __delitem__(self, key: str) -> None:
         self._merge_pending()
         del self._data[key]
         self._counts.pop(key, None)
+        self._aggregated.discard(key)
 
     def __iter__(self) -> Iterator[str]:
         self._merge_pending()
@@ -148,6 +166,10 @@ class ActivationCache(MutableMapping):
     def __contains__(self, key: object) -> bool:
         self._merge_pending()
         if key in self._data:
+            return True
+        if isinstance(saver := self._data.get("batch_saver"), dict) and key in saver:
+            return True
+        if isinstance(key, str) and point_alias(key) in self._data:
             return True
         try:
             tl = recorded_tl_name(key, self.tl_names)
@@ -170,10 +192,55 @@ class ActivationCache(MutableMapping):
         self._axes.update(getattr(other, "_axes", {}))
         if self.tl_names is None:
             self.tl_names = getattr(other, "tl_names", None)
+        aggregated = self._aggregate(other, counts)  # checked before anything changes
         for key, count in counts.items():
             self._add_to_running_mean(key, other[key], count)
-        self._pending.append({k: v for k, v in other.items() if k not in counts})
+        self._pending.append(
+            {k: v for k, v in other.items() if k not in counts and k not in aggregated}
+        )
         return self
+
+    def register_aggregation(self, key_prefix: str, function: Callable[[Any, Any], Any]) -> None:
+        """Merge the keys that start with ``key_prefix`` in :meth:`cat` by
+        ``function(old, new)`` (``old`` is None for the first batch) instead of concatenating
+        them. Register before the first ``cat`` of such a key.
+
+        Raises:
+            HookscopeError: when ``function`` is not callable.
+        """
+        if not callable(function):
+            raise HookscopeError(
+                f"register_aggregation({key_prefix!r}, ...) needs a function(old, new), got "
+                f"{type(function).__name__}."
+            )
+        self._aggregations[key_prefix] = function
+
+    def remove_aggregation(self, key_prefix: str) -> None:
+        """Stop merging ``key_prefix`` keys by a registered function (concatenate them again)."""
+        self._aggregations.pop(key_prefix, None)
+
+    def _aggregate(self, other: Any, counts: dict[str, Any]) -> dict[str, Any]:
+        """Apply the registered functions to ``other``'s keys; returns the keys they took.
+
+        Raises:
+            HookscopeError: for a key this cache already holds concatenated.
+        """
+        taken = {}
+        for key in other.keys():
+            prefix = next((p for p in self._aggregations if key.startswith(p)), None)
+            if key in counts or prefix is None:
+                continue
+            first = key not in self._aggregated
+            if first and (key in self._data or any(key in batch for batch in self._pending)):
+                raise HookscopeError(
+                    f"register_aggregation({prefix!r}) came after {key!r} was concatenated; "
+                    "register aggregations before the first cat."
+                )
+            taken[key] = (self._aggregations[prefix], first)
+        for key, (function, first) in taken.items():
+            self._data[key] = function(None if first else self._data[key], other[key])
+            self._aggregated.add(key)
+        return taken
 
     def _check_same_keys(self, other: ActivationCache | dict[str, Any]) -> None:
         """Raise (before anything is appended) when ``other`` holds other keys than this cache.
@@ -222,7 +289,7 @@ class ActivationCache(MutableMapping):
 
     def _merge_pending(self) -> None:
         if self._pending:
-            means = {k: self._data.pop(k) for k in self._counts}
+            means = {k: self._data.pop(k) for k in (*self._counts, *self._aggregated)}
             batches = ([self._data] if self._data else []) + self._pending
             self._data = (
                 _merge_batches(batches, self.pad_token_id, self._axes)
@@ -237,6 +304,7 @@ class ActivationCache(MutableMapping):
         self._merge_pending()
         out = ActivationCache(pad_token_id=self.pad_token_id)
         out._axes, out._counts = dict(self._axes), dict(self._counts)
+        out._aggregations, out._aggregated = dict(self._aggregations), set(self._aggregated)
         out.tl_names = self.tl_names
         out._data = {key: self._rows_of(key, value, rows) for key, value in self._data.items()}
         return out
@@ -251,8 +319,8 @@ class ActivationCache(MutableMapping):
         return self
 
     def _rows_of(self, key: str, value: Any, rows: torch.Tensor) -> Any:
-        if key in self._counts:
-            return value  # running means have no batch axis
+        if key in self._counts or key in self._aggregated:
+            return value  # running means and aggregated values have no known batch axis
         if isinstance(value, torch.Tensor):
             return value[rows.to(value.device)]
         if key == "batch_saver" and isinstance(value, dict):

@@ -134,6 +134,13 @@ class ExtractionConfig:
     ``extract_projector_out`` -> ``projector_out``, the image features in the language model's
     space. ``vision_layers`` restricts the vision blocks (default: all).
 
+    Pattern blocks: ``attn_pattern_avg`` (``"mean"``, ``"sum"``, ``"baseline_ratio"``) reduces
+    each ``pattern`` to ``[batch, row items, column items]``: one value per block of rows of one
+    row item (``attn_pattern_row_positions``, default the target items) and columns of one
+    target item, padded slots excluded. ``baseline_ratio`` is the block's mean over the mean
+    that uniform causal attention would give it (per row: the block's keys at or before it over
+    the real keys at or before it).
+
     Modifiers:
         extract_avg: average over each position item's tokens (one slot per item).
         layers: restrict per-layer extraction to these layers (default: all).
@@ -169,6 +176,7 @@ class ExtractionConfig:
     attn_heads: list[dict[str, int]] | Literal["all"] = "all"
     attn_pattern_row_positions: list[Any] | None = None
     attn_pattern_all_keys: bool = False
+    attn_pattern_avg: Literal["none", "mean", "sum", "baseline_ratio"] = "none"
     layers: list[int] | None = None
     keep_gradient: bool = False
     extract_vision_resid_out: bool = False

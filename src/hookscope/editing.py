@@ -16,7 +16,6 @@ import torch
 
 from .archs import ModelMap
 from .capture import PointSite, locate
-from .compat import from_reference, looks_like_reference
 from .errors import ActivationPointError, HookscopeError, InputError
 from .hooks import ModuleHook, reading_hook, replacing_hook
 from .interventions import (
@@ -28,6 +27,7 @@ from .interventions import (
     Patch,
     PatternEdit,
     Steer,
+    convert_foreign,
 )
 from .points import KINDS, Point, check_layer, parse_point, point_key, width_of
 from .positions import PositionContext, ResolvedPositions
@@ -389,8 +389,7 @@ def prepare(
     edits: dict[int, list[ResolvedPatternEdit]] = {}
     grids: dict[tuple[str, str], tuple] = {}  # shared by edits with the same positions
     for iv in interventions:
-        if not isinstance(iv, Intervention | PatternEdit) and looks_like_reference(iv):
-            iv = from_reference(iv)
+        iv = convert_foreign(iv)
         if isinstance(iv, PatternEdit):
             resolved = resolve_pattern_edit(iv, model_map, context, window.example_offset, grids)
             edits.setdefault(iv.layer, []).append(resolved)
@@ -401,7 +400,7 @@ def prepare(
         else:
             raise InputError(
                 f"interventions must be hookscope interventions (Ablation, Patch, Steer, Custom, "
-                f"PatternEdit), got {type(iv).__name__}; convert reference-design dicts with "
+                f"PatternEdit), got {type(iv).__name__}; reference-design dicts convert with "
                 "hookscope.compat.from_reference."
             )
     for hook in hooks:

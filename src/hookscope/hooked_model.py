@@ -1,6 +1,7 @@
 """HookedModel: the facade. Loading, accessors and hook registration; each entry point plans its
 call and runs it through :mod:`hookscope.pipeline` (forward, generate) or a module around it
-(:mod:`hookscope.dataset`, :mod:`hookscope.patching`, :mod:`hookscope.compat`)."""
+(:mod:`hookscope.dataset`, :mod:`hookscope.patching`); :mod:`hookscope.compat` adds the
+reference design's methods (``compute_patching``, ``predict``, ...) on top."""
 
 from __future__ import annotations
 
@@ -204,8 +205,9 @@ class HookedModel:
         """What position items resolve against for these prepared inputs (see
         :class:`hookscope.positions.PositionContext`)."""
         ids = model_inputs["input_ids"]
+        special = frozenset(getattr(self.tokenizer, "all_special_ids", None) or ())
         return PositionContext(
-            model_inputs["attention_mask"], ids, pivot_positions, seed, self.image_layout
+            model_inputs["attention_mask"], ids, pivot_positions, seed, self.image_layout, special
         )
 
     def device(self) -> torch.device:
@@ -444,16 +446,6 @@ class HookedModel:
         return run.extract(dataloader, output_dir, overwrite=overwrite, progress=progress)
 
     # -- generation ----------------------------------------------------------------------------
-    def compute_patching(
-        self, target_token_positions, base_dataloader, target_dataloader, **kwargs
-    ):
-        """Patch base-run activations into the target run; see :func:`hookscope.compat.compute_patching`."""
-        from .compat import compute_patching
-
-        return compute_patching(
-            self, target_token_positions, base_dataloader, target_dataloader, **kwargs
-        )
-
     def generate(
         self,
         inputs: Any,

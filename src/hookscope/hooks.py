@@ -38,6 +38,13 @@ class ModuleHook:
     #: run before hooks already on the module (interventions: HF's own output-recording hooks,
     #: e.g. the vision tower's hidden_states that Llava reads, must see the edited value)
     first: bool = False
+    #: output hooks only: call ``fn(module, args, kwargs, output)`` (PyTorch's ``with_kwargs``)
+    with_kwargs: bool = False
+
+
+#: Converters of other libraries' hook forms (registered by :mod:`hookscope.compat`): each takes
+#: any object and returns a :class:`ModuleHook`, or None when the form is not its.
+HOOK_CONVERTERS: list[Callable[[Any], ModuleHook | None]] = []
 
 
 def input_tensor(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -107,14 +114,22 @@ def get_module(model: nn.Module, path: str) -> nn.Module:
         ) from None
 
 
-def as_module_hook(hook: ModuleHook | dict[str, Any]) -> ModuleHook:
-    """Accept a :class:`ModuleHook` or the reference design's ``{"component", "intervention"}``
-    dict (see :func:`hookscope.compat.hook_from_reference`)."""
+def as_module_hook(hook: Any) -> ModuleHook:
+    """Accept a :class:`ModuleHook`, or a form a registered converter knows (the reference
+    design's ``{"component", "intervention"}`` dicts, see :mod:`hookscope.compat`).
+
+    Raises:
+        HookscopeError: for anything else.
+    """
     if isinstance(hook, ModuleHook):
         return hook
-    from .compat import hook_from_reference
-
-    return hook_from_reference(hook)
+    for converter in HOOK_CONVERTERS:
+        if (converted := converter(hook)) is not None:
+            return converted
+    raise HookscopeError(
+        f"a hook must be a hookscope.ModuleHook or a dict with 'component' and 'intervention', "
+        f"got {hook!r}."
+    )
 
 
 def register(model: nn.Module, hook: ModuleHook) -> RemovableHandle:
@@ -123,7 +138,9 @@ def register(model: nn.Module, hook: ModuleHook) -> RemovableHandle:
     if hook.when == "input":
         return module.register_forward_pre_hook(hook.fn, with_kwargs=True, prepend=hook.first)
     if hook.when == "output":
-        return module.register_forward_hook(hook.fn, prepend=hook.first)
+        return module.register_forward_hook(
+            hook.fn, prepend=hook.first, with_kwargs=hook.with_kwargs
+        )
     raise HookscopeError(f"hook 'when' must be 'input' or 'output', got {hook.when!r}.")
 
 

@@ -227,6 +227,23 @@ class InterventionContext:
 
 
 AnyIntervention = Intervention | PatternEdit
+
+#: Converters of other libraries' intervention forms (registered by :mod:`hookscope.compat`):
+#: each takes any object and returns a hookscope intervention, or None when the form is not its.
+CONVERTERS: list[Callable[[Any], AnyIntervention | None]] = []
+
+
+def convert_foreign(intervention: Any) -> Any:
+    """``intervention`` as a hookscope intervention when a registered converter knows its form;
+    anything else comes back unchanged (the caller rejects what is not an intervention)."""
+    if isinstance(intervention, Intervention | PatternEdit):
+        return intervention
+    for converter in CONVERTERS:
+        if (converted := converter(intervention)) is not None:
+            return converted
+    return intervention
+
+
 _TYPES = {cls.__name__: cls for cls in (Ablation, Patch, Steer, Custom, PatternEdit)}
 
 

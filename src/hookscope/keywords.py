@@ -62,6 +62,11 @@ def typed_kwargs(function: Callable[..., Any]) -> set[str]:
     return keys
 
 
+#: What to use instead of another library's keywords that hookscope does not take (registered by
+#: :mod:`hookscope.compat`): keyword -> the hint its error gives.
+KEYWORD_HINTS: dict[str, str] = {}
+
+
 def check_model_kwargs(
     model_kwargs: dict[str, Any],
     model: nn.Module,
@@ -85,19 +90,33 @@ def check_model_kwargs(
     named = model_input_names(model) | typed_kwargs(type(model).forward)
     accepted = named | extra_valid
     for word in model_kwargs:
+        if word not in accepted and word in KEYWORD_HINTS:
+            raise KeywordError(
+                f"{entry_point.__name__}() does not take {word!r} (easyroutine's keyword): "
+                f"{KEYWORD_HINTS[word]}"
+            )
         if word not in accepted:
             valid = own_keywords(entry_point) | named
             raise_unknown_keyword(word, valid, f"{entry_point.__name__}()", extra_valid)
 
 
+#: Rewriters of other libraries' field spellings, by dataclass name (registered by
+#: :mod:`hookscope.compat`): each takes the keyword arguments and returns them in hookscope's
+#: spelling, before unknown fields are rejected.
+FIELD_ALIASES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+
+
 def reject_unknown_fields(cls: type) -> type:
     """Make a dataclass raise :class:`KeywordError` for an unknown field, naming the closest
-    one (``ExtractionConfig(extract_resid_outt=True)`` names ``extract_resid_out``)."""
+    one (``ExtractionConfig(extract_resid_outt=True)`` names ``extract_resid_out``).
+    Spellings registered in :data:`FIELD_ALIASES` are rewritten first."""
     init = cls.__init__
     valid = own_keywords(init)
 
     @functools.wraps(init)
     def checked_init(self, *args: Any, **kwargs: Any) -> None:
+        if (rewrite := FIELD_ALIASES.get(cls.__name__)) is not None:
+            kwargs = rewrite(kwargs)
         for word in kwargs:
             if word not in valid:
                 raise_unknown_keyword(word, valid, cls.__name__)

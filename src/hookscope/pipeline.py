@@ -112,6 +112,7 @@ class CallPlan:
             self.extraction,
             self.model_inputs["input_ids"],
             pad_token_id,
+            self.model_inputs.get("attention_mask"),
         )
 
 

@@ -105,6 +105,7 @@ def plan_extraction(config: ExtractionConfig, model_map: ModelMap) -> Extraction
                 head_kinds.append(source_kind)
                 plan.temporary.add(source_kind)
             plan.running_means.append((mean_kind, source_kind))
+    _check_pattern_blocks(config, "pattern" in head_kinds)
     if not head_kinds:
         return plan
     _check_head_options(config, head_kinds)
@@ -136,6 +137,27 @@ def plan_extraction(config: ExtractionConfig, model_map: ModelMap) -> Extraction
         for h in r.heads
     }
     return plan
+
+
+def _check_pattern_blocks(config: ExtractionConfig, patterns: bool) -> None:
+    """``attn_pattern_avg`` needs per-example patterns laid out by position items."""
+    if config.attn_pattern_avg not in ("none", "mean", "sum", "baseline_ratio"):
+        raise HookscopeError(
+            f"attn_pattern_avg must be 'none', 'mean', 'sum' or 'baseline_ratio', got "
+            f"{config.attn_pattern_avg!r}."
+        )
+    if config.attn_pattern_avg == "none":
+        return
+    if not (patterns and config.extract_attn_pattern):
+        raise HookscopeError(
+            f"attn_pattern_avg={config.attn_pattern_avg!r} reduces extracted attention patterns; "
+            "set extract_attn_pattern=True to use it."
+        )
+    if config.attn_pattern_all_keys:
+        raise HookscopeError(
+            "attn_pattern_avg groups the pattern's columns by target position item; it cannot be "
+            "combined with attn_pattern_all_keys (whose columns are every key)."
+        )
 
 
 def _check_head_options(config: ExtractionConfig, head_kinds: list[str]) -> None:

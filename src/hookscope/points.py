@@ -638,6 +638,20 @@ class Point:
         return self.name
 
 
+#: Other libraries' point names (registered by :mod:`hookscope.compat`): each takes a name and
+#: returns hookscope's cache key for it, or None when the name is not its.
+POINT_ALIASES: list[Callable[[str], str | None]] = []
+
+
+def point_alias(name: str) -> str | None:
+    """hookscope's key for another library's point name (``queries_L3`` -> ``queries_3``), or
+    None when no registered alias knows ``name``."""
+    for alias in POINT_ALIASES:
+        if (key := alias(name)) is not None:
+            return key
+    return None
+
+
 def parse_point(name: str, model_map: ModelMap | None = None) -> Point:
     """Parse a cache key (or a TransformerLens hook name of one point) into a :class:`Point`.
     ``model_map`` resolves TransformerLens names whose meaning depends on the family.
@@ -648,6 +662,7 @@ def parse_point(name: str, model_map: ModelMap | None = None) -> Point:
     """
     if not isinstance(name, str):
         raise ActivationPointError(f"activation point names are strings, got {name!r}.")
+    name = point_alias(name) or name
     if (tl := parse_tl_name(name, model_map)) is not None:
         if tl.head_axis is not None:
             raise ActivationPointError(

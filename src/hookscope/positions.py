@@ -16,6 +16,10 @@ the last real one. The items:
                            own token ids (so a row draws the same tokens in any batch), sorted
 ``"inputs-partition-k"``   the k-th group of real tokens split at ``pivot_positions``
                            (``[0, p0)``, ``[p0, p1)``, ..., ``[p_last, length)``)
+``"random-inputs-          N distinct tokens of partition k (default 1), drawn as
+partition-k-N"``           ``random-text-N`` draws (easyroutine's spelling)
+``"special"``              the tokenizer's special tokens (``all_special_ids``: BOS, EOS, chat
+                           markers...) among the real tokens (easyroutine's spelling)
 ``"all-image"`` ...        image tokens (vision-language models, from the config's image token
                            id): ``all-image``, ``first-image``, ``last-image``, ``start-image`` /
                            ``end-image`` (the token before the first / after the last image
@@ -55,12 +59,14 @@ _LAST_K = re.compile(r"^last-(\d+)$")
 _RANDOM_TEXT = re.compile(r"^random-text(?:-(\d+))?$")
 _PARTITION = re.compile(r"^inputs-partition-(\d+)$")
 _RANDOM_IMAGE = re.compile(r"^random-image(?:-(\d+))?$")
+_RANDOM_PARTITION = re.compile(r"^random-inputs-partition-(\d+)(?:-(\d+))?$")
 
 
 def _valid_choices() -> str:
     return (
-        f"{choices(NAMED_ITEMS)}, 'last-k', 'random-text-N', 'inputs-partition-k' "
-        "(with pivot_positions), an int, or a (start, end) tuple"
+        f"{choices(NAMED_ITEMS)}, 'last-k', 'random-text-N', 'inputs-partition-k' and "
+        "'random-inputs-partition-k-N' (with pivot_positions), 'special', an int, or a "
+        "(start, end) tuple"
     )
 
 
@@ -211,7 +217,7 @@ def _check_form(item: object) -> None:
         )
     if _IMAGE_ITEM.match(item) or _RANDOM_IMAGE.match(item):
         return  # checked against the batch's image tokens when resolved
-    if item in NAMED_ITEMS:
+    if item in NAMED_ITEMS or item == "special":
         return
     match = _LAST_K.match(item)
     if match and int(match.group(1)) >= 1:
@@ -220,6 +226,9 @@ def _check_form(item: object) -> None:
     if match and (match.group(1) is None or int(match.group(1)) >= 1):
         return
     if _PARTITION.match(item):
+        return
+    match = _RANDOM_PARTITION.match(item)
+    if match and (match.group(2) is None or int(match.group(2)) >= 1):
         return
     raise PositionError(f"unknown position item {item!r}. Valid items: {_valid_choices()}.")
 
@@ -406,6 +415,8 @@ def _needs_rows(item: PositionItem) -> bool:
         or item == "all-text"
         or _RANDOM_TEXT.match(item)
         or _RANDOM_IMAGE.match(item)
+        or _RANDOM_PARTITION.match(item)
+        or item == "special"
     )
 
 
@@ -417,6 +428,7 @@ class _Rows:
 
     lengths: torch.Tensor
     ids: list[torch.Tensor] | None = None
+    special_ids: frozenset[int] = frozenset()
     images: list[torch.Tensor] | None = None
     text: list[torch.Tensor] | None = None
 
@@ -455,6 +467,40 @@ def _resolve_random(item: str, rows: _Rows, seed: int) -> list[list[int]]:
     return _random_draw(item, count, pool, rows.lengths, rows.ids, seed)
 
 
+def _resolve_random_partition(
+    item: str, rows: _Rows, pivot_positions: Sequence[int] | None, seed: int
+) -> list[list[int]]:
+    """Per row, the sorted real-token indices ``random-inputs-partition-k-N`` draws from
+    partition k (``inputs-partition-k``)."""
+    match = _RANDOM_PARTITION.match(item)
+    group, count = int(match.group(1)), int(match.group(2) or 1)
+    start, width = _partition(group, rows.lengths, pivot_positions)
+    pool = [torch.arange(int(a), int(a) + int(n)) for a, n in zip(start, width, strict=True)]
+    return _random_draw(item, count, pool, rows.lengths, rows.ids, seed)
+
+
+def _special_lists(rows: _Rows) -> list[list[int]]:
+    """Per row, the real-token indices of the tokenizer's special tokens.
+
+    Raises:
+        PositionError: when the tokenizer has none, or naming the first example without one.
+    """
+    if not rows.special_ids or rows.ids is None:
+        raise PositionError(
+            "position item 'special' needs the tokenizer's special token ids and the input ids; "
+            "this call has none."
+        )
+    special = torch.tensor(sorted(rows.special_ids))
+    lists = [torch.nonzero(torch.isin(ids, special)).flatten().tolist() for ids in rows.ids]
+    for row, found in enumerate(lists):
+        if not found:
+            raise PositionError(
+                f"position item 'special': example {row} has no special token (ids "
+                f"{sorted(rows.special_ids)})."
+            )
+    return lists
+
+
 def _resolve_item(
     item: PositionItem,
     rows: _Rows,
@@ -466,6 +512,10 @@ def _resolve_item(
     lengths = rows.lengths
     if isinstance(item, str) and (_RANDOM_TEXT.match(item) or _RANDOM_IMAGE.match(item)):
         return _from_lists(_resolve_random(item, rows, seed), lengths)
+    if item == "special":
+        return _from_lists(_special_lists(rows), lengths)
+    if isinstance(item, str) and _RANDOM_PARTITION.match(item):
+        return _from_lists(_resolve_random_partition(item, rows, pivot_positions, seed), lengths)
     if _IMAGE_ITEM.match(str(item)):
         return _from_lists(_image_lists(item, rows.images, lengths), lengths)
     if item == "all-text" and rows.images is not None:
@@ -484,6 +534,7 @@ def resolve_positions(
     pivot_positions: Sequence[int] | None = None,
     seed: int = 0,
     image_numbers: torch.Tensor | None = None,
+    special_ids: frozenset[int] = frozenset(),
 ) -> ResolvedPositions:
     """Resolve ``items`` for every row of a batch.
 
@@ -497,6 +548,7 @@ def resolve_positions(
             (:func:`hookscope.vision.number_images`), or a bool mask whose every run of True is
             one image. Image items need it, and text items (``all-text``, ``random-text-N``)
             then skip image tokens.
+        special_ids: the tokenizer's special token ids (the ``special`` item).
 
     Raises:
         PositionError: naming the item and the example it does not fit.
@@ -511,6 +563,7 @@ def resolve_positions(
     rows = _Rows(lengths)
     if any(_needs_rows(item) for item in items):  # per-row lists only for the items that need them
         rows = _rows(real, lengths, input_ids, image_numbers)
+        rows.special_ids = frozenset(special_ids)
     columns, valid, mapping, widths = [], [], {}, []
     for item in items:
         relative, block_valid = _resolve_item(item, rows, pivot_positions, seed)
@@ -531,13 +584,15 @@ def resolve_positions(
 @dataclass(frozen=True)
 class PositionContext:
     """What position items of one batch resolve against: its attention mask ``[batch, seq]``,
-    input ids, the image layout, ``pivot_positions`` and the seed of random items."""
+    input ids, the image layout, ``pivot_positions``, the seed of random items and the
+    tokenizer's special token ids."""
 
     attention_mask: torch.Tensor
     input_ids: torch.Tensor | None = None
     pivot_positions: Sequence[int] | None = None
     seed: int = 0
     image_layout: ImageLayout | None = None
+    special_ids: frozenset[int] = frozenset()
 
     @functools.cached_property
     def image_numbers(self) -> torch.Tensor | None:
@@ -557,6 +612,7 @@ class PositionContext:
             self.pivot_positions,
             self.seed,
             self.image_numbers if any(_needs_rows(item) for item in items) else None,
+            self.special_ids,
         )
         resolved.place_on(self.attention_mask.device)
         return resolved

@@ -782,7 +782,3 @@ def describe(hm: Any, config: Any, positions: list, extra: dict[str, Any]) -> di
         "positions": _encode_mapping({item: [] for item in positions}),
         **extra,
     }
-
-
-#: The reference design's name for an on-disk activation writer/reader.
-ActivationSaver = ActivationStore

@@ -1,19 +1,6 @@
-"""Compatibility with the reference design (easyroutine's interpretability module), in one place.
-
-Code written against the reference design runs here unchanged where its meaning is clear:
-
-* :func:`compute_patching`: its patching entry point (``patching_query`` dicts,
-  ``base_dictonary_idxs`` / ``target_dictonary_idxs`` spelled as it spells them);
-* :func:`from_reference`: its intervention form (``type``, ``activation``, ``token_positions``,
-  ``patching_values``, ``multiplication_value``, ``apply_softmax``), accepted directly wherever
-  hookscope takes interventions;
-* :func:`hook_from_reference`: its ``{"component": ..., "intervention": fn}`` hook dicts;
-* ``ActivationSaver`` (:mod:`hookscope.store`) and the point name ``resid_in_post_layernorm``
-  (``attn_in``) keep its spellings.
-
-Nothing else in hookscope knows these forms: each entry point converts here and continues with
-hookscope's own types.
-"""
+"""easyroutine's patching entry point, ``HookedModel.compute_patching``, over ``hm.forward``:
+``patching_query`` dicts, ``base_dictonary_idxs`` / ``target_dictonary_idxs`` spelled as it
+spells them."""
 
 from __future__ import annotations
 
@@ -22,83 +9,11 @@ from typing import Any
 
 import torch
 
-from .config import ExtractionConfig
-from .errors import HookscopeError, InputError
-from .hooks import ModuleHook
-from .interventions import Ablation, AnyIntervention, Patch, PatternEdit
-
-
-def looks_like_reference(query: Any) -> bool:
-    """A reference-design intervention (a dict or object with ``type`` and ``activation``)."""
-    if isinstance(query, dict):
-        return {"type", "activation"} <= set(query)
-    return hasattr(query, "type") and hasattr(query, "activation")
-
-
-def hook_from_reference(hook: Any) -> ModuleHook:
-    """The reference design's ``{"component", "intervention"}`` dict as a :class:`ModuleHook`;
-    the component may end in ``.input`` or ``.output`` (default: output).
-
-    Raises:
-        HookscopeError: for anything else.
-    """
-    if isinstance(hook, dict) and {"component", "intervention"} <= set(hook):
-        component, when = hook["component"], "output"
-        for suffix in (".input", ".output"):
-            if isinstance(component, str) and component.endswith(suffix):
-                component, when = component[: -len(suffix)], suffix[1:]
-        return ModuleHook(component, hook["intervention"], when)
-    raise HookscopeError(
-        f"a hook must be a hookscope.ModuleHook or a dict with 'component' and 'intervention', "
-        f"got {hook!r}."
-    )
-
-
-def from_reference(query: dict[str, Any] | Any) -> AnyIntervention:
-    """Convert the reference design's intervention form
-    (``type``, ``activation``, ``token_positions``, ``patching_values``, ``multiplication_value``,
-    ``apply_softmax``) into a hookscope intervention.
-
-    ``type="full"`` on a vector point: ``patching_values`` None / ``"ablation"`` -> an
-    :class:`Ablation` scaling by ``multiplication_value`` (0: zero ablation); a tensor -> a
-    :class:`Patch`. ``type`` ``"rows"`` / ``"columns"`` / ``"grid"`` (optionally
-    ``_pre_softmax``) on ``pattern_L{l}H{h}`` -> a :class:`PatternEdit`.
-    """
-    get = query.get if isinstance(query, dict) else (lambda k, d=None: getattr(query, k, d))
-    kind, activation = get("type"), get("activation")
-    positions = get("token_positions", ["all"])
-    values, factor = get("patching_values"), float(get("multiplication_value", 0.0) or 0.0)
-    if kind == "full":
-        if values is None or (isinstance(values, str) and values == "ablation"):
-            return Ablation(point=activation, positions=positions, method="scale", factor=factor)
-        return Patch(point=activation, positions=positions, source=values)
-    base = (kind or "").removesuffix("_pre_softmax")
-    if (
-        base in ("rows", "columns", "grid")
-        and isinstance(activation, str)
-        and activation.startswith("pattern_")
-    ):
-        from .points import parse_point
-
-        point = parse_point(activation)
-        rows, columns = {"rows": (positions, ["all"]), "columns": (["all"], positions)}.get(
-            base, (list(positions[0]), list(positions[1])) if base == "grid" else (None, None)
-        )
-        pre = kind.endswith("_pre_softmax")
-        return PatternEdit(
-            layer=point.layer,
-            heads=[point.head],
-            query_positions=rows,
-            key_positions=columns,
-            op="scale",
-            value=factor,
-            stage="pre" if pre else "post",
-            renormalize=bool(get("apply_softmax", False)) and not pre,
-        )
-    raise HookscopeError(
-        f"reference intervention type {kind!r} on {activation!r} is not supported; valid types: "
-        "'full' on vector points, 'rows' / 'columns' / 'grid' (optionally '_pre_softmax') on pattern_L{l}H{h}."
-    )
+from ..cache import ActivationCache
+from ..config import FLAG_OF_KIND, HEAD_FLAGS, LAYER_FLAGS, ExtractionConfig
+from ..errors import HookscopeError, InputError
+from ..interventions import Patch
+from ..points import KINDS, parse_point
 
 
 def compute_patching(
@@ -129,8 +44,7 @@ def compute_patching(
     patched target runs), ``logit_diff_variation`` (patched minus clean), and
     ``kl_clean_to_patched`` = KL(clean || patched) of the next-token distributions.
     """
-    from .cache import ActivationCache
-    from .keywords import check_model_kwargs, own_keywords
+    from ..keywords import check_model_kwargs, own_keywords
 
     forwarded = own_keywords(type(hm).forward) - {"inputs", "target_token_positions"}
     check_model_kwargs(kwargs, hm.hf_model, compute_patching, extra_valid=forwarded)
@@ -290,7 +204,7 @@ def _parse_queries(patching_query) -> list[tuple[list, list[str]]]:
 
 
 def _parse_query(query: Any) -> tuple[list, list[str]]:
-    from .keywords import raise_unknown_keyword
+    from ..keywords import raise_unknown_keyword
 
     if not isinstance(query, Mapping):
         raise HookscopeError(
@@ -323,9 +237,6 @@ def _parse_query(query: Any) -> tuple[list, list[str]]:
 
 def _flags_for(points: list[str], model_map: Any) -> dict[str, Any]:
     """ExtractionConfig flags that extract ``points`` (what the patches read from)."""
-    from .config import FLAG_OF_KIND, HEAD_FLAGS, LAYER_FLAGS
-    from .points import KINDS, parse_point
-
     flags: dict[str, Any] = {}
     heads = []
     for name in points:
