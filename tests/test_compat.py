@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import hook_snapshot
-from tiny_models import PROMPTS
+from tiny_models import PROMPTS, build_model, build_tokenizer
 
 import hookscope
-from hookscope import Ablation, HookedModelConfig, KeywordError, Patch, PatternEdit
+from hookscope import Ablation, HookedModel, HookedModelConfig, KeywordError, Patch, PatternEdit
 from hookscope.compat import (
     ExtractionConfig,
     Intervention,
@@ -80,15 +80,8 @@ def test_extraction_config_field_aliases_with_one_note_each():
     )
 
 
-@pytest.mark.parametrize(
-    "fields, match",
-    [
-        ({"extract_head_keys_projected": True}, "nearest is extract_head_keys"),
-        ({"extract_head_queries_projected": True}, "nearest is extract_head_queries"),
-        ({"avgg": True}, "unexpected keyword argument 'avgg'"),
-    ],
-)
-def test_unimplemented_and_misspelled_fields_raise(fields, match):
+@pytest.mark.parametrize("fields, match", [({"avgg": True}, "unexpected keyword argument 'avgg'")])
+def test_misspelled_fields_raise(fields, match):
     with pytest.raises(KeywordError, match=match):
         ExtractionConfig(**fields)
 
@@ -540,3 +533,53 @@ def test_register_aggregation_merges_matching_keys_by_the_function(tiny_llama):
     assert len(late["resid_out_0"]) == 1  # the refused batch changed nothing
     with pytest.raises(hookscope.HookscopeError, match="needs a function"):
         late.register_aggregation("logits", "sum")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # separate and fused q/k/v projections
+def test_projected_queries_and_keys_as_easyroutine_defines_them(family):
+    """projected_query / projected_key: the projection output's head slice (before rotary)
+    through head h's block of W_O, checked against raw torch hooks on the projections."""
+    model = build_model(family)
+    hm = HookedModel.from_hf(model, build_tokenizer())
+    m = hm.model_map
+    seen = {}
+    attention = m.layers[1].attention
+    if family == "gpt2":
+        handle = attention.c_attn.register_forward_hook(lambda mod, a, out: seen.update(qkv=out))
+    else:
+        handles = [
+            attention.q_proj.register_forward_hook(lambda mod, a, out: seen.update(q=out)),
+            attention.k_proj.register_forward_hook(lambda mod, a, out: seen.update(k=out)),
+        ]
+    batch = build_tokenizer("left")(
+        ["The cat sat on the mat", "A dog"], return_tensors="pt", padding=True
+    )
+    positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # as alone, under padding
+    with torch.no_grad():
+        model(**batch, position_ids=positions)
+    if family == "gpt2":
+        handle.remove()
+        d = m.n_heads * m.d_head
+        seen["q"], seen["k"] = seen["qkv"][..., :d], seen["qkv"][..., d : 2 * d]
+        w_o = attention.c_proj.weight.T  # Conv1D stores [in, out]
+    else:
+        for handle in handles:
+            handle.remove()
+        w_o = attention.o_proj.weight
+    config = ExtractionConfig(
+        extract_head_queries_projected=True, extract_head_keys_projected=True, layers=[1]
+    )
+    cache = hm.forward(batch, ["last"], extraction_config=config)
+    last = batch["attention_mask"].shape[1] - 1  # left padding: the last column is each last token
+    groups = m.n_heads // m.n_kv_heads
+    for h in range(m.n_heads):
+        block = w_o[:, h * m.d_head : (h + 1) * m.d_head]
+        kv = h // groups
+        want_q = seen["q"][:, last, h * m.d_head : (h + 1) * m.d_head] @ block.T
+        want_k = seen["k"][:, last, kv * m.d_head : (kv + 1) * m.d_head] @ block.T
+        torch.testing.assert_close(
+            cache[f"projected_query_L1H{h}"][:, 0], want_q, rtol=1e-5, atol=1e-6
+        )
+        torch.testing.assert_close(
+            cache[f"projected_key_L1H{h}"][:, 0], want_k, rtol=1e-5, atol=1e-6
+        )

@@ -335,3 +335,26 @@ def test_records_are_fingerprinted_with_their_fields(tmp_path, small_hm):
     relabelled = [dict(r, label=1) for r in records]
     with pytest.raises(StoreError, match="example 0 "):
         small_run(small_hm, tmp_path / "acts", relabelled)
+
+
+def test_a_store_from_a_version_without_a_new_default_flag_resumes(tiny_llama, tmp_path):
+    """A config flag added in a later version, left at its default, is the same extraction; one
+    set to True is not."""
+    import json
+
+    from hookscope import ExtractionConfig, StoreError
+
+    prompts = ["The cat sat on the mat", "A dog", "Hello there"]
+    config = ExtractionConfig(extract_resid_out=True, layers=[0])
+    tiny_llama.extract_cache(prompts[:2], ["last"], extraction_config=config, output_dir=tmp_path)
+    manifest_path = tmp_path / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["description"]["extraction_config"]["extract_head_keys_projected"]  # older store
+    manifest_path.write_text(json.dumps(manifest))
+    store = tiny_llama.extract_cache(
+        prompts, ["last"], extraction_config=config, output_dir=tmp_path
+    )
+    assert len(store) == 3
+    asked = ExtractionConfig(extract_resid_out=True, layers=[0], extract_head_keys_projected=True)
+    with pytest.raises(StoreError, match="extract_head_keys_projected: stored '\\(absent\\)'"):
+        tiny_llama.extract_cache(prompts, ["last"], extraction_config=asked, output_dir=tmp_path)

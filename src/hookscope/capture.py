@@ -127,6 +127,17 @@ def _projection_site(point: Point, m: ModelMap, role: str) -> PointSite:
     return PointSite(fused, "output", _qkv_columns(m, _PROJECTIONS[role]))
 
 
+def _projected_head_site(point: Point, m: ModelMap, role: str) -> PointSite:
+    """Head h's ``d_head`` columns of the query (or its KV group's of the key) projection
+    output, through head h's block of W_O: ``[.., d_model]``."""
+    flat = _projection_site(point, m, role)
+    head = point.head if role == "q_proj" else point.head // (m.n_heads // m.n_kv_heads)
+    within = torch.arange(head * m.d_head, (head + 1) * m.d_head)
+    columns = within if flat.columns is None else flat.columns[within]
+    block = output_projection_block(m, point.layer, point.head)
+    return PointSite(flat.module, "output", columns, block)
+
+
 def _head_site(point: Point, m: ModelMap, project: bool) -> PointSite:
     """Head h's ``d_head`` columns of the output projection's input (through W_O's block)."""
     o_proj = m.attention_child(point.layer, m.spec.o_proj, "output projection")
@@ -147,6 +158,8 @@ def locate(point: Point, model_map: ModelMap) -> PointSite:
         check_layer(point.layer, model_map.n_layers)
     if site.module in _MODULES:
         return PointSite(_MODULES[site.module](point, model_map), site.hook)
+    if site.module in _PROJECTIONS and site.part == "head @ W_O":
+        return _projected_head_site(point, model_map, site.module)
     if site.module in _PROJECTIONS:
         return _projection_site(point, model_map, site.module)
     if site.module == "o_proj":

@@ -122,7 +122,9 @@ class ExtractionConfig:
     attention), queries and keys after rotary embedding; ``extract_head_z`` -> head h's slice of
     the output-projection input; ``extract_head_out`` -> that slice through head h's block of
     ``W_O``; ``extract_values_vectors_projected`` -> ``projected_value``, each position's value
-    vector through head h's block of ``W_O``.
+    vector through head h's block of ``W_O``; ``extract_head_queries_projected`` /
+    ``extract_head_keys_projected`` -> ``projected_query`` / ``projected_key``, the query (key)
+    projection's head-h slice through the same block (easyroutine's definitions).
 
     Running means over every example seen (by ``forward`` or ``extract_cache``):
     ``extract_avg_attn_pattern`` -> ``avg_pattern`` ``[rows, P]``;
@@ -169,6 +171,8 @@ class ExtractionConfig:
     extract_head_queries: bool = False
     extract_head_keys: bool = False
     extract_head_values: bool = False
+    extract_head_queries_projected: bool = False
+    extract_head_keys_projected: bool = False
     save_input_ids: bool = False
     save_logits: bool = True
     extract_avg: bool = False

@@ -13,8 +13,12 @@ from .points import KINDS, Point, check_layer, point_key, tl_hooks
 
 # Per-head kinds read inside the attention function -> their LayerRequest field.
 _ATTENTION_KINDS = {k.name: k.request for k in KINDS.values() if k.request is not None}
-# Per-head kinds read by module hooks (head columns of the output projection's input).
-_HOOKED_HEAD_KINDS = [k.name for k in KINDS.values() if k.site.module == "o_proj"]
+# Per-head kinds read by module hooks (head columns of a projection's input or output).
+_HOOKED_HEAD_KINDS = [
+    k.name
+    for k in KINDS.values()
+    if k.scope == "head" and k.site.hook is not None and not k.is_vision
+]
 
 
 @dataclass

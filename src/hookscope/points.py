@@ -166,6 +166,10 @@ _READ_IN_ATTENTION = (
     "(queries_{l} / keys_{l} / values_{l}) or on head_z / head_out instead"
 )
 _RUNNING_MEAN = "it is a running mean over examples, not a tensor of the forward"
+_PROJECTED_VIEW = (
+    "it is a view through W_O, not a tensor of the forward; intervene on the projection "
+    "(queries_{l} / keys_{l}) instead"
+)
 
 KINDS: dict[str, PointKind] = {
     kind.name: kind
@@ -429,6 +433,28 @@ KINDS: dict[str, PointKind] = {
             ATTENTION_FUNCTION,
             not_writable=_READ_IN_ATTENTION,
             request="projected_values",
+        ),
+        PointKind(
+            "projected_query",
+            "head",
+            "[batch, P, d_model]",
+            "Head h's query vector as the query projection outputs it (before rotary embedding "
+            "and any q-norm) through head h's block of `W_O` (easyroutine's projected query; "
+            "without the output-projection bias, as `projected_value`).",
+            "extract_head_queries_projected",
+            Site("q_proj", "output", "head @ W_O"),
+            not_writable=_PROJECTED_VIEW,
+        ),
+        PointKind(
+            "projected_key",
+            "head",
+            "[batch, P, d_model]",
+            "The key vector head h reads (its KV group's, as the key projection outputs it: "
+            "before rotary embedding and any k-norm) through head h's block of `W_O` "
+            "(easyroutine's projected key; without the output-projection bias).",
+            "extract_head_keys_projected",
+            Site("k_proj", "output", "head @ W_O"),
+            not_writable=_PROJECTED_VIEW,
         ),
         PointKind(
             "avg_projected_value",

@@ -217,11 +217,17 @@ def _digest(fingerprints: list[str]) -> str:
 
 
 def _description_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """``"field: stored X, asked Y"`` for each leaf where two descriptions differ."""
+    """``"field: stored X, asked Y"`` for each leaf where two descriptions differ. A field one
+    side lacks (a store written by another hookscope version) matches False / None / "none" on
+    the other: a flag added later, left at its default, asks for nothing."""
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
         for key in sorted(set(old) | set(new), key=str):
             missing = "(absent)"
+            if (key in old) != (key in new):
+                value = old[key] if key in old else new[key]
+                if value is False or value is None or value == "none":
+                    continue
             out += _description_differences(
                 old.get(key, missing), new.get(key, missing), f"{prefix}{key}."
             )
@@ -382,8 +388,8 @@ class StoreWriter:
             _remove_store_files(self.folder, self.manifest, replaced=old)
 
     def _resume(self, manifest: dict[str, Any], description: dict[str, Any]) -> None:
-        if manifest.get("description") != description:
-            differences = _description_differences(manifest.get("description"), description)
+        differences = _description_differences(manifest.get("description"), description)
+        if differences:
             raise StoreError(
                 f"{self.folder} holds a different extraction ({'; '.join(differences)}); use "
                 "another output_dir, or overwrite=True to replace it."

@@ -7,17 +7,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ..errors import KeywordError
 from .notes import note
 
 # easyroutine 1.1.5's per-layer q/k/v cache keys: queries_L3 is hookscope's queries_3.
 _QKV_NAME = re.compile(r"^(?P<kind>queries|keys|values)_L(?P<layer>\d+)$")
-
-# Fields easyroutine has and hookscope does not implement yet: field -> what to use meanwhile.
-_NOT_YET = {
-    "extract_head_keys_projected": "extract_head_keys (the key vectors, before W_O)",
-    "extract_head_queries_projected": "extract_head_queries (the query vectors, before W_O)",
-}
 
 
 def point_from_reference(name: str) -> str | None:
@@ -60,12 +53,6 @@ def extraction_fields(kwargs: dict[str, Any]) -> dict[str, Any]:
         ):
             if kwargs.pop(per_example, False):
                 kwargs[mean] = True
-    for old, instead in _NOT_YET.items():
-        if kwargs.pop(old, False):
-            raise KeywordError(
-                f"ExtractionConfig({old}=True) is not implemented in hookscope yet; the nearest "
-                f"is {instead}."
-            )
     return kwargs
 
 
