@@ -49,7 +49,8 @@ def own_keywords(function: Callable[..., Any]) -> set[str]:
     }
 
 
-def typed_kwargs(function: Callable[..., Any]) -> set[str]:
+@functools.cache
+def typed_kwargs(function: Callable[..., Any]) -> frozenset[str]:
     """The keys of a ``**kwargs: Unpack[SomeTypedDict]`` parameter (transformers 5 forwards take
     ``output_hidden_states``, ``output_attentions``... this way); empty for a bare ``**kwargs``."""
     keys: set[str] = set()
@@ -59,7 +60,7 @@ def typed_kwargs(function: Callable[..., Any]) -> set[str]:
         for typed in typing.get_args(p.annotation):
             keys |= set(getattr(typed, "__required_keys__", ()))
             keys |= set(getattr(typed, "__optional_keys__", ()))
-    return keys
+    return frozenset(keys)
 
 
 #: What to use instead of another library's keywords that hookscope does not take (registered by
@@ -86,6 +87,8 @@ def check_model_kwargs(
     """
     from .inputs import model_input_names
 
+    if not model_kwargs:
+        return
     extra_valid = set(extra_valid)
     named = model_input_names(model) | typed_kwargs(type(model).forward)
     accepted = named | extra_valid
