@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -88,7 +89,8 @@ def test_killed_run_resumes_to_the_identical_store(tmp_path, complete_store):
             time.sleep(0.05)
         # a second writer is refused while the first one lives, naming its pid
         with pytest.raises(
-            StoreError, match=f"being written by another process \\(pid {process.pid}"
+            StoreError,
+            match=f"being written by another process \\(pid {process.pid} on host {socket.gethostname()}",
         ):
             run(str(folder), N)
         os.kill(process.pid, signal.SIGKILL)
@@ -96,8 +98,11 @@ def test_killed_run_resumes_to_the_identical_store(tmp_path, complete_store):
         process.wait()
     partial = json.loads((folder / "manifest.json").read_text())
     assert 3 <= len(partial["shards"]) < N // 50 and not partial["complete"]
-    assert (folder / ".hookscope-writer.lock").read_text().strip() == str(process.pid)
-    resumed = run(str(folder), N)  # the dead writer's lock is taken over
+    host = socket.gethostname()
+    assert (folder / ".hookscope-writer.lock").read_text().split() == [str(process.pid), host]
+    # the dead writer's lock is taken over, saying whose it was
+    with pytest.warns(UserWarning, match=f"stale writer lock of pid {process.pid} on host {host}"):
+        resumed = run(str(folder), N)
     assert resumed.complete and len(resumed) == N
     for key in KEYS:
         assert torch.equal(resumed[key], complete_store[key]), key

@@ -466,14 +466,58 @@ class ActivationCache(MutableMapping):
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "cpu") -> ActivationCache:
-        """Read a cache written by :meth:`save`."""
+        """Read a cache written by :meth:`save`.
+
+        The file is untrusted input: its header is read and checked against the file's size
+        before any tensor is allocated (:func:`read_safetensors_header`), and its JSON metadata
+        is checked field by field; nothing is ever unpickled.
+
+        Raises:
+            HookscopeError: naming the file (and the field) when it is not a safetensors file,
+                its header claims more data than the file holds, or its metadata is malformed.
+        """
+        metadata = read_safetensors_header(path)[1]
+        if metadata.get("format") != _FORMAT:
+            raise HookscopeError(f"{path} is not a hookscope ActivationCache file.")
+        with _reading(path):
+            data, counts, saver = cls._read_tensors(path, device)
+        field = "batch_saver"
+        try:
+            saver = {**_metadata_json(metadata, "batch_saver", {}, path, dict), **saver}
+            field = "mapping_index"
+            mapping = _decode_mapping(_metadata_json(metadata, "mapping_index", None, path))
+            if mapping is not None:
+                data["mapping_index"] = mapping
+            field = "values"
+            for key, value in _metadata_json(metadata, "values", {}, path, dict).items():
+                data[key] = _from_json(value)
+            field = "pad_token_id"
+            pad_token_id = int(metadata.get("pad_token_id", 0))
+            field = "tl_names"
+            tl_names = _metadata_json(metadata, "tl_names", None, path, dict)
+            tl_names = None if tl_names is None else {h: tuple(v) for h, v in tl_names.items()}
+        except HookscopeError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise HookscopeError(
+                f"{path}: the metadata field {field!r} is malformed ({error!r}); the file is "
+                "damaged or was not written by hookscope."
+            ) from None
+        if saver:
+            data["batch_saver"] = saver
+        cache = cls(data, pad_token_id=pad_token_id)
+        cache._counts = counts
+        if tl_names is not None:
+            cache.tl_names = tl_names
+        return cache
+
+    @staticmethod
+    def _read_tensors(path: Any, device: str) -> tuple[dict, dict, dict]:
+        """(data, running counts, batch_saver tensors) of the safetensors file at ``path``."""
+        data: dict[str, Any] = {}
+        counts: dict[str, torch.Tensor] = {}
+        saver: dict[str, Any] = {}
         with safe_open(str(path), framework="pt", device=device) as handle:
-            metadata = handle.metadata() or {}
-            if metadata.get("format") != _FORMAT:
-                raise HookscopeError(f"{path} is not a hookscope ActivationCache file.")
-            data: dict[str, Any] = {}
-            counts: dict[str, torch.Tensor] = {}
-            saver: dict[str, Any] = json.loads(metadata.get("batch_saver", "{}"))
             for key in handle.keys():
                 if key.startswith("batch_saver/"):
                     saver[key.removeprefix("batch_saver/")] = handle.get_tensor(key)
@@ -481,18 +525,124 @@ class ActivationCache(MutableMapping):
                     counts[key.removeprefix("running_count/")] = handle.get_tensor(key)
                 else:
                     data[key] = handle.get_tensor(key)
-        mapping = _decode_mapping(json.loads(metadata["mapping_index"]))
-        if mapping is not None:
-            data["mapping_index"] = mapping
-        for key, value in json.loads(metadata.get("values", "{}")).items():
-            data[key] = _from_json(value)
-        if saver:
-            data["batch_saver"] = saver
-        cache = cls(data, pad_token_id=int(metadata.get("pad_token_id", 0)))
-        cache._counts = counts
-        if "tl_names" in metadata:
-            cache.tl_names = {h: tuple(v) for h, v in json.loads(metadata["tl_names"]).items()}
-        return cache
+        return data, counts, saver
+
+
+# -- reading untrusted safetensors files -------------------------------------------------------
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
+    "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+
+
+def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, dict[str, str]]:
+    """(tensor entries, ``__metadata__``) of the safetensors file at ``path``, checked against
+    the file before anything is allocated: the 8-byte header length fits the file and
+    :data:`MAX_HEADER_BYTES`, the header is a JSON object, every tensor's dtype is known, its
+    shape is non-negative integers and its byte range lies inside the file with exactly the size
+    its shape and dtype need. A crafted header cannot make a reader allocate more than the file.
+
+    Raises:
+        HookscopeError: naming the file and what is wrong.
+    """
+    size = os.path.getsize(path)
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise HookscopeError(
+                f"{path} is not a safetensors file: {size} bytes, fewer than its 8-byte header "
+                "length."
+            )
+        length = int.from_bytes(head, "little")
+        if length > min(size - 8, MAX_HEADER_BYTES):
+            raise HookscopeError(
+                f"{path} is not a valid safetensors file: its header claims {length} bytes, the "
+                f"file holds {size - 8} after the length (limit {MAX_HEADER_BYTES}); refused "
+                "before reading it."
+            )
+        raw = handle.read(length)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise HookscopeError(
+            f"{path} is not a valid safetensors file: its header is not JSON ({error})."
+        ) from None
+    if not isinstance(header, dict):
+        raise HookscopeError(f"{path} is not a valid safetensors file: its header is not a dict.")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise HookscopeError(f"{path}: the safetensors __metadata__ must map strings to strings.")
+    for name, entry in header.items():
+        _check_tensor_entry(path, name, entry, size - 8 - length)
+    return header, metadata
+
+
+def _check_tensor_entry(path: Any, name: str, entry: Any, data_bytes: int) -> None:
+    """One header entry ``{"dtype", "shape", "data_offsets"}`` fits the ``data_bytes`` after
+    the header and its shape (a HookscopeError naming the tensor otherwise)."""
+    ok = isinstance(entry, dict) and entry.get("dtype") in _DTYPE_BYTES
+    shape, offsets = (entry.get("shape"), entry.get("data_offsets")) if ok else (None, None)
+    ok = ok and isinstance(shape, list) and all(_natural(n) for n in shape)
+    ok = ok and isinstance(offsets, list) and len(offsets) == 2 and all(map(_natural, offsets))
+    if not ok:
+        raise HookscopeError(
+            f"{path}: tensor {name!r} has a malformed header entry {str(entry)[:200]} (needs a "
+            f"dtype among {sorted(_DTYPE_BYTES)}, a shape and two data offsets)."
+        )
+    begin, end = offsets
+    need = _DTYPE_BYTES[entry["dtype"]]
+    for n in shape:
+        need *= n
+    if not begin <= end <= data_bytes or end - begin != need:
+        raise HookscopeError(
+            f"{path}: tensor {name!r} claims bytes {begin}..{end} for shape {shape} "
+            f"({need} bytes) but the file holds {data_bytes} bytes of data; refused before "
+            "reading it."
+        )
+
+
+def _natural(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _metadata_json(
+    metadata: dict[str, str], field: str, default: Any, path: Any, kind: type | None = None
+) -> Any:
+    """The JSON value of ``metadata[field]`` (``default`` when absent), of type ``kind``."""
+    if field not in metadata:
+        return default
+    try:
+        value = json.loads(metadata[field])
+    except json.JSONDecodeError as error:
+        raise HookscopeError(
+            f"{path}: the metadata field {field!r} is not valid JSON ({error})."
+        ) from None
+    if kind is not None and value is not None and not isinstance(value, kind):
+        raise HookscopeError(
+            f"{path}: the metadata field {field!r} must be a JSON {kind.__name__}, not "
+            f"{type(value).__name__}."
+        )
+    return value
+
+
+class _reading:
+    """Turn the safetensors reader's own errors on a checked file into a HookscopeError."""
+
+    def __init__(self, path: Any):
+        self.path = path
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, error: Any, traceback: Any) -> bool:
+        if error is not None and type(error).__name__ == "SafetensorError":
+            raise HookscopeError(
+                f"{self.path} is not a valid safetensors file ({error})."
+            ) from None
+        return False
 
 
 # -- JSON with tuples and non-string keys ------------------------------------------------------

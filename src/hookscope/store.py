@@ -33,11 +33,13 @@ its pid); a second live writer gets a :class:`StoreError`, the lock of a dead on
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
 import shutil
+import socket
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -53,8 +55,14 @@ except ImportError:  # Windows
     fcntl = None
 from safetensors.torch import save_file
 
-from .cache import ActivationCache, _decode_mapping, _encode_mapping
-from .errors import StoreError
+from .cache import (
+    ActivationCache,
+    _decode_mapping,
+    _encode_mapping,
+    _metadata_json,
+    read_safetensors_header,
+)
+from .errors import HookscopeError, StoreError
 
 MANIFEST = "manifest.json"
 _FORMAT = "hookscope.ActivationStore/1"
@@ -80,6 +88,119 @@ def _read_manifest(path: Path) -> dict:
             f"{path} is not valid JSON ({error}); restore it, or use overwrite=True / another "
             "output_dir."
         ) from None
+
+
+# -- a manifest from elsewhere is untrusted input ---------------------------------------------
+def confined(folder: Path, name: Any, field: str) -> Path:
+    """``folder / name`` for a file name a manifest gives, refused (a :class:`StoreError` naming
+    the field and the folder) before any file is opened unless it stays inside ``folder``: a
+    relative path without ``..``, and no symbolic link on the way leading out."""
+    if not isinstance(name, str) or not name or "\0" in name or "\\" in name:
+        raise StoreError(
+            f"{field} of the manifest in {folder} must be a file name inside the store, not "
+            f"{name!r}."
+        )
+    parts = name.split("/")
+    if name.startswith("/") or ".." in parts or ":" in parts[0]:
+        raise StoreError(
+            f"{field} of the manifest in {folder} names {name!r}, which leads outside the store "
+            "(an absolute path or '..'); refused: a store only reads files inside its folder."
+        )
+    path = folder / name
+    inside = folder.resolve()
+    if not path.resolve().is_relative_to(inside):
+        raise StoreError(
+            f"{field} of the manifest in {folder} names {name!r}, a symbolic link leading "
+            f"outside the store (to {path.resolve()}); refused: a store only reads files inside "
+            "its folder."
+        )
+    return path
+
+
+def _natural(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _schema_error(folder: Path, field: str, problem: str) -> StoreError:
+    return StoreError(
+        f"the manifest of {folder} is malformed: {field} {problem}; restore it, or use "
+        "overwrite=True / another output_dir."
+    )
+
+
+def check_manifest(manifest: Any, folder: Path) -> dict:
+    """``manifest`` checked before anything it names is opened: types, ranges, the format
+    version, every file name confined to ``folder``, shard example ranges consecutive from 0 and
+    adding up to ``examples``, a checksum for every shard. Returns it; a :class:`StoreError`
+    naming the field and the folder otherwise."""
+    if not isinstance(manifest, dict):
+        raise _schema_error(folder, "the manifest", f"must be a JSON object, not {manifest!r:.80}")
+    if manifest.get("format") != _FORMAT:
+        raise StoreError(
+            f"{folder / MANIFEST} is not a hookscope activation-store manifest (format "
+            f"{manifest.get('format')!r:.80}; this hookscope reads {_FORMAT!r})."
+        )
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        raise _schema_error(folder, "'shards'", f"must be a list, not {shards!r:.80}")
+    end = 0
+    for index, shard in enumerate(shards):
+        end = _check_shard_entry(shard, index, end, folder)
+    if manifest.get("examples") != end or not _natural(manifest.get("examples")):
+        raise _schema_error(
+            folder, "'examples'", f"is {manifest.get('examples')!r:.80}, the shards hold {end}"
+        )
+    for field in ("stats", "previous_stats"):
+        if manifest.get(field) is not None:
+            confined(folder, manifest[field], f"{field!r}")
+    if not isinstance(manifest.get("complete", False), bool):
+        raise _schema_error(folder, "'complete'", "must be true or false")
+    if not isinstance(manifest.get("description", {}), dict):
+        raise _schema_error(folder, "'description'", "must be a JSON object")
+    saver = manifest.get("batch_saver")
+    if saver is not None and not (
+        isinstance(saver, list) and all(isinstance(k, str) for k in saver)
+    ):
+        raise _schema_error(folder, "'batch_saver'", "must be null or a list of field names")
+    return manifest
+
+
+def _check_shard_entry(shard: Any, index: int, start: int, folder: Path) -> int:
+    """Check ``shards[index]``, which must hold examples from ``start``; returns where it ends."""
+    field = f"shards[{index}]"
+    if not isinstance(shard, dict):
+        raise _schema_error(folder, field, f"must be a JSON object, not {shard!r:.80}")
+    confined(folder, shard.get("file"), f"{field}.file")
+    examples = shard.get("examples")
+    if not (isinstance(examples, list) and len(examples) == 2 and all(map(_natural, examples))):
+        raise _schema_error(
+            folder, f"{field}.examples", f"must be [first, end], not {examples!r:.80}"
+        )
+    if examples[0] != start or examples[1] < start:
+        raise _schema_error(
+            folder, f"{field}.examples", f"is {examples}, but the shards before end at {start}"
+        )
+    if not _natural(shard.get("bytes")):
+        raise _schema_error(
+            folder, f"{field}.bytes", f"must be a size, not {shard.get('bytes')!r:.80}"
+        )
+    for key in ("sha256", "data_sha256"):
+        value = shard.get(key)
+        if (key == "sha256" or value is not None) and not _is_hex(value, 64):
+            raise _schema_error(
+                folder, f"{field}.{key}", f"must be 64 hex digits, not {value!r:.80}"
+            )
+    if not _natural(shard.get("index_offset", 0)):
+        raise _schema_error(folder, f"{field}.index_offset", "must be a non-negative integer")
+    return examples[1]
+
+
+def _is_hex(value: Any, length: int) -> bool:
+    return (
+        isinstance(value, str)
+        and len(value) == length
+        and all(c in "0123456789abcdef" for c in value)
+    )
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -266,14 +387,22 @@ class _FolderLock:
             if fcntl is not None:  # (Windows: no lock between processes)
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(self.fd, 64).decode(errors="replace").strip() or "unknown"
+            holder = _holder(os.read(self.fd, 256))
             os.close(self.fd)
             raise StoreError(
-                f"{folder} is being written by another process (pid {holder}, lock {self.path}); "
+                f"{folder} is being written by another process ({holder}, lock {self.path}); "
                 "wait for it to finish, or stop it: a dead writer's lock is taken over."
             ) from None
+        stale = os.read(self.fd, 256)
+        if stale.strip():  # a writer that died without releasing: the kernel dropped its flock
+            warnings.warn(
+                f"{folder}: taking over the stale writer lock of {_holder(stale)}, which is no "
+                "longer running (killed or crashed); its uncommitted batch is discarded.",
+                stacklevel=4,
+            )
         os.ftruncate(self.fd, 0)
-        os.write(self.fd, f"{os.getpid()}\n".encode())
+        os.lseek(self.fd, 0, os.SEEK_SET)
+        os.write(self.fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
         _HELD[self.key] = self
 
     def release(self) -> None:
@@ -287,6 +416,14 @@ class _FolderLock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
         self.fd = None
+
+
+def _holder(content: bytes) -> str:
+    """``"pid 123 on host h"`` from a lock file's content (``"123 h"``; older: ``"123"``)."""
+    fields = content.decode(errors="replace").split()
+    if not fields:
+        return "pid unknown"
+    return f"pid {fields[0]}" + (f" on host {fields[1]}" if len(fields) > 1 else "")
 
 
 def release_writer(folder: str | os.PathLike) -> None:
@@ -358,17 +495,7 @@ class StoreWriter:
         path = self.folder / MANIFEST
         old = None
         if path.exists():
-            try:
-                old = _read_manifest(path)
-            except StoreError:
-                if not overwrite:
-                    raise
-                old = {"format": _FORMAT, "shards": []}  # damaged: replaced, its shards swept
-        if old is not None and old.get("format") != _FORMAT:
-            raise StoreError(
-                f"{path} is not a hookscope activation-store manifest; hookscope will not replace "
-                "it: use another output_dir."
-            )
+            old = self._old_manifest(path, overwrite)
         if old is not None and not overwrite:
             self._resume(old, description)
             return
@@ -387,6 +514,28 @@ class StoreWriter:
         if old is not None:
             _remove_store_files(self.folder, self.manifest, replaced=old)
 
+    def _old_manifest(self, path: Path, overwrite: bool) -> dict:
+        """The folder's manifest, checked (:func:`check_manifest`). With ``overwrite``, a damaged
+        or malformed one counts as an empty store (its files are swept by pattern only: a name
+        from a manifest that failed the check is never deleted); a foreign one is refused."""
+        try:
+            old = _read_manifest(path)
+        except StoreError:
+            if not overwrite:
+                raise
+            return {"format": _FORMAT, "shards": []}
+        if not isinstance(old, dict) or old.get("format") != _FORMAT:
+            raise StoreError(
+                f"{path} is not a hookscope activation-store manifest; hookscope will not replace "
+                "it: use another output_dir."
+            )
+        try:
+            return check_manifest(old, self.folder)
+        except StoreError:
+            if not overwrite:
+                raise
+            return {"format": _FORMAT, "shards": []}
+
     def _resume(self, manifest: dict[str, Any], description: dict[str, Any]) -> None:
         differences = _description_differences(manifest.get("description"), description)
         if differences:
@@ -404,7 +553,11 @@ class StoreWriter:
         _remove_store_files(self.folder, manifest)  # files of a batch killed before its commit
 
     def _stats_file(self, name: str | None) -> RunningStats:
-        return RunningStats.from_tensors(_load_all(self.folder / name)) if name else RunningStats()
+        if not name:
+            return RunningStats()
+        path = confined(self.folder, name, "'stats'")
+        with _untrusted(path):
+            return RunningStats.from_tensors(_load_all(path))
 
     @property
     def completed_batches(self) -> int:
@@ -487,7 +640,7 @@ class StoreWriter:
     def _check_shard_file(self, shard: dict) -> None:
         """A committed shard that a resume keeps is there, at its committed size (a cheap check:
         its sha256 is checked when it is read)."""
-        path = self.folder / shard["file"]
+        path = confined(self.folder, shard["file"], "a shard's file")
         size = path.stat().st_size if path.is_file() else None
         if size != shard.get("bytes", size):
             found = "missing" if size is None else f"{size} bytes, committed {shard['bytes']}"
@@ -505,11 +658,14 @@ class StoreWriter:
         )
 
     def _committed_fingerprints(self, shard: dict) -> list[str]:
-        path = self.folder / shard["file"]
+        path = confined(self.folder, shard["file"], "a shard's file")
         if not path.exists() or _sha256(path) != shard["sha256"]:
             raise StoreError(f"shard {shard['file']} is missing or corrupted in {self.folder}.")
-        with safe_open(str(path), framework="pt") as handle:
-            return json.loads((handle.metadata() or {}).get("example_fingerprints", "[]"))
+        metadata = read_safetensors_header(path)[1]
+        fingerprints = _metadata_json(metadata, "example_fingerprints", [], path, list)
+        if not all(isinstance(f, str) for f in fingerprints):
+            raise StoreError(f"{path}: example_fingerprints must be a list of strings.")
+        return fingerprints
 
     def _rewind_last(self) -> None:
         """Uncommit the last shard (its statistics go back to the shard before)."""
@@ -540,38 +696,62 @@ class StoreWriter:
         rows = len(cache["position_mask"])
         if rows != len(fingerprints):
             raise StoreError(f"batch {index} has {rows} rows but {len(fingerprints)} were checked.")
+        try:
+            stale = self._commit(index, cache, fingerprints)
+        except OSError as error:
+            raise StoreError(
+                f"writing batch {index} to {self.folder} failed ({error}); the store is left at "
+                f"its last commit: its {self.examples} committed examples are intact and the "
+                "batch was not committed. Free space / fix the permissions and run the same "
+                "extraction again: it resumes from there."
+            ) from error
+        if stale:
+            with contextlib.suppress(OSError):  # left behind: swept by the next writer
+                (self.folder / stale).unlink(missing_ok=True)
+        self._pending = None
+
+    def _commit(self, index: int, cache: ActivationCache, fingerprints: list[str]) -> str | None:
+        """Write batch ``index``'s shard and statistics, then the manifest naming them (the
+        commit point); returns the statistics file the commit made stale. Every step writes a
+        temporary file and renames it, so a failure or a kill at any step leaves the last
+        commit as it was. The in-memory manifest changes only once the files are written."""
         name = f"shard-{index:05d}.safetensors"
         path = cache.save(
             self.folder / name, metadata={"example_fingerprints": json.dumps(fingerprints)}
         )
-        self.stats.update(cache)
-        stale = self.manifest.get("previous_stats")
-        self.manifest["previous_stats"] = self.manifest["stats"]
-        self.manifest["stats"] = self._save_stats(index)
+        stats = RunningStats()
+        stats.merge(self.stats)
+        stats.update(cache)
+        stats_name = self._save_stats(index, stats)
+        manifest = json.loads(json.dumps(self.manifest))
+        stale = manifest.get("previous_stats")
+        manifest["previous_stats"] = manifest["stats"]
+        manifest["stats"] = stats_name
         start = self.examples
-        self.manifest["shards"].append(
+        manifest["shards"].append(
             {
                 "file": name,
-                "examples": [start, start + rows],
+                "examples": [start, start + len(fingerprints)],
                 "bytes": path.stat().st_size,
                 "sha256": _sha256(path),
                 "data_sha256": _digest(fingerprints),
             }
         )
-        self.manifest["examples"] = start + rows
-        self.manifest["complete"] = False
-        if "batch_saver" in cache and self.manifest["batch_saver"] is None:
-            self.manifest["batch_saver"] = sorted(cache["batch_saver"])
-        _write_json(self.folder / MANIFEST, self.manifest)  # the commit point
-        if stale:
-            (self.folder / stale).unlink(missing_ok=True)
-        self._pending = None
+        manifest["examples"] = start + len(fingerprints)
+        manifest["complete"] = False
+        if "batch_saver" in cache and manifest["batch_saver"] is None:
+            manifest["batch_saver"] = sorted(cache["batch_saver"])
+        _write_json(self.folder / MANIFEST, manifest)  # the commit point
+        self.manifest, self.stats = manifest, stats
+        return stale
 
-    def _save_stats(self, index: int) -> str:
-        """Write the running statistics as of shard ``index``; returns the file name."""
+    def _save_stats(self, index: int, stats: RunningStats | None = None) -> str:
+        """Write the running statistics (``stats``, default the writer's) as of shard
+        ``index``; returns the file name."""
         name = f"stats-{index:05d}.safetensors"
         tmp = self.folder / f".{name}.tmp"
-        save_file({k: v.contiguous() for k, v in self.stats.tensors().items()}, str(tmp))
+        tensors = (stats or self.stats).tensors()
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
         os.replace(tmp, self.folder / name)
         return name
 
@@ -607,16 +787,42 @@ def _remove_store_files(folder: Path, manifest: dict, replaced: dict | None = No
             parts.add(folder / name.split("/")[0])
     for part in parts:
         manifest_path = part / MANIFEST
-        if (
-            manifest_path.exists()
-            and json.loads(manifest_path.read_text()).get("format") == _FORMAT
-        ):
+        if manifest_path.exists() and _is_store_manifest(manifest_path):
             shutil.rmtree(part)
 
 
+def _is_store_manifest(path: Path) -> bool:
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == _FORMAT
+
+
 def _load_all(path: Path) -> dict[str, torch.Tensor]:
-    with safe_open(str(path), framework="pt") as handle:
+    """Every tensor of the safetensors file at ``path``, its header checked first."""
+    read_safetensors_header(path)
+    with _untrusted(path), safe_open(str(path), framework="pt") as handle:
         return {key: handle.get_tensor(key) for key in handle.keys()}
+
+
+@contextlib.contextmanager
+def _untrusted(path: Path) -> Iterator[None]:
+    """Errors of reading a store file (the safetensors reader's, a malformed header field) as a
+    :class:`StoreError` naming the file; hookscope's own errors pass as they are."""
+    try:
+        yield
+    except HookscopeError:
+        raise
+    except (KeyError, ValueError, TypeError, AttributeError, IndexError) as error:
+        raise StoreError(
+            f"{path} is damaged or not a shard hookscope wrote ({type(error).__name__}: "
+            f"{error}); restore it, or use overwrite=True / another output_dir."
+        ) from None
+    except Exception as error:
+        if type(error).__name__ != "SafetensorError":
+            raise
+        raise StoreError(f"{path} is not a valid safetensors file ({error}).") from None
 
 
 class ActivationStore:
@@ -638,11 +844,9 @@ class ActivationStore:
         path = folder / MANIFEST
         if not path.exists():
             raise StoreError(f"{folder} is not an activation store (no {MANIFEST}).")
-        manifest = _read_manifest(path)
-        if manifest.get("format") != _FORMAT:
-            raise StoreError(f"{path} is not a hookscope activation-store manifest.")
+        manifest = check_manifest(_read_manifest(path), folder)
         for shard in manifest["shards"]:
-            file = folder / shard["file"]
+            file = confined(folder, shard["file"], "a shard's file")
             if not file.exists() or file.stat().st_size != shard["bytes"]:
                 size = file.stat().st_size if file.exists() else "missing"
                 raise StoreError(
@@ -665,12 +869,13 @@ class ActivationStore:
         return bool(self.manifest.get("complete"))
 
     def _shard_path(self, shard: dict) -> Path:
-        path = self.folder / shard["file"]
+        path = confined(self.folder, shard["file"], "a shard's file")
         if shard["file"] not in self._verified:
-            if _sha256(path) != shard["sha256"]:
+            if not path.is_file() or _sha256(path) != shard["sha256"]:
                 raise StoreError(
                     f"shard {shard['file']} is corrupted: its sha256 does not match the manifest."
                 )
+            read_safetensors_header(path)
             self._verified.add(shard["file"])
         return path
 
@@ -682,14 +887,16 @@ class ActivationStore:
     def keys(self) -> list[str]:
         if not self.manifest["shards"]:
             return []
-        with safe_open(str(self._shard_path(self.manifest["shards"][0])), framework="pt") as handle:
+        path = self._shard_path(self.manifest["shards"][0])
+        with _untrusted(path), safe_open(str(path), framework="pt") as handle:
             return [k for k in handle.keys() if not k.startswith("running_count/")]
 
     def _read(self, keys: list[str]) -> ActivationCache:
         merged = ActivationCache()
         for shard in self.manifest["shards"]:
-            with safe_open(str(self._shard_path(shard)), framework="pt") as handle:
-                metadata = handle.metadata()
+            path = self._shard_path(shard)
+            with _untrusted(path), safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
                 part: dict[str, Any] = {k: handle.get_tensor(k) for k in keys if k in handle.keys()}
                 if "batch_saver/example_index" in part:  # parts of a distributed store count from 0
                     part["batch_saver/example_index"] = part[
@@ -722,9 +929,10 @@ class ActivationStore:
         """``{"count": [P], "mean": [P, d], "var": [P, d]}`` over every example (real slots)."""
         if not self.manifest["stats"]:
             raise StoreError("this store has no statistics yet (no shard committed).")
-        return RunningStats.from_tensors(_load_all(self.folder / self.manifest["stats"])).summary(
-            key
-        )
+        path = confined(self.folder, self.manifest["stats"], "'stats'")
+        with _untrusted(path):
+            stats = RunningStats.from_tensors(_load_all(path))
+        return stats.summary(key)
 
     def __iter__(self) -> Iterator[ActivationCache]:
         for shard in self.manifest["shards"]:
