@@ -44,7 +44,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from safetensors import safe_open
@@ -121,8 +121,8 @@ def _natural(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _schema_error(folder: Path, field: str, problem: str) -> StoreError:
-    return StoreError(
+def _malformed(folder: Path, field: str, problem: str) -> NoReturn:
+    raise StoreError(
         f"the manifest of {folder} is malformed: {field} {problem}; restore it, or use "
         "overwrite=True / another output_dir."
     )
@@ -134,7 +134,7 @@ def check_manifest(manifest: Any, folder: Path) -> dict:
     adding up to ``examples``, a checksum for every shard. Returns it; a :class:`StoreError`
     naming the field and the folder otherwise."""
     if not isinstance(manifest, dict):
-        raise _schema_error(folder, "the manifest", f"must be a JSON object, not {manifest!r:.80}")
+        _malformed(folder, "the manifest", f"must be a JSON object, not {manifest!r:.80}")
     if manifest.get("format") != _FORMAT:
         raise StoreError(
             f"{folder / MANIFEST} is not a hookscope activation-store manifest (format "
@@ -142,26 +142,26 @@ def check_manifest(manifest: Any, folder: Path) -> dict:
         )
     shards = manifest.get("shards")
     if not isinstance(shards, list):
-        raise _schema_error(folder, "'shards'", f"must be a list, not {shards!r:.80}")
+        _malformed(folder, "'shards'", f"must be a list, not {shards!r:.80}")
     end = 0
     for index, shard in enumerate(shards):
         end = _check_shard_entry(shard, index, end, folder)
     if manifest.get("examples") != end or not _natural(manifest.get("examples")):
-        raise _schema_error(
+        _malformed(
             folder, "'examples'", f"is {manifest.get('examples')!r:.80}, the shards hold {end}"
         )
     for field in ("stats", "previous_stats"):
         if manifest.get(field) is not None:
             confined(folder, manifest[field], f"{field!r}")
     if not isinstance(manifest.get("complete", False), bool):
-        raise _schema_error(folder, "'complete'", "must be true or false")
+        _malformed(folder, "'complete'", "must be true or false")
     if not isinstance(manifest.get("description", {}), dict):
-        raise _schema_error(folder, "'description'", "must be a JSON object")
+        _malformed(folder, "'description'", "must be a JSON object")
     saver = manifest.get("batch_saver")
     if saver is not None and not (
         isinstance(saver, list) and all(isinstance(k, str) for k in saver)
     ):
-        raise _schema_error(folder, "'batch_saver'", "must be null or a list of field names")
+        _malformed(folder, "'batch_saver'", "must be null or a list of field names")
     return manifest
 
 
@@ -169,29 +169,23 @@ def _check_shard_entry(shard: Any, index: int, start: int, folder: Path) -> int:
     """Check ``shards[index]``, which must hold examples from ``start``; returns where it ends."""
     field = f"shards[{index}]"
     if not isinstance(shard, dict):
-        raise _schema_error(folder, field, f"must be a JSON object, not {shard!r:.80}")
+        _malformed(folder, field, f"must be a JSON object, not {shard!r:.80}")
     confined(folder, shard.get("file"), f"{field}.file")
     examples = shard.get("examples")
     if not (isinstance(examples, list) and len(examples) == 2 and all(map(_natural, examples))):
-        raise _schema_error(
-            folder, f"{field}.examples", f"must be [first, end], not {examples!r:.80}"
-        )
+        _malformed(folder, f"{field}.examples", f"must be [first, end], not {examples!r:.80}")
     if examples[0] != start or examples[1] < start:
-        raise _schema_error(
+        _malformed(
             folder, f"{field}.examples", f"is {examples}, but the shards before end at {start}"
         )
     if not _natural(shard.get("bytes")):
-        raise _schema_error(
-            folder, f"{field}.bytes", f"must be a size, not {shard.get('bytes')!r:.80}"
-        )
+        _malformed(folder, f"{field}.bytes", f"must be a size, not {shard.get('bytes')!r:.80}")
     for key in ("sha256", "data_sha256"):
         value = shard.get(key)
         if (key == "sha256" or value is not None) and not _is_hex(value, 64):
-            raise _schema_error(
-                folder, f"{field}.{key}", f"must be 64 hex digits, not {value!r:.80}"
-            )
+            _malformed(folder, f"{field}.{key}", f"must be 64 hex digits, not {value!r:.80}")
     if not _natural(shard.get("index_offset", 0)):
-        raise _schema_error(folder, f"{field}.index_offset", "must be a non-negative integer")
+        _malformed(folder, f"{field}.index_offset", "must be a non-negative integer")
     return examples[1]
 
 
@@ -526,8 +520,9 @@ class StoreWriter:
             return {"format": _FORMAT, "shards": []}
         if not isinstance(old, dict) or old.get("format") != _FORMAT:
             raise StoreError(
-                f"{path} is not a hookscope activation-store manifest; hookscope will not replace "
-                "it: use another output_dir."
+                f"{path} is not a hookscope activation-store manifest (format "
+                f"{old.get('format') if isinstance(old, dict) else None!r:.80}; this hookscope "
+                f"writes {_FORMAT!r}); hookscope will not replace it: use another output_dir."
             )
         try:
             return check_manifest(old, self.folder)
@@ -661,7 +656,7 @@ class StoreWriter:
         path = confined(self.folder, shard["file"], "a shard's file")
         if not path.exists() or _sha256(path) != shard["sha256"]:
             raise StoreError(f"shard {shard['file']} is missing or corrupted in {self.folder}.")
-        metadata = read_safetensors_header(path)[1]
+        metadata = _read_header(path)
         fingerprints = _metadata_json(metadata, "example_fingerprints", [], path, list)
         if not all(isinstance(f, str) for f in fingerprints):
             raise StoreError(f"{path}: example_fingerprints must be a list of strings.")
@@ -799,9 +794,20 @@ def _is_store_manifest(path: Path) -> bool:
     return isinstance(manifest, dict) and manifest.get("format") == _FORMAT
 
 
+def _read_header(path: Path) -> dict[str, str]:
+    """The ``__metadata__`` of the store file at ``path``, its header checked against the file
+    before anything is read (:func:`~hookscope.cache.read_safetensors_header`)."""
+    try:
+        return read_safetensors_header(path)[1]
+    except StoreError:
+        raise
+    except HookscopeError as error:
+        raise StoreError(f"a file of the store is damaged or crafted: {error}") from None
+
+
 def _load_all(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of the safetensors file at ``path``, its header checked first."""
-    read_safetensors_header(path)
+    _read_header(path)
     with _untrusted(path), safe_open(str(path), framework="pt") as handle:
         return {key: handle.get_tensor(key) for key in handle.keys()}
 
@@ -875,7 +881,7 @@ class ActivationStore:
                 raise StoreError(
                     f"shard {shard['file']} is corrupted: its sha256 does not match the manifest."
                 )
-            read_safetensors_header(path)
+            _read_header(path)
             self._verified.add(shard["file"])
         return path
 
