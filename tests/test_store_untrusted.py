@@ -532,3 +532,13 @@ def test_a_mutated_store_opens_correctly_or_raises_hookscopes_error(
             )
             assert same, (key, mutations)
         assert torch.equal(cache["resid_out_0"], expected["resid_out_0"][4:8])
+
+
+def test_a_shard_holding_other_examples_than_its_range_is_refused(pristine, tmp_path):
+    folder, _ = copy_store(pristine, tmp_path)
+    # shard 1 replaced by shard 2 (2 examples, not 4), checksums made to agree
+    shutil.copy(folder / "shard-00002.safetensors", folder / "shard-00001.safetensors")
+    resign(folder, 1)
+    with pytest.raises(StoreError, match=r"shard-00001.safetensors of .* holds 2 examples") as bad:
+        ActivationStore.open(folder)["resid_out_0"]
+    assert "examples [4, 8] say 4" in str(bad.value)

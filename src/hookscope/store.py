@@ -656,7 +656,7 @@ class StoreWriter:
         path = confined(self.folder, shard["file"], "a shard's file")
         if not path.exists() or _sha256(path) != shard["sha256"]:
             raise StoreError(f"shard {shard['file']} is missing or corrupted in {self.folder}.")
-        metadata = _read_header(path)
+        metadata = _read_header(path)[1]
         fingerprints = _metadata_json(metadata, "example_fingerprints", [], path, list)
         if not all(isinstance(f, str) for f in fingerprints):
             raise StoreError(f"{path}: example_fingerprints must be a list of strings.")
@@ -794,15 +794,29 @@ def _is_store_manifest(path: Path) -> bool:
     return isinstance(manifest, dict) and manifest.get("format") == _FORMAT
 
 
-def _read_header(path: Path) -> dict[str, str]:
-    """The ``__metadata__`` of the store file at ``path``, its header checked against the file
-    before anything is read (:func:`~hookscope.cache.read_safetensors_header`)."""
+def _read_header(path: Path) -> tuple[dict, dict[str, str]]:
+    """(tensor entries, ``__metadata__``) of the store file at ``path``, its header checked
+    against the file before anything is read (:func:`~hookscope.cache.read_safetensors_header`)."""
     try:
-        return read_safetensors_header(path)[1]
+        return read_safetensors_header(path)
     except StoreError:
         raise
     except HookscopeError as error:
         raise StoreError(f"a file of the store is damaged or crafted: {error}") from None
+
+
+def _check_rows(path: Path, shard: dict, folder: Path) -> None:
+    """The shard at ``path`` holds as many examples (``position_mask`` rows, read from its
+    checked header) as its manifest entry's example range says."""
+    header = _read_header(path)[0]
+    low, high = shard["examples"]
+    shape = header.get("position_mask", {}).get("shape")
+    if not shape or shape[0] != high - low:
+        raise StoreError(
+            f"shard {shard['file']} of {folder} holds {shape[0] if shape else 'no'} examples "
+            f"(position_mask {shape}), but the manifest's examples {shard['examples']} say "
+            f"{high - low}."
+        )
 
 
 def _load_all(path: Path) -> dict[str, torch.Tensor]:
@@ -881,7 +895,7 @@ class ActivationStore:
                 raise StoreError(
                     f"shard {shard['file']} is corrupted: its sha256 does not match the manifest."
                 )
-            _read_header(path)
+            _check_rows(path, shard, self.folder)
             self._verified.add(shard["file"])
         return path
 
@@ -909,6 +923,13 @@ class ActivationStore:
                         "batch_saver/example_index"
                     ] + shard.get("index_offset", 0)
                 part["position_mask"] = handle.get_tensor("position_mask")
+                for key, value in part.items():
+                    if value.dim() == 0 or len(value) != len(part["position_mask"]):
+                        raise StoreError(
+                            f"shard {shard['file']} of {self.folder}: {key!r} has shape "
+                            f"{list(value.shape)}, not one row per example of the shard "
+                            f"({len(part['position_mask'])})."
+                        )
                 part["mapping_index"] = _decode_mapping(json.loads(metadata["mapping_index"]))
             merged.cat(part)
         return merged
