@@ -73,6 +73,7 @@ def expected(pristine) -> dict:
         "keys": store.keys(),
         **{key: store[key] for key in store.keys()},
         "mapping_index": store.mapping_index,
+        **{f"stats/{k}": v for k, v in store.stats("resid_out_1").items()},
     }
 
 
@@ -100,6 +101,7 @@ def read_everything(folder: Path) -> dict:
         "keys": store.keys(),
         **{key: store[key] for key in store.keys()},
         "mapping_index": store.mapping_index,
+        **{f"stats/{k}": v for k, v in store.stats("resid_out_1").items()},
     }
 
 
@@ -286,6 +288,8 @@ def test_a_crafted_stats_header_is_refused(pristine, tmp_path, no_safetensors_re
     folder, _ = copy_store(pristine, tmp_path)
     stats = folder / json.loads((folder / MANIFEST).read_text())["stats"]
     write_header(stats, huge_tensor(header_of(stats)))
+    checksum = hashlib.sha256(stats.read_bytes()).hexdigest()
+    edit_manifest(folder, _set(("stats_sha256",), checksum))  # only the header check is left
     with pytest.raises(StoreError, match="refused before reading it"):
         ActivationStore.open(folder).stats("resid_out_0")
 
@@ -440,6 +444,7 @@ FIELDS = st.sampled_from(
         ("examples",), ("complete",), ("stats",), ("format",), ("shards",), ("description",),
         ("shards", 0, "file"), ("shards", 1, "examples"), ("shards", 1, "bytes"),
         ("shards", 2, "sha256"), ("shards", 0, "data_sha256"), ("shards", 2, "examples"),
+        ("stats_sha256",), ("previous_stats",),
     ]
 )  # fmt: skip
 VALUES = st.one_of(
@@ -542,3 +547,17 @@ def test_a_shard_holding_other_examples_than_its_range_is_refused(pristine, tmp_
     with pytest.raises(StoreError, match=r"shard-00001.safetensors of .* holds 2 examples") as bad:
         ActivationStore.open(folder)["resid_out_0"]
     assert "examples [4, 8] say 4" in str(bad.value)
+
+
+def test_statistics_swapped_or_damaged_are_refused(pristine, tmp_path):
+    folder, _ = copy_store(pristine, tmp_path)
+    manifest = edit_manifest(folder, lambda m: None)
+    assert manifest["stats_sha256"] and manifest["previous_stats"]
+    # the manifest pointed at the statistics of the batch before (a real file of the store)
+    edit_manifest(folder, _set(("stats",), manifest["previous_stats"]))
+    with pytest.raises(StoreError, match="statistics file stats-00001.safetensors of .* corrupted"):
+        ActivationStore.open(folder).stats("resid_out_1")
+    edit_manifest(folder, _set(("stats",), manifest["stats"]))
+    flip(folder / manifest["stats"], -3, 0x40)
+    with pytest.raises(StoreError, match="does not match the manifest's stats_sha256"):
+        ActivationStore.open(folder).stats("resid_out_1")

@@ -31,6 +31,7 @@ from .store import (
     ActivationStore,
     RunningStats,
     _load_all,
+    _sha256,
     _write_json,
     release_writer,
 )
@@ -160,6 +161,7 @@ def _combine_parts(out: Path, folders: list[Path]) -> ActivationStore:
             "description": description,
             "shards": shards,
             "stats": stats_name,
+            "stats_sha256": _sha256(out / stats_name),
             "examples": examples,
             "complete": True,
             "batch_saver": saver,

@@ -150,9 +150,14 @@ def check_manifest(manifest: Any, folder: Path) -> dict:
         _malformed(
             folder, "'examples'", f"is {manifest.get('examples')!r:.80}, the shards hold {end}"
         )
+    for field, default in (("stats", None), ("previous_stats", None), ("batch_saver", None)):
+        manifest.setdefault(field, default)  # optional: absent in older or hand-made manifests
     for field in ("stats", "previous_stats"):
         if manifest.get(field) is not None:
             confined(folder, manifest[field], f"{field!r}")
+        checksum = manifest.get(f"{field}_sha256")
+        if checksum is not None and not _is_hex(checksum, 64):
+            _malformed(folder, f"'{field}_sha256'", f"must be 64 hex digits, not {checksum!r:.80}")
     if not isinstance(manifest.get("complete", False), bool):
         _malformed(folder, "'complete'", "must be true or false")
     if not isinstance(manifest.get("description", {}), dict):
@@ -544,15 +549,8 @@ class StoreWriter:
                 "resuming it cannot be checked; use overwrite=True to write it again."
             )
         self.manifest = manifest
-        self.stats = self._stats_file(manifest.get("stats"))
+        self.stats = _read_stats(self.folder, manifest, "stats")
         _remove_store_files(self.folder, manifest)  # files of a batch killed before its commit
-
-    def _stats_file(self, name: str | None) -> RunningStats:
-        if not name:
-            return RunningStats()
-        path = confined(self.folder, name, "'stats'")
-        with _untrusted(path):
-            return RunningStats.from_tensors(_load_all(path))
 
     @property
     def completed_batches(self) -> int:
@@ -673,9 +671,12 @@ class StoreWriter:
             for kept in self.manifest["shards"]:
                 self.stats.update(ActivationCache.load(self.folder / kept["file"]))
             previous = self._save_stats(self.completed_batches - 1)
+            checksum = _sha256(self.folder / previous)
         else:
-            self.stats = self._stats_file(previous)
+            self.stats = _read_stats(self.folder, self.manifest, "previous_stats")
+            checksum = self.manifest.get("previous_stats_sha256")
         self.manifest["stats"], self.manifest["previous_stats"] = previous, None
+        self.manifest["stats_sha256"], self.manifest["previous_stats_sha256"] = checksum, None
         _write_json(self.folder / MANIFEST, self.manifest)
         _remove_store_files(self.folder, self.manifest)
 
@@ -722,6 +723,8 @@ class StoreWriter:
         stale = manifest.get("previous_stats")
         manifest["previous_stats"] = manifest["stats"]
         manifest["stats"] = stats_name
+        manifest["previous_stats_sha256"] = manifest.get("stats_sha256")
+        manifest["stats_sha256"] = _sha256(self.folder / stats_name)
         start = self.examples
         manifest["shards"].append(
             {
@@ -817,6 +820,23 @@ def _check_rows(path: Path, shard: dict, folder: Path) -> None:
             f"(position_mask {shape}), but the manifest's examples {shard['examples']} say "
             f"{high - low}."
         )
+
+
+def _read_stats(folder: Path, manifest: dict, field: str) -> RunningStats:
+    """The running statistics in the file ``manifest[field]`` names (none: empty), checked
+    against the manifest's ``{field}_sha256`` (stores written before it existed have none)."""
+    name = manifest.get(field)
+    if not name:
+        return RunningStats()
+    path = confined(folder, name, f"{field!r}")
+    checksum = manifest.get(f"{field}_sha256")
+    if checksum is not None and (not path.is_file() or _sha256(path) != checksum):
+        raise StoreError(
+            f"the statistics file {name} of {folder} is missing or corrupted: its sha256 does "
+            f"not match the manifest's {field}_sha256."
+        )
+    with _untrusted(path):
+        return RunningStats.from_tensors(_load_all(path))
 
 
 def _load_all(path: Path) -> dict[str, torch.Tensor]:
@@ -956,10 +976,7 @@ class ActivationStore:
         """``{"count": [P], "mean": [P, d], "var": [P, d]}`` over every example (real slots)."""
         if not self.manifest["stats"]:
             raise StoreError("this store has no statistics yet (no shard committed).")
-        path = confined(self.folder, self.manifest["stats"], "'stats'")
-        with _untrusted(path):
-            stats = RunningStats.from_tensors(_load_all(path))
-        return stats.summary(key)
+        return _read_stats(self.folder, self.manifest, "stats").summary(key)
 
     def __iter__(self) -> Iterator[ActivationCache]:
         for shard in self.manifest["shards"]:
