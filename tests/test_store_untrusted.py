@@ -561,3 +561,35 @@ def test_statistics_swapped_or_damaged_are_refused(pristine, tmp_path):
     flip(folder / manifest["stats"], -3, 0x40)
     with pytest.raises(StoreError, match="does not match the manifest's stats_sha256"):
         ActivationStore.open(folder).stats("resid_out_1")
+
+
+@settings(FUZZ, max_examples=int(os.environ.get("STORE_FUZZ_EXAMPLES", "40")) // 3)
+@given(mutations=st.lists(MUTATION, min_size=1, max_size=3), overwrite=st.booleans())
+def test_a_mutated_store_resumes_or_is_refused_and_overwrite_never_reaches_outside(
+    hm, pristine, expected, tmp_path_factory, mutations, overwrite
+):
+    root = tmp_path_factory.mktemp("fuzz-writer")
+    folder, sentinel = copy_store(pristine, root)
+    (folder / "link.safetensors").symlink_to(sentinel)
+    resigned = any([mutate(folder, sentinel, m) for m in mutations])
+    since = len(OPENED)
+    got = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            extract(hm, folder, overwrite=overwrite)
+            got = read_everything(folder)
+        except HookscopeError as error:
+            # overwrite replaces any store of hookscope's format; only a foreign one is kept
+            assert not overwrite or "not a hookscope activation-store manifest" in str(error)
+    never_opened(sentinel, since)
+    assert sentinel.read_bytes() == (pristine / "shard-00000.safetensors").read_bytes()
+    if got is not None and not resigned:  # a resumed store holds the clean store's data
+        assert got.keys() == expected.keys()
+        for key, value in expected.items():
+            same = (
+                torch.equal(got[key], value)
+                if isinstance(value, torch.Tensor)
+                else got[key] == value
+            )
+            assert same, (key, mutations)
