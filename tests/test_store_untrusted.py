@@ -177,6 +177,7 @@ SCHEMA = {
     "unknown version": (_set(("format",), "hookscope.ActivationStore/9"), "ActivationStore/9"),
     "complete as text": (_set(("complete",), "yes"), "'complete' must be true or false"),
     "stats not a name": (_set(("stats",), 7), "'stats' of the manifest"),
+    "stats removed": (_set(("stats",), _DELETE), "'stats' is missing, but 3 shards are committed"),
     "batch_saver not a list": (_set(("batch_saver",), "x"), "'batch_saver' must be null"),
 }
 

@@ -152,6 +152,8 @@ def check_manifest(manifest: Any, folder: Path) -> dict:
         )
     for field, default in (("stats", None), ("previous_stats", None), ("batch_saver", None)):
         manifest.setdefault(field, default)  # optional: absent in older or hand-made manifests
+    if shards and manifest["stats"] is None:
+        _malformed(folder, "'stats'", f"is missing, but {len(shards)} shards are committed")
     for field in ("stats", "previous_stats"):
         if manifest.get(field) is not None:
             confined(folder, manifest[field], f"{field!r}")
@@ -890,7 +892,8 @@ class ActivationStore:
             if not file.exists() or file.stat().st_size != shard["bytes"]:
                 size = file.stat().st_size if file.exists() else "missing"
                 raise StoreError(
-                    f"shard {shard['file']} is truncated or missing ({size} bytes, the manifest says {shard['bytes']})."
+                    f"shard {shard['file']} is truncated or missing in {folder} ({size} bytes, the "
+                    f"manifest says {shard['bytes']})."
                 )
         if not manifest.get("complete"):
             warnings.warn(
@@ -913,7 +916,8 @@ class ActivationStore:
         if shard["file"] not in self._verified:
             if not path.is_file() or _sha256(path) != shard["sha256"]:
                 raise StoreError(
-                    f"shard {shard['file']} is corrupted: its sha256 does not match the manifest."
+                    f"shard {shard['file']} is corrupted: its sha256 does not match the manifest "
+                    f"of {self.folder}."
                 )
             _check_rows(path, shard, self.folder)
             self._verified.add(shard["file"])
