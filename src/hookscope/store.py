@@ -27,8 +27,17 @@ deleted (only hookscope's own), so the folder is at every moment one valid store
 (``pixel_values``) are not fingerprinted: a vision-language store is checked on its token ids only.
 
 One writer at a time: a writer holds an ``flock`` on ``.hookscope-writer.lock`` (the file holds
-its pid); a second live writer gets a :class:`StoreError`, the lock of a dead one is taken over
-(POSIX; Windows has no lock between processes).
+its pid and host name); a second live writer gets a :class:`StoreError` naming them, the lock of
+a dead one is taken over with a warning naming it (POSIX; Windows has no lock between processes).
+A write that fails (disk full, permission denied) raises a :class:`StoreError` saying the last
+commit is intact; the same run then resumes.
+
+A store from elsewhere is untrusted input: the manifest is checked before anything it names is
+opened (:func:`check_manifest`: types, ranges, the format version, shard ranges adding up, a
+sha256 per shard and statistics file, every name :func:`confined` to the folder), and every
+safetensors header is checked against its file's size before a tensor is allocated
+(:func:`hookscope.cache.read_safetensors_header`). Each failure is a :class:`StoreError` naming
+the field or file and the folder.
 """
 
 from __future__ import annotations
