@@ -216,8 +216,9 @@ def _pick(values: list, which: object, what: str, item: str, row: int, text: str
         return values[-1:]
     if not -len(values) <= which < len(values):
         raise PositionError(
-            f"position item {item!r}: example {row} has {len(values)} {what}, so {what} {which} "
-            f"does not exist; its text: {text!r}."
+            f"position item {item!r}: example {row} has {len(values)} {what}; "
+            f"{what.rstrip('s')} {which} is out of range (valid: {-len(values)}..{len(values) - 1}); "
+            f"its text: {text!r}."
         )
     return [values[which]]
 

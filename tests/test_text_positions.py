@@ -1,0 +1,285 @@
+"""Positions in the prompt's own terms: text anchors and chat roles, checked against the text.
+
+Ground truth: the decoded ids at the selected positions equal the anchor / the message content
+exactly, and a padded batch resolved by anchor gives what each prompt gives alone at the index
+found by hand (from the token strings, not from hookscope)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import assert_close_to_scale
+from tiny_models import build_model, build_tokenizer
+
+from hookscope import ExtractionConfig, HookedModel
+from hookscope.errors import InputError, PositionError
+from hookscope.interventions import Patch, Steer
+from hookscope.text_positions import anchor_key, tokenize_with_offsets
+
+IOI = [
+    "When Mary and John went to the store, John gave a drink to",
+    "Then Mary left",
+    "After the long day at the store, Mary and John sat on the mat and talked",
+]
+RESID = ExtractionConfig(extract_resid_out=True)
+MARY = {"text": " Mary"}
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return build_model("llama")
+
+
+def _hm(llama, side: str) -> HookedModel:
+    return HookedModel.from_hf(llama, build_tokenizer(side))
+
+
+def _selected_text(hm: HookedModel, batch, item) -> list[str]:
+    """Per row, the decoded ids at the positions ``item`` resolves to."""
+    resolved = hm.position_context(batch).resolve([item])
+    ids = batch["input_ids"]
+    return [
+        hm.get_tokenizer().decode(ids[row, resolved.index[row][resolved.mask[row]]])
+        for row in range(len(ids))
+    ]
+
+
+def _between(text: str, first: str, second: str) -> str:
+    """The text strictly between the first ``first`` and the next ``second`` (by hand)."""
+    start = text.index(first) + len(first)
+    return text[start : text.index(second, start)]
+
+
+def _manual_index(tokenizer, prompt: str, token: str) -> int:
+    """The index of ``token`` among the prompt's token strings (found by hand, independently)."""
+    return tokenizer.convert_ids_to_tokens(tokenizer(prompt)["input_ids"]).index(token)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_anchor_tokens_are_the_anchor_text(llama, side):
+    hm = _hm(llama, side)
+    batch = hm.prepare_inputs(IOI)
+    assert not batch["attention_mask"].bool().all()
+    assert _selected_text(hm, batch, MARY) == [" Mary"] * 3
+    # " store" is split into several tokens: all of them, exactly the word
+    store = {"text": " store"}
+    assert _selected_text(hm, hm.prepare_inputs([IOI[0], IOI[2]]), store) == [" store"] * 2
+    split = hm.prepare_inputs([IOI[0]])
+    assert len(hm.position_context(split).resolve([store]).index[0]) > 1
+    first = _selected_text(hm, split, {"text": " store", "tokens": "first"})[0]
+    last = _selected_text(hm, split, {"text": " store", "tokens": "last"})[0]
+    assert " store".startswith(first) and " store".endswith(last) and first != " store"
+    # "Mary" without its space: the token covering it is " Mary" (space merged into the word)
+    assert _selected_text(hm, batch, {"text": "Mary"}) == [" Mary"] * 3
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_after_before_between_and_occurrences(llama, side):
+    hm = _hm(llama, side)
+    batch = hm.prepare_inputs([IOI[0], IOI[2]])
+    assert _selected_text(hm, batch, {"after": " Mary"}) == [" and", " and"]
+    assert _selected_text(hm, batch, {"before": " Mary"}) == ["n", ","]  # "W" "he" "n" " Mary"
+    assert _selected_text(hm, batch, {"text": " John", "occurrence": "last"}) == [" John"] * 2
+    assert _selected_text(hm, batch, {"text": " John", "occurrence": "all"}) == [
+        " John John",
+        " John",
+    ]
+    assert _selected_text(hm, batch, {"between": ["Mary", " John"]}) == [" and", " and"]
+    expected = [_between(text, "Mary", " the") for text in (IOI[0], IOI[2])]
+    assert expected == [" and John went to", " and John sat on"]
+    assert _selected_text(hm, batch, {"between": ["Mary", " the"]}) == expected
+    one = hm.prepare_inputs([IOI[0]])
+    assert _selected_text(hm, one, {"between": ["When", " John"]}) == [" Mary and"]
+
+
+def test_ioi_resid_at_the_name_equals_manual_indices_one_by_one(llama):
+    """The name token moves between prompts of different lengths: the batch extracted at
+    {"text": " Mary"} equals each prompt alone extracted at its hand-found index."""
+    for side in ("left", "right"):
+        hm = _hm(llama, side)
+        tokenizer = hm.get_tokenizer()
+        batched = hm.forward(IOI, [MARY, "last"], extraction_config=RESID)
+        assert batched["mapping_index"] == {anchor_key(MARY): [0], "last": [1]}
+        indices = [_manual_index(tokenizer, prompt, "ĠMary") for prompt in IOI]
+        assert len(set(indices)) > 1  # the name really moves
+        for row, (prompt, index) in enumerate(zip(IOI, indices, strict=True)):
+            alone = hm.forward(prompt, [index], extraction_config=RESID)
+            for layer in range(2):
+                key = f"resid_out_{layer}"
+                assert_close_to_scale(batched[key][row, 0], alone[key][0, 0], msg=f"{side} {row}")
+
+
+def test_steer_and_patch_at_an_anchor_equal_manual_indices(llama):
+    hm = _hm(llama, "left")
+    vector = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    steer = [Steer(point="resid_out_0", positions=MARY, vector=vector, coefficient=3.0)]
+    batched = hm.forward(IOI, ["last"], interventions=steer)
+    for row, prompt in enumerate(IOI):
+        index = _manual_index(hm.get_tokenizer(), prompt, "ĠMary")
+        by_hand = [Steer(point="resid_out_0", positions=[index], vector=vector, coefficient=3.0)]
+        alone = hm.forward(prompt, ["last"], interventions=by_hand)
+        plain = hm.forward(prompt, ["last"])
+        assert_close_to_scale(batched["logits"][row], alone["logits"][0], msg=f"row {row}")
+        assert not torch.allclose(alone["logits"], plain["logits"])
+    # patch the name token of the clean prompts into corrupt ones where it sits elsewhere
+    clean = hm.forward(IOI, [MARY], extraction_config=RESID)
+    corrupt = ["Later on, " + prompt.replace("John", "Anne") for prompt in IOI]
+    patch = Patch(point="resid_out_0", positions=[MARY], source=clean)
+    patched = hm.forward(corrupt, ["last"], interventions=patch)
+    before = hm.forward(corrupt, [MARY], extraction_config=RESID)
+    for row, prompt in enumerate(corrupt):
+        index = _manual_index(hm.get_tokenizer(), prompt, "ĠMary")
+        delta = clean["resid_out_0"][row, 0] - before["resid_out_0"][row, 0]
+        by_hand = [Steer(point="resid_out_0", positions=[index], vector=delta)]
+        alone = hm.forward(prompt, ["last"], interventions=by_hand)
+        assert_close_to_scale(patched["logits"][row], alone["logits"][0], rtol=1e-4)
+
+
+def test_generate_steers_at_the_anchor(llama):
+    hm = _hm(llama, "right")  # generate re-pads to the left: the text layout must follow
+    vector = torch.randn(64, generator=torch.Generator().manual_seed(1)) * 4
+    greedy = dict(max_new_tokens=4, do_sample=False)
+    steer = [Steer(point="resid_out_0", positions=MARY, vector=vector)]
+    batched = hm.generate(IOI[:2], interventions=steer, return_text=True, **greedy)
+    assert batched != hm.generate(IOI[:2], return_text=True, **greedy)  # the steer acts
+    for row, prompt in enumerate(IOI[:2]):
+        index = _manual_index(hm.get_tokenizer(), prompt, "ĠMary")
+        by_hand = [Steer(point="resid_out_0", positions=[index], vector=vector)]
+        assert (
+            batched[row]
+            == hm.generate(prompt, interventions=by_hand, return_text=True, **greedy)[0]
+        )
+
+
+def test_extract_cache_and_store_record_anchor_items(llama, tmp_path):
+    hm = _hm(llama, "right")
+    items = [MARY, {"after": " Mary"}]
+    cache = hm.extract_cache(IOI, items, extraction_config=RESID)
+    alone = hm.forward(IOI, items, extraction_config=RESID)
+    assert torch.equal(cache["resid_out_1"], alone["resid_out_1"])
+    store = hm.extract_cache(IOI, items, extraction_config=RESID, output_dir=str(tmp_path / "s"))
+    assert store.mapping_index == {anchor_key(MARY): [0], anchor_key({"after": " Mary"}): [1]}
+    assert torch.equal(store["resid_out_1"], cache["resid_out_1"])
+
+
+def _chat_tokenizer(side: str):
+    tokenizer = copy.deepcopy(build_tokenizer(side))
+    tokenizer.chat_template = (
+        "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+    )
+    return tokenizer
+
+
+CONVERSATIONS = [
+    [
+        {"role": "system", "content": "The cat sat on the mat"},
+        {"role": "user", "content": "A dog barked"},
+        {"role": "assistant", "content": "Hello world"},
+    ],
+    [
+        {"role": "user", "content": "The capital of France is Paris"},
+        {"role": "assistant", "content": "A dog"},
+        {"role": "user", "content": "Hello"},
+    ],
+]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_chat_roles_select_exactly_the_message_content(llama, side):
+    hm = HookedModel.from_hf(llama, _chat_tokenizer(side))
+    batch = hm.apply_chat_template(CONVERSATIONS)
+    assert not batch["attention_mask"].bool().all()
+    prepared = hm.prepare_inputs(batch)
+    assert _selected_text(hm, prepared, "user:all") == [
+        "A dog barked",
+        "The capital of France is ParisHello",  # both user messages' tokens
+    ]
+    assert _selected_text(hm, prepared, "user-0:all") == [
+        "A dog barked",
+        "The capital of France is Paris",
+    ]
+    assert _selected_text(hm, prepared, "user--1:all") == ["A dog barked", "Hello"]
+    assert _selected_text(hm, prepared, "assistant:all") == ["Hello world", "A dog"]
+    assert _selected_text(hm, prepared, "turn-0:all") == [
+        "The cat sat on the mat",
+        "The capital of France is Paris",
+    ]
+    context = hm.position_context(prepared)
+    for item, whole, pick in [
+        ("user:last", "user--1:all", -1),
+        ("assistant:first", "assistant:all", 0),
+    ]:
+        one, every = context.resolve([item]), context.resolve([whole])
+        for row in range(2):
+            real = every.index[row][every.mask[row]]
+            assert int(one.index[row, 0]) == int(real[pick])
+    contents = [m["content"] for m in (CONVERSATIONS[0][1], CONVERSATIONS[1][2])]
+    lasts = _selected_text(hm, prepared, "user:last")
+    assert all(c.endswith(t) and t for c, t in zip(contents, lasts, strict=True))
+    # the batch gives, row by row, what each conversation gives alone
+    items = ["user:last", "assistant:all", "turn-0:first"]
+    batched = hm.forward(batch, items, extraction_config=RESID)
+    for row, conversation in enumerate(CONVERSATIONS):
+        alone = hm.forward(hm.apply_chat_template(conversation), items, extraction_config=RESID)
+        for item in items:  # widths differ per batch: compare each item's real slots
+            mine, its = batched["mapping_index"][item], alone["mapping_index"][item]
+            assert batched["position_mask"][row, mine].sum() == len(its)
+            assert_close_to_scale(
+                batched["resid_out_1"][row, mine[: len(its)]], alone["resid_out_1"][0, its]
+            )
+
+
+def test_clear_errors(llama):
+    hm = _hm(llama, "right")
+    with pytest.raises(
+        PositionError, match=r"' John' is not in example 1; its text: 'Then Mary left'"
+    ):
+        hm.forward([IOI[0], IOI[1]], [{"after": "Mary", "occurrence": 0}, {"text": " John"}])
+    ids = build_tokenizer()(IOI, return_tensors="pt", padding=True)
+    with pytest.raises(PositionError, match="names text.*already token ids"):
+        hm.forward(ids, [MARY])
+    with pytest.raises(PositionError, match="give exactly one of"):
+        hm.forward(IOI, [{"txt": " Mary"}])
+    with pytest.raises(PositionError, match="'occurrence' must be"):
+        hm.forward(IOI, [{"text": " Mary", "occurrence": "second"}])
+    with pytest.raises(
+        PositionError,
+        match=r"example 0 has 1 occurrences; occurrence 1 is out of range \(valid: -1\.\.0\)",
+    ):
+        hm.forward(IOI, [{"text": " Mary", "occurrence": 1}])
+    with pytest.raises(PositionError, match="no chat messages recorded.*apply_chat_template"):
+        hm.forward(IOI, ["user:last"])
+    with pytest.raises(PositionError, match="at the end of the prompt"):
+        hm.forward(["Hello Mary"], [{"after": "Mary"}])
+    with pytest.raises(InputError, match="has no chat template"):
+        hm.apply_chat_template(CONVERSATIONS)
+    chat = HookedModel.from_hf(llama, _chat_tokenizer("right"))
+    with pytest.raises(PositionError, match="no 'system' message"):
+        chat.forward(chat.apply_chat_template(CONVERSATIONS), ["system:all"])
+
+
+def test_a_tokenized_batch_with_offsets_and_texts_resolves_anchors(llama):
+    hm = _hm(llama, "left")
+    encoded = hm.get_tokenizer()(
+        IOI, return_tensors="pt", padding=True, return_offsets_mapping=True
+    )
+    batch = {**encoded, "text": IOI}
+    from_ids = hm.forward(batch, [MARY], extraction_config=RESID)
+    from_strings = hm.forward(IOI, [MARY], extraction_config=RESID)
+    assert torch.equal(from_ids["resid_out_1"], from_strings["resid_out_1"])
+    with pytest.raises(PositionError, match="also needs 'text'"):
+        hm.forward({k: v for k, v in encoded.items()}, [MARY])
+
+
+def test_a_tokenizer_without_offsets_says_so():
+    class Slow:
+        is_fast = False
+
+        def __call__(self, texts, **kwargs):
+            return {"input_ids": torch.ones(len(texts), 2, dtype=torch.long)}
+
+    _, missing = tokenize_with_offsets(Slow(), ["a"])
+    assert "Slow) is not a fast tokenizer" in missing
