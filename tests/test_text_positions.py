@@ -283,3 +283,52 @@ def test_a_tokenizer_without_offsets_says_so():
 
     _, missing = tokenize_with_offsets(Slow(), ["a"])
     assert "Slow) is not a fast tokenizer" in missing
+
+
+SMOL_CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [
+        {"role": "system", "content": "Answer in one word."},
+        {"role": "user", "content": "Name a colour of the sky on a clear summer day"},
+        {"role": "assistant", "content": "Blue."},
+    ],
+]
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_smollm2_chat_template_roles(side):
+    hm = HookedModel.from_pretrained()
+    tokenizer = copy.deepcopy(hm.get_tokenizer())
+    tokenizer.padding_side = side
+    hm = HookedModel.from_hf(hm.hf_model, tokenizer)
+    batch = hm.apply_chat_template(SMOL_CHATS, add_generation_prompt=True)
+    prepared = hm.prepare_inputs(batch)
+    assert not prepared["attention_mask"].bool().all()
+    assert _selected_text(hm, prepared, "user:all") == [
+        "What is the capital of France?",
+        "Name a colour of the sky on a clear summer day",
+    ]
+    assert _selected_text(hm, prepared, "turn-0:all") == [
+        "What is the capital of France?",
+        "Answer in one word.",
+    ]
+    assert _selected_text(hm, prepared, "user:last") == ["?", " day"]
+    # the template's markers are not content: the token after the user's content is <|im_end|>
+    one = hm.prepare_inputs(hm.apply_chat_template(SMOL_CHATS[0]))
+    after = _selected_text(hm, one, {"after": "France?"})[0]
+    assert after == "<|im_end|>"
+    items = ["user:last", "user:first"]
+    batched = hm.forward(batch, items, extraction_config=ExtractionConfig(extract_resid_out=True))
+    for row, chat in enumerate(SMOL_CHATS):
+        alone = hm.forward(
+            hm.apply_chat_template(chat, add_generation_prompt=True),
+            items,
+            extraction_config=ExtractionConfig(extract_resid_out=True),
+        )
+        for layer in (0, 29):
+            key = f"resid_out_{layer}"
+            assert_close_to_scale(batched[key][row], alone[key][0], rtol=1e-4, msg=f"{key} {row}")
+    # a chat batch generates as usual (the template's generation prompt is kept)
+    text = hm.generate(batch, return_text=True, max_new_tokens=8, do_sample=False)
+    assert "Paris" in text[0]
