@@ -26,6 +26,10 @@ partition-k-N"``           ``random-text-N`` draws (easyroutine's spelling)
                            token), ``random-image-N``
 ``"first-image:k"`` ...    the same for image k of the example only (0-based in order of
                            appearance; negative counts from the end: ``"end-image:-1"``)
+``{"text": " Mary"}`` ...  text anchors (``text`` / ``after`` / ``before`` / ``between``) and chat
+``"user:last"`` ...        role items (``user:all``, ``turn-2:first``): resolved from each
+                           example's exact text and token offsets, see
+                           :mod:`hookscope.text_positions`
 =========================  =====================================================================
 
 Several images per example: images are numbered per example in order of appearance. An image

@@ -366,3 +366,20 @@ def render_conversation(
         spans.append(MessageSpan(str(message.get("role")), index, start, start + len(content)))
         after = start + len(content)
     return full, spans
+
+
+def selected_text(hm: Any, inputs: Any, items: object) -> list[dict]:
+    """What each position item selects, as text: per example, ``{item: decoded tokens}`` (the
+    real slots of the item, decoded together). A quick check that an anchor or a role item
+    lands where you mean it to, on any inputs a call takes."""
+    prepared = hm.prepare_inputs(inputs)
+    resolved = hm.position_context(prepared).resolve(items)
+    ids, tokenizer = prepared["input_ids"].cpu(), hm.get_text_tokenizer()
+    index, mask = resolved.index.cpu(), resolved.mask.cpu()
+    return [
+        {
+            item: tokenizer.decode(ids[row, index[row, slots][mask[row, slots]]])
+            for item, slots in resolved.mapping_index.items()
+        }
+        for row in range(len(ids))
+    ]
