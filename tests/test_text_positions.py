@@ -332,3 +332,27 @@ def test_smollm2_chat_template_roles(side):
     # a chat batch generates as usual (the template's generation prompt is kept)
     text = hm.generate(batch, return_text=True, max_new_tokens=8, do_sample=False)
     assert "Paris" in text[0]
+
+
+def test_pattern_edit_and_records_at_anchors(llama):
+    """A pattern edit that blocks the last token from attending to the name equals, per prompt,
+    the same edit at the hand-found index; records with 'text' resolve anchors too."""
+    from hookscope.interventions import PatternEdit
+
+    hm = _hm(llama, "left")
+    edit = PatternEdit(
+        layer=1, query_positions=["last"], key_positions=MARY, stage="pre", op="block"
+    )
+    batched = hm.forward(IOI, ["last"], interventions=[edit])
+    for row, prompt in enumerate(IOI):
+        index = _manual_index(hm.get_tokenizer(), prompt, "ĠMary")
+        by_hand = PatternEdit(
+            layer=1, query_positions=["last"], key_positions=[index], stage="pre", op="block"
+        )
+        alone = hm.forward(prompt, ["last"], interventions=[by_hand])
+        assert_close_to_scale(batched["logits"][row], alone["logits"][0], msg=f"row {row}")
+        assert not torch.allclose(alone["logits"], hm.forward(prompt, ["last"])["logits"])
+    records = [{"text": prompt, "label": i} for i, prompt in enumerate(IOI)]
+    from_records = hm.extract_cache(records, [MARY], extraction_config=RESID)
+    from_strings = hm.forward(IOI, [MARY], extraction_config=RESID)
+    assert_close_to_scale(from_records["resid_out_1"], from_strings["resid_out_1"])
