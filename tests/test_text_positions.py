@@ -356,3 +356,18 @@ def test_pattern_edit_and_records_at_anchors(llama):
     from_records = hm.extract_cache(records, [MARY], extraction_config=RESID)
     from_strings = hm.forward(IOI, [MARY], extraction_config=RESID)
     assert_close_to_scale(from_records["resid_out_1"], from_strings["resid_out_1"])
+
+
+def test_anchor_strings_are_checked_and_the_cli_passes_them_through():
+    from hookscope.cli import _positions
+    from hookscope.positions import normalize_items
+
+    assert normalize_items(['{"text":" Mary"}', MARY][:1]) == [anchor_key(MARY)]
+    with pytest.raises(PositionError, match="appears twice"):
+        normalize_items(['{"text":" Mary"}', MARY])
+    with pytest.raises(PositionError, match="give exactly one of"):
+        normalize_items(['{"txt": " Mary"}'])
+    with pytest.raises(PositionError, match="unknown position item 'user:middle'"):
+        normalize_items(["user:middle"])
+    parsed = _positions(["user:last", '{"after": "Answer:"}', "first-image:0", "2:5", "-1", "last"])
+    assert parsed == ["user:last", '{"after": "Answer:"}', "first-image:0", (2, 5), -1, "last"]

@@ -53,7 +53,13 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import PositionError, choices
-from .text_positions import TextLayout, anchor_key, is_text_item, resolve_text_item
+from .text_positions import (
+    TextLayout,
+    anchor_key,
+    is_text_item,
+    parse_anchor_key,
+    resolve_text_item,
+)
 from .vision import ImageLayout, number_images
 
 PositionItem = str | int | tuple[int, int]
@@ -188,7 +194,7 @@ def normalize_items(target_token_positions: object) -> list[PositionItem]:
             f"target_token_positions must be a list of items, got {target_token_positions!r}. "
             f"Wrap a slice in a list: [(2, 5)]. Valid items: {_valid_choices()}."
         )
-    items = [anchor_key(i) if isinstance(i, Mapping) else i for i in target_token_positions]
+    items = [_canonical(item) for item in target_token_positions]
     if not items:
         raise PositionError(
             f"target_token_positions is empty. Valid items: {_valid_choices()}; e.g. ['last']."
@@ -201,6 +207,15 @@ def normalize_items(target_token_positions: object) -> list[PositionItem]:
             raise PositionError(f"position item {item!r} appears twice in {items!r}.")
         seen.add(item)
     return items
+
+
+def _canonical(item: object) -> object:
+    """A text anchor (a dict, or its JSON string) as its checked canonical string; other items
+    as given."""
+    if isinstance(item, Mapping):
+        return anchor_key(item)
+    parsed = parse_anchor_key(item)
+    return item if parsed is None else anchor_key(parsed)
 
 
 def _check_form(item: object) -> None:
