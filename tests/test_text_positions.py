@@ -151,6 +151,11 @@ def test_generate_steers_at_the_anchor(llama):
             batched[row]
             == hm.generate(prompt, interventions=by_hand, return_text=True, **greedy)[0]
         )
+    # extraction at an anchor during generate: the prompt call's values, as in a forward
+    cache = hm.generate(IOI, target_token_positions=[MARY], extraction_config=RESID, **greedy)
+    forward = hm.forward(IOI, [MARY], extraction_config=RESID)
+    assert cache["mapping_index"][anchor_key(MARY)] == [0]  # then the "generated" slot
+    assert_close_to_scale(cache["resid_out_1"][:, :1], forward["resid_out_1"])
 
 
 def test_extract_cache_and_store_record_anchor_items(llama, tmp_path):
