@@ -11,7 +11,9 @@ import copy
 import pytest
 import torch
 from conftest import assert_close_to_scale
-from tiny_models import build_model, build_tokenizer
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tiny_models import PROMPTS, build_model, build_tokenizer
 
 from hookscope import ExtractionConfig, HookedModel
 from hookscope.errors import InputError, PositionError
@@ -376,3 +378,33 @@ def test_anchor_strings_are_checked_and_the_cli_passes_them_through():
         normalize_items(["user:middle"])
     parsed = _positions(["user:last", '{"after": "Answer:"}', "first-image:0", "2:5", "-1", "last"])
     assert parsed == ["user:last", '{"after": "Answer:"}', "first-image:0", (2, 5), -1, "last"]
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_any_substring_is_covered_exactly_by_its_tokens(llama, data):
+    """For any substring of any prompt in a padded batch (either side), the selected tokens'
+    text is exactly the text of the tokens whose character spans overlap it, taken from the
+    tokenizer's offsets of that prompt alone, and contains the substring."""
+    side = data.draw(st.sampled_from(["left", "right"]))
+    hm = _hm(llama, side)
+    prompts = data.draw(st.lists(st.sampled_from(PROMPTS + IOI), min_size=2, max_size=3))
+    row = data.draw(st.integers(0, len(prompts) - 1))
+    text = prompts[row]
+    start = data.draw(st.integers(0, len(text) - 1))
+    end = data.draw(st.integers(start + 1, len(text)))
+    anchor = text[start:end]
+    # every prompt must contain it for the batch to resolve: use it in the chosen row only
+    batch = [p if i == row else p + " " + anchor for i, p in enumerate(prompts)]
+    selected = _selected_text(hm, hm.prepare_inputs(batch), {"text": anchor})[row]
+    alone = hm.get_tokenizer()(text, return_offsets_mapping=True)
+    first_match = text.index(anchor)
+    spans = [
+        (a, b)
+        for a, b in alone["offset_mapping"]
+        if a < first_match + len(anchor) and b > first_match and b > a
+    ]
+    assert selected == text[spans[0][0] : spans[-1][1]]
+    assert anchor in selected
