@@ -408,3 +408,39 @@ def test_any_substring_is_covered_exactly_by_its_tokens(llama, data):
     ]
     assert selected == text[spans[0][0] : spans[-1][1]]
     assert anchor in selected
+
+
+def test_message_content_that_also_appears_in_the_markers(llama):
+    """Contents equal to parts of the template's markers ("user", "s" of "<s>", a newline) are
+    still located at the message, not in the markers."""
+    hm = HookedModel.from_hf(llama, _chat_tokenizer("right"))
+    chat = [
+        {"role": "user", "content": "user"},
+        {"role": "assistant", "content": "s"},
+        {"role": "user", "content": "assistant"},
+    ]
+    batch = hm.apply_chat_template([chat, CONVERSATIONS[0]])
+    texts = _selected_text(hm, hm.prepare_inputs(batch), "turn-1:all")
+    assert texts == ["s", "A dog barked"]
+    assert _selected_text(hm, hm.prepare_inputs(batch), "user:all") == [
+        "userassistant",
+        "A dog barked",
+    ]
+    spans = batch.text_layout.messages[0]
+    assert [batch.text_layout.texts[0][m.start : m.end] for m in spans] == [
+        "user",
+        "s",
+        "assistant",
+    ]
+    opening = len("<s>user\n")
+    after_first = opening + len("user</s>\n") + len("<s>assistant\n")
+    after_second = after_first + len("s</s>\n") + len("<s>user\n")
+    assert [m.start for m in spans] == [opening, after_first, after_second]  # [8, 30, 44]
+
+
+def test_a_template_that_changes_the_content_is_refused(llama):
+    tokenizer = _chat_tokenizer("right")
+    tokenizer.chat_template = "{% for m in messages %}<s>{{ m['content'] | trim }}</s>{% endfor %}"
+    hm = HookedModel.from_hf(llama, tokenizer)
+    with pytest.raises(InputError, match="not rendered verbatim by the chat template"):
+        hm.apply_chat_template([{"role": "user", "content": " padded "}])

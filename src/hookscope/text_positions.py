@@ -328,9 +328,11 @@ def render_conversation(
 ) -> tuple[str, list[MessageSpan]]:
     """The chat template's rendering of ``conversation`` and each message's content span in it.
 
-    Message i's content is found in the rendering of the conversation's first i+1 messages (the
-    last occurrence there: only the template's closing markers follow it), which must be a
-    prefix of the whole rendering; otherwise it is searched after the previous message.
+    The conversation is rendered once more with each content replaced by a unique sentinel:
+    where the sentinels land, with the contents put back, gives the spans when that rebuilds the
+    rendering exactly. Otherwise (a template that inspects the content) message i's content is
+    the last occurrence in the rendering of the first i+1 messages (only the template's closing
+    markers follow it) when that is a prefix of the whole, else the next one after message i-1.
 
     Raises:
         InputError: for a tokenizer without a chat template, a malformed conversation, or
@@ -350,6 +352,40 @@ def render_conversation(
                 "dict with 'role' and a string 'content'."
             )
     full = tokenizer.apply_chat_template(messages, tokenize=False, **template_kwargs)
+    spans = _spans_by_sentinels(tokenizer, messages, full, template_kwargs)
+    if spans is None:
+        spans = _spans_by_prefixes(tokenizer, messages, full)
+    return full, spans
+
+
+def _spans_by_sentinels(
+    tokenizer: Any, messages: list, full: str, template_kwargs: dict
+) -> list[MessageSpan] | None:
+    """The content spans from a rendering with sentinel contents, or None when putting the
+    contents back does not rebuild ``full`` exactly."""
+    sentinels = [f"\x00hookscope-message-{i}\x00" for i in range(len(messages))]
+    masked = [{**m, "content": s} for m, s in zip(messages, sentinels, strict=True)]
+    try:
+        rendered = tokenizer.apply_chat_template(masked, tokenize=False, **template_kwargs)
+    except Exception:  # a template that rejects the sentinel: use the other way
+        return None
+    text, spans, cursor = "", [], 0
+    for index, (message, sentinel) in enumerate(zip(messages, sentinels, strict=True)):
+        at = rendered.find(sentinel, cursor)
+        if at < 0 or rendered.count(sentinel) != 1:
+            return None
+        text += rendered[cursor:at]
+        start = len(text)
+        text += message["content"]
+        spans.append(MessageSpan(str(message.get("role")), index, start, len(text)))
+        cursor = at + len(sentinel)
+    text += rendered[cursor:]
+    return spans if text == full else None
+
+
+def _spans_by_prefixes(tokenizer: Any, messages: list, full: str) -> list[MessageSpan]:
+    """The content spans found in renderings of the conversation's prefixes (see
+    :func:`render_conversation`)."""
     spans, after = [], 0
     for index, message in enumerate(messages):
         content = message["content"]
@@ -365,7 +401,7 @@ def render_conversation(
             )
         spans.append(MessageSpan(str(message.get("role")), index, start, start + len(content)))
         after = start + len(content)
-    return full, spans
+    return spans
 
 
 def selected_text(hm: Any, inputs: Any, items: object) -> list[dict]:
