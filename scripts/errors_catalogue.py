@@ -207,6 +207,13 @@ GUIDE = {
         "(the message names the example and its number of real tokens).",
         "Use the items listed in the README (Token positions); slices are `(start, end)` tuples.",
     ),
+    "text_positions": (
+        "A text anchor or chat role item that is malformed, names text an example does not "
+        "contain (the message shows the example's text), or meets inputs without text offsets "
+        "(token ids, a slow tokenizer) or a tokenizer without a chat template.",
+        "Pass the prompts as strings (or hm.apply_chat_template(...) for roles), check the "
+        "anchor's exact spelling (leading space included), or use index items instead.",
+    ),
 }
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -58,7 +59,9 @@ def _positions(values: list[str]) -> list:
     """CLI position items: ints, ``a:b`` slices, and names."""
     items = []
     for value in values:
-        if ":" in value:
+        if value.startswith("{") or re.match(r"^[a-z][\w-]*:", value):
+            items.append(value)  # a text anchor's JSON, a role item ("user:last"), "first-image:0"
+        elif ":" in value:
             start, end = value.split(":", 1)
             try:
                 items.append((int(start), int(end)))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +86,8 @@ def extract_distributed(
         cpus_per_worker / gpus_per_worker: resources each worker asks Ray for.
     """
     ray = _import_ray()
-    positions = normalize_items(list(target_token_positions))
+    single = isinstance(target_token_positions, str | int | Mapping)  # one item, a text anchor
+    positions = normalize_items(target_token_positions if single else list(target_token_positions))
     prompts = list(prompts)
     if not prompts:
         raise HookscopeError("extract_distributed got no prompts.")

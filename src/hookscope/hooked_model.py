@@ -18,7 +18,7 @@ from .config import ExtractionConfig, HookedModelConfig
 from .dataset import DatasetRun
 from .errors import HookscopeError, InputError, PositionError
 from .hooks import ModuleHook, as_module_hook, get_module, register
-from .inputs import prepare_inputs
+from .inputs import prepare_inputs, tokenize_chat
 from .interventions import AnyIntervention, PatternEdit, image_text_block
 from .keywords import check_model_kwargs
 from .loading import DEFAULT_MODEL_ID, load_model_and_tokenizer, prepare_tokenizer, split_processor
@@ -199,6 +199,18 @@ class HookedModel:
             )
         return image_text_block(self.model_map.n_layers, direction, layers, heads)
 
+    def apply_chat_template(
+        self, conversations: list, add_generation_prompt: bool = False, **template_kwargs: Any
+    ) -> dict[str, Any]:
+        """Render conversations (each a list of ``{"role", "content"}`` dicts; one conversation
+        is a batch of one) with the tokenizer's own chat template and tokenize them into a padded
+        batch for any call. The batch records each message's content span, so chat role items
+        (``"user:last"``, ``"assistant:all"``, ``"turn-2:first"``) and text anchors resolve on it
+        (see :mod:`hookscope.text_positions`)."""
+        return tokenize_chat(
+            self.get_text_tokenizer(), conversations, add_generation_prompt, **template_kwargs
+        )
+
     def position_context(
         self, model_inputs: dict[str, Any], pivot_positions=None, seed: int = 0
     ) -> PositionContext:
@@ -207,8 +219,9 @@ class HookedModel:
         ids = model_inputs["input_ids"]
         special = frozenset(getattr(self.tokenizer, "all_special_ids", None) or ())
         return PositionContext(
-            model_inputs["attention_mask"], ids, pivot_positions, seed, self.image_layout, special
-        )
+            model_inputs["attention_mask"], ids, pivot_positions, seed, self.image_layout, special,
+            getattr(model_inputs, "text_layout", None), getattr(model_inputs, "text_missing", None),
+        )  # fmt: skip
 
     def device(self) -> torch.device:
         """The device of the first parameter (where inputs go)."""

@@ -3,6 +3,7 @@ and add what a padding-correct forward needs (attention mask, position ids)."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 from collections.abc import Mapping
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
+from .text_positions import TextLayout, render_conversation, tokenize_with_offsets
 from .vision import computes_own_positions, first_position, prepare_multimodal
 
 # Keys a batch may carry for the user's own purposes (batch_saver) that must not reach the model.
@@ -33,13 +35,82 @@ def _forward_parameters(model_class: type) -> frozenset[str]:
     )
 
 
-def tokenize(tokenizer: Any, texts: str | list[str]) -> dict[str, torch.Tensor]:
-    """Tokenize one string or a list of strings into a padded batch."""
+class TextBatch(dict):
+    """A dict of model keyword arguments that also knows each example's text and token offsets
+    (:class:`~hookscope.text_positions.TextLayout`) as an attribute, never as a key, so it never
+    reaches the HF model. ``text_missing`` says why there is no layout (None when there is)."""
+
+    text_layout: TextLayout | None = None
+    text_missing: str | None = None
+
+
+def tokenize(tokenizer: Any, texts: str | list[str]) -> TextBatch:
+    """Tokenize one string or a list of strings into a padded batch, keeping each example's
+    text and token offsets (when the tokenizer gives offsets) for text anchor positions."""
     if tokenizer is None:
         raise InputError("this HookedModel has no tokenizer: pass input_ids, not strings.")
-    return dict(
-        tokenizer(texts if isinstance(texts, list) else [texts], return_tensors="pt", padding=True)
-    )
+    texts = texts if isinstance(texts, list) else [texts]
+    encoded, offsets = tokenize_with_offsets(tokenizer, texts)
+    batch = TextBatch(encoded)
+    if isinstance(offsets, str):
+        batch.text_missing = offsets
+    else:
+        batch.text_layout = TextLayout.from_batch(texts, offsets, encoded["attention_mask"])
+    return batch
+
+
+def tokenize_chat(
+    tokenizer: Any, conversations: list, add_generation_prompt: bool = False, **template_kwargs: Any
+) -> TextBatch:
+    """Render each conversation with the tokenizer's own chat template and tokenize the batch,
+    recording every message's content span (chat role position items such as ``"user:last"``).
+
+    Raises:
+        InputError: without a tokenizer, a chat template or offsets, or for a malformed
+            conversation.
+    """
+    if tokenizer is None:
+        raise InputError("this HookedModel has no tokenizer, so it has no chat template.")
+    if conversations and isinstance(conversations[0], Mapping):
+        conversations = [conversations]  # one conversation
+    if not conversations or not all(isinstance(c, list) and c for c in conversations):
+        raise InputError(
+            "apply_chat_template takes a conversation (a list of {'role': ..., 'content': ...} "
+            f"dicts) or a list of them, got {conversations!r:.80}."
+        )
+    rendered = [
+        render_conversation(
+            tokenizer, c, add_generation_prompt=add_generation_prompt, **template_kwargs
+        )
+        for c in conversations
+    ]
+    texts = [text for text, _ in rendered]
+    # the template writes its own BOS / markers: the tokenizer must not add them again
+    encoded, offsets = tokenize_with_offsets(tokenizer, texts, add_special_tokens=False)
+    if isinstance(offsets, str):
+        raise InputError(
+            f"apply_chat_template records role spans from token offsets, but {offsets}."
+        )
+    batch = TextBatch(encoded)
+    messages = [spans for _, spans in rendered]
+    batch.text_layout = TextLayout.from_batch(texts, offsets, encoded["attention_mask"], messages)
+    return batch
+
+
+def _text_layout(inputs: Any) -> tuple[TextLayout | None, str | None]:
+    """The text layout a batch carries: a :class:`TextBatch`'s, or one built from the
+    ``offset_mapping`` and ``text`` (the exact strings) keys of a mapping."""
+    if isinstance(inputs, TextBatch):
+        return inputs.text_layout, inputs.text_missing
+    if not isinstance(inputs, Mapping) or inputs.get("offset_mapping") is None:
+        return None, None
+    texts, mask = inputs.get("text"), inputs.get("attention_mask")
+    if not (isinstance(texts, list) and all(isinstance(t, str) for t in texts)) or mask is None:
+        return (
+            None,
+            "a batch with 'offset_mapping' also needs 'text' (the list of exact strings) and 'attention_mask'",
+        )
+    return TextLayout.from_batch(texts, inputs["offset_mapping"], mask), None
 
 
 def prepare_inputs(
@@ -68,6 +139,7 @@ def prepare_inputs(
         inputs = tokenize(tokenizer, inputs)
     elif isinstance(inputs, torch.Tensor):
         inputs = {"input_ids": inputs}
+    layout, missing = _text_layout(inputs)
     if not isinstance(inputs, Mapping):
         raise InputError(
             f"inputs must be a string, a list of strings, an id tensor or a mapping with input_ids; "
@@ -112,7 +184,11 @@ def prepare_inputs(
     kwargs["attention_mask"] = mask
     prepare_multimodal(kwargs, model, accepted)
     _add_padded_positions(kwargs, model, accepted)
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    prepared = TextBatch(
+        {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    )
+    prepared.text_layout, prepared.text_missing = layout, missing
+    return prepared
 
 
 def _add_padded_positions(kwargs: dict[str, Any], model: nn.Module, accepted: frozenset) -> None:
@@ -204,7 +280,7 @@ def to_left_padding(model_inputs: dict[str, Any]) -> dict[str, Any]:
         )
     shift = (seq - 1 - last).unsqueeze(1)  # how far each row moves right
     index = (torch.arange(seq, device=mask.device).unsqueeze(0) - shift) % seq
-    out = dict(model_inputs)
+    out = copy.copy(model_inputs)  # a TextBatch keeps its text layout (in real-token terms)
     for key, value in model_inputs.items():
         if isinstance(value, torch.Tensor) and value.shape[:2] == mask.shape:
             gather = index.view(*index.shape, *[1] * (value.dim() - 2)).expand_as(value)

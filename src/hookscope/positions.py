@@ -26,6 +26,10 @@ partition-k-N"``           ``random-text-N`` draws (easyroutine's spelling)
                            token), ``random-image-N``
 ``"first-image:k"`` ...    the same for image k of the example only (0-based in order of
                            appearance; negative counts from the end: ``"end-image:-1"``)
+``{"text": " Mary"}`` ...  text anchors (``text`` / ``after`` / ``before`` / ``between``) and chat
+``"user:last"`` ...        role items (``user:all``, ``turn-2:first``): resolved from each
+                           example's exact text and token offsets, see
+                           :mod:`hookscope.text_positions`
 =========================  =====================================================================
 
 Several images per example: images are numbered per example in order of appearance. An image
@@ -43,12 +47,19 @@ from __future__ import annotations
 import functools
 import re
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from .errors import PositionError, choices
+from .text_positions import (
+    TextLayout,
+    anchor_key,
+    is_text_item,
+    parse_anchor_key,
+    resolve_text_item,
+)
 from .vision import ImageLayout, number_images
 
 PositionItem = str | int | tuple[int, int]
@@ -65,8 +76,10 @@ _RANDOM_PARTITION = re.compile(r"^random-inputs-partition-(\d+)(?:-(\d+))?$")
 def _valid_choices() -> str:
     return (
         f"{choices(NAMED_ITEMS)}, 'last-k', 'random-text-N', 'inputs-partition-k' and "
-        "'random-inputs-partition-k-N' (with pivot_positions), 'special', an int, or a "
-        "(start, end) tuple"
+        "'random-inputs-partition-k-N' (with pivot_positions), 'special', an int, a "
+        "(start, end) tuple, a text anchor ({'text': ...}, {'after': ...}, {'before': ...}, "
+        "{'between': [..., ...]}) or a chat role item ('user:last', 'assistant:all', "
+        "'turn-2:first')"
     )
 
 
@@ -170,7 +183,7 @@ def normalize_items(target_token_positions: object) -> list[PositionItem]:
     Raises:
         PositionError: for an empty list, duplicates, or an item of the wrong type or name.
     """
-    if isinstance(target_token_positions, str | int) and not isinstance(
+    if isinstance(target_token_positions, str | int | Mapping) and not isinstance(
         target_token_positions, bool
     ):
         target_token_positions = [target_token_positions]
@@ -181,7 +194,7 @@ def normalize_items(target_token_positions: object) -> list[PositionItem]:
             f"target_token_positions must be a list of items, got {target_token_positions!r}. "
             f"Wrap a slice in a list: [(2, 5)]. Valid items: {_valid_choices()}."
         )
-    items = list(target_token_positions)
+    items = [_canonical(item) for item in target_token_positions]
     if not items:
         raise PositionError(
             f"target_token_positions is empty. Valid items: {_valid_choices()}; e.g. ['last']."
@@ -194,6 +207,15 @@ def normalize_items(target_token_positions: object) -> list[PositionItem]:
             raise PositionError(f"position item {item!r} appears twice in {items!r}.")
         seen.add(item)
     return items
+
+
+def _canonical(item: object) -> object:
+    """A text anchor (a dict, or its JSON string) as its checked canonical string; other items
+    as given."""
+    if isinstance(item, Mapping):
+        return anchor_key(item)
+    parsed = parse_anchor_key(item)
+    return item if parsed is None else anchor_key(parsed)
 
 
 def _check_form(item: object) -> None:
@@ -217,7 +239,7 @@ def _check_form(item: object) -> None:
         )
     if _IMAGE_ITEM.match(item) or _RANDOM_IMAGE.match(item):
         return  # checked against the batch's image tokens when resolved
-    if item in NAMED_ITEMS or item == "special":
+    if item in NAMED_ITEMS or item == "special" or is_text_item(item):
         return
     match = _LAST_K.match(item)
     if match and int(match.group(1)) >= 1:
@@ -417,6 +439,7 @@ def _needs_rows(item: PositionItem) -> bool:
         or _RANDOM_IMAGE.match(item)
         or _RANDOM_PARTITION.match(item)
         or item == "special"
+        or is_text_item(item)
     )
 
 
@@ -431,6 +454,8 @@ class _Rows:
     special_ids: frozenset[int] = frozenset()
     images: list[torch.Tensor] | None = None
     text: list[torch.Tensor] | None = None
+    text_layout: TextLayout | None = None
+    text_missing: str | None = None
 
 
 def _rows(
@@ -510,6 +535,10 @@ def _resolve_item(
     """One item -> ``(relative [batch, width], valid [batch, width])``: indices into each row's
     real tokens, and which slots are real (padded slots point at the row's last real token)."""
     lengths = rows.lengths
+    if is_text_item(item):
+        lists = resolve_text_item(item, rows.text_layout, rows.text_missing)
+        _check_layout_lengths(item, rows)
+        return _from_lists(lists, lengths)
     if isinstance(item, str) and (_RANDOM_TEXT.match(item) or _RANDOM_IMAGE.match(item)):
         return _from_lists(_resolve_random(item, rows, seed), lengths)
     if item == "special":
@@ -527,6 +556,17 @@ def _resolve_item(
     return relative, valid
 
 
+def _check_layout_lengths(item: PositionItem, rows: _Rows) -> None:
+    """The text layout describes this batch: one row per example, one offset per real token."""
+    layout_lengths = [len(o) for o in rows.text_layout.offsets]
+    if layout_lengths != rows.lengths.tolist():
+        raise PositionError(
+            f"position item {item!r}: the batch's text offsets describe {layout_lengths} real "
+            f"tokens per example but the attention mask has {rows.lengths.tolist()}; the inputs "
+            "were changed after tokenizing."
+        )
+
+
 def resolve_positions(
     items: Sequence[PositionItem],
     attention_mask: torch.Tensor,
@@ -535,6 +575,8 @@ def resolve_positions(
     seed: int = 0,
     image_numbers: torch.Tensor | None = None,
     special_ids: frozenset[int] = frozenset(),
+    text_layout: TextLayout | None = None,
+    text_missing: str | None = None,
 ) -> ResolvedPositions:
     """Resolve ``items`` for every row of a batch.
 
@@ -549,6 +591,8 @@ def resolve_positions(
             one image. Image items need it, and text items (``all-text``, ``random-text-N``)
             then skip image tokens.
         special_ids: the tokenizer's special token ids (the ``special`` item).
+        text_layout: each example's text and token offsets (text anchors, chat roles; see
+            :mod:`hookscope.text_positions`); ``text_missing`` says why there is none.
 
     Raises:
         PositionError: naming the item and the example it does not fit.
@@ -564,6 +608,7 @@ def resolve_positions(
     if any(_needs_rows(item) for item in items):  # per-row lists only for the items that need them
         rows = _rows(real, lengths, input_ids, image_numbers)
         rows.special_ids = frozenset(special_ids)
+        rows.text_layout, rows.text_missing = text_layout, text_missing
     columns, valid, mapping, widths = [], [], {}, []
     for item in items:
         relative, block_valid = _resolve_item(item, rows, pivot_positions, seed)
@@ -593,6 +638,8 @@ class PositionContext:
     seed: int = 0
     image_layout: ImageLayout | None = None
     special_ids: frozenset[int] = frozenset()
+    text_layout: TextLayout | None = None
+    text_missing: str | None = None
 
     @functools.cached_property
     def image_numbers(self) -> torch.Tensor | None:
@@ -613,6 +660,8 @@ class PositionContext:
             self.seed,
             self.image_numbers if any(_needs_rows(item) for item in items) else None,
             self.special_ids,
+            self.text_layout,
+            self.text_missing,
         )
         resolved.place_on(self.attention_mask.device)
         return resolved
