@@ -65,9 +65,10 @@ GUIDE = {
         "Pass the tokenizer's output (input_ids and attention_mask), or use 'mean' / 'sum'.",
     ),
     "dataset": (
-        "A dataset extract_cache cannot batch as asked: an empty dataloader, a record without a "
-        "string 'text', sort_by_length on something hookscope does not batch itself or with an "
-        "intervention that reads one row per example, a batch_saver that returns no dict.",
+        "A dataset extract_cache cannot batch as asked: an empty dataloader, a list mixing strings "
+        "and records, a record without a string 'text', a batch_size below 1, sort_by_length on "
+        "something hookscope does not batch itself or with an intervention that reads one row "
+        "per example, a batch_saver that returns no dict.",
         "Pass a non-empty list of strings or records (or tokenized batches without "
         "sort_by_length), sort_by_length=False with per-example sources, and a batch_saver "
         "that returns a dict.",
@@ -112,20 +113,6 @@ GUIDE = {
         "`ExtractionConfig.from_dict` got keys that are not fields, `layers` that are not ints, "
         "or a `batch_size` below 1.",
         "Remove or rename the keys; give layers as an int or a list of ints, batch_size >= 1.",
-    ),
-    "dataset": (
-        "A dataset `extract_cache` cannot batch: a list mixing strings and records, a record "
-        "without a string 'text', sort_by_length on ready batches, a batch_size below 1, or a "
-        "batch_saver that returns something other than a dict.",
-        "Pass a list of strings, a list of records {'text': ..., ...}, or tokenized batches; "
-        "return a dict (or None) from batch_saver.",
-    ),
-    "dataset": (
-        "A dataset extract_cache cannot batch as asked: an empty dataloader, records without a "
-        "string 'text', sort_by_length on batches it did not build, a batch_saver that returns "
-        "no dict.",
-        "Pass a list of strings or records (or tokenized batches) and a batch_saver returning a "
-        "dict of per-example fields.",
     ),
     "distributed": (
         "Ray is not installed, no prompts were given, or a worker's part store did not finish.",
