@@ -444,3 +444,33 @@ def test_a_template_that_changes_the_content_is_refused(llama):
     hm = HookedModel.from_hf(llama, tokenizer)
     with pytest.raises(InputError, match="not rendered verbatim by the chat template"):
         hm.apply_chat_template([{"role": "user", "content": " padded "}])
+
+
+def test_patching_sweep_at_an_anchor_across_prompts_of_different_lengths():
+    """A per-layer sweep that patches only the name token, which sits at a different index in
+    each (left-padded) prompt: batched equals the per-example reference, the patched tokens are
+    exactly ' Mary', and patching elsewhere-only changes nothing at layer 0's input."""
+    from hookscope import HookscopeError
+    from hookscope.patching import activation_patching
+
+    tokenizer = build_tokenizer("left")
+    hm = HookedModel.from_hf(build_model("llama"), tokenizer)
+    prompts = ["When Mary went to the store", "Then the cat and Mary sat on the mat"]
+    clean = hm.prepare_inputs(prompts)
+    corrupt = {k: v.clone() for k, v in clean.items()}
+    chosen = hm.position_context(clean).resolve([{"text": " Mary"}])
+    for row in range(2):
+        index = chosen.index[row][chosen.mask[row]]
+        assert tokenizer.decode(clean["input_ids"][row, index]).strip() == "Mary"
+        corrupt["input_ids"][row, index] = 100  # another token in the name's place
+    assert chosen.index[0, 0] != chosen.index[1, 0]  # the name moves between the prompts
+    answers = (torch.tensor([5, 9]), torch.tensor([7, 11]))
+    items = [{"text": " Mary"}]
+    kwargs = dict(point="resid_in", per="layer", positions=items)
+    fast = activation_patching(hm, clean, corrupt, answers, batch_size=3, **kwargs)
+    slow = activation_patching(hm, clean, corrupt, answers, batched=False, **kwargs)
+    torch.testing.assert_close(fast.per_example, slow.per_example, rtol=1e-5, atol=1e-5)
+    # at layer 0's input only the name differs, so patching it restores the clean run exactly
+    torch.testing.assert_close(fast.per_example[:, 0], torch.ones(2), rtol=0, atol=1e-4)
+    with pytest.raises(HookscopeError, match="positions= chooses"):
+        activation_patching(hm, clean, corrupt, answers, per="position", positions=items)

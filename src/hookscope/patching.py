@@ -259,16 +259,26 @@ def _full_activations(
     return store
 
 
+def _chosen_slots(hm, clean: dict, items: Sequence[Any], every: Any) -> Any:
+    """``every`` (the ``["all"]`` slots) with ``.chosen``: per row, the absolute indices of
+    ``items`` resolved on the clean inputs (clean and corrupt align token by token)."""
+    resolved = hm.position_context(clean).resolve(items)
+    index, mask = resolved.index.cpu(), resolved.mask.cpu()
+    every.chosen = [index[row][mask[row]].tolist() for row in range(len(index))]
+    return every
+
+
 def _write_hook(
     site: PointSite, rows: torch.Tensor, positions: torch.Tensor, values: torch.Tensor
 ) -> ModuleHook:
-    """A hook that sets ``tensor[rows, positions, site columns] = values`` (positions < 0: all)."""
+    """A hook that sets ``tensor[rows, positions, site columns] = values``; each row's position
+    is an index, a list of indices, or < 0 for all of them."""
 
     def write(module, tensor: torch.Tensor) -> torch.Tensor:
         new = tensor.clone()
         columns = site.columns.to(tensor.device) if site.columns is not None else None
-        for row, position, value in zip(rows.tolist(), positions.tolist(), values, strict=True):
-            where = slice(None) if position < 0 else position
+        for row, position, value in zip(rows.tolist(), positions, values, strict=True):
+            where = slice(None) if isinstance(position, int) and position < 0 else position
             if columns is None:
                 new[row, where] = value.to(new.dtype)
             else:
@@ -292,6 +302,7 @@ def activation_patching(
     batch_size: int = 16,
     batched: bool = True,
     progress: bool = False,
+    positions: Sequence[Any] | None = None,
 ) -> PatchingResult:
     """Patch clean activations into the corrupt run, one site at a time, and measure the metric.
 
@@ -309,11 +320,19 @@ def activation_patching(
         batch_size: rows per forward in the batched sweep.
         batched: False runs one forward per site through ``Patch`` interventions (slow; the
             reference the batched sweep is tested against).
+        positions: with ``per="layer"`` or ``"head"``, patch only at these position items
+            instead of every position, resolved per example on the clean inputs (e.g. the name
+            token ``[{"text": " Mary"}]``, wherever it sits in each prompt).
 
     Returns:
         A :class:`PatchingResult`.
     """
     _check_sweep_options(point, per, metric, batch_size)
+    if positions is not None and per not in ("layer", "head"):
+        raise HookscopeError(
+            f"positions= chooses where a per='layer' or per='head' sweep patches; per={per!r} "
+            "already sweeps every position."
+        )
     layers = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else layers
     clean, corrupt, correct, wrong, clean_logprobs, clean_metric, corrupt_metric = _baselines(
         hm, clean, corrupt, answers, metric
@@ -322,6 +341,8 @@ def activation_patching(
     mask = clean["attention_mask"]
     slots = resolve_positions(["all"], mask)  # slot j of row i = its j-th real token
     sites, axes, labels = _sites(hm, point, per, layers, mask.sum(1))
+    if positions is not None:  # each row's chosen absolute positions replace "every position"
+        slots = _chosen_slots(hm, clean, positions, slots)
     if "position" in labels:
         labels["position"] = hm.to_string_tokens(clean["input_ids"][0][slots.index[0]])
     run = _batched_sweep if batched else _looped_sweep
@@ -409,6 +430,15 @@ def _result(
     )
 
 
+def _site_position(slots: Any, example: int, slot: int | None) -> int | list[int]:
+    """Where a site patches in ``example``: its slot's position, the chosen positions of a
+    ``positions=`` sweep, or -1 for every position."""
+    if slot is not None:
+        return int(slots.index[example, slot])
+    chosen = getattr(slots, "chosen", None)
+    return -1 if chosen is None else chosen[example]
+
+
 def _batched_sweep(hm, clean, corrupt, point, sites, slots, batch_size, progress, metric_fn):
     layers = sorted({s[0] for s in sites})
     heads = point == "head"
@@ -431,16 +461,11 @@ def _batched_sweep(hm, clean, corrupt, point, sites, slots, batch_size, progress
             positions, values = [], []
             for row in site_rows:
                 example = chunk[row][0]
-                slot = sites[chunk[row][1]][2]
-                position = -1 if slot is None else int(slots.index[example, slot])
+                position = _site_position(slots, example, sites[chunk[row][1]][2])
                 source = clean_acts[(layer, head)][example]
                 positions.append(position)
-                values.append(source if position < 0 else source[position])
-            hooks.append(
-                _write_hook(
-                    _site_of(hm, point, layer, head), rows_t, torch.tensor(positions), values
-                )
-            )
+                values.append(source if position == -1 else source[position])
+            hooks.append(_write_hook(_site_of(hm, point, layer, head), rows_t, positions, values))
         logits = _last_logits(hm, batch, hooks)
         results[chunk_index * batch_size : chunk_index * batch_size + len(chunk)] = metric_fn(
             logits, ex
@@ -453,6 +478,8 @@ def _batched_sweep(hm, clean, corrupt, point, sites, slots, batch_size, progress
 
 
 def _looped_sweep(hm, clean, corrupt, point, sites, slots, batch_size, progress, metric_fn):
+    if getattr(slots, "chosen", None) is not None:
+        return _looped_sweep_per_example(hm, clean, corrupt, point, sites, slots, metric_fn)
     examples = clean["input_ids"].shape[0]
     results = torch.empty(examples, len(sites))
     layers = sorted({s[0] for s in sites})
@@ -471,6 +498,27 @@ def _looped_sweep(hm, clean, corrupt, point, sites, slots, batch_size, progress,
         cache = hm.forward(corrupt, ["last"], interventions=[patch])
         results[:, index] = metric_fn(cache["logits"][:, 0], torch.arange(examples))
     return results.flatten(), len(sites)
+
+
+def _looped_sweep_per_example(hm, clean, corrupt, point, sites, slots, metric_fn):
+    """The reference for a ``positions=`` sweep: one forward per (example, site), each row
+    alone with a ``Patch`` at its chosen positions (as offsets from its first real token)."""
+    examples = clean["input_ids"].shape[0]
+    results = torch.empty(examples, len(sites))
+    clean_acts = _full_activations(hm, clean, point, sorted({s[0] for s in sites}), point == "head")
+    for example in range(examples):
+        row = {
+            k: v[example : example + 1] if isinstance(v, torch.Tensor) else v
+            for k, v in corrupt.items()
+        }
+        chosen, first = slots.chosen[example], int(slots.index[example, 0])
+        for index, (layer, head, _) in enumerate(sites):
+            source = clean_acts[(layer, head)][example, chosen].unsqueeze(0)  # [1, P, w]
+            name = Point(_POINT_KIND[point], layer, head).name
+            patch = Patch(point=name, positions=[p - first for p in chosen], source=source)
+            logits = hm.forward(row, ["last"], interventions=[patch])["logits"][:, 0]
+            results[example, index] = metric_fn(logits, torch.tensor([example]))[0]
+    return results.flatten(), examples * len(sites)
 
 
 def _corrupt_gradients(hm, corrupt, point, layers, metric_fn) -> dict[int, torch.Tensor]:
