@@ -529,15 +529,18 @@ def test_a_mutated_store_opens_correctly_or_raises_hookscopes_error(
         got = None
     never_opened(sentinel, since)
     if got is not None and not resigned:
-        assert got.keys() == expected.keys()
-        for key, value in expected.items():
-            same = (
-                torch.equal(got[key], value)
-                if isinstance(value, torch.Tensor)
-                else got[key] == value
-            )
-            assert same, (key, mutations)
+        assert_same_data(got, expected, mutations)
         assert torch.equal(cache["resid_out_0"], expected["resid_out_0"][4:8])
+
+
+def assert_same_data(got: dict, expected: dict, mutations: object) -> None:
+    """Every key read back equals the pristine store's value (tensors exactly)."""
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        same = (
+            torch.equal(got[key], value) if isinstance(value, torch.Tensor) else got[key] == value
+        )
+        assert same, (key, mutations)
 
 
 def test_a_shard_holding_other_examples_than_its_range_is_refused(pristine, tmp_path):
@@ -586,11 +589,4 @@ def test_a_mutated_store_resumes_or_is_refused_and_overwrite_never_reaches_outsi
     never_opened(sentinel, since)
     assert sentinel.read_bytes() == (pristine / "shard-00000.safetensors").read_bytes()
     if got is not None and not resigned:  # a resumed store holds the clean store's data
-        assert got.keys() == expected.keys()
-        for key, value in expected.items():
-            same = (
-                torch.equal(got[key], value)
-                if isinstance(value, torch.Tensor)
-                else got[key] == value
-            )
-            assert same, (key, mutations)
+        assert_same_data(got, expected, mutations)
