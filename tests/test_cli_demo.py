@@ -227,6 +227,11 @@ def test_ctrl_c_stops_in_one_line_and_the_rerun_resumes(tiny_folder, tmp_path, m
             ],
             "unknown position item",
         ),
+        (["extract", "--prompts", "{prompts}", "--out", "x"], "nothing to extract"),
+        (
+            ["extract", "--prompts", "{prompts}", "--points", "resid_out,nope", "--out", "x"],
+            "'nope' is not a point kind",
+        ),
     ],
 )
 def test_cli_errors_are_one_line_with_a_hint(
@@ -361,3 +366,49 @@ def test_extract_on_ray_writes_the_same_store(tiny_folder, tmp_path, capsys):
     other.write_text("A dog\n")
     assert main([*ray_argv[:3], str(other), *ray_argv[4:]]) == 2  # another run's store
     assert "holds a store of other prompts" in capsys.readouterr().err
+
+
+def test_every_verb_explains_itself_with_a_description_and_an_example():
+    import argparse
+
+    from hookscope.cli import build_parser
+
+    parser = build_parser()
+    verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(verbs.choices) == {"demo", "info", "check", "extract", "patch", "lens"}
+    for name, verb in verbs.choices.items():
+        text = verb.format_help()
+        assert verb.description and verb.description.split("\n")[0] in text, name
+        example = text.split("Examples:\n", 1)[1]
+        assert f"hookscope {name}" in example, name
+        for action in verb._actions:
+            assert action.help and action.help != argparse.SUPPRESS, (name, action.dest)
+
+
+def test_extract_points_comma_separated_equals_space_separated(tiny_folder, tmp_path, capsys):
+    from hookscope.store import ActivationStore
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("the cat sat\na dog ran home\n")
+    stores = {}
+    for form, points in {"comma": ["resid_out,mlp_out"], "space": ["resid_out", "mlp_out"]}.items():
+        argv = ["extract", str(tiny_folder), "--prompts", str(prompts), "--points", *points]
+        assert main([*argv, "--layers", "1", "--out", str(tmp_path / form)]) == 0
+        stores[form] = ActivationStore.open(tmp_path / form)
+    keys = sorted(k for k in stores["comma"].keys() if not k.startswith("batch_saver"))
+    assert keys == ["logits", "mlp_out_1", "position_mask", "resid_out_1"]
+    assert stores["space"].keys() == stores["comma"].keys()
+    for key in keys:
+        assert torch.equal(stores["comma"][key], stores["space"][key]), key
+
+
+def test_extract_logits_only_saves_only_the_logits(tiny_folder, tmp_path, capsys):
+    from hookscope.store import ActivationStore
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("the cat sat\n")
+    argv = ["extract", str(tiny_folder), "--prompts", str(prompts), "--logits-only"]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 0
+    store = ActivationStore.open(tmp_path / "out")
+    keys = sorted(k for k in store.keys() if not k.startswith("batch_saver"))
+    assert keys == ["logits", "position_mask"]

@@ -110,6 +110,23 @@ def _read_prompts(path: str) -> list[str]:
     return prompts
 
 
+def _verb(sub, name: str, summary: str, description: str, examples: str):
+    """A subcommand parser with a one-line ``summary`` (in ``hookscope --help``), a
+    ``description`` and an ``Examples:`` epilog (in ``hookscope NAME --help``)."""
+    return sub.add_parser(
+        name,
+        help=summary,
+        description=description,
+        epilog="Examples:\n" + examples,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def _comma_separated(values: list[str]) -> list[str]:
+    """``["resid_out,mlp_out", "attn_in"]`` -> ``["resid_out", "mlp_out", "attn_in"]``."""
+    return [item for value in values for item in value.split(",") if item]
+
+
 def _extraction_options(parser: argparse.ArgumentParser) -> None:
     """Every boolean ExtractionConfig field as a --flag."""
     from .config import ExtractionConfig
@@ -139,7 +156,7 @@ def _extraction_config_of(args: argparse.Namespace):
         f.name: getattr(args, f.name) for f in fields(ExtractionConfig) if hasattr(args, f.name)
     }
     by_kind = {kind: FLAG_OF_KIND[kind] for kind in [*LAYER_FLAGS.values(), *MODEL_FLAGS.values()]}
-    for point in args.points:
+    for point in _comma_separated(args.points):
         if point not in by_kind:
             raise CliError(
                 f"--points {point!r} is not a point kind; valid: {', '.join(sorted(by_kind))}"
@@ -241,6 +258,12 @@ def _cmd_extract(args: argparse.Namespace) -> None:
 
     prompts = _read_prompts(args.prompts)
     config = _extraction_config_of(args)
+    if not config.is_not_empty() and not args.logits_only:
+        raise CliError(
+            "extract has nothing to extract: name points with --points (e.g. "
+            "--points resid_out,mlp_out) or an --extract-* flag, or pass --logits-only "
+            "to save only the logits"
+        )
     normalize_items(_positions(args.positions))  # every mistake is reported before any write
     out = Path(args.out)
     _prepare_output(out, prompts, args.overwrite)
@@ -389,6 +412,11 @@ def _available(kind: str, hm, vision_kinds: frozenset) -> bool:
     return True
 
 
+MODEL_HELP = (
+    "a model folder, a .gguf file or a hub id (default: the embedded SmolLM2-135M-Instruct)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hookscope",
@@ -397,22 +425,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = sub.add_parser(
-        "demo", help="logit lens, patching and attention on the embedded model (offline)"
+    demo = _verb(
+        sub,
+        "demo",
+        "logit lens, patching and attention on the embedded model (offline)",
+        "Run the tutorial on the embedded SmolLM2-135M-Instruct without any download: a logit\n"
+        "lens, an activation-patching sweep and an attention pattern, written as figures.",
+        "  hookscope demo\n  hookscope demo --out my-demo/",
     )
     demo.add_argument(
         "--out", default="hookscope-demo", help="output folder (default: %(default)s)"
     )
     demo.set_defaults(func=_cmd_demo)
 
-    info = sub.add_parser("info", help="architecture map and activation points of a model")
-    info.add_argument("model", nargs="?", default=None, metavar="MODEL")
+    info = _verb(
+        sub,
+        "info",
+        "architecture map and activation points of a model",
+        "Print how hookscope maps a model: its family, layers, heads, and which activation\n"
+        "points (resid_out, mlp_out, ...) can be extracted from it.",
+        "  hookscope info\n  hookscope info HuggingFaceTB/SmolLM2-135M-Instruct",
+    )
+    info.add_argument("model", nargs="?", default=None, metavar="MODEL", help=MODEL_HELP)
     info.set_defaults(func=_cmd_info)
 
-    check = sub.add_parser(
-        "check", help="verify hookscope against a model: points, identities, padding, writes"
+    check = _verb(
+        sub,
+        "check",
+        "verify hookscope against a model: points, identities, padding, writes",
+        "Check hookscope on a model before trusting it: every point against HF's own outputs,\n"
+        "the residual identities, padded == unpadded batches, and that writes to points land.",
+        "  hookscope check\n  hookscope check ./my-model --no-remember",
     )
-    check.add_argument("model", nargs="?", default=None, metavar="MODEL")
+    check.add_argument("model", nargs="?", default=None, metavar="MODEL", help=MODEL_HELP)
     check.add_argument(
         "--no-remember",
         dest="remember",
@@ -428,10 +473,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_extract(sub) -> None:
     """The ``extract`` verb's arguments."""
-    extract = sub.add_parser(
-        "extract", help="extract activations of many prompts into a resumable store"
+    extract = _verb(
+        sub,
+        "extract",
+        "extract activations of many prompts into a resumable store",
+        "Run every prompt of --prompts through the model and stream the activations of\n"
+        "--points at --positions into a resumable store in --out (read it with\n"
+        "hookscope.ActivationStore.open). At least one point (or --logits-only) is required.",
+        "  hookscope extract --prompts prompts.txt --points resid_out,mlp_out --out acts/\n"
+        "  hookscope extract --prompts p.jsonl --points resid_out --layers 3 4 --positions last 0:2 "
+        "--out acts/",
     )
-    extract.add_argument("model", nargs="?", default=None, metavar="MODEL")
+    extract.add_argument("model", nargs="?", default=None, metavar="MODEL", help=MODEL_HELP)
     extract.add_argument(
         "--prompts",
         required=True,
@@ -445,10 +498,20 @@ def _add_extract(sub) -> None:
         help="position items (default: last); slices as 2:5",
     )
     extract.add_argument(
-        "--points", nargs="*", default=[], help="point kinds, e.g. resid_out mlp_out attn_in"
+        "--points",
+        nargs="*",
+        default=[],
+        help="point kinds, space- or comma-separated, e.g. resid_out,mlp_out or resid_out attn_in",
     )
-    extract.add_argument("--layers", nargs="*", type=int, help="only these layers")
-    extract.add_argument("--batch-size", type=int, default=8)
+    extract.add_argument(
+        "--logits-only",
+        action="store_true",
+        help="save only the logits (no --points): otherwise extract refuses to run without points",
+    )
+    extract.add_argument("--layers", nargs="*", type=int, help="only these layers (default: all)")
+    extract.add_argument(
+        "--batch-size", type=int, default=8, help="prompts per forward pass (default: %(default)s)"
+    )
     extract.add_argument(
         "--ray",
         metavar="ADDRESS",
@@ -472,10 +535,18 @@ def _add_extract(sub) -> None:
 
 def _add_patch(sub) -> None:
     """The ``patch`` verb's arguments."""
-    patch = sub.add_parser(
-        "patch", help="activation-patching sweep on a clean / corrupt prompt pair"
+    patch = _verb(
+        sub,
+        "patch",
+        "activation-patching sweep on a clean / corrupt prompt pair",
+        "Copy activations of --clean into the run of --corrupt, one slot at a time (per\n"
+        "position, layer or head), and plot how much of the logit difference\n"
+        "correct - wrong each slot restores.",
+        '  hookscope patch --clean "When Mary and John went, John gave it to" \\\n'
+        '      --corrupt "When Mary and John went, Mary gave it to" \\\n'
+        "      --correct ' Mary' --wrong ' John' --per layer",
     )
-    patch.add_argument("model", nargs="?", default=None, metavar="MODEL")
+    patch.add_argument("model", nargs="?", default=None, metavar="MODEL", help=MODEL_HELP)
     patch.add_argument("--clean", required=True, help="the prompt whose activations are copied")
     patch.add_argument(
         "--corrupt", required=True, help="the prompt they are copied into (same token length)"
@@ -486,19 +557,35 @@ def _add_patch(sub) -> None:
         "--point",
         default="resid_out",
         choices=["resid_in", "resid_out", "attn_out", "mlp_out", "head"],
+        help="the point patched (default: %(default)s)",
     )
-    patch.add_argument("--per", default="position", help="position | layer | head | head_position")
-    patch.add_argument("--out", default="hookscope-patch")
+    patch.add_argument(
+        "--per",
+        default="position",
+        help="one slot per: position | layer | head | head_position (default: %(default)s)",
+    )
+    patch.add_argument(
+        "--out", default="hookscope-patch", help="output folder (default: %(default)s)"
+    )
     patch.set_defaults(func=_cmd_patch)
 
 
 def _add_lens(sub) -> None:
     """The ``lens`` verb's arguments."""
-    lens = sub.add_parser("lens", help="logit lens of one prompt, layer by layer")
-    lens.add_argument("model", nargs="?", default=None, metavar="MODEL")
-    lens.add_argument("--prompt", required=True)
+    lens = _verb(
+        sub,
+        "lens",
+        "logit lens of one prompt, layer by layer",
+        "Decode the residual stream after every layer through the final norm and unembedding,\n"
+        "and show what the model would predict at each depth (and the rank of --target).",
+        "  hookscope lens --prompt 'The capital of France is' --target ' Paris'",
+    )
+    lens.add_argument("model", nargs="?", default=None, metavar="MODEL", help=MODEL_HELP)
+    lens.add_argument("--prompt", required=True, help="the prompt to read")
     lens.add_argument("--target", help="a token to follow, e.g. ' Paris'")
-    lens.add_argument("--out", default="hookscope-lens")
+    lens.add_argument(
+        "--out", default="hookscope-lens", help="output folder (default: %(default)s)"
+    )
     lens.set_defaults(func=_cmd_lens)
 
 
