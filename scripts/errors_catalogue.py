@@ -180,6 +180,12 @@ GUIDE = {
         "An activation point name that is malformed, unknown, or out of range for this model.",
         "Names are `kind`, `kind_{layer}` or `kind_L{layer}H{head}`; `hookscope info` lists them.",
     ),
+    "steering": (
+        "steering_vector given an empty or single-string prompt set, a batch_size below 1, or "
+        "positions that select no real token.",
+        "Pass two non-empty lists of prompts and position items that hit real tokens "
+        '(default ["all"]).',
+    ),
     "store": (
         "An output folder that is not a store, holds a different extraction (the message names "
         "each differing field) or other examples than asked (it names the first that differs), "

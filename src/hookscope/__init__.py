@@ -46,6 +46,7 @@ from .interventions import (
 from .lens import LensResult, logit_lens
 from .patching import PatchingResult, activation_patching, attribution_patching
 from .points import KINDS, Point, parse_point
+from .steering import steering_vector
 from .store import ActivationStore, StoreError
 
 __version__ = "0.1.0"
@@ -78,6 +79,7 @@ __all__ = [
     "PositionError",
     "ResidualDecomposition",
     "Steer",
+    "steering_vector",
     "StoreError",
     "__version__",
     "activation_patching",

@@ -137,13 +137,35 @@ class Patch(Intervention):
 @reject_unknown_fields
 @dataclass(kw_only=True, eq=False)
 class Steer(Intervention):
-    """Add ``coefficient * vector`` (``[*rest]`` or ``[positions, *rest]``) at ``positions``."""
+    """Add ``coefficient * vector`` (``[*rest]`` or ``[positions, *rest]``) at ``positions``.
+
+    With ``relative=True`` the coefficient is relative to the norm of the point's value in each
+    slot: each slot ``x`` gets ``coefficient * ||x|| * vector / ||vector||`` (norms over the
+    last axis), so ``coefficient=0.5`` pushes every token by half its own residual norm whatever
+    the layer's scale.
+    """
 
     vector: Any
     coefficient: float = 1.0
+    relative: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.relative, bool):
+            raise HookscopeError(f"Steer relative must be True or False, got {self.relative!r}.")
 
     def transform(self, values, operand, context=None):
-        return values + self.coefficient * operand
+        """``values``: ``[batch, slots, *rest]``; ``operand``: the vector broadcast to it."""
+        if not self.relative:
+            return values + self.coefficient * operand
+        direction_norm = operand.norm(dim=-1, keepdim=True)
+        if bool((direction_norm == 0).any()):
+            raise HookscopeError(
+                f"Steer(relative=True) on {self.point}: the vector has norm 0, so it has no "
+                "direction to scale; give a nonzero vector."
+            )
+        slot_norm = values.norm(dim=-1, keepdim=True)
+        return values + self.coefficient * slot_norm * operand / direction_norm
 
 
 @reject_unknown_fields
