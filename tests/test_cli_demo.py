@@ -229,6 +229,18 @@ def test_ctrl_c_stops_in_one_line_and_the_rerun_resumes(tiny_folder, tmp_path, m
         ),
         (["extract", "--prompts", "{prompts}", "--out", "x"], "nothing to extract"),
         (
+            [
+                "extract",
+                "--prompts",
+                "{prompts}",
+                "--logits-only",
+                "--no-save-logits",
+                "--out",
+                "x",
+            ],
+            "leave nothing to extract",
+        ),
+        (
             ["extract", "--prompts", "{prompts}", "--points", "resid_out,nope", "--out", "x"],
             "'nope' is not a point kind",
         ),

@@ -258,6 +258,10 @@ def _cmd_extract(args: argparse.Namespace) -> None:
 
     prompts = _read_prompts(args.prompts)
     config = _extraction_config_of(args)
+    if args.logits_only and not config.save_logits:
+        raise CliError(
+            "--logits-only and --no-save-logits together leave nothing to extract; drop one"
+        )
     if not config.is_not_empty() and not args.logits_only:
         raise CliError(
             "extract has nothing to extract: name points with --points (e.g. "
