@@ -51,6 +51,13 @@ def texts_of(dataloader: Any) -> list[str] | None:
     return [record["text"] for record in dataloader]
 
 
+def is_one_batch(inputs: Any) -> bool:
+    """Whether ``inputs`` is one batch rather than a dataset of them: a tokenized batch (a
+    mapping, an id tensor) or one prompt. Iterating it would give its key names, its rows or
+    its characters."""
+    return isinstance(inputs, Mapping | torch.Tensor | str)
+
+
 def iter_batches(
     dataloader: Iterable[Any], tokenizer: Any, batch_size: int, sort_by_length: bool = False
 ) -> Iterator[Batch]:
@@ -60,9 +67,9 @@ def iter_batches(
     mapping would give its key names). Lists of strings and of records (dicts with a
     ``"text"``) are tokenised here, ``batch_size`` at a time, by length with ``sort_by_length``.
     """
-    if isinstance(dataloader, str):  # one prompt, never iterated (that would give its characters)
+    if isinstance(dataloader, str):  # one prompt: a list of one, batched like any list
         dataloader = [dataloader]
-    if isinstance(dataloader, Mapping | torch.Tensor):
+    if is_one_batch(dataloader):
         if sort_by_length:
             raise InputError("sort_by_length needs a list of strings, got one batch.")
         yield dataloader, None, None

@@ -175,7 +175,7 @@ class PreparedIntervention:
         if operand is None:
             return lambda x, pos: iv.transform(x, None)
         # one row per example (a source, a vector or a mean alike): this batch's rows
-        return lambda x, pos: iv.transform(x, self._broadcast(operand, x, rows=True))
+        return lambda x, pos: iv.transform(x, self._broadcast(operand, x))
 
     def _operand(self) -> torch.Tensor | None:
         """The checked tensor the intervention applies: a mean, a source or a vector."""
@@ -222,13 +222,14 @@ class PreparedIntervention:
             )
         return source
 
-    def _broadcast(self, value: torch.Tensor, x: torch.Tensor, rows: bool = False) -> torch.Tensor:
-        """``value`` ([width], [slots, width] or [N, slots, width]) as ``x``'s shape [B, S, width]."""
-        value = value.to(device=x.device, dtype=x.dtype)
+    def _broadcast(self, value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``value`` ([width], [slots, width] or [N, slots, width], one row per example of the
+        dataset) as ``x``'s shape [B, S, width]: this batch's rows are cut out before anything
+        moves to ``x``'s device (a dataset-wide source is never copied whole)."""
         if value.dim() == 3:
-            start = self.window.example_offset if rows else 0
+            start = self.window.example_offset
             value = value[start : start + x.shape[0]]
-        return value.expand_as(x)
+        return value.to(device=x.device, dtype=x.dtype).expand_as(x)
 
     # -- how ----------------------------------------------------------------------------------
     def apply(self, module, tensor: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ tokens are listed under ``mapping_index["generated"]``.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -79,10 +80,17 @@ def generate(
 
 def _check_generate_kwargs(hm: Any, generate_kwargs: dict[str, Any]) -> None:
     """Extra keywords must be generation options or inputs the model's forward names."""
+    if generate_kwargs:
+        options = _generation_options(type(hm.hf_model))
+        check_model_kwargs(generate_kwargs, hm.hf_model, type(hm).generate, extra_valid=options)
+
+
+@functools.cache
+def _generation_options(model_class: type) -> frozenset[str]:
+    """Keywords HF ``generate`` takes: ``GenerationConfig`` fields and its own parameters."""
     from transformers import GenerationConfig
 
-    options = set(GenerationConfig().to_dict()) | own_keywords(type(hm.hf_model).generate)
-    check_model_kwargs(generate_kwargs, hm.hf_model, type(hm).generate, extra_valid=options)
+    return frozenset(GenerationConfig().to_dict()) | own_keywords(model_class.generate)
 
 
 def _window_tracker(model: torch.nn.Module, window: CallWindow) -> ModuleHook:

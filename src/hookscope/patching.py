@@ -23,7 +23,7 @@ import torch
 
 from .capture import PointSite, locate
 from .config import ExtractionConfig
-from .errors import HookscopeError, InputError
+from .errors import HookscopeError, InputError, PositionError
 from .hooks import ModuleHook, reading_hook, replacing_hook
 from .interventions import Patch
 from .points import Point
@@ -259,13 +259,24 @@ def _full_activations(
     return store
 
 
-def _chosen_slots(hm, clean: dict, items: Sequence[Any], every: Any) -> Any:
-    """``every`` (the ``["all"]`` slots) with ``.chosen``: per row, the absolute indices of
-    ``items`` resolved on the clean inputs (clean and corrupt align token by token)."""
+def _chosen_positions(hm, clean: dict, items: Sequence[Any]) -> list[list[int]]:
+    """Per row, the absolute indices ``items`` select, resolved on the clean inputs (clean and
+    corrupt align token by token).
+
+    Raises:
+        PositionError: for an example where the items select no token (a sweep would patch
+            nothing there and read the corrupt run as the patch's effect).
+    """
     resolved = hm.position_context(clean).resolve(items)
     index, mask = resolved.index.cpu(), resolved.mask.cpu()
-    every.chosen = [index[row][mask[row]].tolist() for row in range(len(index))]
-    return every
+    chosen = [index[row][mask[row]].tolist() for row in range(len(index))]
+    for row, positions in enumerate(chosen):
+        if not positions:
+            raise PositionError(
+                f"positions={list(items)!r} select no token in example {row}: the sweep would "
+                "patch nothing there. Give items every example has."
+            )
+    return chosen
 
 
 def _write_hook(
@@ -341,8 +352,8 @@ def activation_patching(
     mask = clean["attention_mask"]
     slots = resolve_positions(["all"], mask)  # slot j of row i = its j-th real token
     sites, axes, labels = _sites(hm, point, per, layers, mask.sum(1))
-    if positions is not None:  # each row's chosen absolute positions replace "every position"
-        slots = _chosen_slots(hm, clean, positions, slots)
+    # each row's chosen absolute positions replace "every position" in per-layer / per-head sites
+    chosen = _chosen_positions(hm, clean, positions) if positions is not None else None
     if "position" in labels:
         labels["position"] = hm.to_string_tokens(clean["input_ids"][0][slots.index[0]])
     run = _batched_sweep if batched else _looped_sweep
@@ -353,6 +364,7 @@ def activation_patching(
         point,
         sites,
         slots,
+        chosen,
         batch_size,
         progress,
         lambda logits, ex: _metric(
@@ -430,16 +442,19 @@ def _result(
     )
 
 
-def _site_position(slots: Any, example: int, slot: int | None) -> int | list[int]:
+def _site_position(
+    slots: Any, chosen: list[list[int]] | None, example: int, slot: int | None
+) -> int | list[int]:
     """Where a site patches in ``example``: its slot's position, the chosen positions of a
     ``positions=`` sweep, or -1 for every position."""
     if slot is not None:
         return int(slots.index[example, slot])
-    chosen = getattr(slots, "chosen", None)
     return -1 if chosen is None else chosen[example]
 
 
-def _batched_sweep(hm, clean, corrupt, point, sites, slots, batch_size, progress, metric_fn):
+def _batched_sweep(
+    hm, clean, corrupt, point, sites, slots, chosen, batch_size, progress, metric_fn
+):
     layers = sorted({s[0] for s in sites})
     heads = point == "head"
     clean_acts = _full_activations(hm, clean, point, layers, heads)
@@ -461,7 +476,7 @@ def _batched_sweep(hm, clean, corrupt, point, sites, slots, batch_size, progress
             positions, values = [], []
             for row in site_rows:
                 example = chunk[row][0]
-                position = _site_position(slots, example, sites[chunk[row][1]][2])
+                position = _site_position(slots, chosen, example, sites[chunk[row][1]][2])
                 source = clean_acts[(layer, head)][example]
                 positions.append(position)
                 values.append(source if position == -1 else source[position])
@@ -477,9 +492,9 @@ def _batched_sweep(hm, clean, corrupt, point, sites, slots, batch_size, progress
     return results, forwards
 
 
-def _looped_sweep(hm, clean, corrupt, point, sites, slots, batch_size, progress, metric_fn):
-    if getattr(slots, "chosen", None) is not None:
-        return _looped_sweep_per_example(hm, clean, corrupt, point, sites, slots, metric_fn)
+def _looped_sweep(hm, clean, corrupt, point, sites, slots, chosen, batch_size, progress, metric_fn):
+    if chosen is not None:
+        return _looped_sweep_per_example(hm, clean, corrupt, point, sites, slots, chosen, metric_fn)
     examples = clean["input_ids"].shape[0]
     results = torch.empty(examples, len(sites))
     layers = sorted({s[0] for s in sites})
@@ -500,7 +515,7 @@ def _looped_sweep(hm, clean, corrupt, point, sites, slots, batch_size, progress,
     return results.flatten(), len(sites)
 
 
-def _looped_sweep_per_example(hm, clean, corrupt, point, sites, slots, metric_fn):
+def _looped_sweep_per_example(hm, clean, corrupt, point, sites, slots, chosen, metric_fn):
     """The reference for a ``positions=`` sweep: one forward per (example, site), each row
     alone with a ``Patch`` at its chosen positions (as offsets from its first real token)."""
     examples = clean["input_ids"].shape[0]
@@ -511,11 +526,11 @@ def _looped_sweep_per_example(hm, clean, corrupt, point, sites, slots, metric_fn
             k: v[example : example + 1] if isinstance(v, torch.Tensor) else v
             for k, v in corrupt.items()
         }
-        chosen, first = slots.chosen[example], int(slots.index[example, 0])
+        positions, first = chosen[example], int(slots.index[example, 0])
         for index, (layer, head, _) in enumerate(sites):
-            source = clean_acts[(layer, head)][example, chosen].unsqueeze(0)  # [1, P, w]
+            source = clean_acts[(layer, head)][example, positions].unsqueeze(0)  # [1, P, w]
             name = Point(_POINT_KIND[point], layer, head).name
-            patch = Patch(point=name, positions=[p - first for p in chosen], source=source)
+            patch = Patch(point=name, positions=[p - first for p in positions], source=source)
             logits = hm.forward(row, ["last"], interventions=[patch])["logits"][:, 0]
             results[example, index] = metric_fn(logits, torch.tensor([example]))[0]
     return results.flatten(), examples * len(sites)

@@ -193,21 +193,34 @@ def memory_tree(
     return tree
 
 
+# easyroutine's methods, by the class they are added to (properties where easyroutine reads an
+# attribute)
+_METHODS = {
+    HookedModel: {
+        "compute_patching": compute_patching,
+        "model_config": property(model_config),
+        "hf_tokenizer": property(hf_tokenizer),
+        "is_multimodal": is_multimodal,
+        "get_lm_head": get_lm_head,
+        "get_last_layernorm": get_last_layernorm,
+        "set_custom_modules": set_custom_modules,
+        "restore_original_modules": restore_original_modules,
+        "predict": predict,
+        "assert_module_exists": assert_module_exists,
+        "assert_all_modules_exist": assert_all_modules_exist,
+    },
+    ActivationCache: {
+        "is_empty": is_empty,
+        "cuda": cuda,
+        "deferred_mode": deferred_mode,
+        "memory_size": memory_size,
+        "memory_tree": memory_tree,
+    },
+}
+
+
 def register() -> None:
     """Add the methods to :class:`HookedModel` and :class:`ActivationCache` (idempotent)."""
-    HookedModel.compute_patching = compute_patching
-    HookedModel.model_config = property(model_config)
-    HookedModel.hf_tokenizer = property(hf_tokenizer)
-    HookedModel.is_multimodal = is_multimodal
-    HookedModel.get_lm_head = get_lm_head
-    HookedModel.get_last_layernorm = get_last_layernorm
-    HookedModel.set_custom_modules = set_custom_modules
-    HookedModel.restore_original_modules = restore_original_modules
-    HookedModel.predict = predict
-    HookedModel.assert_module_exists = assert_module_exists
-    HookedModel.assert_all_modules_exist = assert_all_modules_exist
-    ActivationCache.is_empty = is_empty
-    ActivationCache.cuda = cuda
-    ActivationCache.deferred_mode = deferred_mode
-    ActivationCache.memory_size = memory_size
-    ActivationCache.memory_tree = memory_tree
+    for cls, methods in _METHODS.items():
+        for name, method in methods.items():
+            setattr(cls, name, method)

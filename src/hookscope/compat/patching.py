@@ -11,6 +11,7 @@ import torch
 
 from ..cache import ActivationCache
 from ..config import FLAG_OF_KIND, HEAD_FLAGS, LAYER_FLAGS, ExtractionConfig
+from ..dataset import is_one_batch
 from ..errors import HookscopeError, InputError
 from ..interventions import Patch
 from ..points import KINDS, parse_point
@@ -106,9 +107,9 @@ def _logit_diff_fields(
 
 
 def _batch_list(dataloader: Any) -> list[Any]:
-    """The batches of a dataloader; one tokenized batch (a mapping, an id tensor) or one string
-    is a single batch, never iterated (iterating a mapping would give its key names)."""
-    if isinstance(dataloader, Mapping | torch.Tensor | str):
+    """The batches of a dataloader (one batch, see :func:`~hookscope.dataset.is_one_batch`,
+    is a list of one)."""
+    if is_one_batch(dataloader):
         return [dataloader]
     return list(dataloader)
 
