@@ -19,6 +19,14 @@ TARGET = ROOT / "docs" / "errors.md"
 
 # module -> (what causes these errors, how to fix them)
 GUIDE = {
+    "dictionaries": (
+        "A sparse autoencoder or transcoder whose parts do not fit together: an unknown "
+        "activation, TopK without k, JumpReLU without a threshold, weights whose shapes "
+        "disagree, or a name that cannot be part of a cache key.",
+        "Give W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_out], b_dec [d_out] and the "
+        "activation's own parameter (k or threshold); load public files with the loaders, "
+        "which fill these in from the format's config.",
+    ),
     "analysis": (
         "A residual decomposition or logit attribution asked for something the model does not "
         "have: a layer outside 0..n_layers, an answer that is several tokens, one answer list "
