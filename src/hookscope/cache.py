@@ -394,6 +394,12 @@ class ActivationCache(MutableMapping):
             lines.append(f"  {key:<{width}}  {desc}")
         return "\n".join(lines)
 
+    def _repr_html_(self) -> str:
+        """Notebook view: keys, shapes, dtypes, and activation norms per layer and slot."""
+        from .report import notebook_view
+
+        return notebook_view(self)
+
     # -- disk ----------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
         """Write the cache to one safetensors file (tensors) with JSON metadata; atomic.

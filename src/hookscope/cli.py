@@ -7,6 +7,7 @@
                       [--overwrite]   (a resumable store; Ctrl-C, then the same command resumes)
     hookscope patch [MODEL] --clean TEXT --corrupt TEXT --correct TOKEN --wrong TOKEN --out DIR
     hookscope lens [MODEL] --prompt TEXT [--target TOKEN] --out DIR
+    hookscope report RESULT.json [RESULT.json ...] --out PAGE.html
 
 User mistakes print one line and a hint, and exit with status 2 (no stack trace); Ctrl-C prints
 one line and exits with status 130.
@@ -312,10 +313,18 @@ def _patching_figures(result, model_name: str, point: str, out: Path) -> None:
         values, rows, columns, title, axes[1], axes[0], metric,
         path=out / f"patching_{point}.png", diverging=True,
     )  # fmt: skip
-    heatmap = plot.heatmap_html(
-        values, rows, columns, title, metric, row_name=axes[0] or "row", col_name=axes[1]
-    )
-    plot.html_page(f"hookscope patch: {model_name}", [heatmap], path=out / f"patching_{point}.html")
+    result.save(out / f"patching_{point}.json")
+    _write_report(f"hookscope patch: {model_name}", [result], out / f"patching_{point}.html")
+
+
+def _write_report(title: str, results: list, path: Path) -> Path:
+    """One report page of ``results`` (see ``hookscope.report``)."""
+    from .report import Report
+
+    report = Report(title)
+    for result in results:
+        report.add(result)
+    return report.write(path)
 
 
 def _cmd_patch(args: argparse.Namespace) -> None:
@@ -328,17 +337,22 @@ def _cmd_patch(args: argparse.Namespace) -> None:
     result = activation_patching(
         hm, clean, corrupt, answers, point=args.point, per=args.per, progress=True
     )
+    result.context = {
+        "model": str(hm.model_name), "point": args.point, "clean": args.clean,
+        "corrupt": args.corrupt, "correct": args.correct, "wrong": args.wrong,
+    }  # fmt: skip
     out = Path(args.out)
     _patching_figures(result, str(hm.model_name), args.point, out)
     print(
         f"{result}\nclean {result.clean_metric[0]:.3f}, corrupt {result.corrupt_metric[0]:.3f}; "
-        f"figures in {out}/"
+        f"figures, result (.json) and report (.html) in {out}/"
     )
 
 
 def _cmd_lens(args: argparse.Namespace) -> None:
     from . import plot
     from .lens import logit_lens
+    from .results import save_lens
 
     hm = _load(args.model)
     lens = logit_lens(hm, args.prompt, ["all"])
@@ -349,8 +363,20 @@ def _cmd_lens(args: argparse.Namespace) -> None:
         if target is not None:
             extra = f"  rank({args.target!r})={int(lens.rank(target)[index, 0, -1])}"
         print(f"layer {layer:>3}: " + ", ".join(f"{t!r} {p:.2f}" for t, p in tops[index]) + extra)
-    plot.lens_figure(lens, str(hm.model_name), path=Path(args.out) / "logit_lens.png")
-    print(f"figure: {Path(args.out) / 'logit_lens.png'}")
+    out = Path(args.out)
+    plot.lens_figure(lens, str(hm.model_name), path=out / "logit_lens.png")
+    summary = lens.summary(target=target, prompt=args.prompt, model=str(hm.model_name))
+    save_lens(summary, out / "logit_lens.json")
+    _write_report(f"hookscope lens: {hm.model_name}", [summary], out / "logit_lens.html")
+    print(f"figure: {out / 'logit_lens.png'}; result and report: logit_lens.json, logit_lens.html")
+
+
+def _cmd_report(args: argparse.Namespace) -> None:
+    from .results import load_result
+
+    results = [load_result(path) for path in args.results]
+    path = _write_report(args.title, results, Path(args.out))
+    print(f"{len(results)} result{'s' * (len(results) != 1)} -> {path}")
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -472,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_extract(sub)
     _add_patch(sub)
     _add_lens(sub)
+    _add_report(sub)
     return parser
 
 
@@ -591,6 +618,32 @@ def _add_lens(sub) -> None:
         "--out", default="hookscope-lens", help="output folder (default: %(default)s)"
     )
     lens.set_defaults(func=_cmd_lens)
+
+
+def _add_report(sub) -> None:
+    """The ``report`` verb's arguments."""
+    report = _verb(
+        sub,
+        "report",
+        "render saved results (patching, logit lens) as one HTML page",
+        "Render results saved by `hookscope patch` (patching_*.json) and `hookscope lens`\n"
+        "(logit_lens.json), or by PatchingResult.save / LensResult.save, into one\n"
+        "self-contained HTML page (no network needed to open it): heatmaps and bar charts\n"
+        "with axis titles, colour scales, tooltips and the numbers beside them.",
+        "  hookscope report hookscope-patch/patching_resid_out.json --out report.html\n"
+        "  hookscope report patch/patching_head.json lens/logit_lens.json --title 'IOI' "
+        "--out ioi.html",
+    )
+    report.add_argument(
+        "results", nargs="+", metavar="RESULT", help="saved result files (.json), in page order"
+    )
+    report.add_argument(
+        "--out", default="hookscope-report.html", help="the page to write (default: %(default)s)"
+    )
+    report.add_argument(
+        "--title", default="hookscope report", help="the page's title (default: %(default)s)"
+    )
+    report.set_defaults(func=_cmd_report)
 
 
 def _is_store_error(error: Exception) -> bool:

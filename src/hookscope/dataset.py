@@ -18,6 +18,7 @@ from .cache import ActivationCache
 from .config import ExtractionConfig
 from .errors import HookscopeError, InputError
 from .inputs import tokenize
+from .progress import ProgressBar, real_tokens
 from .store import ActivationStore, StoreWriter, describe
 
 Batch = tuple[Any, torch.Tensor | None, list[dict] | None]
@@ -148,29 +149,15 @@ def describe_value(value: Any) -> Any:
     return value if isinstance(value, str | int | float | bool | type(None)) else repr(value)
 
 
-class Progress:
-    """A progress bar in examples/s with a tokens/s readout (tqdm), or nothing when off."""
+class Progress(ProgressBar):
+    """The bar of ``extract_cache``: examples/s with tokens/s (see :mod:`hookscope.progress`)."""
 
     def __init__(self, dataloader: Any, done: int, enabled: bool):
-        self.bar, self.tokens = None, 0
-        if enabled:
-            from tqdm.auto import tqdm
+        total = len(dataloader) if texts_of(dataloader) is not None else None
+        super().__init__(total, "extract", enabled, unit="ex", initial=done)
 
-            total = len(dataloader) if texts_of(dataloader) is not None else None
-            self.bar = tqdm(total=total, initial=done, unit="ex", desc="extract")
-
-    def update(self, batch: Any, rows: int) -> None:
-        if self.bar is None:
-            return
-        self.bar.update(rows)
-        mask = batch.get("attention_mask") if hasattr(batch, "get") else None
-        self.tokens += int(mask.sum()) if isinstance(mask, torch.Tensor) else 0
-        elapsed = max(self.bar.format_dict["elapsed"], 1e-9)
-        self.bar.set_postfix(tokens_per_s=f"{self.tokens / elapsed:.0f}")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+    def update(self, batch: Any, rows: int) -> None:  # type: ignore[override]
+        super().update(rows, real_tokens(batch))
 
 
 class DatasetRun:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ class _Demo:
     out: Path
     say: Callable[[str], Any]
     name: str = "SmolLM2-135M-Instruct"
+    head_scores: dict = field(default_factory=dict)  # (layer, head) -> attention to the IO
 
     @property
     def tokenizer(self) -> Any:
@@ -122,6 +123,7 @@ def _strongest_head(demo: _Demo, clean: Any, io_position: int) -> tuple[int, int
     )
     points = [parse_point(key) for key in rows if key.startswith("pattern_")]
     scores = {(p.layer, p.head): float(rows[p.name][0, 0, io_position]) for p in points}
+    demo.head_scores = scores
     layer, head = max(scores, key=scores.get)
     return layer, head, scores[(layer, head)]
 
@@ -153,33 +155,41 @@ def _head_step(demo: _Demo, clean: Any) -> tuple[tuple[int, int], torch.Tensor, 
     return (layer, head), pattern, tokens
 
 
-def _html_page(demo: _Demo, lens: Any, result: Any, head_step: tuple) -> str:
-    """The three heatmaps as one interactive page, ``index.html``; returns its text."""
-    from . import plot
+def _html_page(demo: _Demo, lens: Any, result: Any, head_step: tuple, tops: list) -> str:
+    """The demo's report, ``index.html`` (``hookscope.report``): patching, lens, attention of
+    the name-mover head and its neighbours by score, and the top next tokens; returns its text."""
+    from .report import Report
 
-    (layer, head), pattern, tokens = head_step
-    top_id = lens.probs[:, 0].argmax(-1)
-    figures = [
-        plot.heatmap_html(
-            lens.probs[:, 0].max(-1).values,
-            lens.layers,
-            lens.tokens[0],
-            f"Logit lens on {PROMPTS[0]!r}: top token per layer and position",
-            "top-token probability",
-            [[t for t in demo.hm.to_string_tokens(r.tolist())] for r in top_id],
+    (layer, head), _, tokens = head_step
+    heads = [(layer, head)] + [h for h in _top_heads(demo, 4) if h != (layer, head)][:3]
+    clean = demo.tokenizer([IOI_CLEAN], return_tensors="pt")
+    patterns = demo.hm.forward(
+        clean,
+        ["all"],
+        extraction_config=ExtractionConfig(
+            extract_attn_pattern=True, attn_heads=[{"layer": a, "head": b} for a, b in heads]
         ),
-        plot.heatmap_html(
-            result.values,
-            result.labels["layer"],
-            result.labels["position"],
-            "Activation patching (resid_out), normalised logit difference",
-            "restored fraction",
-        ),
-        plot.heatmap_html(
-            pattern, tokens, tokens, f"Attention pattern, layer {layer} head {head}", "probability"
-        ),
-    ]
-    return plot.html_page(f"hookscope demo: {demo.name}", figures, path=demo.out / "index.html")
+    )
+    report = Report(f"hookscope demo: {demo.name}", "Every number below is this run's.")
+    report.add_table(
+        [(repr(p), repr(t)) for p, t in zip(PROMPTS, tops, strict=True)],
+        ["prompt", "top next token"],
+        title="1. Top next token at the last position",
+    )
+    report.add(lens, title=f"2. Logit lens on {PROMPTS[0]!r}", target=demo.token_id(TARGET),
+               prompt=PROMPTS[0], model=demo.name)  # fmt: skip
+    report.add(result, title="3. Activation patching of resid_out on the IOI pair",
+               prompts=(IOI_CLEAN, IOI_CORRUPT), answers=(" Mary", " John"), model=demo.name)  # fmt: skip
+    report.add_attention(patterns, tokens, heads, title=f"4. Attention on {IOI_CLEAN!r}")
+    page = report.html()
+    report.write(demo.out / "index.html")
+    return page
+
+
+def _top_heads(demo: _Demo, count: int) -> list[tuple[int, int]]:
+    """The ``count`` heads whose last-token row attends most to the indirect object."""
+    scores = demo.head_scores
+    return sorted(scores, key=scores.get, reverse=True)[:count]
 
 
 def run_demo(out_dir: str | Path = "hookscope-demo", print_fn=print) -> dict:
@@ -192,7 +202,7 @@ def run_demo(out_dir: str | Path = "hookscope-demo", print_fn=print) -> dict:
     clean, corrupt = (demo.tokenizer([t], return_tensors="pt") for t in (IOI_CLEAN, IOI_CORRUPT))
     result = _patching_step(demo, clean, corrupt)
     head_step = _head_step(demo, clean)
-    page = _html_page(demo, lens, result, head_step)
+    page = _html_page(demo, lens, result, head_step, top_tokens)
     print_fn(
         f"\nWrote {demo.out}/logit_lens.png, patching_resid_out.png, attention.png, index.html "
         f"({len(page) // 1024} KB) and {cache_path.name}."

@@ -101,6 +101,25 @@ class LensResult:
             )
         return token_id
 
+    def summary(self, example: int = 0, k: int = 3, target: int | None = None, **context: Any):
+        """What a report shows of one example (top-k tokens per layer and position, KL, the
+        ``target`` token id's probability and rank), small enough to save: a
+        :class:`hookscope.results.LensSummary`; ``context`` (``prompt=``, ``model=``) names it."""
+        from .results import lens_summary
+
+        return lens_summary(self, example=example, k=k, target=target, context=context)
+
+    def save(self, path: Any, example: int = 0, k: int = 3, target: int | None = None, **context):
+        """Write :meth:`summary` as JSON (``hookscope report`` renders it); returns the path."""
+        from .results import save_lens
+
+        return save_lens(self.summary(example, k, target, **context), path)
+
+    def _repr_html_(self) -> str:
+        from .report import notebook_view
+
+        return notebook_view(self)
+
     def kl_to_final(self) -> torch.Tensor:
         """``[layers, batch, P]``: KL(final || layer), how far each layer's readout is from the
         model's output distribution."""

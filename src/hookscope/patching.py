@@ -28,6 +28,7 @@ from .hooks import ModuleHook, reading_hook, replacing_hook
 from .interventions import Patch
 from .points import Point
 from .positions import resolve_positions
+from .progress import ProgressBar, real_tokens
 
 Metric = Literal["logit_diff", "prob", "kl"]
 SweepPoint = Literal["resid_in", "resid_out", "attn_out", "mlp_out", "head"]
@@ -63,6 +64,29 @@ class PatchingResult:
     normalized: bool
     method: str = "activation"
     forwards: int = field(default=0)
+    # what the sweep ran on, for reports: model, point, clean, corrupt, correct, wrong
+    context: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def save(self, path: Any) -> Any:
+        """Write this result as JSON (``hookscope report`` renders it); returns the path."""
+        from .results import save_patching
+
+        return save_patching(self, path)
+
+    @staticmethod
+    def load(path: Any) -> PatchingResult:
+        """A result written by :meth:`save` (the file is checked field by field)."""
+        from .results import load_result
+
+        result = load_result(path)
+        if not isinstance(result, PatchingResult):
+            raise HookscopeError(f"{path} holds a {type(result).__name__}, not a PatchingResult.")
+        return result
+
+    def _repr_html_(self) -> str:
+        from .report import notebook_view
+
+        return notebook_view(self)
 
     def __repr__(self) -> str:
         shape = " x ".join(f"{a} {n}" for a, n in zip(self.axes, self.values.shape, strict=True))
@@ -462,6 +486,7 @@ def _batched_sweep(
     rows = [(ex, site) for ex in range(examples) for site in range(len(sites))]
     results = torch.empty(len(rows))
     forwards = math.ceil(len(rows) / batch_size)
+    bar = ProgressBar(len(rows), "patching sweep", progress, unit="row")
     for chunk_index in range(forwards):
         chunk = rows[chunk_index * batch_size : (chunk_index + 1) * batch_size]
         ex = torch.tensor([r[0] for r in chunk])
@@ -485,10 +510,8 @@ def _batched_sweep(
         results[chunk_index * batch_size : chunk_index * batch_size + len(chunk)] = metric_fn(
             logits, ex
         )
-        if progress:
-            print(f"\rpatching sweep: {chunk_index + 1}/{forwards} forwards", end="", flush=True)
-    if progress:
-        print()
+        bar.update(len(chunk), real_tokens(batch))
+    bar.close()
     return results, forwards
 
 

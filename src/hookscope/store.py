@@ -1007,6 +1007,12 @@ class ActivationStore:
                     chosen.append(int(fields["example_index"]) + shard.get("index_offset", 0))
         return torch.tensor(sorted(chosen), dtype=torch.long)
 
+    def _repr_html_(self) -> str:
+        """Notebook view: folder, examples, shards, and each key's shape and dtype."""
+        from .report import notebook_view
+
+        return notebook_view(self)
+
     def to_numpy(self, key: str):
         """``store[key]`` as a numpy array (float32 for half-precision tensors)."""
         value = self[key]
