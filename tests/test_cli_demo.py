@@ -387,7 +387,7 @@ def test_every_verb_explains_itself_with_a_description_and_an_example():
 
     parser = build_parser()
     verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(verbs.choices) == {"demo", "info", "check", "extract", "patch", "lens"}
+    assert set(verbs.choices) == {"demo", "info", "check", "extract", "patch", "lens", "report"}
     for name, verb in verbs.choices.items():
         text = verb.format_help()
         assert verb.description and verb.description.split("\n")[0] in text, name

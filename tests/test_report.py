@@ -351,3 +351,33 @@ def test_report_screenshot_draws_the_figures(tiny, tmp_path):
     with Image.open(shot) as image:
         colors = image.convert("RGB").getcolors(maxcolors=1 << 20)
     assert colors is not None and len(colors) > 50, "the figures drew something"
+
+
+def test_report_command_renders_what_patch_and_lens_saved(tiny_folder, tmp_path, capsys):
+    from hookscope.cli import main
+
+    tokenizer = build_tokenizer()
+    single = [t for t in (" the", " cat", " dog", " mat") if len(tokenizer(t)["input_ids"]) == 1]
+    clean, corrupt = (f"The{word} sat on the mat" for word in single[:2])
+    patch = ["patch", str(tiny_folder), "--clean", clean, "--corrupt", corrupt, "--per", "layer"]
+    patch += ["--correct", single[0], "--wrong", single[1], "--out", str(tmp_path / "p")]
+    assert main(patch) == 0, capsys.readouterr().err
+    lens = ["lens", str(tiny_folder), "--prompt", "The cat sat", "--target", single[0]]
+    assert main([*lens, "--out", str(tmp_path / "l")]) == 0, capsys.readouterr().err
+    saved = load_result(tmp_path / "p" / "patching_resid_out.json")
+    assert saved.axes == ["layer"] and saved.context["clean"] == clean
+    page_path = tmp_path / "page.html"
+    argv = ["report", str(tmp_path / "p" / "patching_resid_out.json")]
+    argv += [str(tmp_path / "l" / "logit_lens.json"), "--title", "T <1>", "--out", str(page_path)]
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert capsys.readouterr().out.strip() == f"2 results -> {page_path}"
+    page = html.unescape(page_path.read_text())
+    assert "<title>T <1></title>" in page  # escaped in the file, <1> once unescaped
+    assert f"clean:   {clean!r}" in page and f"correct {single[0]!r} vs wrong {single[1]!r}" in page
+    assert f"layer 1\nrestored fraction: {float(saved.values[1]):.3g}" in page  # a bar's tooltip
+    assert "Logit lens on resid_out: 'The cat sat'" in page
+    (tmp_path / "bad.json").write_text("[1]")
+    assert main(["report", str(tmp_path / "bad.json"), "--out", str(page_path)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("hookscope: error:") and "not a saved hookscope result" in err[0]

@@ -12,6 +12,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+DELAY = 2.0  # seconds an operation runs before its bar appears
+
 
 def _in_notebook() -> bool:
     """Whether this runs in a Jupyter kernel (whose stderr is not a terminal but shows bars)."""
@@ -35,7 +37,7 @@ class ProgressBar:
         total: rows expected (None when unknown); initial: rows already done (a resumed run).
         description: the bar's label, e.g. ``"extract"``.
         enabled: ``progress`` as the caller was given it (shown only when :func:`visible`).
-        delay: seconds before the bar first appears.
+        delay: seconds before the bar first appears (default :data:`DELAY`).
     """
 
     def __init__(
@@ -45,7 +47,7 @@ class ProgressBar:
         enabled: bool,
         unit: str = "ex",
         initial: int = 0,
-        delay: float = 2.0,
+        delay: float | None = None,
     ):
         self.bar: Any = None
         self.tokens = 0
@@ -58,7 +60,7 @@ class ProgressBar:
                 unit=unit,
                 desc=description,
                 file=sys.stderr,
-                delay=delay,
+                delay=DELAY if delay is None else delay,
                 dynamic_ncols=True,
             )
 

@@ -1,0 +1,69 @@
+"""Progress bars: on stderr only, only when someone can see them, with rows/s and tokens/s."""
+
+from __future__ import annotations
+
+import io
+import sys
+
+import torch
+from tiny_models import PROMPTS
+
+from hookscope import ExtractionConfig, progress
+from hookscope.patching import activation_patching
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _terminal(monkeypatch) -> _Terminal:
+    """stderr as a terminal, bars shown at once (called in the test body: pytest's capture
+    replaces sys.stderr after the fixtures are set up)."""
+    fake = _Terminal()
+    monkeypatch.setattr(sys, "stderr", fake)
+    monkeypatch.setattr(progress, "DELAY", 0.0)
+    return fake
+
+
+def _pair():
+    ids = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 7, 8, 10]])
+    clean = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    corrupt = {"input_ids": ids.flip(1), "attention_mask": torch.ones_like(ids)}
+    return clean, corrupt
+
+
+def test_patching_sweep_bar_goes_to_stderr_with_rates(tiny_llama, monkeypatch, capsys):
+    terminal = _terminal(monkeypatch)
+    clean, corrupt = _pair()
+    result = activation_patching(
+        tiny_llama, clean, corrupt, ([3, 3], [4, 4]), batch_size=3, progress=True
+    )
+    shown = terminal.getvalue()
+    rows = 2 * result.values.numel()  # examples x sites
+    assert "patching sweep: 100%" in shown and f"{rows}/{rows}" in shown, shown
+    assert "row/s" in shown and "tok/s" in shown, shown
+    assert capsys.readouterr().out == ""  # stdout stays clean (CLI JSON output)
+
+
+def test_extract_bar_counts_examples(tiny_llama, monkeypatch, capsys):
+    terminal = _terminal(monkeypatch)
+    tiny_llama.extract_cache(
+        PROMPTS[:3], ["last"], ExtractionConfig(extract_resid_out=True), progress=True
+    )
+    shown = terminal.getvalue()
+    assert "extract: 100%" in shown and "3/3" in shown and "tok/s" in shown, shown
+    assert capsys.readouterr().out == ""
+
+
+def test_no_bar_when_off_or_not_a_terminal(tiny_llama, monkeypatch, capsys):
+    monkeypatch.setattr(progress, "DELAY", 0.0)
+    clean, corrupt = _pair()
+    activation_patching(tiny_llama, clean, corrupt, ([3, 3], [4, 4]), progress=True)
+    captured = capsys.readouterr()  # pytest's stderr is not a terminal
+    assert captured.err == "" and captured.out == ""
+    fake = _Terminal()
+    monkeypatch.setattr(sys, "stderr", fake)
+    activation_patching(tiny_llama, clean, corrupt, ([3, 3], [4, 4]), progress=False)
+    assert fake.getvalue() == ""
+    assert not progress.visible(False) and progress.visible(True)
