@@ -184,6 +184,20 @@ GUIDE = {
         "A figure that cannot be drawn: a grid that is not 2-D, or matplotlib missing.",
         "Install `hookscope[plot]`; plot 2-D results.",
     ),
+    "report": (
+        "A report asked to show what it cannot: Report.add of an unsupported type or with "
+        "options that type does not take, attention patterns that are not [heads, seq, seq] "
+        "over the given tokens, or a folder as the page's path.",
+        "Add a PatchingResult, LensResult, ActivationCache, ActivationStore, text or rows; pass "
+        "patterns extracted at every position (['all'], attn_pattern_all_keys=True); write to a "
+        "file name such as report.html.",
+    ),
+    "results": (
+        "A saved result file (patching_*.json, logit_lens.json) that is not one hookscope wrote, "
+        "or whose fields have the wrong type or shape (the file is checked as untrusted input).",
+        "Render files written by `hookscope patch` / `hookscope lens`, PatchingResult.save or "
+        "LensResult.save; write the file again if it was edited or damaged.",
+    ),
     "points": (
         "An activation point name that is malformed, unknown, or out of range for this model.",
         "Names are `kind`, `kind_{layer}` or `kind_L{layer}H{head}`; `hookscope info` lists them.",

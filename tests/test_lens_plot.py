@@ -76,6 +76,8 @@ def figures(tmp_path_factory, tiny_llama):
     answers = ([3], [4])
     grid = activation_patching(tiny_llama, clean, corrupt, answers)
     heads = activation_patching(tiny_llama, clean, corrupt, answers, point="head", per="head")
+    per_layer = activation_patching(tiny_llama, clean, corrupt, answers, per="layer")
+    plot.patching_figure(per_layer, "tiny-llama", path=out / "per_layer.png")
     lens = logit_lens(tiny_llama, PROMPTS[0], ["all"])
     pattern = tiny_llama.forward(
         PROMPTS[0],
@@ -109,7 +111,7 @@ def figures(tmp_path_factory, tiny_llama):
 
 
 def test_png_figures(figures):
-    for name in ("grid.png", "heads.png", "lens.png", "attention.png"):
+    for name in ("grid.png", "heads.png", "lens.png", "attention.png", "per_layer.png"):
         assert _is_png(figures / name), name
 
 

@@ -64,8 +64,10 @@ def heatmap_figure(
     ax.set_title(textwrap.fill(title, 60), fontsize=10)
     fig.colorbar(image, ax=ax, label=colorbar_label)
     if cell_text is not None:
+        low, high = image.get_clim()
         for r in range(rows):
             for c in range(cols):
+                bright = (values[r, c] - low) / ((high - low) or 1.0) > 0.6  # viridis: yellow
                 ax.text(
                     c,
                     r,
@@ -73,7 +75,7 @@ def heatmap_figure(
                     ha="center",
                     va="center",
                     fontsize=6,
-                    color="white",
+                    color="black" if bright and not diverging else "white",
                 )
     fig.tight_layout()
     if path is not None:
@@ -83,11 +85,46 @@ def heatmap_figure(
     return fig
 
 
+def bar_figure(
+    values: torch.Tensor,
+    labels: Sequence[Any],
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    path: str | Path | None = None,
+):
+    """A labelled bar chart of ``values [n]`` from 0 (blue below, red above); saved as PNG when
+    ``path`` is given."""
+    plt = _pyplot()
+    values = values.detach().float().cpu().numpy()
+    fig, ax = plt.subplots(figsize=(max(5.5, 0.28 * len(values) + 2.0), 3.4))
+    ax.bar(range(len(values)), values, color=["#b2182b" if v >= 0 else "#2166ac" for v in values])
+    ax.axhline(0, color="#333", linewidth=0.8)
+    ax.set_xticks(range(len(values)), [_printable(str(label)) for label in labels], fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(textwrap.fill(title, 70), fontsize=10)
+    fig.tight_layout()
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+    return fig
+
+
 def patching_figure(result: Any, model_name: str, path: str | Path | None = None):
-    """A patching grid (layers x positions, or layers x heads) from a ``PatchingResult``."""
-    if result.values.dim() != 2:
-        raise HookscopeError(f"a patching heatmap needs a 2-D grid, got axes {result.axes}.")
+    """A patching result from a ``PatchingResult``: a heatmap of a grid (layers x positions, or
+    layers x heads), a bar chart of a per-layer result."""
     metric = f"{result.metric}{' (normalised: clean=1, corrupt=0)' if result.normalized else ''}"
+    if result.values.dim() == 1:
+        axis = result.axes[0]
+        title = f"{model_name}: {result.method} patching per {axis}, {metric}"
+        return bar_figure(result.values, result.labels[axis], title, axis, metric, path=path)
+    if result.values.dim() != 2:
+        raise HookscopeError(
+            f"a patching figure needs a 1-D or 2-D result, got axes {result.axes} (draw one "
+            "slice, e.g. result.values[:, head], or use hookscope.report.Report)."
+        )
     x_axis, y_axis = result.axes[1], result.axes[0]
     return heatmap_figure(
         result.values,

@@ -200,7 +200,7 @@ def heatmap(
             cells.append(f'<td style="{style}"{_tip(tip)}>{text}</td>')
         row_th = _e(_cut(_label(row_label), _LABEL_CHARS))
         body.append(f'<tr><th class="hs-row">{row_th}</th>{"".join(cells)}</tr>')
-    wide = " hs-wide" if cell_text else ""
+    wide = " hs-wide" if cell_text else " hs-big" if values.numel() <= 64 else ""
     table = f'<table class="hs-heat{wide}">{"".join(body)}<tr><th></th>{header}</tr></table>'
     return _framed(table, row_axis, col_axis, scale.legend(value_label))
 
@@ -238,7 +238,7 @@ def bar_chart(
     high = max(0.0, float(values.nan_to_num(0).max())) if n else 1.0
     low, high, ticks = _nice_ticks(low, high)
     step = max(14, min(40, 640 // max(n, 1)))
-    left, top, plot_h, bottom = 64, 12, 200, 64
+    left, top, plot_h, bottom = 64, 12, 200, 58
     width, height = left + step * n + 16, top + plot_h + bottom
     y_of = lambda v: top + plot_h * (high - v) / (high - low)  # noqa: E731
     scale = ColorScale(values, diverging)
@@ -282,7 +282,7 @@ def _bar_axes(ticks, y_of, left, plot_w, top, plot_h, value_label, x_title, widt
         f'<line x1="{left}" x2="{left}" y1="{top}" y2="{top + plot_h}" stroke="#333"/>'
         f'<text class="hs-axis-title" x="14" y="{top + plot_h / 2}" text-anchor="middle" '
         f'transform="rotate(-90 14 {top + plot_h / 2})">{_e(_cut(value_label, 34))}</text>'
-        f'<text class="hs-axis-title" x="{left + plot_w / 2}" y="{top + plot_h + 58}" '
+        f'<text class="hs-axis-title" x="{left + plot_w / 2}" y="{top + plot_h + 52}" '
         f'text-anchor="middle">{_e(x_title)}</text>'
     )
     return "".join(parts)
@@ -393,6 +393,7 @@ table.hs-heat { border-collapse: collapse; font-size: 10px; }
 table.hs-heat td { min-width: 1.9em; height: 1.45em; padding: 0 2px; text-align: center;
   border: 1px solid #fff; white-space: nowrap; cursor: default; }
 table.hs-heat.hs-wide td { min-width: 4.4em; }
+table.hs-heat.hs-big td { min-width: 2.8em; height: 2.2em; }
 table.hs-heat th { font-weight: normal; padding: 0 4px; white-space: nowrap; color: #444; }
 table.hs-heat th.hs-row { text-align: right; }
 table.hs-heat th.hs-col { vertical-align: top; padding: 3px 0 0; }
