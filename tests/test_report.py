@@ -26,7 +26,7 @@ ANSWERS = ([3], [4])
 
 
 def _result(values, axes, labels, normalized=True) -> PatchingResult:
-    values = torch.tensor(values, dtype=torch.float32)
+    values = torch.as_tensor(values, dtype=torch.float32)
     return PatchingResult(
         values, values.unsqueeze(0), axes, labels, torch.tensor([2.0]), torch.tensor([-1.0]),
         "logit_diff", normalized, "activation", 3,
@@ -92,6 +92,21 @@ def test_one_dimensional_result_is_a_bar_chart():
         torch.tensor(heights) / heights[2], torch.tensor([0.5, 0.25, 1.0]), atol=2e-3, rtol=0
     )
     assert "layer 1\nrestored fraction: -0.25" in html.unescape(page)
+
+
+def test_three_dimensional_result_is_one_heatmap_per_head():
+    values = torch.arange(2 * 3 * 4, dtype=torch.float32).view(2, 3, 4) - 10
+    labels = {"layer": [0, 1], "head": [0, 1, 2], "position": ["a", "b", "c", "d"]}
+    page = html.unescape(
+        Report("t").add(_result(values, ["layer", "head", "position"], labels)).html()
+    )
+    assert page.count('<table class="hs-heat') == 3
+    assert [f"head {h}" in page for h in range(3)] == [True] * 3
+    value = float(values[1, 2, 3])  # layer 1, head 2, position 3
+    assert (
+        f"layer 1\nposition 3: 'd'\nrestored fraction (logit_diff; clean = 1, corrupt = 0): {value:.3g}"
+        in page
+    )
 
 
 def test_saved_patching_result_round_trips(tmp_path):
@@ -272,6 +287,7 @@ def _expected_cell_tip(result: PatchingResult, row: int, col: int, label: str) -
 def test_report_renders_without_overflow_with_legends_and_tooltips(tiny, tmp_path):
     grid, heads = tiny["grid"], tiny["heads"]
     page = _report(tiny).html()
+    assert re.search(r"(src|href)=", page) is None, "no external resources"
     hover = {
         "grid": "section:nth-of-type(1) table.hs-heat tr:nth-child(2) td:nth-of-type(3)",
         "bar": "section:nth-of-type(2) svg rect:nth-of-type(2)",
