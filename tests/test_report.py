@@ -45,6 +45,14 @@ def test_visible_tokens():
     assert visible_token("\x00") == "\\x00"
 
 
+def test_colour_bar_values_are_short():
+    from hookscope.report import _tick
+
+    assert [_tick(v) for v in (0.0, 0.25, -0.505, 54.9, 5720.4, 22880.0, 3.2e6, 1e-4)] == [
+        "0", "0.25", "-0.505", "54.9", "5.72k", "22.9k", "3.2M", "1.0e-04"
+    ]  # fmt: skip
+
+
 def test_diverging_scale_is_centred_at_zero():
     scale = ColorScale(torch.tensor([-0.5, 2.0]), diverging=True)
     assert (scale.low, scale.high) == (-2.0, 2.0)
@@ -321,7 +329,9 @@ def test_report_renders_without_overflow_with_legends_and_tooltips(tiny, tmp_pat
     bound = float(grid.values.abs().max())
     assert [
         label,
-        [f"{-bound:.2g}", f"{-bound / 2:.2g}", "0", f"{bound / 2:.2g}", f"{bound:.2g}"],
+        [f"{v:.3g}" for v in (-bound, -bound / 2)]
+        + ["0"]
+        + [f"{v:.3g}" for v in (bound / 2, bound)],
     ] in legends
     assert sum(legend[0] == "top-token probability" for legend in legends) == 1
     assert sum(legend[0] == "mean ||resid_out||" for legend in legends) == 1

@@ -82,10 +82,13 @@ def _fmt(value: float) -> str:
 
 
 def _tick(value: float) -> str:
-    """A colour-bar value, short (2 significant digits)."""
+    """A colour-bar value, short: 3 significant digits, thousands as ``k``, millions as ``M``."""
     if abs(value) < 1e-12:
         return "0"
-    return f"{value:.2g}" if 1e-2 <= abs(value) < 1e4 else f"{value:.0e}"
+    for scale, suffix in ((1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{suffix}"
+    return f"{value:.3g}" if abs(value) >= 1e-3 else f"{value:.1e}"
 
 
 def _tip(text: str) -> str:
