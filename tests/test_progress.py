@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import sys
 
+import pytest
 import torch
 from tiny_models import PROMPTS
 
@@ -67,3 +68,24 @@ def test_no_bar_when_off_or_not_a_terminal(tiny_llama, monkeypatch, capsys):
     activation_patching(tiny_llama, clean, corrupt, ([3, 3], [4, 4]), progress=False)
     assert fake.getvalue() == ""
     assert not progress.visible(False) and progress.visible(True)
+
+
+def test_lens_over_prompts_in_batches_is_the_one_batch_lens(tiny_llama, monkeypatch, capsys):
+    from hookscope import HookscopeError, logit_lens
+
+    whole = logit_lens(tiny_llama, list(PROMPTS), ["last", 0])
+    terminal = _terminal(monkeypatch)
+    batched = logit_lens(tiny_llama, list(PROMPTS), ["last", 0], batch_size=2, progress=True)
+    torch.testing.assert_close(batched.logits, whole.logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(batched.final.float(), whole.final.float(), rtol=1e-4, atol=1e-4)
+    assert batched.tokens == whole.tokens and batched.layers == whole.layers
+    shown = terminal.getvalue()
+    n = len(PROMPTS)
+    assert "logit lens: 100%" in shown and f"{n}/{n}" in shown and "tok/s" in shown, shown
+    assert capsys.readouterr().out == ""
+    lengths = [len(tiny_llama.prepare_inputs(p)["input_ids"][0]) for p in PROMPTS]
+    assert len(set(lengths)) > 1  # so "all" selects different widths per batch
+    with pytest.raises(HookscopeError, match="select a different number of slots"):
+        logit_lens(tiny_llama, sorted(PROMPTS, key=len), ["all"], batch_size=1)
+    with pytest.raises(HookscopeError, match="batches a list of prompts"):
+        logit_lens(tiny_llama, PROMPTS[0], batch_size=2)

@@ -18,6 +18,7 @@ from .config import ExtractionConfig
 from .errors import HookscopeError
 from .points import parse_point
 from .positions import normalize_items, resolve_positions
+from .progress import ProgressBar, real_tokens
 
 
 def lens_logits(hm: Any, residual: torch.Tensor) -> torch.Tensor:
@@ -134,9 +135,15 @@ def logit_lens(
     target_token_positions: Sequence[Any] = ("last",),
     layers: Sequence[int] | None = None,
     point: str = "resid_out",
+    batch_size: int | None = None,
+    progress: bool = False,
 ) -> LensResult:
-    """Run ``inputs`` once and read ``point`` (``resid_out``, ``resid_mid``, ``resid_in``) of every
-    layer through the lens at the target positions."""
+    """Run ``inputs`` and read ``point`` (``resid_out``, ``resid_mid``, ``resid_in``) of every
+    layer through the lens at the target positions.
+
+    ``inputs`` run as one batch; with ``batch_size``, a list of prompts runs ``batch_size`` at a
+    time (with a progress bar when ``progress``), and the target positions must select the
+    same number of slots in every batch (``"last"``, ``0``, ``-2``; not ``"all"``)."""
     flags = {
         "resid_out": "extract_resid_out",
         "resid_mid": "extract_resid_mid",
@@ -146,13 +153,54 @@ def logit_lens(
         raise HookscopeError(
             f"the logit lens reads residual points {sorted(flags)}, got {point!r}."
         )
-    model_inputs = hm.prepare_inputs(inputs)
     items = normalize_items(  # "last" is one item, not the letters l, a, s, t
         list(target_token_positions)
         if isinstance(target_token_positions, tuple)
         else target_token_positions
     )
     config = ExtractionConfig(**{flags[point]: True}, layers=layers)
+    parts = [
+        _lens_batch(hm, batch, items, config, point)
+        for batch in _lens_batches(hm, inputs, batch_size, progress)
+    ]
+    widths = {part.logits.shape[2] for part in parts}
+    if len(widths) > 1:
+        raise HookscopeError(
+            f"logit_lens(batch_size={batch_size}): the positions {items!r} select a different "
+            f"number of slots in different batches ({sorted(widths)}); use positions every "
+            "prompt has the same number of (e.g. 'last', 0), or batch_size=None."
+        )
+    return LensResult(
+        logits=torch.cat([part.logits for part in parts], 1),
+        layers=parts[0].layers,
+        tokens=[row for part in parts for row in part.tokens],
+        final=torch.cat([part.final for part in parts], 0),
+        point=point,
+        to_string=hm.to_string_tokens,
+    )
+
+
+def _lens_batches(hm: Any, inputs: Any, batch_size: int | None, progress: bool):
+    """The model inputs of each batch: ``inputs`` whole, or a list of prompts in chunks."""
+    if batch_size is None:
+        yield hm.prepare_inputs(inputs)
+        return
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise HookscopeError(f"batch_size must be a positive int or None, got {batch_size!r}.")
+    if not isinstance(inputs, list) or not all(isinstance(text, str) for text in inputs):
+        raise HookscopeError(
+            "logit_lens(batch_size=...) batches a list of prompts; pass one batch with "
+            "batch_size=None."
+        )
+    with ProgressBar(len(inputs), "logit lens", progress, unit="ex") as bar:
+        for start in range(0, len(inputs), batch_size):
+            batch = hm.prepare_inputs(inputs[start : start + batch_size])
+            yield batch
+            bar.update(len(batch["input_ids"]), real_tokens(batch))
+
+
+def _lens_batch(hm: Any, model_inputs: dict, items: list, config: Any, point: str) -> LensResult:
+    """The lens of one batch (``logits [layers, batch, P, vocab]``)."""
     cache = hm.forward(model_inputs, items, extraction_config=config)
     chosen = sorted(parse_point(key).layer for key in cache if key.startswith(point + "_"))
     positions = resolve_positions(
@@ -169,9 +217,7 @@ def logit_lens(
         for row_ids, row_mask in zip(ids, positions.mask, strict=True)
     ]
     return LensResult(
-        logits=lens_logits(
-            hm, cache.stack(point)
-        ).float(),  # in the model's dtype, as the model does
+        logits=lens_logits(hm, cache.stack(point)).float(),  # in the model's dtype, as it does
         layers=chosen,
         tokens=tokens,
         final=cache["logits"],
