@@ -1,9 +1,22 @@
-"""Patching sweep: batched (one patch site per row) vs one forward per site.
+"""Patching sweeps on the IOI pair: skipping unchanged work vs the full batched sweep vs one
+forward per site.
 
     python benchmarks/bench_patching.py [--repeats 3] [--write]
 
-SmolLM2-135M-Instruct, an IOI prompt pair, residual stream (resid_out) sweep over 30 layers x
-every position. Both variants compute the same grid (checked here, and in tests/test_patching.py).
+SmolLM2-135M-Instruct, an IOI prompt pair. Two grids:
+
+* ``resid_out`` over 30 layers x every position (420 sites);
+* ``head`` (each head's output, all positions) over 30 layers x 9 heads (270 sites).
+
+Variants, run interleaved (the order rotates every round) on one shared machine:
+
+* ``skip`` (the default): each row starts at its patched layer from the corrupt run's residual
+  stream and at its patched position from the corrupt run's KV cache;
+* ``batched`` (``skip_unchanged=False``): every row runs the whole prompt through every layer;
+* ``loop`` (``batched=False``): one full forward per site through ``Patch`` interventions.
+
+All compute the same grid (max differences printed; tests/test_sweep_reuse.py checks 1e-5 on every
+tiny family). Ratios are medians of per-round ratios (paired: measured side by side).
 """
 
 from __future__ import annotations
@@ -23,6 +36,16 @@ from common import machine  # noqa: E402
 
 from hookscope import HookedModel  # noqa: E402
 from hookscope.patching import activation_patching  # noqa: E402
+
+VARIANTS = {
+    "skip": {"skip_unchanged": True},
+    "batched": {"skip_unchanged": False},
+    "loop": {"batched": False},
+}
+GRIDS = {
+    "resid_out": {"point": "resid_out", "per": "position"},
+    "head": {"point": "head", "per": "head"},
+}
 
 
 def main() -> None:
@@ -48,43 +71,79 @@ def main() -> None:
     )
     answers = ([mary], [john])
 
-    def run(batched: bool):
+    def run(grid: str, variant: str):
         return activation_patching(
             hm,
             clean,
             corrupt,
             answers,
-            point="resid_out",
             batch_size=args.batch_size,
-            batched=batched,
+            **GRIDS[grid],
+            **VARIANTS[variant],
         )
 
-    times = {"batched": [], "loop": []}
+    names = list(VARIANTS)
+    times = {(g, v): [] for g in GRIDS for v in names}
     results = {}
     for round_index in range(args.repeats):
-        for name in ["batched", "loop"] if round_index % 2 == 0 else ["loop", "batched"]:
-            start = time.perf_counter()
-            results[name] = run(name == "batched")
-            times[name].append(time.perf_counter() - start)
-    max_diff = (results["batched"].per_example - results["loop"].per_example).abs().max().item()
-    ratios = [loop / fast for loop, fast in zip(times["loop"], times["batched"], strict=True)]
-    grid = " x ".join(str(n) for n in results["batched"].values.shape)
-    lines = [
-        f"Machine: {machine()}",
-        f"Command: `python benchmarks/bench_patching.py --repeats {args.repeats} --batch-size {args.batch_size}`",
-        f"SmolLM2-135M-Instruct, IOI pair, resid_out sweep, grid {grid} (layers x positions), 1 example.",
-        "",
-        "| variant | forwards | median s |",
-        "| --- | ---: | ---: |",
-        f"| batched (batch {args.batch_size}) | {results['batched'].forwards} | {statistics.median(times['batched']):.2f} |",
-        f"| one forward per site | {results['loop'].forwards} | {statistics.median(times['loop']):.2f} |",
-        "",
-        f"Speed-up (median of paired ratios): **{statistics.median(ratios):.2f}x**; max |grid difference| {max_diff:.2e}.",
-    ]
-    text = "\n".join(lines)
+        order = names[round_index % 3 :] + names[: round_index % 3]
+        for grid in GRIDS:
+            for variant in order:
+                start = time.perf_counter()
+                results[grid, variant] = run(grid, variant)
+                times[grid, variant].append(time.perf_counter() - start)
+                print(
+                    f"round {round_index} {grid} {variant}: {times[grid, variant][-1]:.2f} s",
+                    flush=True,
+                )
+    text = "\n".join(report(args, times, results))
     print(text)
     if args.write:
         (Path(__file__).parent / "RESULTS_patching.md").write_text(text + "\n")
+
+
+def _ratio(times, grid, slow, fast) -> float:
+    return statistics.median(
+        a / b for a, b in zip(times[grid, slow], times[grid, fast], strict=True)
+    )
+
+
+def _diff(results, grid, a, b) -> float:
+    return (results[grid, a].per_example - results[grid, b].per_example).abs().max().item()
+
+
+def report(args, times, results) -> list[str]:
+    lines = [
+        f"Machine: {machine()}",
+        f"Load average at the end (1/5/15 min): {os.getloadavg()} (a machine shared with other jobs).",
+        f"Command: `python benchmarks/bench_patching.py --repeats {args.repeats} --batch-size {args.batch_size}`",
+        'SmolLM2-135M-Instruct, IOI pair ("When Mary and John went to the store, John gave a drink to" vs '
+        'the same with "Mary"), 1 example, metric logit difference ( Mary - John).',
+        "",
+        "| grid | variant | forwards | median s | loop / this (paired) | batched / this (paired) |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for grid in GRIDS:
+        shape = " x ".join(str(n) for n in results[grid, "skip"].values.shape)
+        for variant in VARIANTS:
+            result = results[grid, variant]
+            lines.append(
+                f"| {grid} {shape} | {variant} | {result.forwards} | "
+                f"{statistics.median(times[grid, variant]):.2f} | "
+                f"{_ratio(times, grid, 'loop', variant):.2f}x | {_ratio(times, grid, 'batched', variant):.2f}x |"
+            )
+    lines.append("")
+    for grid in GRIDS:
+        lines.append(
+            f"- {grid}: max |grid difference| skip vs loop {_diff(results, grid, 'skip', 'loop'):.2e}, "
+            f"skip vs batched {_diff(results, grid, 'skip', 'batched'):.2e}, "
+            f"batched vs loop {_diff(results, grid, 'batched', 'loop'):.2e} (normalised values)."
+        )
+    lines.append(
+        "- per-round times (s): "
+        + "; ".join(f"{g} {v} {[round(t, 2) for t in times[g, v]]}" for g, v in times)
+    )
+    return lines
 
 
 if __name__ == "__main__":
