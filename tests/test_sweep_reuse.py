@@ -150,3 +150,34 @@ def test_bad_skip_unchanged_requests_raise(tiny_llama):
         activation_patching(tiny_llama, clean, corrupt, ANSWERS, batched=False, skip_unchanged=True)
     with pytest.raises(HookscopeError, match="None, True or False, got 'yes'"):
         activation_patching(tiny_llama, clean, corrupt, ANSWERS, skip_unchanged="yes")
+
+
+def test_what_cannot_be_replayed_is_named():
+    from types import SimpleNamespace
+
+    from hookscope.sweep_reuse import _as_corrupt_run
+
+    hidden = torch.zeros(2, 5, 4)
+    layer = SimpleNamespace(keys=torch.zeros(2, 1, 5, 3), values=torch.zeros(2, 1, 5, 3))
+    cache = SimpleNamespace(layers=[layer, layer])
+    shape = torch.Size([2, 5])
+    assert "no per-layer KV cache (NoneType)" in _as_corrupt_run(
+        [hidden, hidden], None, shape, "cache"
+    )
+    extra = _as_corrupt_run([hidden, (hidden, torch.ones(1))], cache, shape, "cache")
+    assert extra == "decoder layer 1 returns more than hidden states (2 items)"
+    short = SimpleNamespace(layers=[layer, SimpleNamespace(keys=layer.keys[:, :, :3], values=None)])
+    assert "every position" in _as_corrupt_run([hidden, hidden], short, shape, "cache")
+    run = _as_corrupt_run([hidden, (hidden, None)], cache, shape, "cache")
+    assert run.output_rest == [None, (None,)] and run.keys[1] is layer.keys
+    assert torch.equal(run.layer_outputs[1], hidden)
+
+
+def test_batch_sized_arguments_are_cut_to_the_computed_rows():
+    from hookscope.sweep_reuse import _take_rows
+
+    mask, cos = torch.zeros(4, 1, 3, 9), torch.zeros(1, 3, 8)
+    positions = torch.arange(4)  # [q] with q == batch: not a batch tensor (one dimension)
+    taken = _take_rows({"mask": mask, "emb": (cos, torch.zeros(4, 3, 8)), "pos": positions}, 4, 2)
+    assert taken["mask"].shape == (2, 1, 3, 9) and taken["emb"][0] is cos
+    assert taken["emb"][1].shape == (2, 3, 8) and taken["pos"] is positions

@@ -118,7 +118,9 @@ def record_corrupt_run(hm: Any, corrupt: dict) -> CorruptRun | str:
         model_kwargs=kwargs,
     )
     result = Executor.of(hm.hf_model).run(plan)
-    cache = getattr(result, cache_arg, None) or getattr(result, "past_key_values", None)
+    cache = getattr(result, cache_arg, None)
+    if cache is None:
+        cache = getattr(result, "past_key_values", None)
     return _as_corrupt_run(outputs, cache, corrupt["input_ids"].shape, cache_arg)
 
 
