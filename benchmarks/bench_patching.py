@@ -54,10 +54,16 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument(
+        "--head-loop", action="store_true", help="also time one forward per site on the head grid"
+    )
     parser.add_argument(
         "--write", action="store_true", help="rewrite benchmarks/RESULTS_patching.md"
     )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     hm = HookedModel.from_pretrained()
     tokenizer = hm.get_tokenizer()
     clean = tokenizer(
@@ -82,13 +88,16 @@ def main() -> None:
             **VARIANTS[variant],
         )
 
+    for variant in ("skip", "batched", "loop"):  # untimed warm-up (first calls allocate)
+        activation_patching(hm, clean, corrupt, answers, layers=[29], **VARIANTS[variant])
     names = list(VARIANTS)
-    times = {(g, v): [] for g in GRIDS for v in names}
+    variants = {g: names if g == "resid_out" or args.head_loop else names[:2] for g in GRIDS}
+    times = {(g, v): [] for g in GRIDS for v in variants[g]}
     results = {}
     for round_index in range(args.repeats):
         order = names[round_index % 3 :] + names[: round_index % 3]
         for grid in GRIDS:
-            for variant in order:
+            for variant in [v for v in order if v in variants[grid]]:
                 start = time.perf_counter()
                 results[grid, variant] = run(grid, variant)
                 times[grid, variant].append(time.perf_counter() - start)
@@ -116,7 +125,8 @@ def report(args, times, results) -> list[str]:
     lines = [
         f"Machine: {machine()}",
         f"Load average at the end (1/5/15 min): {os.getloadavg()} (a machine shared with other jobs).",
-        f"Command: `python benchmarks/bench_patching.py --repeats {args.repeats} --batch-size {args.batch_size}`",
+        f"Command: `python benchmarks/bench_patching.py --repeats {args.repeats} --batch-size {args.batch_size}"
+        f"{f' --threads {args.threads}' if args.threads else ''}{' --head-loop' if args.head_loop else ''}`",
         'SmolLM2-135M-Instruct, IOI pair ("When Mary and John went to the store, John gave a drink to" vs '
         'the same with "Mary"), 1 example, metric logit difference ( Mary - John).',
         "",
@@ -126,19 +136,25 @@ def report(args, times, results) -> list[str]:
     for grid in GRIDS:
         shape = " x ".join(str(n) for n in results[grid, "skip"].values.shape)
         for variant in VARIANTS:
+            if (grid, variant) not in times:
+                continue
             result = results[grid, variant]
+            loop = _ratio(times, grid, "loop", variant) if (grid, "loop") in times else None
             lines.append(
                 f"| {grid} {shape} | {variant} | {result.forwards} | "
                 f"{statistics.median(times[grid, variant]):.2f} | "
-                f"{_ratio(times, grid, 'loop', variant):.2f}x | {_ratio(times, grid, 'batched', variant):.2f}x |"
+                f"{'not timed' if loop is None else f'{loop:.2f}x'} | "
+                f"{_ratio(times, grid, 'batched', variant):.2f}x |"
             )
     lines.append("")
     for grid in GRIDS:
-        lines.append(
-            f"- {grid}: max |grid difference| skip vs loop {_diff(results, grid, 'skip', 'loop'):.2e}, "
-            f"skip vs batched {_diff(results, grid, 'skip', 'batched'):.2e}, "
-            f"batched vs loop {_diff(results, grid, 'batched', 'loop'):.2e} (normalised values)."
-        )
+        pairs = [("skip", "loop"), ("skip", "batched"), ("batched", "loop")]
+        diffs = [
+            f"{a} vs {b} {_diff(results, grid, a, b):.2e}"
+            for a, b in pairs
+            if (grid, a) in results and (grid, b) in results
+        ]
+        lines.append(f"- {grid}: max |grid difference| {', '.join(diffs)} (normalised values).")
     lines.append(
         "- per-round times (s): "
         + "; ".join(f"{g} {v} {[round(t, 2) for t in times[g, v]]}" for g, v in times)

@@ -575,9 +575,9 @@ def _reusing_sweep(
     last = (mask.shape[1] - 1 - mask.flip(1).long().argmax(1)).cpu()  # last real token per row
     rows = _reusing_rows(point, sites, slots, chosen, clean["input_ids"].shape[0])
     results = torch.empty(len(rows))
-    forwards = math.ceil(len(rows) / batch_size)
-    for chunk_index in range(forwards):
-        chunk = rows[chunk_index * batch_size : (chunk_index + 1) * batch_size]
+    chunks = _token_chunks(rows, batch_size, mask.shape[1])
+    forwards = len(chunks)
+    for chunk_index, chunk in enumerate(chunks):
         chunk.sort(key=lambda item: item[0].first_layer)
         start = min(item[0].start for item in chunk)
         hooks = _window_writes(hm, point, sites, chunk, clean_acts, start)
@@ -589,6 +589,23 @@ def _reusing_sweep(
     if progress:
         print()
     return results, forwards
+
+
+def _token_chunks(rows: list[tuple], batch_size: int, seq: int) -> list[list[tuple]]:
+    """``rows`` (sorted by first position) cut into forwards of at most ``batch_size`` full
+    rows' worth of fed tokens and at most ``2 * batch_size`` rows: a forward feeds
+    ``seq - start`` tokens per row from its first row's ``start``, so rows that start late share
+    a forward with more rows (the activations of a layer as in the full batched sweep; the keys
+    and values at most twice), never more forwards than the full sweep."""
+    chunks: list[list[tuple]] = []
+    for item in rows:
+        if chunks and len(chunks[-1]) < 2 * batch_size:
+            fed = seq - chunks[-1][0][0].start
+            if (len(chunks[-1]) + 1) * fed <= batch_size * seq:
+                chunks[-1].append(item)
+                continue
+        chunks.append([item])
+    return chunks
 
 
 def _window_writes(hm, point, sites, chunk, clean_acts, start: int) -> list[ModuleHook]:
