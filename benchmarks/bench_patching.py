@@ -124,7 +124,9 @@ def _diff(results, grid, a, b) -> float:
 def report(args, times, results) -> list[str]:
     lines = [
         f"Machine: {machine()}",
-        f"Load average at the end (1/5/15 min): {os.getloadavg()} (a machine shared with other jobs).",
+        "Load average at the end (1/5/15 min): "
+        + ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        + " (a machine shared with other jobs).",
         f"Command: `python benchmarks/bench_patching.py --repeats {args.repeats} --batch-size {args.batch_size}"
         f"{f' --threads {args.threads}' if args.threads else ''}{' --head-loop' if args.head_loop else ''}`",
         'SmolLM2-135M-Instruct, IOI pair ("When Mary and John went to the store, John gave a drink to" vs '
