@@ -8,7 +8,10 @@ copied into. The metric is read at each example's last real token; with ``normal
 
 Batched sweeps expand the corrupt batch so that each row carries one (example, site) pair; a
 hook per layer writes the clean value into the rows whose site is in that layer. A sweep costs
-``ceil(sites x examples / batch_size)`` forwards instead of one forward per site.
+``ceil(sites x examples / batch_size)`` forwards instead of one forward per site. By default
+(``skip_unchanged``) each row also skips what its patch cannot change: it starts at the patched
+layer from the corrupt run's residual stream and at the patched position from the corrupt run's
+KV cache (:mod:`hookscope.sweep_reuse`), so rows that start late share a forward.
 """
 
 from __future__ import annotations
