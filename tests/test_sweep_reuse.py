@@ -181,3 +181,20 @@ def test_batch_sized_arguments_are_cut_to_the_computed_rows():
     taken = _take_rows({"mask": mask, "emb": (cos, torch.zeros(4, 3, 8)), "pos": positions}, 4, 2)
     assert taken["mask"].shape == (2, 1, 3, 9) and taken["emb"][0] is cos
     assert taken["emb"][1].shape == (2, 3, 8) and taken["pos"] is positions
+
+
+def test_vision_language_models_fall_back_to_the_full_sweep():
+    from tiny_vlms import build_vlm
+
+    vlm = build_vlm("llava")
+    hm = HookedModel.from_hf(vlm.model, vlm.processor)
+    clean = dict(vlm.processor.tokenizer(["a b c d e"], return_tensors="pt"))
+    corrupt = {k: v.clone() for k, v in clean.items()}
+    corrupt["input_ids"][0, 2] = 5
+    answers = (torch.tensor([3]), torch.tensor([4]))
+    result = activation_patching(hm, clean, corrupt, answers, per="layer", normalize=False)
+    assert result.path == "batched" and "vision-language" in result.fallback
+    loop = activation_patching(
+        hm, clean, corrupt, answers, per="layer", normalize=False, batched=False
+    )
+    torch.testing.assert_close(result.per_example, loop.per_example, rtol=0, atol=1e-5)
