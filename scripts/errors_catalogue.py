@@ -176,6 +176,11 @@ GUIDE = {
         "a point / per / metric / batch_size that does not exist.",
         "Use prompt pairs of the same token length and give one answer token id per example.",
     ),
+    "sweep_reuse": (
+        "A patching sweep that skips unchanged work met a model whose output it cannot read "
+        "that way (logits not shaped by logits_to_keep), or rows given out of order (internal).",
+        "Run the sweep with skip_unchanged=False (the full batched sweep, same grid).",
+    ),
     "plan": (
         "Extraction options that contradict each other, or `attn_heads` entries out of range.",
         "Follow the message: it names the conflicting options or the valid head range.",

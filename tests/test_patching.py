@@ -45,7 +45,9 @@ def test_batched_sweep_equals_one_forward_per_site(hm, point, per):
     slow = activation_patching(hm, clean, corrupt, ANSWERS, point=point, per=per, batched=False)
     torch.testing.assert_close(fast.per_example, slow.per_example, rtol=1e-5, atol=1e-5)
     sites = fast.per_example[0].numel()
-    assert fast.forwards == -(-2 * sites // 7) and slow.forwards == sites
+    # the sweep that skips unchanged work packs rows that start late into fewer forwards
+    assert fast.path == "skip_unchanged" and fast.forwards <= -(-2 * sites // 7)
+    assert slow.forwards == sites
 
 
 def test_residual_sweep_localises(hm):

@@ -8,7 +8,10 @@ copied into. The metric is read at each example's last real token; with ``normal
 
 Batched sweeps expand the corrupt batch so that each row carries one (example, site) pair; a
 hook per layer writes the clean value into the rows whose site is in that layer. A sweep costs
-``ceil(sites x examples / batch_size)`` forwards instead of one forward per site.
+``ceil(sites x examples / batch_size)`` forwards instead of one forward per site. By default
+(``skip_unchanged``) each row also skips what its patch cannot change: it starts at the patched
+layer from the corrupt run's residual stream and at the patched position from the corrupt run's
+KV cache (:mod:`hookscope.sweep_reuse`), so rows that start late share a forward.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from .interventions import Patch
 from .points import Point
 from .positions import resolve_positions
 from .progress import ProgressBar, real_tokens
+from .sweep_reuse import CorruptRun, SweepRow, record_corrupt_run, reuse_blocker, run_rows
 
 Metric = Literal["logit_diff", "prob", "kl"]
 SweepPoint = Literal["resid_in", "resid_out", "attn_out", "mlp_out", "head"]
@@ -52,6 +56,8 @@ class PatchingResult:
         labels: per axis, the label of each index (layers, heads, or example 0's tokens).
         clean_metric / corrupt_metric: ``[examples]``, the metric of the unpatched runs.
         metric, normalized, method: what the values mean (``method``: "activation" or "attribution").
+        forwards: the sweep's forwards (not counting the baselines).
+        path, fallback: how the sweep ran, and why it did not skip unchanged work when it could not.
     """
 
     values: torch.Tensor
@@ -87,6 +93,12 @@ class PatchingResult:
         from .report import notebook_view
 
         return notebook_view(self)
+
+    #: how the sweep ran: "skip_unchanged" (rows start at their first changed layer and
+    #: position, replaying the corrupt run below), "batched", "looped", or "attribution"
+    path: str = "batched"
+    #: why a sweep that could skip unchanged work ran the full batched path (None otherwise)
+    fallback: str | None = None
 
     def __repr__(self) -> str:
         shape = " x ".join(f"{a} {n}" for a, n in zip(self.axes, self.values.shape, strict=True))
@@ -338,6 +350,7 @@ def activation_patching(
     batched: bool = True,
     progress: bool = False,
     positions: Sequence[Any] | None = None,
+    skip_unchanged: bool | None = None,
 ) -> PatchingResult:
     """Patch clean activations into the corrupt run, one site at a time, and measure the metric.
 
@@ -358,11 +371,18 @@ def activation_patching(
         positions: with ``per="layer"`` or ``"head"``, patch only at these position items
             instead of every position, resolved per example on the clean inputs (e.g. the name
             token ``[{"text": " Mary"}]``, wherever it sits in each prompt).
+        skip_unchanged: the batched sweep skips what a patch cannot change: each row starts at
+            the patched layer from the corrupt run's residual stream and at the patched position
+            from the corrupt run's KV cache (the same grid, several times faster). None (the
+            default) does so where the model allows and otherwise runs the full batched sweep,
+            saying why in ``result.fallback``; True requires it (raising where it cannot);
+            False always runs the full batched sweep.
 
     Returns:
         A :class:`PatchingResult`.
     """
     _check_sweep_options(point, per, metric, batch_size)
+    path, fallback = _sweep_path(hm, batched, skip_unchanged)
     if positions is not None and per not in ("layer", "head"):
         raise HookscopeError(
             f"positions= chooses where a per='layer' or per='head' sweep patches; per={per!r} "
@@ -380,27 +400,29 @@ def activation_patching(
     chosen = _chosen_positions(hm, clean, positions) if positions is not None else None
     if "position" in labels:
         labels["position"] = hm.to_string_tokens(clean["input_ids"][0][slots.index[0]])
-    run = _batched_sweep if batched else _looped_sweep
-    patched, forwards = run(
-        hm,
-        clean,
-        corrupt,
-        point,
-        sites,
-        slots,
-        chosen,
-        batch_size,
-        progress,
-        lambda logits, ex: _metric(
+
+    def metric_fn(logits, ex):
+        return _metric(
             logits,
             metric,
             correct[ex],
             wrong[ex] if wrong is not None else None,
             clean_logprobs[ex] if clean_logprobs is not None else None,
-        ),
-    )
+        )
+
+    arguments = (hm, clean, corrupt, point, sites, slots, chosen, batch_size, progress, metric_fn)
+    if path == "skip_unchanged":
+        run = record_corrupt_run(hm, corrupt)
+        if isinstance(run, str):
+            if skip_unchanged:
+                raise HookscopeError(f"skip_unchanged=True but {run}; pass skip_unchanged=False.")
+            path, fallback = "batched", run
+        else:
+            patched, forwards = _reusing_sweep(*arguments, run)
+    if path != "skip_unchanged":
+        patched, forwards = (_batched_sweep if path == "batched" else _looped_sweep)(*arguments)
     per_example = patched.view(examples, *[len(labels[a]) for a in axes])
-    return _result(
+    result = _result(
         per_example,
         axes,
         labels,
@@ -411,6 +433,33 @@ def activation_patching(
         "activation",
         forwards,
     )
+    result.path, result.fallback = path, fallback
+    return result
+
+
+def _sweep_path(hm: Any, batched: bool, skip_unchanged: bool | None) -> tuple[str, str | None]:
+    """``(path, fallback reason)``: how an activation patching sweep runs.
+
+    Raises:
+        HookscopeError: for ``skip_unchanged=True`` where it cannot be honoured.
+    """
+    if skip_unchanged not in (None, True, False):
+        raise HookscopeError(f"skip_unchanged must be None, True or False, got {skip_unchanged!r}.")
+    if not batched:
+        if skip_unchanged:
+            raise HookscopeError(
+                "skip_unchanged=True needs batched=True (batched=False is the one-forward-per-"
+                "site reference)."
+            )
+        return "looped", None
+    if skip_unchanged is False:
+        return "batched", None
+    blocker = reuse_blocker(hm)
+    if blocker is None:
+        return "skip_unchanged", None
+    if skip_unchanged:
+        raise HookscopeError(f"skip_unchanged=True but {blocker}; pass skip_unchanged=False.")
+    return "batched", blocker
 
 
 def _check_sweep_options(point: Any, per: Any, metric: Any, batch_size: Any) -> None:
@@ -513,6 +562,96 @@ def _batched_sweep(
         bar.update(len(chunk), real_tokens(batch))
     bar.close()
     return results, forwards
+
+
+def _patched_positions(slots: Any, chosen, example: int, slot: int | None) -> list[int]:
+    """The absolute positions a site patches in ``example``: its slot's position, the chosen
+    positions, or every real position (patching padding changes no real token)."""
+    if slot is not None:
+        return [int(slots.index[example, slot])]
+    if chosen is not None:
+        return list(chosen[example])
+    return slots.index[example][slots.mask[example]].tolist()
+
+
+def _reusing_rows(point, sites, slots, chosen, examples: int) -> list[tuple]:
+    """Every (example, site) row as ``(SweepRow, site index, positions)``, sorted so that rows
+    of one forward share their first position and are ordered by their first changed layer.
+    A ``resid_out`` patch first changes layer ``l + 1`` (layer ``l`` is replayed, then
+    written); every other point is inside layer ``l``."""
+    shift = 1 if point == "resid_out" else 0
+    rows = []
+    for example in range(examples):
+        for index, (layer, _, slot) in enumerate(sites):
+            positions = _patched_positions(slots, chosen, example, slot)
+            row = SweepRow(example, layer + shift, min(positions))
+            rows.append((row, index, positions))
+    order = sorted(range(len(rows)), key=lambda i: (rows[i][0].start, rows[i][0].first_layer))
+    return [(*rows[i], i) for i in order]
+
+
+def _reusing_sweep(
+    hm, clean, corrupt, point, sites, slots, chosen, batch_size, progress, metric_fn,
+    run: CorruptRun,
+):  # fmt: skip
+    """The batched sweep that skips unchanged work (:mod:`hookscope.sweep_reuse`): rows start
+    at their first changed position from the corrupt KV cache and replay the corrupt run's
+    layers below their first changed layer. Same grid as :func:`_batched_sweep`."""
+    clean_acts = _full_activations(hm, clean, point, sorted({s[0] for s in sites}), point == "head")
+    mask = corrupt["attention_mask"]
+    last = (mask.shape[1] - 1 - mask.flip(1).long().argmax(1)).cpu()  # last real token per row
+    rows = _reusing_rows(point, sites, slots, chosen, clean["input_ids"].shape[0])
+    results = torch.empty(len(rows))
+    chunks = _token_chunks(rows, batch_size, mask.shape[1])
+    bar = ProgressBar(len(rows), "patching sweep", progress, unit="row")
+    for chunk in chunks:
+        chunk.sort(key=lambda item: item[0].first_layer)
+        start = min(item[0].start for item in chunk)
+        hooks = _window_writes(hm, point, sites, chunk, clean_acts, start)
+        ex = torch.tensor([item[0].example for item in chunk])
+        logits = run_rows(hm, corrupt, run, [item[0] for item in chunk], hooks, last[ex])
+        results[torch.tensor([item[3] for item in chunk])] = metric_fn(logits, ex)
+        # tokens actually fed: each row from the chunk's first start on
+        fed = int((mask[ex][:, start:]).sum())
+        bar.update(len(chunk), fed)
+    bar.close()
+    return results, len(chunks)
+
+
+def _token_chunks(rows: list[tuple], batch_size: int, seq: int) -> list[list[tuple]]:
+    """``rows`` (sorted by first position) cut into forwards of at most ``batch_size`` full
+    rows' worth of fed tokens and at most ``2 * batch_size`` rows: a forward feeds
+    ``seq - start`` tokens per row from its first row's ``start``, so rows that start late share
+    a forward with more rows (the activations of a layer as in the full batched sweep; the keys
+    and values at most twice), never more forwards than the full sweep."""
+    chunks: list[list[tuple]] = []
+    for item in rows:
+        if chunks and len(chunks[-1]) < 2 * batch_size:
+            fed = seq - chunks[-1][0][0].start
+            if (len(chunks[-1]) + 1) * fed <= batch_size * seq:
+                chunks[-1].append(item)
+                continue
+        chunks.append([item])
+    return chunks
+
+
+def _window_writes(hm, point, sites, chunk, clean_acts, start: int) -> list[ModuleHook]:
+    """One write hook per patched site of a chunk: the clean values at each row's positions,
+    counted from ``start`` (the first position the forward feeds)."""
+    by_site: dict[tuple, list[int]] = {}
+    for row, item in enumerate(chunk):
+        layer, head, _ = sites[item[1]]
+        by_site.setdefault((layer, head), []).append(row)
+    hooks = []
+    for (layer, head), site_rows in by_site.items():
+        positions, values = [], []
+        for row in site_rows:
+            example, absolute = chunk[row][0].example, chunk[row][2]
+            positions.append([p - start for p in absolute])
+            values.append(clean_acts[(layer, head)][example, absolute])
+        site = _site_of(hm, point, layer, head)
+        hooks.append(_write_hook(site, torch.tensor(site_rows), positions, values))
+    return hooks
 
 
 def _looped_sweep(hm, clean, corrupt, point, sites, slots, chosen, batch_size, progress, metric_fn):
@@ -636,6 +775,8 @@ def attribution_patching(
         if heads
         else hm.to_string_tokens(clean["input_ids"][0][slots.index[0]])
     )
-    return _result(
+    result = _result(
         per_example, axes, labels, clean_metric, corrupt_metric, metric, normalize, "attribution", 2
     )
+    result.path = "attribution"
+    return result
