@@ -223,9 +223,7 @@ class DatasetRun:
                 writer.abort(error)
                 raise
         size = known_size(dataloader, texts_of(dataloader))
-        results = (
-            ReservedResults(size, self.hm.pad_token_id) if size and _RESERVE else None
-        )
+        results = ReservedResults(size, self.hm.pad_token_id) if size and _RESERVE else None
         merged = self._loop(dataloader, None, progress, results)
         if results is not None:
             merged = results.result()

@@ -1054,8 +1054,29 @@ class ActivationStore:
             merged.cat(part)
         return merged
 
+    @property
+    def store_dtype(self) -> str | None:
+        """The dtype the activations were stored in (``store_dtype``; None: as computed)."""
+        return (self.manifest.get("description") or {}).get("store_dtype")
+
     def __getitem__(self, key: str) -> torch.Tensor:
-        """One point over every example, ``[examples, P, ...]``, in the original order."""
+        """One point over every example, ``[examples, P, ...]``, in the original order, in the
+        dtype it was stored in."""
+        return self.read(key)
+
+    def read(self, key: str, dtype: Any = None) -> torch.Tensor:
+        """``store[key]`` (``[examples, P, ...]``, original order), converted to ``dtype``
+        (``"float32"``, ``torch.float32``, ...) when given: a float16 / bfloat16 store read
+        back as float32 for training, say.
+
+        Raises:
+            StoreError: ``key`` is not in the store. InputError: an unknown ``dtype``.
+        """
+        target = store_dtype_of(dtype)
+        value = self._read_point(key)
+        return value if target is None or value.dtype == target else value.to(target)
+
+    def _read_point(self, key: str) -> torch.Tensor:
         keys = self.keys()
         if key not in keys:
             raise StoreError(f"{key!r} is not in this store; keys: {keys[:12]}.")

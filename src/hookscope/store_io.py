@@ -198,16 +198,24 @@ class HostStager:
             event recorded on the current stream); a test passes a stand-in.
     """
 
-    def __init__(self, pool: PinnedPool | None = None, record_event: Callable[[], Any] = None):
+    def __init__(
+        self,
+        pool: PinnedPool | None = None,
+        record_event: Callable[[], Any] | None = None,
+        on_device: Callable[[torch.Tensor], bool] | None = None,
+    ):
         self.pool = pool
         self._record_event = record_event or _cuda_event
+        self._on_device = on_device or _on_device  # a test stages CPU tensors as if on a GPU
 
     def stage(self, cache: ActivationCache) -> StagedBatch:
         """``cache``'s device tensors copied into host buffers (``batch_saver`` fields too).
         A cache with every tensor on the CPU is returned as it is, with no copy and no event."""
-        moving = [key for key, v in cache.items() if _on_device(v)]
+        on_device = self._on_device
+        moving = [k for k, v in cache.items() if isinstance(v, torch.Tensor) and on_device(v)]
         saver = cache.get("batch_saver") if "batch_saver" in cache else None
-        saver_moving = [k for k, v in (saver or {}).items() if _on_device(v)]
+        saver = saver if isinstance(saver, dict) else {}
+        saver_moving = [k for k, v in saver.items() if isinstance(v, torch.Tensor) and on_device(v)]
         if not moving and not saver_moving:
             return StagedBatch(cache, None, [], None)
         if self._record_event is _cuda_event and not _all_cuda(cache, moving, saver_moving):
@@ -234,8 +242,8 @@ class HostStager:
         return StagedBatch(cache, self._record_event(), buffers, self.pool)
 
 
-def _on_device(value: Any) -> bool:
-    return isinstance(value, torch.Tensor) and value.device.type != "cpu"
+def _on_device(value: torch.Tensor) -> bool:
+    return value.device.type != "cpu"
 
 
 def _all_cuda(cache: ActivationCache, keys: list[str], saver_keys: list[str]) -> bool:
