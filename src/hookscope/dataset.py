@@ -286,7 +286,8 @@ class DatasetRun:
                 cache["batch_saver"] = saved
             to_store_dtype(cache, self.store_dtype)  # on the device: less to copy
             if writer is not None:
-                writer.write(stager.stage(cache) if self.to_host else cache)
+                staged = stager.stage(cache) if self.to_host else None
+                writer.write(staged if staged is not None and staged.copying else cache)
             else:
                 cache = cache.cpu() if self.to_host else cache
                 if results is not None:

@@ -8,6 +8,14 @@ Layout of an output folder::
     stats-00012.safetensors        running count / mean / M2 per point and position slot, as of
                                    the last committed shard
 
+``extract_cache`` commits each batch on a writer thread while the next batch's forward runs (at
+most two batches wait; :class:`~hookscope.store_io.BackgroundWriter`): an error there is raised
+in the caller at the next batch or at the end, and the batches queued before an error in the
+caller are committed before it propagates. With ``store_dtype`` ("float16", "bfloat16",
+"float32") the activations are stored in that dtype (the description records it, so a resume
+must ask the same; the running statistics are those of the stored values);
+``store.read(key, dtype=...)`` converts on reading.
+
 Every file is written to a temporary name and renamed; the manifest is rewritten last, so it is
 the commit point: a run killed at any moment leaves a folder whose manifest names only complete
 shards, and a restart with the same arguments continues after them (no example lost or

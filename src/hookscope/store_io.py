@@ -176,6 +176,11 @@ class StagedBatch:
     def __init__(self, cache: ActivationCache, event: Any, buffers: list, pool: PinnedPool | None):
         self.cache, self._event, self._buffers, self._pool = cache, event, buffers, pool
 
+    @property
+    def copying(self) -> bool:
+        """Whether a copy is under way (False: the cache was on the host already)."""
+        return self._event is not None or bool(self._buffers)
+
     def wait(self) -> ActivationCache:
         if self._event is not None:
             self._event.synchronize()
