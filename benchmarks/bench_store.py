@@ -1,24 +1,30 @@
 """Dataset extraction: the cost of streaming to disk, and resident memory against data size.
 
-    python benchmarks/bench_store.py [--rss-sizes 10000] [--timing 384 --rounds 5] [--write]
+    python benchmarks/bench_store.py [--rss-sizes 10000] [--rss-workload early|all-layers]
+                                     [--timing 128 --rounds 5] [--write]
 
-SmolLM2-135M-Instruct, last-token residual stream of all 30 layers, batch 32,
-save_logits=False (the rows of benchmarks/RESULTS.md).
+SmolLM2-135M-Instruct, batch 32, save_logits=False.
 
-Timing (one process, the model loaded once, variants interleaved round by round, ratios paired
-within a round; every store is written to a fresh folder):
+Timing: the last-token residual stream of all 30 layers (the rows of benchmarks/RESULTS.md), one
+process, the model loaded once, variants interleaved round by round, ratios paired within a
+round, every store written to a fresh folder:
   in-memory            hm.extract_cache(prompts)
   output_dir           hm.extract_cache(prompts, output_dir=DIR)   (the writer thread)
   output_dir, sync     the same, every batch committed before the next forward (as before)
-  output_dir, float16  output_dir with store_dtype="float16"
+The last column is the time the caller spent inside the store's write() and finish() (queueing,
+and waiting for the last batches at the end).
 
-Resident memory (each row a fresh subprocess, so its peak RSS, ru_maxrss, is its own):
+Resident memory (each row a fresh subprocess; the peak is reset before extract_cache through
+/proc/self/clear_refs, so model loading does not hide it):
   reserved    the in-memory path: buffers for the whole dataset reserved at the first batch
   merge       the in-memory path as before: every batch kept, concatenated at the end
   store       output_dir (the data is on disk: the growth is the forward's working set)
+Workloads: "early" = 7 points (resid_in, resid_mid, resid_out, attn_in, attn_out, mlp_out,
+resid_in_post_layernorm) of layers 0-1 at [0, "last"]: the forward stops after layer 1, so 10k
+prompts run in minutes; "all-layers" = resid_out of all 30 layers at "last".
 "growth" is the peak RSS during extract_cache minus the RSS before it; "after batch 1" is the
-peak minus the peak reached by the end of the first batch (the forward's working set is then
-allocated), i.e. what keeping the results costs.
+peak minus the peak reached by the end of the first batch's forward (the forward's working set
+is then allocated), i.e. what keeping the results costs.
 """
 
 from __future__ import annotations
@@ -102,8 +108,9 @@ def rss_rows(sizes: list[int], modes: list[str], workload: str) -> list[dict]:
 
 def timing(n: int, rounds: int) -> dict[str, list[float]]:
     """Seconds per run of each variant, interleaved (see the module docstring)."""
-    import hookscope.dataset as dataset_module
     from common import dataset_prompts, interleaved
+
+    import hookscope.dataset as dataset_module
     from hookscope import ExtractionConfig, HookedModel
     from hookscope.store import StoreWriter
 
@@ -126,7 +133,9 @@ def timing(n: int, rounds: int) -> dict[str, list[float]]:
                     *a, **{**k, "background": False}
                 )
             try:
-                hm.extract_cache(prompts, ["last"], extraction_config=config, output_dir=folder, **options)
+                hm.extract_cache(
+                    prompts, ["last"], extraction_config=config, output_dir=folder, **options
+                )
             finally:
                 dataset_module.StoreWriter = writer
             WAIT_BY_VARIANT.setdefault(label, []).append(sum(WAITED))
@@ -180,7 +189,7 @@ def main() -> None:
         help="early: 7 points of layers 0-1 at [0, last] (the forward stops after layer 1, so "
         "10k prompts run in minutes); all-layers: resid_out of all 30 at last",
     )
-    parser.add_argument("--timing", type=int, default=384, help="prompts per timed run (0: skip)")
+    parser.add_argument("--timing", type=int, default=128, help="prompts per timed run (0: skip)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
