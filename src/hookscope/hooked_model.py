@@ -411,6 +411,7 @@ class HookedModel:
         sort_by_length: bool = False,
         names: Sequence[str] | None = None,
         overwrite: bool = False,
+        store_dtype: str | None = None,
         **model_kwargs: Any,
     ) -> ActivationCache | ActivationStore:
         """Run :meth:`forward` over every batch and merge the results in order.
@@ -434,6 +435,10 @@ class HookedModel:
             sort_by_length: (lists of strings) batch prompts of similar length together to waste
                 little on padding; results come back in the original order.
             names: the points by name instead of ``extraction_config`` (see :meth:`forward`).
+            store_dtype: ``"float16"``, ``"bfloat16"`` or ``"float32"``: keep the activations
+                (every floating-point value but ``batch_saver`` fields) in this dtype, in the
+                store (recorded in its manifest; a resume must ask the same) or in memory.
+                None: as computed.
 
         Returns:
             One :class:`ActivationCache` with every example in dataloader order, or the
@@ -447,6 +452,7 @@ class HookedModel:
             config,
             batch_saver=batch_saver,
             sort_by_length=sort_by_length,
+            store_dtype=store_dtype,
             forward_options=dict(
                 pivot_positions=pivot_positions,
                 hooks=hooks,

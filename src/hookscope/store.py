@@ -8,6 +8,14 @@ Layout of an output folder::
     stats-00012.safetensors        running count / mean / M2 per point and position slot, as of
                                    the last committed shard
 
+``extract_cache`` commits each batch on a writer thread while the next batch's forward runs (at
+most two batches wait; :class:`~hookscope.store_io.BackgroundWriter`): an error there is raised
+in the caller at the next batch or at the end, and the batches queued before an error in the
+caller are committed before it propagates. With ``store_dtype`` ("float16", "bfloat16",
+"float32") the activations are stored in that dtype (the description records it, so a resume
+must ask the same; the running statistics are those of the stored values);
+``store.read(key, dtype=...)`` converts on reading.
+
 Every file is written to a temporary name and renamed; the manifest is rewritten last, so it is
 the commit point: a run killed at any moment leaves a folder whose manifest names only complete
 shards, and a restart with the same arguments continues after them (no example lost or
@@ -51,6 +59,7 @@ import shutil
 import socket
 import threading
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
@@ -72,6 +81,7 @@ from .cache import (
     read_safetensors_header,
 )
 from .errors import HookscopeError, StoreError
+from .store_io import BackgroundWriter, StagedBatch, store_dtype_of, to_store_dtype
 
 MANIFEST = "manifest.json"
 _FORMAT = "hookscope.ActivationStore/1"
@@ -384,6 +394,7 @@ class _FolderLock:
     def __init__(self, folder: Path):
         self.path, self.key = folder / LOCK, str(folder.resolve())
         self.thread = threading.get_ident()
+        self.before_release: Callable[[], Any] | None = None  # the owner's writer thread stops
         held = _HELD.get(self.key)
         if held is not None:
             if held.thread != self.thread and held.thread in _live_threads():
@@ -416,9 +427,14 @@ class _FolderLock:
         _HELD[self.key] = self
 
     def release(self) -> None:
-        """Drop the lock (the file stays: unlinking a flock file races with the next writer)."""
+        """Drop the lock (the file stays: unlinking a flock file races with the next writer),
+        once the owner's queued batches are committed."""
         if self.fd is None:
             return
+        if self.before_release is not None:  # a weak reference: the lock keeps no writer alive
+            stop, self.before_release = self.before_release(), None
+            if stop is not None:
+                stop()
         if _HELD.get(self.key) is self:
             del _HELD[self.key]
         os.ftruncate(self.fd, 0)
@@ -450,14 +466,15 @@ def _live_threads() -> set[int]:
 
 
 def _releases_on_error(method: Callable) -> Callable:
-    """Release the writer's folder lock when ``method`` raises (the folder is left as it was)."""
+    """Release the writer's folder lock when ``method`` raises (the folder is left at its last
+    commit; batches queued before the error are committed first)."""
 
     @functools.wraps(method)
     def wrapper(self: StoreWriter, *args: Any, **kwargs: Any) -> Any:
         try:
             return method(self, *args, **kwargs)
-        except BaseException:
-            self.close()
+        except BaseException as error:
+            self.abort(error)
             raise
 
     return wrapper
@@ -481,9 +498,17 @@ class StoreWriter:
     """
 
     def __init__(
-        self, folder: str | os.PathLike, description: dict[str, Any], overwrite: bool = False
+        self,
+        folder: str | os.PathLike,
+        description: dict[str, Any],
+        overwrite: bool = False,
+        background: bool = False,
+        store_dtype: Any = None,
     ):
         self.folder = Path(folder)
+        self._background: BackgroundWriter | None = None
+        self._in_background = background
+        self._store_dtype = store_dtype_of(store_dtype)
         if self.folder.exists() and not self.folder.is_dir():
             raise StoreError(
                 f"output_dir {str(self.folder)!r} is a file, not a folder; hookscope will not "
@@ -498,6 +523,8 @@ class StoreWriter:
             raise
         self._pending: tuple[int, list[str]] | None = None
         self._asked_batches = self._asked_examples = 0
+        self._lock.before_release = weakref.WeakMethod(self._stop_background)
+        self._next_batch, self._next_example = self.completed_batches, self.examples
 
     def _open(self, description: dict[str, Any], overwrite: bool) -> None:
         for stray in self.folder.glob(".*.tmp"):
@@ -571,9 +598,52 @@ class StoreWriter:
     def examples(self) -> int:
         return self.manifest["examples"]
 
+    @property
+    def next_example(self) -> int:
+        """The index of the next example :meth:`write` takes: the committed examples plus those
+        queued on the writer thread."""
+        return self._next_example
+
     def close(self) -> None:
-        """Release the folder (done by :meth:`finish` and by every error the writer raises)."""
+        """Wait for the queued batches to be committed, then release the folder (done by
+        :meth:`finish` and by every error the writer raises).
+
+        Raises:
+            StoreError: a queued batch failed to commit and was not reported yet.
+        """
+        failure = self._stop_background()
         self._lock.release()
+        if failure is not None:
+            raise failure
+
+    def abort(self, error: BaseException) -> None:
+        """Like :meth:`close`, while ``error`` is being raised: a failure of the writer thread
+        not reported yet is attached to ``error`` as a note (and chained), never dropped."""
+        failure = self._stop_background()
+        self._lock.release()
+        if failure is not None and failure is not error:
+            error.add_note(f"The store's writer thread had failed too: {failure}")
+            if error.__context__ is None:
+                error.__context__ = failure
+
+    def _stop_background(self) -> BaseException | None:
+        """Drain and stop the writer thread; its failure not raised yet, if any."""
+        background, self._background = self._background, None
+        return background.close() if background is not None else None
+
+    def flush(self) -> None:
+        """Wait until every batch given to :meth:`write` is committed.
+
+        Raises:
+            StoreError: (the folder released) a batch failed to commit; the store is at its
+                last commit and the same run resumes from there.
+        """
+        if self._background is not None:
+            try:
+                self._background.drain()
+            except BaseException as error:
+                self.abort(error)
+                raise
 
     def __del__(self) -> None:
         lock = getattr(self, "_lock", None)
@@ -690,20 +760,43 @@ class StoreWriter:
         self.manifest["stats_sha256"], self.manifest["previous_stats_sha256"] = checksum, None
         _write_json(self.folder / MANIFEST, self.manifest)
         _remove_store_files(self.folder, self.manifest)
+        self._next_batch, self._next_example = self.completed_batches, self.examples
 
     # -- write ---------------------------------------------------------------------------------
     @_releases_on_error
-    def write(self, cache: ActivationCache) -> None:
+    def write(self, cache: ActivationCache | StagedBatch) -> None:
         """Write ``cache`` (the batch last passed to :meth:`check_batch`) as the next shard and
-        commit it."""
-        index = self.completed_batches
+        commit it: at once, or with ``background=True`` on the writer thread while the caller
+        goes on (:meth:`flush` / :meth:`finish` wait for it). A :class:`StagedBatch` (a copy
+        from an accelerator under way) is synchronised before it is written.
+
+        Raises:
+            StoreError: the batch does not match the one checked; or (background) an earlier
+                batch failed to commit.
+        """
+        index = self._next_batch
         if self._pending is None or self._pending[0] != index:
             raise StoreError(f"write() needs check_batch({index}, batch) first.")
         fingerprints = self._pending[1]
-        rows = len(cache["position_mask"])
+        staged = cache if isinstance(cache, StagedBatch) else StagedBatch(cache, None, [], None)
+        rows = len(staged.cache["position_mask"])
         if rows != len(fingerprints):
             raise StoreError(f"batch {index} has {rows} rows but {len(fingerprints)} were checked.")
+        job = (index, staged, fingerprints)
+        if self._in_background:
+            if self._background is None:
+                self._background = BackgroundWriter(self._commit_job, name="store-writer")
+            self._background.put(job)
+        else:
+            self._commit_job(job)
+        self._next_batch, self._next_example = index + 1, self._next_example + rows
+        self._pending = None
+
+    def _commit_job(self, job: tuple[int, StagedBatch, list[str]]) -> None:
+        """Commit one batch (on the writer thread with ``background=True``)."""
+        index, staged, fingerprints = job
         try:
+            cache = to_store_dtype(staged.wait(), self._store_dtype)
             stale = self._commit(index, cache, fingerprints)
         except OSError as error:
             raise StoreError(
@@ -712,10 +805,11 @@ class StoreWriter:
                 "batch was not committed. Free space / fix the permissions and run the same "
                 "extraction again: it resumes from there."
             ) from error
+        finally:
+            staged.release()
         if stale:
             with contextlib.suppress(OSError):  # left behind: swept by the next writer
                 (self.folder / stale).unlink(missing_ok=True)
-        self._pending = None
 
     def _commit(self, index: int, cache: ActivationCache, fingerprints: list[str]) -> str | None:
         """Write batch ``index``'s shard and statistics, then the manifest naming them (the
@@ -771,6 +865,7 @@ class StoreWriter:
         Raises:
             StoreError: the store holds more examples than were asked (see :meth:`check_batch`).
         """
+        self.flush()
         if self._asked_batches < self.completed_batches:
             self._refuse_more_than_asked(self._asked_examples)
         self.manifest["complete"] = True
@@ -967,8 +1062,29 @@ class ActivationStore:
             merged.cat(part)
         return merged
 
+    @property
+    def store_dtype(self) -> str | None:
+        """The dtype the activations were stored in (``store_dtype``; None: as computed)."""
+        return (self.manifest.get("description") or {}).get("store_dtype")
+
     def __getitem__(self, key: str) -> torch.Tensor:
-        """One point over every example, ``[examples, P, ...]``, in the original order."""
+        """One point over every example, ``[examples, P, ...]``, in the original order, in the
+        dtype it was stored in."""
+        return self.read(key)
+
+    def read(self, key: str, dtype: Any = None) -> torch.Tensor:
+        """``store[key]`` (``[examples, P, ...]``, original order), converted to ``dtype``
+        (``"float32"``, ``torch.float32``, ...) when given: a float16 / bfloat16 store read
+        back as float32 for training, say.
+
+        Raises:
+            StoreError: ``key`` is not in the store. InputError: an unknown ``dtype``.
+        """
+        target = store_dtype_of(dtype)
+        value = self._read_point(key)
+        return value if target is None or value.dtype == target else value.to(target)
+
+    def _read_point(self, key: str) -> torch.Tensor:
         keys = self.keys()
         if key not in keys:
             raise StoreError(f"{key!r} is not in this store; keys: {keys[:12]}.")
