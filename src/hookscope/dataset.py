@@ -16,6 +16,7 @@ import torch
 
 from .cache import ActivationCache
 from .config import ExtractionConfig
+from .dictionaries.features import plan_features
 from .errors import HookscopeError, InputError
 from .inputs import tokenize
 from .store import ActivationStore, StoreWriter, describe
@@ -231,6 +232,11 @@ class DatasetRun:
             ],
             "hooks": [describe_value(h) for h in self.forward_options.get("hooks") or []],
         }
+        features = plan_features(self.config, self.hm.dictionaries, self.hm.model_map)
+        if features:  # their weights change the numbers too (by hash, as tensors above)
+            options["dictionaries"] = {
+                r.dictionary.name: describe_value(r.dictionary) for r in features
+            }
         description = describe(self.hm, self.config, self.positions, options)
         return StoreWriter(output_dir, description, overwrite=overwrite)
 
