@@ -83,7 +83,10 @@ def test_transcoder_features_and_error_from_the_mlp_input_and_output(hm):
         for handle in handles:
             handle.remove()
     config = ExtractionConfig(
-        extract_features=["tc1"], extract_reconstruction_error=["tc1"], extract_mlp_in=True, layers=[1]
+        extract_features=["tc1"],
+        extract_reconstruction_error=["tc1"],
+        extract_mlp_in=True,
+        layers=[1],
     )
     cache = hm.forward(batch, ["all"], extraction_config=config)
     d, mask = hm.dictionaries["tc1"], cache["position_mask"]
@@ -91,15 +94,22 @@ def test_transcoder_features_and_error_from_the_mlp_input_and_output(hm):
     torch.testing.assert_close(cache["mlp_in_1"][mask], x[mask])
     torch.testing.assert_close(cache["features_tc1"][mask], d.encode(x[mask]), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(
-        cache["reconstruction_error_tc1"][mask], y[mask] - d.reconstruct(x[mask]), rtol=1e-5, atol=1e-5
+        cache["reconstruction_error_tc1"][mask],
+        y[mask] - d.reconstruct(x[mask]),
+        rtol=1e-5,
+        atol=1e-5,
     )
 
 
 def test_top_k_storage_holds_the_largest_features_and_marks_inactive_ones(hm):
     batch = build_tokenizer()(PROMPTS, return_tensors="pt", padding=True)
-    dense = hm.forward(batch, ["last", 1], extraction_config=ExtractionConfig(extract_features=["res0"]))
+    dense = hm.forward(
+        batch, ["last", 1], extraction_config=ExtractionConfig(extract_features=["res0"])
+    )
     sparse = hm.forward(
-        batch, ["last", 1], extraction_config=ExtractionConfig(extract_features=["res0"], feature_top_k=6)
+        batch,
+        ["last", 1],
+        extraction_config=ExtractionConfig(extract_features=["res0"], feature_top_k=6),
     )
     values, ids = sparse["features_res0"], sparse["feature_ids_res0"]
     assert values.shape == ids.shape == (3, 2, 6) and ids.dtype == torch.int64
@@ -119,7 +129,9 @@ def test_extract_cache_store_round_trip_and_a_changed_dictionary_refuses_resume(
     d = hm.dictionaries["res0"]
     for row, prompt in enumerate(PROMPTS):
         x = _alone_hidden(hm, prompt, 0)[-1]
-        torch.testing.assert_close(store["features_res0"][row, 0], d.encode(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            store["features_res0"][row, 0], d.encode(x), rtol=1e-5, atol=1e-5
+        )
     other = random_dictionary("resid_out_0", name="res0", seed=5)
     hm.attach_dictionary(other, replace=True)
     try:
@@ -130,14 +142,18 @@ def test_extract_cache_store_round_trip_and_a_changed_dictionary_refuses_resume(
 
 
 def test_generate_extracts_features_per_step(hm):
-    config = ExtractionConfig(extract_features=["res0"], extract_resid_out=True, layers=[0], save_logits=False)
+    config = ExtractionConfig(
+        extract_features=["res0"], extract_resid_out=True, layers=[0], save_logits=False
+    )
     cache = hm.generate(
         ["the cat sat", "a dog"], max_new_tokens=3, do_sample=False, target_token_positions=["last"],
         extraction_config=config,
     )  # fmt: skip
     assert cache["features_res0"].shape == (2, 3, 48)  # the prompt's last token + 2 fed back
     d = hm.dictionaries["res0"]
-    torch.testing.assert_close(cache["features_res0"], d.encode(cache["resid_out_0"]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        cache["features_res0"], d.encode(cache["resid_out_0"]), rtol=1e-5, atol=1e-5
+    )
     # the fed-back tokens' features, against HF on the generated sequence
     sequences = cache["sequences"]
     for row in range(2):
@@ -160,7 +176,9 @@ def test_bad_requests_fail_at_plan_time(hm):
         W_enc=torch.zeros(32, 8), b_enc=torch.zeros(8), W_dec=torch.zeros(8, 32), b_dec=torch.zeros(32),
         activation="relu", reads="resid_out_1", name="narrow",
     )  # fmt: skip
-    with pytest.raises(ActivationPointError, match="64 wide on this model, but the dictionary's d_in is 32"):
+    with pytest.raises(
+        ActivationPointError, match="64 wide on this model, but the dictionary's d_in is 32"
+    ):
         hm.attach_dictionary(narrow)
     with pytest.raises(HookscopeError, match="attached already"):
         hm.attach_dictionary(random_dictionary("resid_out_1", name="res0"))

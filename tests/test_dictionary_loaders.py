@@ -50,7 +50,12 @@ def test_saelens_v5_standard_relu(tmp_path):
         "hook_name": "blocks.1.hook_resid_post",
     }
     d = load_dictionary(_saelens(tmp_path / "sae", cfg, w))
-    assert (d.reads, d.writes, d.activation, d.name) == ("resid_out_1", "resid_out_1", "relu", "sae_resid_out_1")
+    assert (d.reads, d.writes, d.activation, d.name) == (
+        "resid_out_1",
+        "resid_out_1",
+        "relu",
+        "sae_resid_out_1",
+    )
     x = _x()
     expected = torch.relu((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"])  # SAELens StandardSAE.encode
     torch.testing.assert_close(d.encode(x), expected)
@@ -94,7 +99,12 @@ def test_saelens_v6_jumprelu_with_metadata(tmp_path):
 
 
 def test_saelens_point_override_and_family_dependent_names(tmp_path):
-    cfg = {"architecture": "standard", "d_in": D_IN, "d_sae": D_SAE, "hook_name": "blocks.1.hook_mlp_out"}
+    cfg = {
+        "architecture": "standard",
+        "d_in": D_IN,
+        "d_sae": D_SAE,
+        "hook_name": "blocks.1.hook_mlp_out",
+    }
     folder = _saelens(tmp_path / "sae", cfg, _weights())
     with pytest.raises(ActivationPointError, match="depends on the family"):
         load_dictionary(folder)  # hook_mlp_out means mlp_out or mlp_out_post_norm by family
@@ -109,7 +119,10 @@ def test_saelens_point_override_and_family_dependent_names(tmp_path):
         (lambda cfg, w: w.__setitem__("b_dec", torch.zeros(D_IN + 1)), "b_dec has shape"),
         (lambda cfg, w: cfg.__setitem__("architecture", "gated"), "'gated' is not supported"),
         (lambda cfg, w: cfg.__setitem__("normalize_activations", "layer_norm"), "layer_norm"),
-        (lambda cfg, w: cfg.__setitem__("normalize_activations", "expected_average_only_in"), "input_scale="),
+        (
+            lambda cfg, w: cfg.__setitem__("normalize_activations", "expected_average_only_in"),
+            "input_scale=",
+        ),
         (lambda cfg, w: cfg.__setitem__("architecture", "jumprelu"), r"lacks \['threshold'\]"),
         (lambda cfg, w: cfg.update(architecture="topk"), "needs k"),
         (lambda cfg, w: cfg.__setitem__("hook_head_index", 2), "hook_head_index"),
@@ -117,7 +130,12 @@ def test_saelens_point_override_and_family_dependent_names(tmp_path):
     ],
 )
 def test_broken_saelens_files_are_refused(tmp_path, change, message):
-    cfg = {"architecture": "standard", "d_in": D_IN, "d_sae": D_SAE, "hook_name": "blocks.1.hook_resid_post"}
+    cfg = {
+        "architecture": "standard",
+        "d_in": D_IN,
+        "d_sae": D_SAE,
+        "hook_name": "blocks.1.hook_resid_post",
+    }
     w = _weights()
     change(cfg, w)
     with pytest.raises(HookscopeError, match=message):
@@ -143,7 +161,11 @@ def _sparsify_weights(seed: int = 4) -> dict[str, torch.Tensor]:
 
 def _sparsify_encode(w, x, k, transcode=False):
     """sparsify's SparseCoder.encode: topk(relu(linear(x - b_dec))) -> dense."""
-    pre = torch.relu(torch.nn.functional.linear(x if transcode else x - w["b_dec"], w["encoder.weight"], w["encoder.bias"]))
+    pre = torch.relu(
+        torch.nn.functional.linear(
+            x if transcode else x - w["b_dec"], w["encoder.weight"], w["encoder.bias"]
+        )
+    )
     top = pre.topk(k, dim=-1)
     return torch.zeros_like(pre).scatter(-1, top.indices, top.values)
 
@@ -176,7 +198,9 @@ def test_sparsify_expansion_factor_and_refusals(tmp_path):
     with pytest.raises(HookscopeError, match="W_skip"):
         load_dictionary(_sparsify(tmp_path / "b" / "layers.1", cfg, skip))
     with pytest.raises(HookscopeError, match="groupmax"):
-        load_dictionary(_sparsify(tmp_path / "c" / "layers.1", {**cfg, "activation": "groupmax"}, w))
+        load_dictionary(
+            _sparsify(tmp_path / "c" / "layers.1", {**cfg, "activation": "groupmax"}, w)
+        )
     with pytest.raises(HookscopeError, match="pass point="):
         load_dictionary(_sparsify(tmp_path / "embed_tokens", cfg, w))
 
@@ -228,7 +252,16 @@ def test_native_round_trip_keeps_every_field(tmp_path):
         metadata={"trained_on": "store", "explained_variance": 0.81},
     )  # fmt: skip
     back = load_dictionary(save_dictionary(d, tmp_path / "tc1"))
-    for field in ("activation", "reads", "writes", "k", "input_scale", "subtract_decoder_bias", "name", "metadata"):
+    for field in (
+        "activation",
+        "reads",
+        "writes",
+        "k",
+        "input_scale",
+        "subtract_decoder_bias",
+        "name",
+        "metadata",
+    ):
         assert getattr(back, field) == getattr(d, field), field
     for key in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
         assert torch.equal(getattr(back, key), getattr(d, key)), key

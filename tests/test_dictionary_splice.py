@@ -73,8 +73,12 @@ def test_transcoder_splice_without_error_equals_patching_the_mlp_output(hm, batc
 
 def test_splice_at_some_positions_only(hm, batch):
     x = _all_positions(hm, batch, "resid_out_0")
-    last = hm.forward(batch, ["last"], extraction_config=ExtractionConfig(extract_resid_out=True, layers=[0]))
-    by_hand = Patch(point="resid_out_0", positions=["last"], source=SAE0.reconstruct(last["resid_out_0"]))
+    last = hm.forward(
+        batch, ["last"], extraction_config=ExtractionConfig(extract_resid_out=True, layers=[0])
+    )
+    by_hand = Patch(
+        point="resid_out_0", positions=["last"], source=SAE0.reconstruct(last["resid_out_0"])
+    )
     spliced = _logits(hm, batch, [Splice(SAE0, keep_error=False, positions=["last"])])
     torch.testing.assert_close(spliced, _logits(hm, batch, [by_hand]), rtol=1e-5, atol=1e-5)
     assert x.shape[1] > 1  # other positions exist and were left alone (equal to the patch run)
@@ -85,9 +89,16 @@ def test_features_with_a_splice_are_those_of_the_value_the_model_computed(hm, ba
     try:
         config = ExtractionConfig(extract_features=True, extract_reconstruction_error=True)
         plain = hm.forward(batch, ["last"], extraction_config=config)
-        spliced = hm.forward(batch, ["last"], extraction_config=config, interventions=[Splice(SAE0, keep_error=False)])
+        spliced = hm.forward(
+            batch,
+            ["last"],
+            extraction_config=config,
+            interventions=[Splice(SAE0, keep_error=False)],
+        )
         torch.testing.assert_close(spliced["features_res0"], plain["features_res0"])
-        torch.testing.assert_close(spliced["reconstruction_error_res0"], plain["reconstruction_error_res0"])
+        torch.testing.assert_close(
+            spliced["reconstruction_error_res0"], plain["reconstruction_error_res0"]
+        )
         assert plain["reconstruction_error_res0"].abs().max() > 1e-2  # the error term is not 0
     finally:
         hm.detach_dictionary("res0")
