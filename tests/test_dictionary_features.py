@@ -120,6 +120,35 @@ def test_top_k_storage_holds_the_largest_features_and_marks_inactive_ones(hm):
     torch.testing.assert_close(dense_features(values, ids, 48), dense["features_res0"])
 
 
+def test_names_request_features_like_points(hm):
+    config = ExtractionConfig(extract_features=["res0"], extract_reconstruction_error=["tc1"])
+    by_config = hm.forward(["hello there"], ["last"], extraction_config=config)
+    by_name = hm.forward(
+        ["hello there"], ["last"], names=["features_res0", "reconstruction_error_tc1"]
+    )
+    assert set(by_name.tensors()) - {"logits", "position_mask"} == {
+        "features_res0",
+        "reconstruction_error_tc1",
+    }
+    for key in ("features_res0", "reconstruction_error_tc1"):
+        torch.testing.assert_close(by_name[key], by_config[key])
+
+
+def test_extract_avg_averages_each_item_s_features(hm):
+    batch = build_tokenizer()(PROMPTS, return_tensors="pt", padding=True)
+    config = ExtractionConfig(extract_features=["res0"], extract_reconstruction_error=["res0"])
+    per_token = hm.forward(batch, ["all"], extraction_config=config)
+    averaged = hm.forward(
+        batch,
+        ["all"],
+        extraction_config=ExtractionConfig(**{**config.to_dict(), "extract_avg": True}),
+    )
+    mask = per_token["position_mask"].unsqueeze(-1).float()
+    for key in ("features_res0", "reconstruction_error_res0"):
+        expected = (per_token[key] * mask).sum(1) / mask.sum(1)
+        torch.testing.assert_close(averaged[key][:, 0], expected, rtol=1e-5, atol=1e-6)
+
+
 def test_extract_cache_store_round_trip_and_a_changed_dictionary_refuses_resume(hm, tmp_path):
     config = ExtractionConfig(extract_features=["res0"], extract_reconstruction_error=["res0"])
     memory = hm.extract_cache(PROMPTS, ["last"], extraction_config=config)

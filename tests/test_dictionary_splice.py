@@ -115,10 +115,14 @@ def test_registered_splice_and_generate(hm):
         hm.clean_interventions()
     assert torch.equal(kept, plain)  # with the error terms, greedy decoding is unchanged
     # without them, each step runs on the reconstruction: equal to the no-KV-cache path
-    dropped = [Splice(SAE0, keep_error=False, apply_to="both")]
+    dropped = [
+        Splice(SAE0, keep_error=False, apply_to="both"),
+        Splice(TC1, keep_error=False, apply_to="both"),
+    ]
     cached = hm.generate(prompts, interventions=dropped, **options)
     uncached = hm.generate(prompts, interventions=dropped, use_cache=False, **options)
     assert torch.equal(cached, uncached)
+    assert not torch.equal(cached, plain)  # the reconstructions change what is generated
 
 
 def test_bad_splices_are_refused(hm):

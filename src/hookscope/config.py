@@ -112,6 +112,20 @@ def _dictionary_names(name: str, value: Any) -> bool | list[str]:
     )
 
 
+_DICTIONARY_KEYS = (
+    ("features_", "extract_features"),
+    ("reconstruction_error_", "extract_reconstruction_error"),
+)
+
+
+def _dictionary_flag(name: Any) -> tuple[str, str] | None:
+    """``(flag, dictionary name)`` for ``features_{name}`` / ``reconstruction_error_{name}``."""
+    for prefix, flag in _DICTIONARY_KEYS:
+        if isinstance(name, str) and name.startswith(prefix) and len(name) > len(prefix):
+            return flag, name[len(prefix) :]
+    return None
+
+
 @reject_unknown_fields
 @dataclass
 class ExtractionConfig:
@@ -255,6 +269,8 @@ class ExtractionConfig:
         Flags are per kind and ``layers`` / ``attn_heads`` per config, so naming ``resid_out_1``
         and ``mlp_out_4`` extracts both kinds in layers 1 and 4: the cache holds at least the
         named points. ``options`` are other fields (``save_logits=False``, ...).
+        ``features_{name}`` and ``reconstruction_error_{name}`` request an attached dictionary's
+        features and reconstruction error.
 
         Raises:
             ActivationPointError: for a name that is no activation point (listing valid forms),
@@ -267,6 +283,9 @@ class ExtractionConfig:
         chosen: dict[str, Any] = {}
         layers, vision_layers, heads, every_head = set(), set(), [], False
         for name in names:
+            if (flag := _dictionary_flag(name)) is not None:  # features_{name}, ...
+                chosen.setdefault(flag[0], []).append(flag[1])
+                continue
             tl = parse_tl_name(name, model_map)
             if tl is not None and tl.head_axis is not None:
                 chosen[FLAG_OF_KIND[tl.kind]] = True
