@@ -133,3 +133,21 @@ def test_bad_splices_are_refused(hm):
     deep = random_dictionary("resid_out_5", name="deep")
     with pytest.raises(ActivationPointError, match="out of range"):
         hm.forward(["hi"], ["last"], interventions=[Splice(deep)])
+
+
+def test_bfloat16_model_with_a_float32_dictionary():
+    model = HookedModel.from_hf(build_model("llama").to(torch.bfloat16), build_tokenizer())
+    batch = build_tokenizer()(PROMPTS, return_tensors="pt", padding=True)
+    plain = _logits(model, batch)
+    # x (bf16) -> float32 -> x_hat + (x - x_hat) -> bf16 rounds back to x exactly
+    assert torch.equal(_logits(model, batch, [Splice(SAE0), Splice(TC1)]), plain)
+    model.attach_dictionary(SAE0)
+    cache = model.forward(
+        batch,
+        ["last"],
+        extraction_config=ExtractionConfig(
+            extract_features=True, extract_resid_out=True, layers=[0]
+        ),
+    )
+    assert cache["features_res0"].dtype == torch.float32
+    torch.testing.assert_close(cache["features_res0"], SAE0.encode(cache["resid_out_0"]))
