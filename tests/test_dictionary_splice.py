@@ -10,7 +10,7 @@ from test_dictionary_features import PROMPTS, random_dictionary
 from tiny_models import build_model, build_tokenizer
 
 from hookscope import ExtractionConfig, HookedModel, Patch
-from hookscope.dictionaries import Splice
+from hookscope.dictionaries import Dictionary, Splice
 from hookscope.errors import ActivationPointError, HookscopeError
 
 SAE0 = random_dictionary("resid_out_0", name="res0")
@@ -151,3 +151,15 @@ def test_bfloat16_model_with_a_float32_dictionary():
     )
     assert cache["features_res0"].dtype == torch.float32
     torch.testing.assert_close(cache["features_res0"], SAE0.encode(cache["resid_out_0"]))
+
+
+def test_splices_that_cannot_write_their_point_are_refused(hm):
+    head = Dictionary(
+        W_enc=torch.zeros(64, 8), b_enc=torch.zeros(8), W_dec=torch.zeros(8, 64), b_dec=torch.zeros(64),
+        activation="relu", reads="head_out_L0H1", name="head",
+    )  # fmt: skip
+    with pytest.raises(HookscopeError, match="written as head_z"):
+        hm.forward(["hi"], ["last"], interventions=[Splice(head)])
+    backwards = random_dictionary("resid_out_1", "mlp_out_0", activation="relu", name="backwards")
+    with pytest.raises(HookscopeError, match="was not computed before"):
+        hm.forward(["hi"], ["last"], interventions=[Splice(backwards)])

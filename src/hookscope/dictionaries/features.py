@@ -271,7 +271,13 @@ def _writes_fn(request, site, positions, sink, state, spliced, average, keep_gra
     def on_write(hidden: torch.Tensor) -> None:
         original = (spliced or {}).get(id(dictionary))
         y = _slots(hidden, site, positions, original, keep_gradient)
-        features = state.features.pop(0)
+        features = state.features.pop(0, None)
+        if features is None:
+            raise HookscopeError(
+                f"dictionary {dictionary.name!r}: {request.writes.name} ran before "
+                f"{request.reads.name} in this forward, so its reconstruction error cannot be "
+                "computed (a transcoder must read a point computed before the one it writes)."
+            )
         error = y.to(features.dtype) - dictionary.on(y.device).decode(features)
         sink[error_key(dictionary.name)] = positions.average(error) if average else error
 

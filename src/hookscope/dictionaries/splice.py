@@ -35,6 +35,7 @@ from ..errors import HookscopeError
 from ..hooks import ModuleHook, reading_hook
 from ..interventions import Intervention
 from ..keywords import reject_unknown_fields
+from ..points import KINDS
 from ..positions import PositionContext
 from ..window import CallWindow
 from .core import Dictionary
@@ -109,7 +110,13 @@ class _PreparedSplice(PreparedIntervention):
     def __init__(
         self, splice: Splice, model_map: ModelMap, context: PositionContext, window: CallWindow
     ):
-        dictionary_points(splice.dictionary, model_map)  # widths and ranges, before the forward
+        _, writes = dictionary_points(splice.dictionary, model_map)  # before the forward
+        if KINDS[writes.kind].written_as is not None:
+            raise HookscopeError(
+                f"Splice of {splice.dictionary.name!r}: {writes.name} is written as "
+                f"{KINDS[writes.kind].written_as} (its own space); splice a dictionary that "
+                f"writes {KINDS[writes.kind].written_as} instead."
+            )
         self.splice = splice
         self.read_value: torch.Tensor | None = None
         super().__init__(splice, model_map, context, window)
