@@ -86,22 +86,27 @@ def test_splice_at_some_positions_only(hm, batch):
 
 def test_features_with_a_splice_are_those_of_the_value_the_model_computed(hm, batch):
     hm.attach_dictionary(SAE0)
+    hm.attach_dictionary(TC1)
     try:
         config = ExtractionConfig(extract_features=True, extract_reconstruction_error=True)
         plain = hm.forward(batch, ["last"], extraction_config=config)
-        spliced = hm.forward(
-            batch,
-            ["last"],
-            extraction_config=config,
-            interventions=[Splice(SAE0, keep_error=False)],
-        )
-        torch.testing.assert_close(spliced["features_res0"], plain["features_res0"])
-        torch.testing.assert_close(
-            spliced["reconstruction_error_res0"], plain["reconstruction_error_res0"]
-        )
-        assert plain["reconstruction_error_res0"].abs().max() > 1e-2  # the error term is not 0
+        splices = [Splice(SAE0, keep_error=False), Splice(TC1, keep_error=False)]
+        spliced = hm.forward(batch, ["last"], extraction_config=config, interventions=splices)
+        # resid_out_0 is the first splice's: TC1 reads a model already changed by it, so its
+        # plain reference is the run with the SAE splice alone
+        after_sae = hm.forward(batch, ["last"], extraction_config=config, interventions=splices[:1])
+        for key, reference in (
+            ("features_res0", plain),
+            ("reconstruction_error_res0", plain),
+            ("features_tc1", after_sae),
+            ("reconstruction_error_tc1", after_sae),
+        ):
+            torch.testing.assert_close(spliced[key], reference[key], msg=key)
+            assert reference[key].abs().max() > 1e-2, key  # not vacuous
+        assert not torch.allclose(after_sae["features_tc1"], plain["features_tc1"])
     finally:
         hm.detach_dictionary("res0")
+        hm.detach_dictionary("tc1")
 
 
 def test_registered_splice_and_generate(hm):

@@ -250,7 +250,8 @@ def _reads_fn(request, site, positions, sink, state, spliced, average, keep_grad
     same_point = request.reads == request.writes
 
     def on_read(hidden: torch.Tensor) -> None:
-        original = (spliced or {}).get(id(dictionary)) if same_point else None
+        # pop: the call need not hold the spliced tensor any longer
+        original = (spliced or {}).pop(id(dictionary), None) if same_point else None
         x = _slots(hidden, site, positions, original, keep_gradient)
         on_device = dictionary.on(x.device)
         features = on_device.encode(x)  # [batch, P, d_sae]
@@ -269,7 +270,7 @@ def _writes_fn(request, site, positions, sink, state, spliced, average, keep_gra
     dictionary = request.dictionary
 
     def on_write(hidden: torch.Tensor) -> None:
-        original = (spliced or {}).get(id(dictionary))
+        original = (spliced or {}).pop(id(dictionary), None)
         y = _slots(hidden, site, positions, original, keep_gradient)
         features = state.features.pop(0, None)
         if features is None:
