@@ -161,6 +161,14 @@ def test_extract_cache_store_round_trip_and_a_changed_dictionary_refuses_resume(
         torch.testing.assert_close(
             store["features_res0"][row, 0], d.encode(x), rtol=1e-5, atol=1e-5
         )
+    top = ExtractionConfig(extract_features=["res0"], feature_top_k=6)
+    sparse = hm.extract_cache(
+        PROMPTS, ["last", 0], extraction_config=top, output_dir=tmp_path / "t"
+    )
+    ids = sparse["feature_ids_res0"]
+    assert ids.dtype == torch.int64 and (ids[..., 4:] == -1).all()  # k=4: two inactive
+    in_memory = hm.extract_cache(PROMPTS, ["last", 0], extraction_config=top)
+    assert torch.equal(ids, in_memory["feature_ids_res0"])
     other = random_dictionary("resid_out_0", name="res0", seed=5)
     hm.attach_dictionary(other, replace=True)
     try:
