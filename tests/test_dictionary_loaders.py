@@ -275,3 +275,24 @@ def test_unknown_layouts_list_the_known_formats(tmp_path):
         load_dictionary(tmp_path)
     with pytest.raises(HookscopeError, match="does not exist"):
         load_dictionary(tmp_path / "nowhere")
+
+
+def test_saelens_transcoder_reads_one_hook_and_writes_another(tmp_path):
+    w = _weights(10, d_out=6)
+    cfg = {
+        "architecture": "standard",
+        "d_in": D_IN,
+        "d_sae": D_SAE,
+        "d_out": 6,
+        "apply_b_dec_to_input": False,
+        "metadata": {
+            "hook_name": "blocks.1.hook_resid_mid",
+            "hook_name_out": "blocks.1.hook_resid_post",
+        },
+    }
+    d = load_dictionary(_saelens(tmp_path / "tc", cfg, w))
+    assert (d.reads, d.writes, d.is_transcoder, d.name) == (
+        "resid_mid_1", "resid_out_1", True, "transcoder_resid_out_1",
+    )  # fmt: skip
+    expected = torch.relu(_x() @ w["W_enc"] + w["b_enc"]) @ w["W_dec"] + w["b_dec"]
+    torch.testing.assert_close(d.reconstruct(_x()), expected)
