@@ -162,14 +162,6 @@ def _requested(flag: str, value: Any, dictionaries: dict[str, Dictionary]) -> li
     return list(dict.fromkeys(value))
 
 
-@dataclass
-class _CallState:
-    """What the hooks of one dictionary share within one model call: the features the reads
-    hook computed, for the writes hook of a transcoder."""
-
-    features: dict[int, torch.Tensor] = field(default_factory=dict)
-
-
 def feature_hooks(
     requests: list[FeatureRequest],
     model_map: ModelMap,
@@ -189,100 +181,79 @@ def feature_hooks(
     """
     hooks = []
     for request in requests:
-        state = _CallState()
-        reads_site = locate(request.reads, model_map)
-        hooks.append(
-            reading_hook(
-                reads_site.module,
-                reads_site.when,
-                _reads_fn(
-                    request,
-                    reads_site,
-                    positions,
-                    sink,
-                    state,
-                    spliced,
-                    average,
-                    keep_gradient,
-                    top_k,
-                ),  # fmt: skip
-            )
-        )
+        capture = _FeatureCapture(
+            request, positions, sink, spliced if spliced is not None else {}, average,
+            keep_gradient, top_k, locate(request.reads, model_map),
+            locate(request.writes, model_map),
+        )  # fmt: skip
+        site = capture.reads_site
+        hooks.append(reading_hook(site.module, site.when, capture.on_read))
         if request.error and request.reads != request.writes:
-            writes_site = locate(request.writes, model_map)
-            hooks.append(
-                reading_hook(
-                    writes_site.module,
-                    writes_site.when,
-                    _writes_fn(
-                        request,
-                        writes_site,
-                        positions,
-                        sink,
-                        state,
-                        spliced,
-                        average,
-                        keep_gradient,
-                    ),  # fmt: skip
-                )
-            )
+            site = capture.writes_site
+            hooks.append(reading_hook(site.module, site.when, capture.on_write))
     return hooks
 
 
-def _slots(
-    hidden: torch.Tensor,
-    site: PointSite,
-    positions: Any,
-    original: torch.Tensor | None,
-    keep_gradient: bool,
-) -> torch.Tensor:
-    """The point's value at the selected slots ``[batch, P, width]``: from the module tensor, or
-    from the value a splice received (already the point, no columns to take)."""
-    value = (
-        positions.select(original) if original is not None else site.read(positions.select(hidden))
-    )
-    return value if keep_gradient else value.detach()
+@dataclass
+class _FeatureCapture:
+    """The hooks of one dictionary in one call: the reads hook encodes the selected slots; a
+    transcoder's writes hook subtracts the decoded features from the point it writes."""
 
+    request: FeatureRequest
+    positions: Any
+    sink: dict[str, torch.Tensor]
+    spliced: dict[int, torch.Tensor]
+    average: bool
+    keep_gradient: bool
+    top_k: int | None
+    reads_site: PointSite
+    writes_site: PointSite
+    features: torch.Tensor | None = field(default=None, repr=False)  # for the writes hook
 
-def _reads_fn(request, site, positions, sink, state, spliced, average, keep_gradient, top_k):
-    dictionary = request.dictionary
-    name = dictionary.name
-    same_point = request.reads == request.writes
+    def _slots(self, hidden: torch.Tensor, site: PointSite, original: Any) -> torch.Tensor:
+        """The point at the selected slots ``[batch, P, width]``: from the module tensor, or
+        from the value a splice received (already the point, no columns to take)."""
+        if original is not None:
+            value = self.positions.select(original)
+        else:
+            value = site.read(self.positions.select(hidden))
+        return value if self.keep_gradient else value.detach()
 
-    def on_read(hidden: torch.Tensor) -> None:
-        # pop: the call need not hold the spliced tensor any longer
-        original = (spliced or {}).pop(id(dictionary), None) if same_point else None
-        x = _slots(hidden, site, positions, original, keep_gradient)
-        on_device = dictionary.on(x.device)
-        features = on_device.encode(x)  # [batch, P, d_sae]
+    def _error(self, y: torch.Tensor, features: torch.Tensor) -> None:
+        dictionary = self.request.dictionary
+        error = y.to(features.dtype) - dictionary.on(y.device).decode(features)
+        self.sink[error_key(dictionary.name)] = (
+            self.positions.average(error) if self.average else error
+        )
+
+    def on_read(self, hidden: torch.Tensor) -> None:
+        request, dictionary = self.request, self.request.dictionary
+        same_point = request.reads == request.writes
+        # popped: the call need not hold the spliced tensor any longer
+        original = self.spliced.pop(id(dictionary), None) if same_point else None
+        x = self._slots(hidden, self.reads_site, original)
+        features = dictionary.on(x.device).encode(x)  # [batch, P, d_sae]
         if request.features:
-            sink.update(_feature_values(name, features, positions, average, top_k))
+            values = _feature_values(
+                dictionary.name, features, self.positions, self.average, self.top_k
+            )
+            self.sink.update(values)
         if request.error and same_point:
-            error = x.to(features.dtype) - on_device.decode(features)
-            sink[error_key(name)] = positions.average(error) if average else error
+            self._error(x, features)
         elif request.error:
-            state.features[0] = features
+            self.features = features
 
-    return on_read
-
-
-def _writes_fn(request, site, positions, sink, state, spliced, average, keep_gradient):
-    dictionary = request.dictionary
-
-    def on_write(hidden: torch.Tensor) -> None:
-        original = (spliced or {}).pop(id(dictionary), None)
-        y = _slots(hidden, site, positions, original, keep_gradient)
-        features = state.features.pop(0, None)
+    def on_write(self, hidden: torch.Tensor) -> None:
+        request, features = self.request, self.features
         if features is None:
             raise HookscopeError(
-                f"dictionary {dictionary.name!r}: {request.writes.name} ran before "
+                f"dictionary {request.dictionary.name!r}: {request.writes.name} ran before "
                 f"{request.reads.name} in this forward, so its reconstruction error cannot be "
                 "computed (a transcoder must read a point computed before the one it writes)."
             )
-        error = y.to(features.dtype) - dictionary.on(y.device).decode(features)
-        sink[error_key(dictionary.name)] = positions.average(error) if average else error
-
-    return on_write
+        self.features = None
+        original = self.spliced.pop(id(request.dictionary), None)
+        self._error(self._slots(hidden, self.writes_site, original), features)
 
 
 def _feature_values(
