@@ -20,12 +20,18 @@ TARGET = ROOT / "docs" / "errors.md"
 # module -> (what causes these errors, how to fix them)
 GUIDE = {
     "dictionaries": (
-        "A sparse autoencoder or transcoder whose parts do not fit together: an unknown "
+        "A sparse autoencoder or transcoder whose parts do not fit together (an unknown "
         "activation, TopK without k, JumpReLU without a threshold, weights whose shapes "
-        "disagree, or a name that cannot be part of a cache key.",
+        "disagree, a name that cannot be part of a cache key); a file of no known format, with "
+        "a missing or wrongly shaped key, or with a setting hookscope does not reproduce exactly "
+        "(gated SAEs, per-vector input normalisation, skip connections); a dictionary whose "
+        "points are out of range or of another width on this model; features requested of a "
+        "dictionary that is not attached; a Splice aimed at another point than its dictionary's.",
         "Give W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_out], b_dec [d_out] and the "
-        "activation's own parameter (k or threshold); load public files with the loaders, "
-        "which fill these in from the format's config.",
+        "activation's own parameter (k or threshold); load public files with load_dictionary "
+        "(point= when the files do not say where the dictionary reads, model= for "
+        "family-dependent TransformerLens names); hm.attach_dictionary(d) before "
+        "extract_features; use a dictionary trained on this model.",
     ),
     "analysis": (
         "A residual decomposition or logit attribution asked for something the model does not "

@@ -31,7 +31,12 @@ def test_every_flag_is_a_config_field_and_every_extract_field_a_flag():
     flags = {kind.flag for kind in KINDS.values()}
     assert flags <= config_fields
     extract_fields = {f for f in config_fields if f.startswith(("extract_", "save_"))}
-    assert extract_fields - flags == {"extract_avg"}  # a modifier, not a point
+    # a modifier, and the dictionary requests (features_{name}: per attached dictionary)
+    assert extract_fields - flags == {
+        "extract_avg",
+        "extract_features",
+        "extract_reconstruction_error",
+    }
     assert FLAG_OF_KIND == {k.name: k.flag for k in KINDS.values()}
 
 

@@ -24,6 +24,7 @@ from .analysis import (
 from .archs import ArchSpec, ModelMap
 from .cache import ActivationCache
 from .config import ExtractionConfig, HookedModelConfig
+from .dictionaries import Dictionary, Splice, load_dictionary, save_dictionary
 from .errors import (
     ActivationPointError,
     ArchitectureError,
@@ -60,6 +61,7 @@ __all__ = [
     "ArchSpec",
     "ArchitectureError",
     "Custom",
+    "Dictionary",
     "HeadScores",
     "ExtractionConfig",
     "HookedModel",
@@ -78,6 +80,7 @@ __all__ = [
     "Point",
     "PositionError",
     "ResidualDecomposition",
+    "Splice",
     "Steer",
     "steering_vector",
     "StoreError",
@@ -87,10 +90,12 @@ __all__ = [
     "decompose_resid",
     "detect_heads",
     "intervention_from_dict",
+    "load_dictionary",
     "logit_attribution",
     "logit_lens",
     "parse_point",
     "repeated_random_tokens",
+    "save_dictionary",
 ]
 
 # Last, on top of every core module: registers easyroutine's spellings (hookscope.compat).

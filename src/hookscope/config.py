@@ -98,6 +98,34 @@ def _layer_list(name: str, value: Any) -> list[int] | None:
     return items
 
 
+def _dictionary_names(name: str, value: Any) -> bool | list[str]:
+    """``extract_features`` / ``extract_reconstruction_error``: a bool, or dictionary names (one
+    string is a list of one)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise HookscopeError(
+        f"ExtractionConfig.{name} must be True / False or a list of dictionary names, got {value!r}."
+    )
+
+
+_DICTIONARY_KEYS = (
+    ("features_", "extract_features"),
+    ("reconstruction_error_", "extract_reconstruction_error"),
+)
+
+
+def _dictionary_flag(name: Any) -> tuple[str, str] | None:
+    """``(flag, dictionary name)`` for ``features_{name}`` / ``reconstruction_error_{name}``."""
+    for prefix, flag in _DICTIONARY_KEYS:
+        if isinstance(name, str) and name.startswith(prefix) and len(name) > len(prefix):
+            return flag, name[len(prefix) :]
+    return None
+
+
 @reject_unknown_fields
 @dataclass
 class ExtractionConfig:
@@ -106,7 +134,7 @@ class ExtractionConfig:
     Per layer (keys ``{kind}_{layer}``, see ``hookscope.points.KINDS`` for definitions):
     ``extract_resid_in``, ``extract_resid_mid``, ``extract_resid_out``,
     ``extract_resid_in_post_layernorm``, ``extract_attn_in``, ``extract_attn_out``,
-    ``extract_mlp_out``, ``extract_queries``, ``extract_keys``, ``extract_values``; on
+    ``extract_mlp_in``, ``extract_mlp_out``, ``extract_queries``, ``extract_keys``, ``extract_values``; on
     sandwich-norm families (Gemma2/3, OLMo2) also ``extract_attn_out_post_norm`` /
     ``extract_mlp_out_post_norm``, what attention / the MLP adds to the residual stream there.
 
@@ -143,6 +171,15 @@ class ExtractionConfig:
     that uniform causal attention would give it (per row: the block's keys at or before it over
     the real keys at or before it).
 
+    Dictionaries attached with ``HookedModel.attach_dictionary`` (see
+    :mod:`hookscope.dictionaries.features`): ``extract_features`` (True: every attached one,
+    or a list of names) -> ``features_{name}`` ``[batch, P, d_sae]``, the dictionary's encoding
+    of the point it reads at the target positions; with ``feature_top_k=k`` only the k largest
+    per slot: ``features_{name}`` ``[batch, P, k]`` (descending) and ``feature_ids_{name}``
+    ``[batch, P, k]`` (their feature indices, -1 where fewer than k are active).
+    ``extract_reconstruction_error`` (True or names) -> ``reconstruction_error_{name}``
+    ``[batch, P, d_out]``: the point the dictionary writes minus its reconstruction.
+
     Modifiers:
         extract_avg: average over each position item's tokens (one slot per item).
         layers: restrict per-layer extraction to these layers (default: all).
@@ -156,6 +193,7 @@ class ExtractionConfig:
     extract_resid_in_post_layernorm: bool = False
     extract_attn_in: bool = False
     extract_attn_out: bool = False
+    extract_mlp_in: bool = False
     extract_mlp_out: bool = False
     extract_attn_out_post_norm: bool = False
     extract_mlp_out_post_norm: bool = False
@@ -187,10 +225,22 @@ class ExtractionConfig:
     extract_vision_attn_out: bool = False
     extract_projector_out: bool = False
     vision_layers: list[int] | None = None
+    extract_features: bool | list[str] = False
+    feature_top_k: int | None = None
+    extract_reconstruction_error: bool | list[str] = False
 
     def __post_init__(self) -> None:
         for name in ("layers", "vision_layers"):
             setattr(self, name, _layer_list(name, getattr(self, name)))
+        for name in ("extract_features", "extract_reconstruction_error"):
+            setattr(self, name, _dictionary_names(name, getattr(self, name)))
+        top_k = self.feature_top_k
+        if top_k is not None and (
+            isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1
+        ):
+            raise HookscopeError(
+                f"ExtractionConfig.feature_top_k must be None (dense) or a positive int, got {top_k!r}."
+            )
 
     def is_not_empty(self) -> bool:
         """True when at least one activation is requested (``save_logits`` aside)."""
@@ -201,6 +251,8 @@ class ExtractionConfig:
             *RUNNING_MEAN_FLAGS,
             *VISION_FLAGS,
             "save_input_ids",
+            "extract_features",
+            "extract_reconstruction_error",
         ]
         return any(getattr(self, flag) for flag in flags)
 
@@ -217,6 +269,8 @@ class ExtractionConfig:
         Flags are per kind and ``layers`` / ``attn_heads`` per config, so naming ``resid_out_1``
         and ``mlp_out_4`` extracts both kinds in layers 1 and 4: the cache holds at least the
         named points. ``options`` are other fields (``save_logits=False``, ...).
+        ``features_{name}`` and ``reconstruction_error_{name}`` request an attached dictionary's
+        features and reconstruction error.
 
         Raises:
             ActivationPointError: for a name that is no activation point (listing valid forms),
@@ -229,6 +283,9 @@ class ExtractionConfig:
         chosen: dict[str, Any] = {}
         layers, vision_layers, heads, every_head = set(), set(), [], False
         for name in names:
+            if (flag := _dictionary_flag(name)) is not None:  # features_{name}, ...
+                chosen.setdefault(flag[0], []).append(flag[1])
+                continue
             tl = parse_tl_name(name, model_map)
             if tl is not None and tl.head_axis is not None:
                 chosen[FLAG_OF_KIND[tl.kind]] = True

@@ -16,6 +16,7 @@ import torch
 
 from .cache import ActivationCache
 from .config import ExtractionConfig
+from .dictionaries.features import plan_features
 from .errors import HookscopeError, InputError
 from .inputs import tokenize
 from .progress import ProgressBar, real_tokens
@@ -238,6 +239,11 @@ class DatasetRun:
             # the dtype of the stored activations (None: as computed): a resume keeps it
             "store_dtype": _dtype_name(self.store_dtype),
         }
+        features = plan_features(self.config, self.hm.dictionaries, self.hm.model_map)
+        if features:  # their weights change the numbers too (by hash, as tensors above)
+            options["dictionaries"] = {
+                r.dictionary.name: describe_value(r.dictionary) for r in features
+            }
         description = describe(self.hm, self.config, self.positions, options)
         return StoreWriter(output_dir, description, overwrite=overwrite, background=True)
 

@@ -394,6 +394,9 @@ def prepare(
         if isinstance(iv, PatternEdit):
             resolved = resolve_pattern_edit(iv, model_map, context, window.example_offset, grids)
             edits.setdefault(iv.layer, []).append(resolved)
+        elif callable(getattr(iv, "module_hooks", None)):
+            # an intervention that builds its own hooks (hookscope.dictionaries.Splice)
+            hooks += iv.module_hooks(model_map, context, window)
         elif isinstance(iv, Intervention) and is_vision_point(iv.point):
             hooks.append(vision_intervention_hook(iv, vision_map))
         elif isinstance(iv, Intervention):

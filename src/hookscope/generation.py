@@ -53,12 +53,12 @@ def generate(
     )
     records: list[dict[str, torch.Tensor]] = []
     plan.hooks.insert(0, _window_tracker(hm.hf_model, plan.window))
-    if plan.extraction.points:
+    if plan.extraction.captures_modules():
         plan.hooks.append(_step_collector(hm.hf_model, plan.sink, records))
     tokenizer = hm.get_text_tokenizer()
     if tokenizer is not None and "pad_token_id" not in generate_kwargs:
         generate_kwargs["pad_token_id"] = tokenizer.pad_token_id
-    if plan.extraction.points or config.save_logits:
+    if plan.extraction.captures_modules() or config.save_logits:
         generate_kwargs.update(return_dict_in_generate=True, output_logits=config.save_logits)
 
     def call(model, model_inputs):
@@ -74,7 +74,7 @@ def generate(
         new_text = tokenizer.batch_decode(sequences[:, prompt_length:], skip_special_tokens=True)
     if extraction_config is None:
         return new_text if return_text else sequences
-    targets = plan.targets if plan.extraction.points else None
+    targets = plan.targets if plan.extraction.captures_modules() else None
     return _generation_cache(hm, records, targets, sequences, output, new_text)
 
 

@@ -79,6 +79,7 @@ class HookedModel:
         self._language_only = False  # use_language_model_only()
         self._persistent_handles: list[RemovableHandle] = []
         self._registered_interventions: list[AnyIntervention] = []
+        self._dictionaries: dict[str, Any] = {}  # attach_dictionary
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -273,8 +274,52 @@ class HookedModel:
         """The module hooks that capture ``extraction_config``'s points at ``positions`` into
         ``sink`` (attention patterns and per-head q/k/v are read by hookscope's attention
         function instead; :meth:`forward` installs both)."""
-        extraction = plan_extraction(extraction_config, self.model_map)
+        extraction = plan_extraction(extraction_config, self.model_map, self.dictionaries)
         return capture_hooks_for(self, extraction, extraction_config, positions, sink)
+
+    # -- dictionaries --------------------------------------------------------------------------
+    def attach_dictionary(self, dictionary: Any, replace: bool = False) -> None:
+        """Make ``dictionary`` (a :class:`hookscope.dictionaries.Dictionary`) extractable by its
+        name: ``ExtractionConfig(extract_features=[name])`` gives ``features_{name}`` and
+        ``reconstruction_error_{name}`` (see :mod:`hookscope.dictionaries.features`). The object
+        itself is kept (its tensors are copied to a layer's device once, when first used there).
+
+        Raises:
+            HookscopeError: a name already attached (unless ``replace``), or not a Dictionary.
+            ActivationPointError: points out of range or widths that do not fit this model.
+        """
+        from .dictionaries import Dictionary
+        from .dictionaries.features import dictionary_points
+
+        if not isinstance(dictionary, Dictionary):
+            raise HookscopeError(
+                f"attach_dictionary takes a hookscope.dictionaries.Dictionary, got "
+                f"{type(dictionary).__name__}; load files with load_dictionary(path)."
+            )
+        if dictionary.name in self._dictionaries and not replace:
+            raise HookscopeError(
+                f"a dictionary named {dictionary.name!r} is attached already; detach it, pass "
+                "replace=True, or give this one another name."
+            )
+        dictionary_points(dictionary, self.model_map)
+        self._dictionaries[dictionary.name] = dictionary
+
+    def detach_dictionary(self, name: str) -> None:
+        """Forget the attached dictionary ``name``.
+
+        Raises:
+            HookscopeError: naming the attached dictionaries when ``name`` is not one.
+        """
+        if name not in self._dictionaries:
+            raise HookscopeError(
+                f"no dictionary named {name!r} is attached; attached: {sorted(self._dictionaries)}."
+            )
+        del self._dictionaries[name]
+
+    @property
+    def dictionaries(self) -> dict[str, Any]:
+        """The attached dictionaries by name (a copy)."""
+        return dict(self._dictionaries)
 
     def self_check(self, remember: bool = True, print_report: bool = True):
         """Verify hookscope against this model (points, identities, padding, writes); returns a

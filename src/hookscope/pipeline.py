@@ -35,6 +35,7 @@ from .attention import AttentionHooks
 from .cache import ActivationCache
 from .capture import StopForward, capture_hooks, plan_capture
 from .config import ExtractionConfig
+from .dictionaries.features import feature_hooks
 from .editing import prepare
 from .errors import HookscopeError, PositionError
 from .hooks import ModuleHook, as_module_hook, installed
@@ -141,7 +142,7 @@ def plan_call(
         PositionError, InputError, ActivationPointError, HookscopeError: for bad input, before
         any forward.
     """
-    extraction = plan_extraction(config, hm.model_map)
+    extraction = plan_extraction(config, hm.model_map, hm.dictionaries)
     if generation:
         _check_generation_request(config, extraction)
     model_inputs = _model_inputs(hm, inputs, model_kwargs, generation)
@@ -170,7 +171,9 @@ def plan_call(
     call_hooks = intervention_hooks + [as_module_hook(h) for h in hooks]
     # stopping after the last extracted layer would silently skip a caller's hooks further on
     stop_early = not generation and not hooks and not hm.persistent_hooks
-    call_hooks += capture_hooks_for(hm, extraction, config, capture_positions, sink, stop_early)
+    call_hooks += capture_hooks_for(
+        hm, extraction, config, capture_positions, sink, stop_early, window=window
+    )
     return CallPlan(
         hm.model_map, model_inputs, config, extraction, context, targets, row_positions, window, call_hooks,
         pattern_edits, sink,
@@ -225,24 +228,26 @@ def capture_hooks_for(
     positions: Any,
     sink: dict[str, torch.Tensor],
     stop_early: bool = False,
+    window: CallWindow | None = None,
 ) -> list[ModuleHook]:
-    """Capture hooks for the plan's module points and vision points. With ``stop_early``, a
-    forward that needs nothing after its last extracted layer stops there (``StopForward``,
-    which :meth:`Executor.run` catches)."""
+    """Capture hooks for the plan's module points, dictionary features and vision points. With
+    ``stop_early``, a forward that needs nothing after its last extracted layer stops there
+    (``StopForward``, which :meth:`Executor.run` catches). ``window`` carries what a Splice
+    received in the call (features of a spliced dictionary are read from it)."""
     if positions is None:
         return []
     stop_after = None
     last = extraction.last_layer()
     if stop_early and not config.save_logits and last is not None:
         stop_after = hm.model_map.layers[last].block
-    hooks = capture_hooks(
-        plan_capture(extraction.points, hm.model_map),
-        positions,
-        sink,
-        average=config.extract_avg,
-        keep_gradient=config.keep_gradient,
-        stop_after=stop_after,
-    )
+    options = dict(average=config.extract_avg, keep_gradient=config.keep_gradient)
+    hooks = capture_hooks(plan_capture(extraction.points, hm.model_map), positions, sink, **options)
+    hooks += feature_hooks(
+        extraction.features, hm.model_map, positions, sink, top_k=config.feature_top_k,
+        spliced=window.spliced if window is not None else None, **options,
+    )  # fmt: skip
+    if stop_after is not None:  # last: after every hook that reads that block
+        hooks += capture_hooks([], positions, sink, stop_after=stop_after)
     return hooks + vision_capture_hooks(
         vision_points(config, hm.vision_map), hm.vision_map, sink, config.keep_gradient
     )

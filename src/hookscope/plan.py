@@ -3,7 +3,9 @@ the attention function reads, and which running means to keep."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from .archs import ModelMap
 from .attention import LayerRequest, output_projection_block
@@ -32,6 +34,8 @@ class ExtractionPlan:
         temporary: source keys captured only to feed a running mean (dropped afterwards).
         tl_names: the TransformerLens hooks with an equal on this model -> (kind, head axis),
             recorded in the cache so that it reads those names as this family means them.
+        features: the dictionaries whose features / reconstruction errors are captured
+            (``hookscope.dictionaries.features.FeatureRequest``).
     """
 
     points: list[Point] = field(default_factory=list)
@@ -39,17 +43,23 @@ class ExtractionPlan:
     running_means: list[tuple[str, str]] = field(default_factory=list)
     temporary: set[str] = field(default_factory=set)
     tl_names: dict[str, tuple[str, int | None]] = field(default_factory=dict)
+    features: list = field(default_factory=list)
 
     def last_layer(self) -> int | None:
         """The last layer anything is read from, or None when a model-level point after the
         layers (the final norm) is needed. Used to stop the forward early."""
-        if any(p.layer is None and p.kind != "input_embeddings" for p in self.points):
+        points = self.points + [p for r in self.features for p in (r.reads, r.writes)]
+        if any(p.layer is None and p.kind != "input_embeddings" for p in points):
             return None
-        layers = [p.layer or 0 for p in self.points] + [r.layer for r in self.attention]
+        layers = [p.layer or 0 for p in points] + [r.layer for r in self.attention]
         return max(layers) if layers else None
 
     def is_empty(self) -> bool:
-        return not self.points and not self.attention
+        return not self.points and not self.attention and not self.features
+
+    def captures_modules(self) -> bool:
+        """Whether module hooks capture anything (points or dictionary features)."""
+        return bool(self.points or self.features)
 
 
 def selected_heads(config: ExtractionConfig, model_map: ModelMap) -> dict[int, list[int]]:
@@ -86,14 +96,20 @@ def selected_heads(config: ExtractionConfig, model_map: ModelMap) -> dict[int, l
     return heads
 
 
-def plan_extraction(config: ExtractionConfig, model_map: ModelMap) -> ExtractionPlan:
-    """Build the :class:`ExtractionPlan` for ``config`` on this model.
+def plan_extraction(
+    config: ExtractionConfig, model_map: ModelMap, dictionaries: Mapping[str, Any] | None = None
+) -> ExtractionPlan:
+    """Build the :class:`ExtractionPlan` for ``config`` on this model; ``dictionaries`` are the
+    model's attached dictionaries (by name), for ``extract_features``.
 
     Raises:
         ActivationPointError: for layers or heads out of range.
         HookscopeError: for combinations that have no meaning (see the messages).
     """
+    from .dictionaries.features import plan_features
+
     plan = ExtractionPlan(tl_names=tl_hooks(model_map))
+    plan.features = plan_features(config, dictionaries, model_map)
     layers = range(model_map.n_layers) if config.layers is None else config.layers
     for layer in layers:
         check_layer(layer, model_map.n_layers, "ExtractionConfig.layers entry")

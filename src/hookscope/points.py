@@ -259,6 +259,15 @@ KINDS: dict[str, PointKind] = {
             ),
         ),
         PointKind(
+            "mlp_in",
+            "layer",
+            "[batch, pos, d_model]",
+            "Input of the MLP (or mixture-of-experts) module (after the pre-MLP norm, where there "
+            "is one): what a transcoder reads.",
+            "extract_mlp_in",
+            Site("mlp", "input"),
+        ),
+        PointKind(
             "mlp_out",
             "layer",
             "[batch, pos, d_model]",

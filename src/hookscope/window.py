@@ -26,6 +26,8 @@ class CallWindow:
         length: number of input tokens in the call.
         step: 0 for the prompt call, then 1, 2, ... per generated token.
         example_offset: index of the batch's first row in the whole dataset (cache sources).
+        spliced: by ``id(dictionary)``, the value a Splice of that dictionary received in the
+            current call (before it replaced the point), for feature extraction.
     """
 
     prompt_length: int
@@ -34,6 +36,7 @@ class CallWindow:
     step: int = 0
     example_offset: int = 0
     resid_in: dict[int, torch.Tensor] = field(default_factory=dict)
+    spliced: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def phase(self) -> str:

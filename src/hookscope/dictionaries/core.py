@@ -115,6 +115,14 @@ class Dictionary:
                 "(a transcoder usually has subtract_decoder_bias=False)."
             )
 
+    def __repr__(self) -> str:
+        where = self.reads if self.reads == self.writes else f"{self.reads} -> {self.writes}"
+        k = f", k={self.k}" if self.k is not None else ""
+        return (
+            f"Dictionary({self.name!r}, {self.activation}{k}, {where}, d_in={self.d_in}, "
+            f"d_sae={self.d_sae}, d_out={self.d_out})"
+        )
+
     @property
     def d_in(self) -> int:
         return self.W_enc.shape[0]
@@ -159,6 +167,20 @@ class Dictionary:
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """``decode(encode(x))``: ``[..., d_in]`` -> ``[..., d_out]``."""
         return self.decode(self.encode(x))
+
+    def on(self, device: torch.device | str) -> Dictionary:
+        """This dictionary with its tensors on ``device``: itself when they are there already,
+        else a copy made once and kept (hooks call this per forward; a dictionary on the CPU
+        used by a model on a GPU is copied to it once, not in every call)."""
+        device = torch.device(device)
+        if self.W_enc.device == device or (
+            device.index is None and self.W_enc.device.type == device.type
+        ):
+            return self
+        copies = self.__dict__.setdefault("_device_copies", {})
+        if str(device) not in copies:
+            copies[str(device)] = self.to(device)
+        return copies[str(device)]
 
     def to(self, device: Any = None, dtype: torch.dtype | None = None) -> Dictionary:
         """A copy with every tensor moved (floating tensors cast to ``dtype`` when given)."""
