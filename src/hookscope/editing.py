@@ -171,7 +171,10 @@ class PreparedIntervention:
         """``(selected [batch, slots, w], positions) -> new values``: the intervention's
         :meth:`~hookscope.interventions.Intervention.transform` with its operand checked now
         (before the forward) and broadcast per call."""
-        iv, operand = self.iv, self._operand()
+        iv = self.iv
+        if hasattr(iv, "prepare_slots"):  # feature interventions: own operand, own broadcast
+            return iv.prepare_slots(self)
+        operand = self._operand()
         if operand is None:
             return lambda x, pos: iv.transform(x, None)
         # one row per example (a source, a vector or a mean alike): this batch's rows

@@ -273,6 +273,11 @@ def intervention_from_dict(data: dict[str, Any]) -> AnyIntervention:
     """Rebuild an intervention from :meth:`Intervention.to_dict` output."""
     data = dict(data)
     kind = data.pop("type", None)
+    if isinstance(kind, str) and kind.startswith("Feature"):
+        raise HookscopeError(
+            f"{kind} holds a Dictionary, which has no JSON form: rebuild it with "
+            "hookscope.dictionaries.feature_intervention_from_dict(data, {name: dictionary})."
+        )
     if kind not in _TYPES:
         raise HookscopeError(f"unknown intervention type {kind!r}; valid: {sorted(_TYPES)}.")
     return _TYPES[kind](**{k: _decode(v) for k, v in data.items()})
