@@ -10,15 +10,19 @@ from .interventions import (
     FeatureSteer,
     feature_intervention_from_dict,
 )
+from .patching import FeatureAttribution, feature_attribution, feature_patching
 
 __all__ = [
     "ACTIVATIONS",
     "Dictionary",
     "FeatureAblation",
+    "FeatureAttribution",
     "FeatureClamp",
     "FeatureIntervention",
     "FeaturePatch",
     "FeatureScale",
     "FeatureSteer",
+    "feature_attribution",
     "feature_intervention_from_dict",
+    "feature_patching",
 ]
