@@ -17,6 +17,7 @@ from hookscope.dictionaries import (
     FeatureSteer,
     feature_intervention_from_dict,
 )
+from hookscope.dictionaries.interventions import encode_features
 from hookscope.errors import HookscopeError
 from hookscope.interventions import Patch, Steer
 
@@ -292,3 +293,22 @@ def test_bad_feature_interventions_are_refused_clearly(tiny_llama):
     )
     with pytest.raises(HookscopeError, match="no 'resid_out_0'"):
         tiny_llama.forward(PROMPTS[:1], ["last"], interventions=[no_key])
+
+
+@pytest.mark.parametrize(
+    ("activation", "kw"),
+    [
+        ("relu", {}),
+        ("jumprelu", {"threshold": torch.full((32,), 0.2)}),
+        ("batchtopk", {"threshold": torch.full((32,), 0.1), "k": 3}),
+        ("batchtopk", {"k": 3}),
+        ("topk", {"k": 3}),
+    ],
+)
+def test_encoding_only_the_chosen_features_equals_the_full_encoding(activation, kw):
+    sae = make_sae(activation, input_scale=1.5, **kw)
+    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(2))
+    index = torch.tensor([0, 4, 9, 31])
+    full = sae.encode(x)
+    assert full[..., index].any()
+    torch.testing.assert_close(encode_features(sae, x, index), full[..., index])

@@ -121,7 +121,7 @@ class FeatureIntervention(Intervention):
         features; ``operand``: their source values ``[batch, slots, n]`` (a patch) or None."""
         dictionary, index = self._on(values.device)
         if self.reads_features:
-            old = dictionary.encode(values)[..., index]
+            old = encode_features(dictionary, values, index)
         else:
             old = values.new_zeros((*values.shape[:-1], len(index)), dtype=dictionary.W_dec.dtype)
         change = self.edit(old, operand) - old  # [batch, slots, n]
@@ -155,6 +155,25 @@ class FeatureIntervention(Intervention):
             else:
                 data[f.name] = _encode(value, f"{type(self).__name__}.{f.name}")
         return data
+
+
+def encode_features(dictionary: Dictionary, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``dictionary.encode(x)[..., index]`` (``x [..., d_in]`` -> ``[..., n]``), computing only
+    the chosen columns when the activation decides each feature on its own (ReLU, JumpReLU,
+    BatchTopK with a threshold): an edit of a few features of a wide SAE then costs
+    ``d_in x n`` per slot, not ``d_in x d_sae``. TopK needs every pre-activation."""
+    per_feature = dictionary.activation in ("relu", "jumprelu") or (
+        dictionary.activation == "batchtopk" and dictionary.threshold is not None
+    )
+    if not per_feature or len(index) == dictionary.d_sae:
+        return dictionary.encode(x)[..., index]
+    x = x.to(dictionary.W_enc.dtype) * dictionary.input_scale
+    if dictionary.subtract_decoder_bias:
+        x = x - dictionary.b_dec
+    pre = x @ dictionary.W_enc[:, index] + dictionary.b_enc[index]
+    if dictionary.activation == "relu":
+        return torch.relu(pre)
+    return pre * (pre > dictionary.threshold[index])
 
 
 def _feature_index(features: Any, d_sae: int, where: str) -> torch.Tensor:
@@ -242,6 +261,11 @@ class FeaturePatch(FeatureIntervention):
             )
 
     def edit(self, old, operand):
+        if operand is None:  # a path that does not prepare slots (a vision point's whole tensor)
+            raise HookscopeError(
+                f"FeaturePatch on {self.point}: patching features is supported on text points "
+                "only (a vision point's tensor has no position slots to align the source with)."
+            )
         return operand.to(old.dtype)
 
     def prepare_slots(self, prepared: Any) -> Callable:
