@@ -180,6 +180,10 @@ def test_patch_from_a_cache_in_extract_cache_reads_each_batchs_rows(tiny_llama):
         torch.testing.assert_close(
             patched["logits"][2 * number : 2 * number + 2], expected["logits"], rtol=1e-5, atol=1e-5
         )
+    # a dataset-wide tensor of features [N, P, d_sae] is read the same way, batch by batch
+    features = FeaturePatch(dictionary=sae, positions=["last"], source=sae.encode(clean[POINT]))
+    from_tensor = tiny_llama.extract_cache(batches, ["last"], interventions=[steer, features])
+    torch.testing.assert_close(from_tensor["logits"], patched["logits"], rtol=1e-6, atol=1e-6)
 
 
 def test_registered_feature_intervention_equals_per_call(tiny_llama):

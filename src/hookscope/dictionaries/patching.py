@@ -60,6 +60,16 @@ def _sae_point(dictionary: Any, where: str) -> str:
     return dictionary.writes
 
 
+def _position_items(positions: Any, default: str) -> list:
+    """Position items as a list: one item (a name, an index, a ``(start, end)`` slice) is
+    wrapped, as interventions do."""
+    if positions is None:
+        return [default]
+    if isinstance(positions, str | int | tuple):
+        return [positions]
+    return list(positions)
+
+
 def _real_slots(hm: Any, inputs: dict, positions: Sequence[Any]) -> Any:
     """``positions`` resolved on ``inputs``; every slot must be a real token of every example
     (a grid column is one slot across examples)."""
@@ -93,7 +103,7 @@ def feature_patching(
     answers: Any = None,
     features: int | Sequence[int] | None = None,
     top_n: int = 16,
-    positions: Sequence[Any] = ("last",),
+    positions: Sequence[Any] | str | int | None = None,
     metric: str = "logit_diff",
     normalize: bool = True,
     batch_size: int = 16,
@@ -108,8 +118,8 @@ def feature_patching(
         features: feature indices to sweep; ``None`` takes the ``top_n`` features whose clean
             and corrupt activations differ most (summed ``|f_clean - f_corrupt|`` over examples
             and slots): a feature equal in both runs has no effect to measure.
-        positions: position items, resolved per example; each slot must be a real token of every
-            example.
+        positions: position items (default ``["last"]``), resolved per example; each slot must
+            be a real token of every example.
         metric: ``"logit_diff"``, ``"prob"`` or ``"kl"``.
         batch_size: rows (one site each) per forward.
 
@@ -119,6 +129,7 @@ def feature_patching(
         at the slots) and ``method="feature"``.
     """
     point = _sae_point(dictionary, "feature_patching")
+    positions = _position_items(positions, "last")
     _check_options(metric, batch_size, top_n)
     clean, corrupt, correct, wrong, clean_logprobs, clean_metric, corrupt_metric = _baselines(
         hm, clean, corrupt, answers, metric
@@ -261,7 +272,7 @@ def feature_attribution(
     dictionary: Dictionary,
     answers: Any = None,
     metric: str | MetricFn = "logit_diff",
-    positions: Sequence[Any] = ("all",),
+    positions: Sequence[Any] | str | int | None = None,
     clean: Any = None,
 ) -> FeatureAttribution:
     """Gradient x activation (or, with ``clean``, attribution patching) of a metric with
@@ -275,13 +286,15 @@ def feature_attribution(
         answers: ``(correct, wrong)`` for ``"logit_diff"``, ``correct`` for ``"prob"``.
         metric: ``"logit_diff"``, ``"prob"``, or a function ``logits [batch, vocab] -> [batch]``
             of the logits at each example's last real token.
-        positions: position items where features are scored (resolved per example).
+        positions: position items where features are scored (default ``["all"]``), resolved
+            per example.
         clean: aligned clean inputs: scores become ``(f_clean - f) * dmetric/df``.
 
     Returns:
         A :class:`FeatureAttribution`; ``.top(k)`` gives the top features per slot.
     """
     point = _sae_point(dictionary, "feature_attribution")
+    positions = _position_items(positions, "all")
     if clean is not None:
         clean, inputs = _pair(hm, clean, inputs)
     else:
