@@ -1,6 +1,7 @@
 """Learned dictionaries (sparse autoencoders and transcoders) as data, and their loaders."""
 
 from .core import ACTIVATIONS, Dictionary
+from .graphs import AttributionRows, FeatureTarget, LogitTarget, attribution_rows
 from .interventions import (
     FeatureAblation,
     FeatureClamp,
@@ -14,6 +15,7 @@ from .patching import FeatureAttribution, feature_attribution, feature_patching
 
 __all__ = [
     "ACTIVATIONS",
+    "AttributionRows",
     "Dictionary",
     "FeatureAblation",
     "FeatureAttribution",
@@ -22,6 +24,9 @@ __all__ = [
     "FeaturePatch",
     "FeatureScale",
     "FeatureSteer",
+    "FeatureTarget",
+    "LogitTarget",
+    "attribution_rows",
     "feature_attribution",
     "feature_intervention_from_dict",
     "feature_patching",
