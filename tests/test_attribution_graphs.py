@@ -117,6 +117,19 @@ def test_batched_across_prompts_equals_one_prompt_at_a_time(tiny_llama):
     batched = attribution_rows(
         tiny_llama, tokenizer(PROMPTS, return_tensors="pt", padding=True), transcoders, targets
     )
+    # rows of (prompt, target) in batches of 4 mix prompts and targets in one backward
+    mixed = attribution_rows(
+        tiny_llama,
+        tokenizer(PROMPTS, return_tensors="pt", padding=True),
+        transcoders,
+        targets,
+        batch_size=4,
+    )
+    torch.testing.assert_close(mixed.total(), batched.total(), rtol=1e-5, atol=1e-5)
+    for layer in (0, 1):
+        torch.testing.assert_close(
+            mixed.features[layer], batched.features[layer], rtol=1e-4, atol=1e-6
+        )
     width = batched.attention_mask.shape[1]
     for row, prompt in enumerate(PROMPTS):
         alone = attribution_rows(
@@ -163,6 +176,10 @@ def test_bad_graph_inputs_are_refused(tiny_llama):
         attribution_rows(tiny_llama, PROMPTS[:1], [make_transcoder(0, 0)], [FeatureTarget(1, 0)])
     with pytest.raises(HookscopeError, match="has 40 features"):
         attribution_rows(tiny_llama, PROMPTS[:1], [make_transcoder(0, 0)], [FeatureTarget(0, 40)])
+    with pytest.raises(HookscopeError, match="batch_size must be a positive int"):
+        attribution_rows(
+            tiny_llama, PROMPTS[:1], [make_transcoder(0, 0)], [LogitTarget(1)], batch_size=0
+        )
     with pytest.raises(HookscopeError, match="exactly one token"):
         attribution_rows(
             tiny_llama, PROMPTS[:1], [make_transcoder(0, 0)], [FeatureTarget(0, 1, "all")]

@@ -28,8 +28,8 @@ per-row leaves too, plus a constant for a feature target (its encoder bias:
 Checked on Llama, Qwen2 (attention biases), Gemma2 (sandwich norms, softcapping), GPT-2
 (LayerNorm, Conv1D, learned positions) and GPT-NeoX (parallel residual).
 
-Limits of this first version: one forward and one backward per target (all examples of the batch
-at once), not a batch of targets per backward; dense edge tables (``[rows, T, d_sae]`` per
+Rows are (example, target) pairs, mixed in batches: one forward and one backward serve
+``batch_size`` of them. Limits of this first version: dense edge tables (``[rows, T, d_sae]`` per
 layer), so small prompts and dictionaries; per-layer transcoders (no cross-layer ones); no
 target selection or pruning (the graph of ``docs/attribution-graphs.md`` section 3 is built from
 these rows).
@@ -113,10 +113,14 @@ def attribution_rows(
     inputs: Any,
     transcoders: Mapping[int, Dictionary] | Sequence[Dictionary],
     targets: Sequence[LogitTarget | FeatureTarget],
+    batch_size: int = 16,
 ) -> AttributionRows:
-    """Edges from every embedding, transcoder feature and error node into each target, for
-    every example of ``inputs`` (one forward and one backward per target, all examples of the
-    batch at once).
+    """Edges from every embedding, transcoder feature, error node and bias into each target,
+    for every example of ``inputs``.
+
+    Each (example, target) pair is one row of a batch; a forward and one backward serve
+    ``batch_size`` rows (different prompts and targets mixed), so the whole table costs
+    ``ceil(examples x targets / batch_size)`` forwards and backwards.
 
     Args:
         hm: the HookedModel.
@@ -125,6 +129,7 @@ def attribution_rows(
             (the MLP module's input) and writing ``mlp_out_{l}`` (its output).
         targets: :class:`LogitTarget` / :class:`FeatureTarget` items, each scored on every
             example.
+        batch_size: rows per forward.
 
     Returns:
         An :class:`AttributionRows`.
@@ -132,22 +137,55 @@ def attribution_rows(
     inputs = hm.prepare_inputs(inputs)
     by_layer = _transcoders_by_layer(transcoders, hm.model_map.n_layers)
     _check_targets(targets, by_layer, hm)
-    rows = [_one_target(hm, inputs, by_layer, target) for target in targets]
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise HookscopeError(f"batch_size must be a positive int, got {batch_size!r}.")
+    where = _target_positions(hm, inputs, targets)  # [examples, targets] absolute positions
+    examples, n_targets = where.shape
+    sites = [(e, k) for e in range(examples) for k in range(n_targets)]
+    parts = []
+    for start in range(0, len(sites), batch_size):
+        chunk = sites[start : start + batch_size]
+        rows = torch.tensor([e for e, _ in chunk])
+        batch = {k: v[rows.to(v.device)] if torch.is_tensor(v) else v for k, v in inputs.items()}
+        row_targets = [(targets[k], int(where[e, k])) for e, k in chunk]
+        parts.append(_frozen_rows(hm, batch, by_layer, row_targets))
+
+    def table(get) -> torch.Tensor:
+        joined = torch.cat([get(part) for part in parts])
+        return joined.view(examples, n_targets, *joined.shape[1:])
+
     return AttributionRows(
-        value=torch.stack([r["value"] for r in rows], 1),
-        constant=torch.stack([r["constant"] for r in rows], 1),
-        bias=torch.stack([r["bias"] for r in rows], 1),
-        embedding=torch.stack([r["embedding"] for r in rows], 1),
-        features={
-            layer: torch.stack([r["features"][layer] for r in rows], 1) for layer in by_layer
-        },
+        value=table(lambda p: p["value"]),
+        constant=table(lambda p: p["constant"]),
+        bias=table(lambda p: p["bias"]),
+        embedding=table(lambda p: p["embedding"]),
+        features={layer: table(lambda p, at=layer: p["features"][at]) for layer in by_layer},
         errors={
-            layer: torch.stack([r["errors"][layer] for r in rows], 1)
+            layer: table(lambda p, at=layer: p["errors"][at])
             for layer in range(hm.model_map.n_layers)
         },
         attention_mask=inputs["attention_mask"].cpu(),
         targets=list(targets),
     )
+
+
+def _target_positions(hm: Any, inputs: dict, targets: Sequence[Any]) -> torch.Tensor:
+    """``[examples, targets]``: the absolute position each target is read at (a feature
+    target's item, resolved per example on the whole batch; -1 for logits: the last token)."""
+    examples = inputs["input_ids"].shape[0]
+    columns = []
+    for target in targets:
+        if isinstance(target, LogitTarget):
+            columns.append(torch.full((examples,), -1, dtype=torch.long))
+            continue
+        positions = hm.position_context(inputs).resolve([target.position])
+        if positions.index.shape[1] != 1 or not bool(positions.mask.all()):
+            raise HookscopeError(
+                f"FeatureTarget position {target.position!r} must select exactly one token in "
+                "every example."
+            )
+        columns.append(positions.index[:, 0].cpu())
+    return torch.stack(columns, 1)
 
 
 def _transcoders_by_layer(transcoders: Any, n_layers: int) -> dict[int, Dictionary]:
@@ -334,29 +372,30 @@ def _norm_modules(model_map: Any) -> list[nn.Module]:
     ]
 
 
-def _one_target(
-    hm: Any, inputs: dict, by_layer: dict[int, Dictionary], target: Any
+def _frozen_rows(
+    hm: Any, batch: dict, by_layer: dict[int, Dictionary], row_targets: list[tuple[Any, int]]
 ) -> dict[str, Any]:
-    """One frozen forward and one backward: the target's edges for every example."""
-    device = inputs["input_ids"].device
+    """One frozen forward and one backward over ``batch``: row ``r``'s edges into its own
+    target ``row_targets[r]`` (a target and the absolute position it is read at)."""
+    device = batch["input_ids"].device
     frozen = _FrozenReplacement(hm, by_layer, device)
     with _no_parameter_gradients(hm.hf_model):
         cache = hm.forward(
-            inputs,
+            batch,
             ["last"],
             extraction_config=ExtractionConfig(keep_gradient=True),
             hooks=frozen.hooks(),
             interventions=frozen.pattern_freezes(),
         )
-        value, constant = _target_value(hm, inputs, frozen, target, cache["logits"][:, 0])
+        value, constant = _target_values(hm, frozen, row_targets, cache["logits"][:, 0])
         leaves = list(frozen.leaves.values())
-        # a leaf downstream of the target (a later layer's features) has no path: no gradient
+        # a leaf downstream of every target (a later layer's features) has no path: no gradient
         gradients = torch.autograd.grad(value.sum(), leaves, allow_unused=True)
     edges = {
         name: (leaf.detach() * (0 if grad is None else grad)).float()
         for (name, leaf), grad in zip(frozen.leaves.items(), gradients, strict=True)
     }
-    mask = inputs["attention_mask"].to(device).bool()
+    mask = batch["attention_mask"].to(device).bool()
     return {
         "value": value.detach().float().cpu(),
         "constant": constant.float().cpu(),
@@ -375,32 +414,27 @@ def _one_target(
     }
 
 
-def _target_value(
-    hm: Any, inputs: dict, frozen: _FrozenReplacement, target: Any, last_logits: torch.Tensor
+def _target_values(
+    hm: Any, frozen: _FrozenReplacement, row_targets: list[tuple[Any, int]], last_logits
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(value [examples], constant [examples])`` of the target on every example."""
-    examples = last_logits.shape[0]
-    if isinstance(target, LogitTarget):
-        logits = last_logits.float()
-        cap = _final_logit_cap(hm)
-        if cap is not None:  # the cap is not linear: attribute the logit before it
-            logits = cap * torch.atanh((logits / cap).clamp(-1 + 1e-7, 1 - 1e-7))
-        value = logits[:, target.token] - logits.mean(-1)
-        return value, torch.zeros(examples)
-    d = frozen.by_layer[target.layer]
-    positions = hm.position_context(inputs).resolve([target.position])
-    if positions.index.shape[1] != 1 or not bool(positions.mask.all()):
-        raise HookscopeError(
-            f"FeatureTarget position {target.position!r} must select exactly one token in every "
-            "example."
-        )
-    rows = torch.arange(examples)
-    index = positions.index[:, 0].to(frozen.pre[target.layer].device)
-    value = frozen.pre[target.layer][rows, index, target.feature]
-    bias = d.b_enc[target.feature]
-    if d.subtract_decoder_bias:
-        bias = bias - d.b_dec @ d.W_enc[:, target.feature]
-    return value, bias.detach().cpu().expand(examples)
+    """``(value [rows], constant [rows])``: each row's own target, in the graph."""
+    logits = last_logits.float()
+    cap = _final_logit_cap(hm)
+    if cap is not None:  # the cap is not linear: attribute the logit before it
+        logits = cap * torch.atanh((logits / cap).clamp(-1 + 1e-7, 1 - 1e-7))
+    values, constants = [], []
+    for row, (target, position) in enumerate(row_targets):
+        if isinstance(target, LogitTarget):
+            values.append(logits[row, target.token] - logits[row].mean())
+            constants.append(torch.zeros(()))
+            continue
+        d = frozen.by_layer[target.layer]
+        values.append(frozen.pre[target.layer][row, position, target.feature].float())
+        bias = d.b_enc[target.feature]
+        if d.subtract_decoder_bias:
+            bias = bias - d.b_dec @ d.W_enc[:, target.feature]
+        constants.append(bias.detach().float().cpu())
+    return torch.stack(values), torch.stack(constants)
 
 
 def _per_row(edges: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
