@@ -281,11 +281,11 @@ def test_bad_feature_interventions_are_refused_clearly(tiny_llama):
         W_dec=torch.randn(8, 64, generator=g),
         b_dec=torch.zeros(64),
         activation="relu",
-        reads="mlp_in_0",
+        reads="resid_mid_0",
         writes="mlp_out_0",
         subtract_decoder_bias=False,
     )
-    with pytest.raises(HookscopeError, match="transcoder"):
+    with pytest.raises(HookscopeError, match="MLP transcoders"):
         FeatureClamp(dictionary=transcoder, features=1, value=1.0)
     wrong_width = FeaturePatch(dictionary=sae, source=torch.zeros(2, 1, 31), positions=["last"])
     with pytest.raises(HookscopeError, match=r"source has shape \[2, 1, 31\]"):
@@ -316,3 +316,79 @@ def test_encoding_only_the_chosen_features_equals_the_full_encoding(activation, 
     full = sae.encode(x)
     assert full[..., index].any()
     torch.testing.assert_close(encode_features(sae, x, index), full[..., index])
+
+
+def make_transcoder(layer=0, input_scale=1.0) -> Dictionary:
+    g = torch.Generator().manual_seed(3)
+    return Dictionary(
+        W_enc=torch.randn(64, 32, generator=g) * 0.3,
+        b_enc=torch.randn(32, generator=g) * 0.1,
+        W_dec=torch.randn(32, 64, generator=g) * 0.3,
+        b_dec=torch.randn(64, generator=g) * 0.1,
+        activation="relu",
+        reads=f"mlp_in_{layer}",
+        writes=f"mlp_out_{layer}",
+        subtract_decoder_bias=False,
+        input_scale=input_scale,
+        name="tc",
+    )
+
+
+@pytest.mark.parametrize("op", ["clamp", "scale", "patch"])
+def test_transcoder_features_are_read_from_the_mlp_input(tiny_llama, op):
+    """A transcoder's edit at mlp_out_0 uses f = encode(mlp_in_0) of the same call."""
+    from hookscope.hooks import reading_hook
+
+    transcoder = make_transcoder(input_scale=2.0)
+    batch = _padded("right")  # slot j of "all" is position j
+    seen = {}
+    hook = reading_hook(tiny_llama.model_map.layers[0].mlp, "input", lambda t: seen.update(x=t))
+    plain = tiny_llama.forward(batch, ["all"], names=["mlp_out_0"], hooks=[hook])
+    mlp_out = plain["mlp_out_0"]
+    mlp_in = seen["x"][:, : mlp_out.shape[1]]
+    features = [1, 2, 6]
+    source = torch.rand(4, mlp_out.shape[1], 32) * 3
+    iv = {
+        "clamp": lambda: FeatureClamp(dictionary=transcoder, features=features, value=2.0),
+        "scale": lambda: FeatureScale(dictionary=transcoder, features=features, factor=-1.0),
+        "patch": lambda: FeaturePatch(dictionary=transcoder, features=features, source=source),
+    }[op]()
+    f = transcoder.encode(mlp_in)
+    new = f.clone()
+    idx = torch.tensor(features)
+    new[..., idx] = {"clamp": 2.0, "scale": -f[..., idx], "patch": source[..., idx]}[op]
+    by_hand = mlp_out + (new - f) @ transcoder.W_dec / 2.0
+    edited = tiny_llama.forward(batch, ["all"], names=["mlp_out_0"], interventions=[iv])
+    expected = tiny_llama.forward(
+        batch,
+        ["all"],
+        names=["mlp_out_0"],
+        interventions=[Patch(point="mlp_out_0", source=by_hand)],
+    )
+    mask = plain["position_mask"]
+    for key in ("mlp_out_0", "logits"):
+        torch.testing.assert_close(edited[key][mask], expected[key][mask], rtol=1e-5, atol=1e-5)
+    assert (edited["logits"][mask] - plain["logits"][mask]).abs().max() > 1e-3
+
+
+def test_transcoder_edits_at_generated_tokens_read_each_steps_mlp_input(tiny_llama):
+    batch = _padded("left", PROMPTS[:3])
+    clamp = FeatureClamp(
+        dictionary=make_transcoder(1), features=[0, 5], value=6.0, apply_to="generated"
+    )
+    cached = tiny_llama.generate(batch, interventions=[clamp], **GREEDY)
+    uncached = tiny_llama.generate(batch, interventions=[clamp], use_cache=False, **GREEDY)
+    assert torch.equal(cached, uncached)
+    assert not torch.equal(cached, tiny_llama.generate(batch, **GREEDY))
+    with pytest.raises(HookscopeError, match="give the source features as a tensor"):
+        tiny_llama.forward(
+            batch,
+            ["last"],
+            interventions=[
+                FeaturePatch(
+                    dictionary=make_transcoder(),
+                    positions=["last"],
+                    source=tiny_llama.forward(batch, ["last"], names=["mlp_out_0"]),
+                )
+            ],
+        )

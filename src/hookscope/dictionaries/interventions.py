@@ -32,12 +32,15 @@ is poor still leaves the model's computation intact except for the edit. The edi
 The dictionary is not JSON: :meth:`FeatureIntervention.to_dict` stores its ``name``, and
 :func:`feature_intervention_from_dict` rebuilds the intervention given the dictionaries by name.
 
-Transcoders (``reads != writes``) are refused: their features are computed from the read point
-(the MLP's input), which a hook on the written point does not see.
+An MLP **transcoder** (``reads="mlp_in_{l}"``, the MLP module's input; ``writes="mlp_out_{l}"``)
+is edited the same way at ``mlp_out_{l}``, with ``f = encode(mlp_in)`` read in the same call at
+the same slots: ``mlp_out' = mlp_out + (f' - f) @ W_dec / input_scale``. Its patch sources are
+feature tensors (a cache holds the MLP's output, not its input). Other transcoders are refused.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal
@@ -45,6 +48,7 @@ from typing import Any, Literal
 import torch
 
 from ..errors import HookscopeError
+from ..hooks import reading_hook
 from ..interventions import Intervention, _decode, _encode
 from ..keywords import reject_unknown_fields
 from .core import Dictionary
@@ -81,12 +85,11 @@ class FeatureIntervention(Intervention):
                 "feature_intervention_from_dict(data, {name: dictionary})."
             )
         d = self.dictionary
-        if d.is_transcoder:
+        if d.is_transcoder and _transcoder_layer(d) is None:
             raise HookscopeError(
-                f"{name}: dictionary {d.name!r} is a transcoder (reads {d.reads}, writes "
-                f"{d.writes}); feature interventions support SAEs only (reads == writes), "
-                "because a transcoder's features come from the read point, which a hook on "
-                f"{d.writes} does not see. Splice the transcoder and edit what it writes instead."
+                f"{name}: dictionary {d.name!r} reads {d.reads} and writes {d.writes}; feature "
+                "interventions support SAEs (reads == writes) and MLP transcoders (reads "
+                "mlp_in_{l}, the MLP's input, and writes mlp_out_{l} of the same layer)."
             )
         if self.point is None:
             self.point = d.writes
@@ -115,13 +118,23 @@ class FeatureIntervention(Intervention):
         raise NotImplementedError
 
     def transform(
-        self, values: torch.Tensor, operand: torch.Tensor | None, context: Any = None
+        self,
+        values: torch.Tensor,
+        operand: torch.Tensor | None,
+        context: Any = None,
+        read: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``values [batch, slots, d]`` -> ``x + (f' - f) @ W_dec / input_scale`` on the chosen
-        features; ``operand``: their source values ``[batch, slots, n]`` (a patch) or None."""
+        features; ``operand``: their source values ``[batch, slots, n]`` (a patch) or None;
+        ``read``: for a transcoder, what it reads at the same slots (the MLP's input)."""
         dictionary, index = self._on(values.device)
+        if self.reads_features and dictionary.is_transcoder and read is None:
+            raise HookscopeError(
+                f"{type(self).__name__} on {self.point}: a transcoder's features come from the "
+                "MLP's input, which this call did not read (a vision point or a Custom path)."
+            )
         if self.reads_features:
-            old = encode_features(dictionary, values, index)
+            old = encode_features(dictionary, values if read is None else read, index)
         else:
             old = values.new_zeros((*values.shape[:-1], len(index)), dtype=dictionary.W_dec.dtype)
         change = self.edit(old, operand) - old  # [batch, slots, n]
@@ -141,8 +154,31 @@ class FeatureIntervention(Intervention):
     # -- inside the pipeline --------------------------------------------------------------
     def prepare_slots(self, prepared: Any) -> Callable:
         """The slot function for :class:`~hookscope.editing.PreparedIntervention`: operands are
-        checked here, before the forward (only a patch has one)."""
-        return lambda values, positions: self.transform(values, None)
+        checked here, before the forward (only a patch has one). For a transcoder, the MLP
+        input of the current call is kept by :meth:`read_hooks` and read at the same slots."""
+        operand_of = self._operand_function(prepared)
+        reads: dict[str, torch.Tensor] = {}
+        prepared.feature_reads = reads  # shared with read_hooks (called after this)
+
+        def slot_fn(values: torch.Tensor, positions: Any) -> torch.Tensor:
+            read = positions.select(reads["x"]) if self.dictionary.is_transcoder else None
+            operand = None if operand_of is None else operand_of(values)
+            return self.transform(values, operand, read=read)
+
+        return slot_fn
+
+    def _operand_function(self, prepared: Any) -> Callable | None:
+        """``values -> operand [batch, slots, n]`` for edits that take one (a patch)."""
+        return None
+
+    def read_hooks(self, prepared: Any) -> list:
+        """Hooks that keep what a transcoder reads (the MLP's input) for this call."""
+        layer = _transcoder_layer(self.dictionary)
+        if layer is None or not self.reads_features:
+            return []
+        reads = prepared.feature_reads
+        mlp = prepared.model_map.layers[layer].mlp
+        return [reading_hook(mlp, "input", lambda tensor: reads.__setitem__("x", tensor))]
 
     # -- saving ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -155,6 +191,14 @@ class FeatureIntervention(Intervention):
             else:
                 data[f.name] = _encode(value, f"{type(self).__name__}.{f.name}")
         return data
+
+
+def _transcoder_layer(dictionary: Dictionary) -> int | None:
+    """The layer of an MLP transcoder (reads ``mlp_in_{l}``, writes ``mlp_out_{l}``), else None."""
+    match = re.fullmatch(r"mlp_out_(\d+)", str(dictionary.writes))
+    if match is None or dictionary.reads != f"mlp_in_{match[1]}":
+        return None
+    return int(match[1])
 
 
 def encode_features(dictionary: Dictionary, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -268,14 +312,9 @@ class FeaturePatch(FeatureIntervention):
             )
         return operand.to(old.dtype)
 
-    def prepare_slots(self, prepared: Any) -> Callable:
+    def _operand_function(self, prepared: Any) -> Callable:
         source = self._batch_source(prepared)  # [B, P, n] or broadcastable, on the CPU
-
-        def slot_fn(values: torch.Tensor, positions: Any) -> torch.Tensor:
-            operand = source.to(values.device).expand(*values.shape[:-1], source.shape[-1])
-            return self.transform(values, operand)
-
-        return slot_fn
+        return lambda values: source.to(values.device).expand(*values.shape[:-1], source.shape[-1])
 
     def _batch_source(self, prepared: Any) -> torch.Tensor:
         """This batch's rows of the source features, the chosen ones only: ``[B, P, n]``,
@@ -305,6 +344,12 @@ class FeaturePatch(FeatureIntervention):
         source = self.source
         if not hasattr(source, "tensors"):
             return torch.as_tensor(source)
+        if self.dictionary.is_transcoder:
+            raise HookscopeError(
+                f"FeaturePatch on {self.point} with transcoder {self.dictionary.name!r}: give the "
+                "source features as a tensor [batch, positions, d_sae] (a cache holds the MLP "
+                "output, not the input the transcoder reads)."
+            )
         values = self._cache_rows(source, prepared, first, batch)
         features = self.dictionary.encode(values.to(self.dictionary.W_enc.device)).cpu()
         return torch.cat([features.new_zeros(first, *features.shape[1:]), features])
