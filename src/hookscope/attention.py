@@ -195,6 +195,7 @@ def _post_softmax_edits(probs, allowed, edits, cells, offset):
                 "zero": torch.zeros_like(probs),
                 "scale": probs * edit.edit.value,
                 "set": torch.full_like(probs, edit.edit.value),
+                "freeze": probs.detach(),  # same values, no gradient through the scores
             }[edit.edit.op]
         probs = torch.where(where, new, probs)
         if edit.edit.renormalize:

@@ -171,7 +171,10 @@ class PreparedIntervention:
         """``(selected [batch, slots, w], positions) -> new values``: the intervention's
         :meth:`~hookscope.interventions.Intervention.transform` with its operand checked now
         (before the forward) and broadcast per call."""
-        iv, operand = self.iv, self._operand()
+        iv = self.iv
+        if hasattr(iv, "prepare_slots"):  # feature interventions: own operand, own broadcast
+            return iv.prepare_slots(self)
+        operand = self._operand()
         if operand is None:
             return lambda x, pos: iv.transform(x, None)
         # one row per example (a source, a vector or a mean alike): this batch's rows
@@ -272,7 +275,9 @@ class PreparedIntervention:
             return [replacing_hook(self.custom_module, "output", self.apply)]
         if self.point.kind == "resid_mid":
             return self._resid_mid_hooks(self.site)
-        return [replacing_hook(self.site.module, self.site.when, self._on_point)]
+        # what the intervention reads elsewhere in the call (a transcoder: the MLP's input)
+        reads = self.iv.read_hooks(self) if hasattr(self.iv, "read_hooks") else []
+        return [*reads, replacing_hook(self.site.module, self.site.when, self._on_point)]
 
     def _on_point(self, module, tensor: torch.Tensor) -> torch.Tensor:
         """Apply to the point's columns of a module tensor (all of it for most points)."""

@@ -198,7 +198,9 @@ class PatternEdit:
     Attributes:
         op: post-softmax: ``"zero"``, ``"scale"`` (by ``value``), ``"set"`` (to ``value``),
             ``"patch"`` (from ``source``: a cache's ``pattern_L{l}H{h}`` or a tensor
-            ``[batch, rows, columns]``). Pre-softmax (``stage="pre"``): ``"block"`` (the pair may
+            ``[batch, rows, columns]``), ``"freeze"`` (the same values, detached: the output
+            is then linear in the values, with no gradient through queries and keys; used by
+            attribution graphs). Pre-softmax (``stage="pre"``): ``"block"`` (the pair may
             not attend), ``"scale"`` and ``"set"`` of the score. Pre-softmax edits never unmask
             a masked (future or padded) key; post-softmax edits never write masked cells.
         renormalize: after a post-softmax edit, divide each edited row by its new sum (a row with
@@ -209,7 +211,7 @@ class PatternEdit:
     heads: list[int] | Literal["all"] = "all"
     query_positions: list = field(default_factory=_positions_default)
     key_positions: list = field(default_factory=_positions_default)
-    op: Literal["zero", "scale", "set", "patch", "block"] = "zero"
+    op: Literal["zero", "scale", "set", "patch", "freeze", "block"] = "zero"
     value: float = 0.0
     source: Any = None
     stage: Literal["post", "pre"] = "post"
@@ -217,7 +219,10 @@ class PatternEdit:
     apply_to: Phase = "prompt"
 
     def __post_init__(self) -> None:
-        valid = {"post": ("zero", "scale", "set", "patch"), "pre": ("block", "scale", "set")}
+        valid = {
+            "post": ("zero", "scale", "set", "patch", "freeze"),
+            "pre": ("block", "scale", "set"),
+        }
         if self.stage not in valid:
             raise HookscopeError(f"PatternEdit stage {self.stage!r} is not 'post' or 'pre'.")
         if self.op not in valid[self.stage]:
@@ -273,6 +278,11 @@ def intervention_from_dict(data: dict[str, Any]) -> AnyIntervention:
     """Rebuild an intervention from :meth:`Intervention.to_dict` output."""
     data = dict(data)
     kind = data.pop("type", None)
+    if isinstance(kind, str) and kind.startswith("Feature"):
+        raise HookscopeError(
+            f"{kind} holds a Dictionary, which has no JSON form: rebuild it with "
+            "hookscope.dictionaries.feature_intervention_from_dict(data, {name: dictionary})."
+        )
     if kind not in _TYPES:
         raise HookscopeError(f"unknown intervention type {kind!r}; valid: {sorted(_TYPES)}.")
     return _TYPES[kind](**{k: _decode(v) for k, v in data.items()})
