@@ -25,7 +25,16 @@ GUIDE = {
         "disagree, or a name that cannot be part of a cache key.",
         "Give W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_out], b_dec [d_out] and the "
         "activation's own parameter (k or threshold); load public files with the loaders, "
-        "which fill these in from the format's config.",
+        "which fill these in from the format's config. Training: k <= d_sae, a store with at "
+        "least two shards (one is held out); cards: a store of the dictionary's point at 'all' "
+        "with save_input_ids=True.",
+    ),
+    "store_stream": (
+        "Streaming a store's vectors was asked for a point the store does not hold, a point "
+        "that is not one vector per slot, a batch or buffer size that is not a positive int "
+        "(or a buffer smaller than a batch), or shards or slots out of range.",
+        "Use one of store.keys() (e.g. resid_out_15), buffer_size >= batch_size > 0, and shard "
+        "indices below store.num_shards.",
     ),
     "analysis": (
         "A residual decomposition or logit attribution asked for something the model does not "

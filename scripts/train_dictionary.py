@@ -9,8 +9,9 @@
    window (and the token ids), streamed to ``OUT/store`` (resumable: a killed run continues).
 3. **Train**: a TopK SAE (:func:`hookscope.dictionaries.training.train_dictionary`) on every
    slot but the first of each window (position 0's norm is ~100x the others: an attention
-   sink), the last shard held out; saved to ``OUT/dictionary`` and summarised in
-   ``OUT/summary.json``.
+   sink), leaving out the few other vectors with such "massive activations" (norm above
+   ``--outlier-factor`` x the median; ~0.03% of tokens, yet ~90% of the variance), the last
+   shard held out; saved to ``OUT/dictionary`` and summarised in ``OUT/summary.json``.
 
 ``OUT`` defaults to ``$HOOKSCOPE_CACHE/dictionaries/smollm2-resid_out_15``. Nothing is
 downloaded; the same flags rebuild the same dictionary.
@@ -34,6 +35,7 @@ from hookscope import ExtractionConfig, HookedModel
 from hookscope.dictionaries.interim_io import save_dictionary_interim
 from hookscope.dictionaries.training import train_dictionary
 from hookscope.loading import cache_dir
+from hookscope.store_stream import store_vectors
 
 
 def corpus_text() -> str:
@@ -80,7 +82,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--activation", default="topk", choices=["topk", "batchtopk"])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=None, help="default: 2e-4/sqrt(d_sae/16384)")
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument(
+        "--outlier-factor", type=float, default=10.0,
+        help="leave out vectors whose norm exceeds this x the median (attention sinks)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="default: $HOOKSCOPE_CACHE/...")
     return parser.parse_args(argv)
@@ -96,10 +102,14 @@ def main(argv: list[str] | None = None) -> dict:
     windows = corpus_windows(hm.get_tokenizer(), args.context, args.tokens, args.seed)
     store = build_store(hm, windows, point, out / "store", args.extract_batch)
     extracted = time.perf_counter()
+    norms = store_vectors(store, point, slice(1, None), shards=[0]).norm(dim=-1)
+    max_norm = args.outlier_factor * norms.median().item()
+    everything = store_vectors(store, point, slice(1, None)).norm(dim=-1)
     dictionary = train_dictionary(
         store, point, args.d_sae, args.k, activation=args.activation, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, slots=slice(1, None),
-        log_every=25, log=lambda n: print(json.dumps(n), flush=True), name=f"smollm2_{point}",
+        max_norm=max_norm, log_every=25, log=lambda n: print(json.dumps(n), flush=True),
+        name=f"smollm2_{point}",
     )  # fmt: skip
     trained = time.perf_counter()
     report = {k: v for k, v in dictionary.metadata["training"].items() if k != "history"}
@@ -109,6 +119,9 @@ def main(argv: list[str] | None = None) -> dict:
         "corpus": f"pydoc_data.topics (Python {platform.python_version()}), windows of "
         f"{args.context} tokens, first token of each skipped",
         "tokens_extracted": int(windows.numel()),
+        "outliers_left_out": int((everything > max_norm).sum()),
+        "outlier_norms": sorted(everything[everything > max_norm].tolist()),
+        "median_norm": everything.median().item(),
         "extract_seconds": round(extracted - started, 1),
         "train_seconds": round(trained - extracted, 1),
         "machine": f"{platform.machine()} {platform.processor() or ''}, "

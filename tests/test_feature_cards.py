@@ -123,3 +123,25 @@ def test_bad_input(padded_store):
     other.reads = "resid_out_0"
     with pytest.raises(HookscopeError, match="resid_out_0"):
         feature_cards(store, other, [0], tokenizer)
+
+
+def test_interim_save_round_trips(tmp_path):
+    from hookscope.dictionaries.interim_io import load_dictionary_interim, save_dictionary_interim
+
+    dictionary = random_dictionary()
+    dictionary.activation, dictionary.threshold = "batchtopk", torch.full((32,), 0.25)
+    dictionary.input_scale, dictionary.metadata = 0.5, {"training": {"l0": 4.0}}
+    loaded = load_dictionary_interim(save_dictionary_interim(dictionary, tmp_path / "d"))
+    for key in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
+        assert torch.equal(getattr(loaded, key), getattr(dictionary, key))
+    assert (loaded.activation, loaded.k, loaded.reads, loaded.writes) == (
+        "batchtopk",
+        4,
+        POINT,
+        POINT,
+    )
+    assert loaded.input_scale == 0.5 and loaded.metadata == dictionary.metadata
+    x = torch.randn(5, 64)
+    assert torch.equal(loaded.reconstruct(x), dictionary.reconstruct(x))
+    with pytest.raises(HookscopeError, match="holds no"):
+        load_dictionary_interim(tmp_path)

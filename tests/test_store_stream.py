@@ -113,3 +113,13 @@ def test_bad_arguments(store, kwargs, message):
     arguments = {"point": POINT, "batch_size": 4, **kwargs}
     with pytest.raises(HookscopeError, match=message):
         ShuffledVectors(store, **arguments)
+
+
+def test_max_norm_leaves_out_large_vectors(store):
+    reference = _reference(store)
+    limit = reference.norm(dim=-1).median().item()
+    kept = reference[reference.norm(dim=-1) <= limit]
+    got = torch.cat(list(ShuffledVectors(store, POINT, 16, buffer_size=32, max_norm=limit)))
+    assert 0 < len(got) < len(reference)
+    assert torch.equal(_sorted_rows(got), _sorted_rows(kept))
+    assert torch.equal(store_vectors(store, POINT, max_norm=limit), kept)

@@ -41,11 +41,16 @@ def _select_slots(mask: torch.Tensor, slots: Slots) -> torch.Tensor:
 
 
 def shard_vectors(
-    store: ActivationStore, point: str, index: int, slots: Slots = None
+    store: ActivationStore,
+    point: str,
+    index: int,
+    slots: Slots = None,
+    max_norm: float | None = None,
 ) -> torch.Tensor:
     """The real vectors of ``point`` in shard ``index``, row-major (example, then slot):
     ``[n_real, d]``. ``slots`` keeps only those position slots (e.g. ``slice(1, None)`` drops
-    the first token of stores extracted at ``"all"``)."""
+    the first token of stores extracted at ``"all"``); ``max_norm`` drops vectors whose norm
+    exceeds it (the "massive activations" of attention-sink tokens)."""
     data = store.shard(index, [point])
     values, mask = data[point], data["position_mask"].bool()
     if values.dim() != 3 or values.shape[:2] != mask.shape:
@@ -55,15 +60,23 @@ def shard_vectors(
         )
     if isinstance(slots, Sequence) and any(not -mask.shape[1] <= s < mask.shape[1] for s in slots):
         raise HookscopeError(f"slots {list(slots)} out of range: the store has {mask.shape[1]}.")
-    return values[_select_slots(mask, slots)]
+    vectors = values[_select_slots(mask, slots)]
+    if max_norm is not None:
+        vectors = vectors[vectors.float().norm(dim=-1) <= max_norm]
+    return vectors
 
 
 def store_vectors(
-    store: ActivationStore, point: str, slots: Slots = None, shards: Sequence[int] | None = None
+    store: ActivationStore,
+    point: str,
+    slots: Slots = None,
+    shards: Sequence[int] | None = None,
+    max_norm: float | None = None,
 ) -> torch.Tensor:
-    """Every real vector of ``point`` in ``shards`` (all by default), in store order: ``[N, d]``."""
+    """Every real vector of ``point`` in ``shards`` (all by default), in store order: ``[N, d]``
+    (``slots`` and ``max_norm`` as in :func:`shard_vectors`)."""
     indices = range(store.num_shards) if shards is None else shards
-    return torch.cat([shard_vectors(store, point, i, slots) for i in indices])
+    return torch.cat([shard_vectors(store, point, i, slots, max_norm) for i in indices])
 
 
 class ShuffledVectors:
@@ -78,6 +91,7 @@ class ShuffledVectors:
         seed: seeds the shard order and every permutation; epoch ``e`` uses ``(seed, e)``.
         epochs: how many passes ``iter()`` makes (:meth:`epoch` gives one).
         slots: only these position slots (a slice or indices), e.g. ``slice(1, None)``.
+        max_norm: drop vectors whose norm exceeds it (attention-sink outliers).
         shards: only these shards (e.g. all but a held-out one).
         dtype, device: cast / move each batch.
         drop_last: skip the short last batch of each epoch.
@@ -94,6 +108,7 @@ class ShuffledVectors:
         epochs: int = 1,
         slots: Slots = None,
         shards: Sequence[int] | None = None,
+        max_norm: float | None = None,
         dtype: torch.dtype | None = None,
         device: Any = None,
         drop_last: bool = False,
@@ -113,7 +128,7 @@ class ShuffledVectors:
         if bad:
             raise HookscopeError(f"shards {bad} out of range 0..{self.store.num_shards - 1}.")
         self.point, self.batch_size, self.buffer_size = point, batch_size, buffer_size
-        self.seed, self.epochs, self.slots = seed, epochs, slots
+        self.seed, self.epochs, self.slots, self.max_norm = seed, epochs, slots, max_norm
         self.dtype, self.device, self.drop_last = dtype, device, drop_last
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -126,7 +141,8 @@ class ShuffledVectors:
         order = torch.randperm(len(self.shards), generator=generator).tolist()
         buffer: torch.Tensor | None = None
         for position in order:
-            vectors = shard_vectors(self.store, self.point, self.shards[position], self.slots)
+            index = self.shards[position]
+            vectors = shard_vectors(self.store, self.point, index, self.slots, self.max_norm)
             buffer = vectors if buffer is None else torch.cat([buffer, vectors])
             if len(buffer) >= self.buffer_size:
                 buffer = buffer[torch.randperm(len(buffer), generator=generator)]

@@ -73,15 +73,19 @@ def split_source(
     holdout_shards: int = 1,
     holdout_fraction: float = 0.05,
     buffer_size: int = 65536,
+    max_norm: float | None = None,
 ) -> tuple[Any, torch.Tensor]:
     """(training batches with ``epoch(e)``, held-out vectors ``[n_holdout, d]``) of ``source``.
 
     A store (or its folder) holds out its last ``holdout_shards`` shards; a tensor ``[N, d]``
     its last ``holdout_fraction`` rows (shuffle it first if its order means something).
+    ``max_norm`` drops vectors whose norm exceeds it, from both.
     """
     if isinstance(source, torch.Tensor):
         if source.dim() != 2 or not source.is_floating_point():
             raise HookscopeError(f"a tensor source must be float [N, d], got {list(source.shape)}.")
+        if max_norm is not None:
+            source = source[source.float().norm(dim=-1) <= max_norm]
         held = max(1, int(len(source) * holdout_fraction))
         if held >= len(source):
             raise HookscopeError(f"{len(source)} vectors leave none to train on.")
@@ -95,10 +99,10 @@ def split_source(
     train = list(range(store.num_shards - holdout_shards))
     stream = ShuffledVectors(
         store, point, batch_size, buffer_size=buffer_size, seed=seed, slots=slots, shards=train,
-        dtype=torch.float32,
+        max_norm=max_norm, dtype=torch.float32,
     )  # fmt: skip
-    held = store_vectors(store, point, slots, range(len(train), store.num_shards)).float()
-    return stream, held
+    held = store_vectors(store, point, slots, range(len(train), store.num_shards), max_norm)
+    return stream, held.float()
 
 
 class _SAE(torch.nn.Module):
@@ -253,6 +257,7 @@ def train_dictionary(
     holdout_shards: int = 1,
     holdout_fraction: float = 0.05,
     buffer_size: int = 65536,
+    max_norm: float | None = None,
     aux_k: int | None = None,
     aux_coefficient: float = 1 / 32,
     dead_after: int = 100_000,
@@ -274,6 +279,9 @@ def train_dictionary(
             the initialisation and the shuffle. ``max_steps`` stops earlier.
         lr: Adam's learning rate; default ``2e-4 / sqrt(d_sae / 16384)`` (sparsify's rule).
         slots: only these position slots of the store (``slice(1, None)`` drops the first token).
+        max_norm: leave out vectors whose norm exceeds it (training and evaluation): the few
+            "massive activations" of attention-sink tokens, ~100x the median norm, would
+            otherwise dominate the variance (and the explained variance).
         holdout_shards / holdout_fraction: held out for the final evaluation (see
             :func:`split_source`).
         aux_k, aux_coefficient: AuxK's features (default ``d_in // 2``; 0 turns it off) and weight.
@@ -289,7 +297,7 @@ def train_dictionary(
     started = time.perf_counter()
     batches, held_out = split_source(
         source, point, batch_size, seed=seed, slots=slots, holdout_shards=holdout_shards,
-        holdout_fraction=holdout_fraction, buffer_size=buffer_size,
+        holdout_fraction=holdout_fraction, buffer_size=buffer_size, max_norm=max_norm,
     )  # fmt: skip
     run, history = None, []
     for epoch in range(epochs):
@@ -322,7 +330,8 @@ def train_dictionary(
     }
     settings = {"d_sae": d_sae, "k": k, "activation": activation, "epochs": epochs,
                 "batch_size": batch_size, "lr": run.optimizer.param_groups[0]["lr"], "seed": seed,
-                "aux_k": run.aux_k, "aux_coefficient": aux_coefficient, "dead_after": dead_after}  # fmt: skip
+                "aux_k": run.aux_k, "aux_coefficient": aux_coefficient, "dead_after": dead_after,
+                "max_norm": max_norm}  # fmt: skip
     dictionary.metadata["training"] = {**report, "settings": settings, "history": history}
     return dictionary
 
