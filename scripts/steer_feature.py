@@ -79,11 +79,13 @@ def promoted_share(hm, texts: list[str], promoted: set[int]) -> float:
     return sum(t in promoted for t in ids) / max(len(ids), 1)
 
 
-def steer(hm, dictionary, feature: int, coefficient: float, promoted: set[int], plain: list[str]):
+def steer(hm, dictionary, feature, coefficient, promoted: set[int], plain: list[str], new: int):
+    """Greedy text with the feature's decoder row added at every token (prompt and generated),
+    ``coefficient`` x the token's own residual norm; the promoted-token share before / after."""
     steered = generate(hm, PROMPTS, [Steer(
         point=dictionary.reads, vector=dictionary.W_dec[feature], coefficient=coefficient,
         relative=True, apply_to="both",
-    )])  # fmt: skip
+    )], max_new_tokens=new)  # fmt: skip
     return {
         "feature": feature,
         "coefficient": coefficient,
@@ -97,9 +99,12 @@ def steer(hm, dictionary, feature: int, coefficient: float, promoted: set[int], 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=default_out("resid_out_15"))
-    parser.add_argument("--feature", type=int, default=None, help="steer this one only")
+    parser.add_argument("--feature", type=int, nargs="*", default=None, help="steer these only")
     parser.add_argument("--candidates", type=int, default=6)
-    parser.add_argument("--coefficient", type=float, default=0.5, help="x the token's norm")
+    parser.add_argument(
+        "--coefficient", type=float, nargs="+", default=[0.2], help="x each token's norm"
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=24)
     args = parser.parse_args(argv)
     hm = HookedModel.from_pretrained()
     tokenizer = hm.get_tokenizer()
@@ -107,21 +112,24 @@ def main(argv: list[str] | None = None) -> dict:
     store = ActivationStore.open(args.out / "store")
     unembedding = hm.hf_model.get_output_embeddings().weight
     density = densities(store, dictionary)
-    chosen = [args.feature] if args.feature is not None else candidates(
+    chosen = args.feature if args.feature else candidates(
         dictionary, unembedding, density, args.candidates
     )  # fmt: skip
     cards = feature_cards(store, dictionary, chosen, tokenizer, unembedding, slots=slice(1, None))
     (args.out / "cards.html").write_text(cards_page(cards, "SmolLM2 resid_out_15 features"))
     (args.out / "cards.txt").write_text("\n\n".join(card.to_text() for card in cards))
-    plain = generate(hm, PROMPTS)
+    plain = generate(hm, PROMPTS, max_new_tokens=args.max_new_tokens)
     runs = []
     for card in cards:
         effects = logit_effects(dictionary, unembedding, card.feature)
         promoted = set(effects.topk(50).indices.tolist())
-        run = steer(hm, dictionary, card.feature, args.coefficient, promoted, plain)
-        run["card"] = card.to_text()
-        runs.append(run)
-        print(json.dumps(run, indent=1), flush=True)
+        for coefficient in args.coefficient:
+            run = steer(
+                hm, dictionary, card.feature, coefficient, promoted, plain, args.max_new_tokens
+            )
+            run["card"] = card.to_text()
+            runs.append(run)
+            print(json.dumps(run, indent=1), flush=True)
     best = max(runs, key=lambda r: r["share_after"] - r["share_before"])
     (args.out / "steering.json").write_text(json.dumps({"best": best, "runs": runs}, indent=1))
     print("\nbest:", json.dumps(best, indent=1))

@@ -128,3 +128,19 @@ def test_bad_arguments(tiny_store, kwargs, message):
     arguments = {"d_sae": 64, "k": 4, **kwargs}
     with pytest.raises(HookscopeError, match=message):
         train_dictionary(tiny_store, "resid_out_1", **arguments)
+
+
+def test_max_norm_leaves_outliers_out_of_training_and_evaluation(data):
+    vectors = data[0][:2000].clone()
+    vectors[[5, 1990]] *= 1000  # one in the training part, one in the held-out part
+    limit = 100 * vectors.norm(dim=1).median().item()
+    dictionary = train_dictionary(
+        vectors, None, 64, 3, max_steps=3, batch_size=128, holdout_fraction=0.05, max_norm=limit
+    )
+    report = dictionary.metadata["training"]
+    assert report["holdout_vectors"] == int(1998 * 0.05)
+    assert report["settings"]["max_norm"] == limit
+    assert report["explained_variance"] == pytest.approx(
+        _hand_explained_variance(dictionary, torch.cat([vectors[1900:1990], vectors[1991:]])),
+        abs=1e-6,
+    )
