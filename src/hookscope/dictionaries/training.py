@@ -32,6 +32,7 @@ features dead at the end of training and the fraction that never fire on the hel
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -299,25 +300,11 @@ def train_dictionary(
         source, point, batch_size, seed=seed, slots=slots, holdout_shards=holdout_shards,
         holdout_fraction=holdout_fraction, buffer_size=buffer_size, max_norm=max_norm,
     )  # fmt: skip
-    run, history = None, []
-    for epoch in range(epochs):
-        for x in batches.epoch(epoch):
-            x = x.to(device)
-            if run is None:
-                run = _start(x, d_sae, k, activation, lr, aux_k, aux_coefficient, dead_after, seed)
-            numbers = run.step(x)
-            if run.steps % log_every == 0:
-                history.append(numbers)
-                if log is not None:
-                    log(numbers)
-            if max_steps is not None and run.steps >= max_steps:
-                break
-        if max_steps is not None and run is not None and run.steps >= max_steps:
-            break
-    if run is None:
-        raise HookscopeError("the source holds no training vectors.")
-    if not history or history[-1]["step"] != run.steps:
-        history.append(numbers)
+    start = functools.partial(
+        _start, d_sae=d_sae, k=k, activation=activation, lr=lr, aux_k=aux_k,
+        aux_coefficient=aux_coefficient, dead_after=dead_after, seed=seed,
+    )  # fmt: skip
+    run, history = _fit(batches, start, epochs, max_steps, log_every, log, device)
     dictionary = _to_dictionary(run, point, name, held_out)
     report = evaluate_dictionary(dictionary, held_out)
     report |= {
@@ -336,8 +323,42 @@ def train_dictionary(
     return dictionary
 
 
+def _fit(
+    batches: Any,
+    start: Callable[[torch.Tensor], _Run],
+    epochs: int,
+    max_steps: int | None,
+    log_every: int,
+    log: Callable[[dict[str, float]], Any] | None,
+    device: Any,
+) -> tuple[_Run, list[dict[str, float]]]:
+    """The step loop: ``start(first batch)`` builds the run, then one Adam step per batch for
+    ``epochs`` epochs (or ``max_steps``). Returns the run and the logged steps (the last
+    step always among them)."""
+    run, history, numbers = None, [], {}
+    for epoch in range(epochs):
+        for x in batches.epoch(epoch):
+            x = x.to(device)
+            run = start(x) if run is None else run
+            numbers = run.step(x)
+            if run.steps % log_every == 0:
+                history.append(numbers)
+                if log is not None:
+                    log(numbers)
+            if max_steps is not None and run.steps >= max_steps:
+                break
+        if max_steps is not None and run is not None and run.steps >= max_steps:
+            break
+    if run is None:
+        raise HookscopeError("the source holds no training vectors.")
+    if not history or history[-1]["step"] != run.steps:
+        history.append(numbers)
+    return run, history
+
+
 def _start(
     first: torch.Tensor,
+    *,
     d_sae: int,
     k: int,
     activation: str,
