@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.install-stamp
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: install test test-fast test-unit test-integration test-acceptance demo lint bench gpu-check parity bench-peers clean
+.PHONY: install test test-fast test-unit test-integration test-acceptance demo lint bench gpu-check parity bench-peers clean dictionary
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,13 @@ test-acceptance: install
 
 demo: install
 	$(PY) -m hookscope demo
+
+# The SmolLM2 residual-stream SAE (resid_out_15), rebuilt from installed files only (the stdlib's
+# pydoc topics as corpus; ~10 min on 2 CPU cores), cached under $HOOKSCOPE_CACHE/dictionaries/;
+# then a feature steered as its card says (scripts/steer_feature.py). Nothing is committed.
+dictionary: install
+	$(PY) scripts/train_dictionary.py
+	$(PY) scripts/steer_feature.py
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -31,7 +31,16 @@ GUIDE = {
         "activation's own parameter (k or threshold); load public files with load_dictionary "
         "(point= when the files do not say where the dictionary reads, model= for "
         "family-dependent TransformerLens names); hm.attach_dictionary(d) before "
-        "extract_features; use a dictionary trained on this model.",
+        "extract_features; use a dictionary trained on this model. Training: k <= d_sae, a store with at "
+        "least two shards (one is held out); cards: a store of the dictionary's point at 'all' "
+        "with save_input_ids=True.",
+    ),
+    "store_stream": (
+        "Streaming a store's vectors was asked for a point the store does not hold, a point "
+        "that is not one vector per slot, a batch or buffer size that is not a positive int "
+        "(or a buffer smaller than a batch), or shards or slots out of range.",
+        "Use one of store.keys() (e.g. resid_out_15), buffer_size >= batch_size > 0, and shard "
+        "indices below store.num_shards.",
     ),
     "analysis": (
         "A residual decomposition or logit attribution asked for something the model does not "

@@ -1107,6 +1107,24 @@ class ActivationStore:
             raise StoreError("this store has no statistics yet (no shard committed).")
         return _read_stats(self.folder, self.manifest, "stats").summary(key)
 
+    @property
+    def num_shards(self) -> int:
+        return len(self.manifest["shards"])
+
+    def shard(self, index: int, keys: list[str]) -> dict[str, torch.Tensor]:
+        """The tensors ``keys`` plus ``position_mask`` of shard ``index`` (its rows in the
+        shard's order), reading nothing else; checksum checked on first use."""
+        if not 0 <= index < self.num_shards:
+            raise StoreError(
+                f"shard index {index} is out of range: {self.folder} has {self.num_shards} shards."
+            )
+        path = self._shard_path(self.manifest["shards"][index])
+        with _untrusted(path), safe_open(str(path), framework="pt") as handle:
+            missing = [key for key in keys if key not in handle.keys()]
+            if missing:
+                raise StoreError(f"{missing} not in {self.folder}; keys: {self.keys()[:12]}.")
+            return {key: handle.get_tensor(key) for key in [*keys, "position_mask"]}
+
     def __iter__(self) -> Iterator[ActivationCache]:
         for shard in self.manifest["shards"]:
             yield ActivationCache.load(self._shard_path(shard))
