@@ -335,6 +335,7 @@ class HookedModel:
         interventions: Sequence[AnyIntervention] | None = None,
         example_offset: int = 0,
         names: Sequence[str] | None = None,
+        compile: bool = False,
         **model_kwargs: Any,
     ) -> ActivationCache:
         """Run one batch and return the requested activations at the target positions.
@@ -360,6 +361,11 @@ class HookedModel:
             names: the points to extract by name instead of ``extraction_config``: cache keys or
                 TransformerLens hook names (``["blocks.3.hook_resid_post"]``), see
                 :meth:`ExtractionConfig.from_names`. The cache answers to the names given.
+            compile: run the model under ``torch.compile`` with the capture inside the graph
+                (see :mod:`hookscope.compiled`): the batch is padded to a length bucket (one
+                compile per bucket, seconds to minutes each), the values are the eager path's to
+                dtype tolerance. Module points and logits only; anything else raises
+                :class:`~hookscope.compiled.CompileError`.
             **model_kwargs: passed to the HF forward.
 
         Returns:
@@ -383,7 +389,12 @@ class HookedModel:
             example_offset=example_offset,
             model_kwargs=model_kwargs,
         )
-        cache = plan.cache(self.executor.run(plan), self.pad_token_id)
+        if compile:
+            from .compiled import compiled_cache
+
+            cache = compiled_cache(self, plan, interventions, hooks)
+        else:
+            cache = plan.cache(self.executor.run(plan), self.pad_token_id)
         return cache.cpu() if move_to_cpu else cache
 
     __call__ = forward
@@ -411,6 +422,7 @@ class HookedModel:
         sort_by_length: bool = False,
         names: Sequence[str] | None = None,
         overwrite: bool = False,
+        compile: bool = False,
         **model_kwargs: Any,
     ) -> ActivationCache | ActivationStore:
         """Run :meth:`forward` over every batch and merge the results in order.
@@ -434,6 +446,8 @@ class HookedModel:
             sort_by_length: (lists of strings) batch prompts of similar length together to waste
                 little on padding; results come back in the original order.
             names: the points by name instead of ``extraction_config`` (see :meth:`forward`).
+            compile: run each batch compiled, the capture inside the graph (see
+                :meth:`forward`); with ``sort_by_length`` few length buckets, few compiles.
 
         Returns:
             One :class:`ActivationCache` with every example in dataloader order, or the
@@ -453,6 +467,7 @@ class HookedModel:
                 move_to_cpu=move_to_cpu_after_forward,
                 seed=seed,
                 interventions=interventions,
+                compile=compile,
                 **model_kwargs,
             ),
         )
