@@ -73,14 +73,15 @@ def test_compiled_dataset_ragged_slots_and_average(hm):
 
 def test_one_graph_no_break_and_one_compile_per_bucket():
     """Capture is inside the graph (no graph break per layer); batches of new lengths in a seen
-    bucket reuse its graph, a longer batch compiles once for its bucket."""
+    bucket reuse its graph, a longer batch compiles once for its bucket; another model of the
+    same shape reuses the graph with its own weights (per-head outputs read its own W_O)."""
     from torch._dynamo.utils import counters
 
-    hm = HookedModel.from_hf(build_model("llama", seed=3), build_tokenizer("left"))
-    hm.config.batch_size = 2
-    config = ExtractionConfig(extract_resid_out=True, extract_mlp_out=True, save_logits=False)
+    config = ExtractionConfig(extract_resid_out=True, extract_head_out=True, save_logits=False)
     counters.clear()
-    for prompts in (PROMPTS[:2], PROMPTS[2:4], [PROMPTS[0]], [LONG, PROMPTS[1]]):
+    for seed, prompts in ((3, PROMPTS[:2]), (3, PROMPTS[2:4]), (3, [PROMPTS[0]]), (3, [LONG, PROMPTS[1]]), (4, PROMPTS[1:3])):  # fmt: skip
+        hm = HookedModel.from_hf(build_model("llama", seed=seed), build_tokenizer("left"))
+        hm.config.batch_size = 2
         compiled = hm.forward(prompts, ["last"], extraction_config=config, compile=True)
         eager = hm.forward(prompts, ["last"], extraction_config=config)
         assert_same_cache(compiled, eager)
