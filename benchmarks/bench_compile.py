@@ -6,7 +6,8 @@ SmolLM2-135M-Instruct (float32, SDPA), ``--prompts`` prompts of 8-160 tokens, ba
 ``--batch-size`` sorted by length, ``resid_out`` of all 30 layers at ``"last"``
 (``save_logits=False``). Four variants over the same batches, interleaved round by round:
 
-- ``hf_eager``: the plain HF decoder (``hf_model.model``), eager, no hooks: the eager limit;
+- ``hf_eager``: the plain HF decoder (``hf_model.model``, ``use_cache=False``), eager, no
+  hooks: the eager limit;
 - ``hookscope_eager``: ``extract_cache(..., sort_by_length=True)`` (tokenizes, plans, hooks);
 - ``hf_compiled``: ``torch.compile(decoder, dynamic=False)`` over the batches padded to the
   same length buckets as the compiled path, no hooks: the compiled limit;
@@ -72,8 +73,8 @@ def main() -> None:
     lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
     config = ExtractionConfig(extract_resid_out=True, save_logits=False)
     decoder = hm.model_map.decoder
-    batches = [
-        hm.prepare_inputs(batch)
+    batches = [  # no KV cache, as hookscope's own forward
+        {**hm.prepare_inputs(batch), "use_cache": False}
         for batch, _, _ in iter_batches(prompts, tokenizer, args.batch_size, sort_by_length=True)
     ]
     side = tokenizer.padding_side

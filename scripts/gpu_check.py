@@ -78,7 +78,10 @@ def dataset_throughput(hm, n: int, device: str) -> list[str]:
     tokenizer = hm.get_text_tokenizer()
     config = ExtractionConfig(extract_resid_out=True, save_logits=False)
     hm.config.batch_size = 32
-    batches = [hm.prepare_inputs(b) for b, _, _ in iter_batches(prompts, tokenizer, 32, True)]
+    batches = [
+        {**hm.prepare_inputs(b), "use_cache": False}
+        for b, _, _ in iter_batches(prompts, tokenizer, 32, True)
+    ]
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     side = tokenizer.padding_side
     bucketed = [
