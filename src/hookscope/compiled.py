@@ -9,8 +9,8 @@ it, so the compiler sees the whole forward, model kernels (SDPA) included.
 Shapes are bounded: every batch is padded to a *bucket* length (the next multiple of
 :data:`BUCKET`, on the tokenizer's padding side, the attention mask making the padding exact) and
 a short batch is padded with copies of its last row up to ``batch_size``, so a dataset compiles
-once per bucket, not once per length. The graph is compiled for static shapes (on a GPU, CUDA
-graphs can record each bucket).
+once per bucket, not once per length. The graph is compiled for static shapes (what CUDA
+graphs would need to record each bucket; they are not used yet).
 
 What is compiled: the module points (residual stream, attention / MLP outputs, per-head outputs,
 q/k/v) at target positions, logits, ``extract_avg``. What is not (an error naming it and the
