@@ -60,6 +60,7 @@ bench: install bench-peers
 	$(PY) benchmarks/bench_attention.py --write
 	$(PY) benchmarks/bench_patching.py --write
 	$(PY) benchmarks/bench_store.py --write
+	$(PY) benchmarks/bench_compile.py --write
 
 # Peers: each in its own venv under .venv-peers/ (benchmarks/peer_envs.py: same torch pin;
 # TransformerLens 4 and nnsight 0.8 with our transformers pin, easyroutine with its own).

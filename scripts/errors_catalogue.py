@@ -71,6 +71,14 @@ GUIDE = {
         "Add an `ArchSpec` entry for the model_type (one dataclass of attribute names) or open an "
         "issue with the printed children list.",
     ),
+    "compiled": (
+        "compile=True was asked for something the compiled graph cannot hold: interventions, "
+        "extra or persistent hooks (Python callbacks), attention patterns or per-head q/k/v "
+        "(read by the attention function), vision points, keep_gradient, or inputs other than "
+        "token ids and masks (pixels).",
+        "Pass compile=False for that call (the eager path runs everything), or split the work: "
+        "module points at positions compiled, the rest eagerly.",
+    ),
     "compat": (
         "An easyroutine (reference design) form that hookscope cannot translate exactly: a "
         "`patching_query` entry without its keys, an activation_type compute_patching cannot "

@@ -10,8 +10,10 @@
 3. Attention: the variants of ``benchmarks/bench_attention.py`` (one layer's patterns at "last" / all
    rows vs plain SDPA vs eager, with and without ``output_attentions``).
 4. Dataset throughput: 1,000 prompts, last-token resid_out of every layer: hookscope's batched
-   ``extract_cache`` vs a batch-size-1 loop over HF ``output_hidden_states`` (what the reference
-   design does), with peak device memory.
+   ``extract_cache`` (eager and ``compile=True``) vs the plain HF decoder over the same batches
+   (eager, and compiled without hooks: the two limits) and a batch-size-1 loop over HF
+   ``output_hidden_states`` (what the reference design does), with tokens/s and peak device
+   memory. The compiled rows were added without a GPU to run them on (not run yet).
 
 The SmolLM2 weights are the embedded GGUF when it is installed; on a machine without it (the
 GPU machines here cannot carry the 94 MB file) a model of the same architecture and shape with
@@ -61,18 +63,43 @@ def smollm2(device: str, dtype: torch.dtype, attn: str = "sdpa", random_weights:
 
 
 def dataset_throughput(hm, n: int, device: str) -> list[str]:
-    """Examples/s and peak device memory: batched extract_cache vs a batch-size-1 HF loop."""
+    """Examples/s, tokens/s and peak device memory over the same batches of 32 (sorted by
+    length): hookscope's extract_cache eager and compiled (``compile=True``) next to the plain
+    HF decoder eager (the eager limit) and ``torch.compile`` d without hooks over the same
+    length buckets (the compiled limit), and a batch-size-1 loop over HF
+    ``output_hidden_states`` (what the reference design does)."""
     from common import dataset_prompts
 
     from hookscope import ExtractionConfig
+    from hookscope.compiled import pad_to_bucket
+    from hookscope.dataset import iter_batches
 
     prompts = dataset_prompts(n)
     tokenizer = hm.get_text_tokenizer()
     config = ExtractionConfig(extract_resid_out=True, save_logits=False)
+    hm.config.batch_size = 32
+    batches = [
+        {**hm.prepare_inputs(b), "use_cache": False}
+        for b, _, _ in iter_batches(prompts, tokenizer, 32, True)
+    ]
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    side = tokenizer.padding_side
+    bucketed = [
+        pad_to_bucket(b, hm.hf_model, side, hm.pad_token_id, 32).model_inputs for b in batches
+    ]
+    compiled_decoder = torch.compile(hm.model_map.decoder, dynamic=False)
 
-    def run_hookscope():
-        hm.config.batch_size = 32
-        hm.extract_cache(prompts, ["last"], extraction_config=config, sort_by_length=True)
+    def run_hookscope(compile_: bool):
+        return lambda: hm.extract_cache(
+            prompts, ["last"], extraction_config=config, sort_by_length=True, compile=compile_
+        )
+
+    def run_plain(model, inputs):
+        def run():
+            for batch in inputs:
+                model(**batch)
+
+        return run
 
     @torch.no_grad()
     def run_loop():
@@ -82,22 +109,30 @@ def dataset_throughput(hm, n: int, device: str) -> list[str]:
             hidden = hm.hf_model(ids, output_hidden_states=True, use_cache=False).hidden_states
             rows.append(torch.stack([h[:, -1] for h in hidden[1:]]).cpu())
 
-    lines = ["| tool | examples/s | peak device MB |", "| --- | ---: | ---: |"]
+    lines = [
+        "| tool | examples/s | real tokens/s | peak device MB |",
+        "| --- | ---: | ---: | ---: |",
+    ]
     for name, run in (
-        ("hookscope extract_cache (batch 32, sort_by_length)", run_hookscope),
+        ("plain HF decoder, eager, batch 32 (the eager limit)", run_plain(hm.model_map.decoder, batches)),
+        ("torch.compile(decoder), bucketed, no hooks (the compiled limit)", run_plain(compiled_decoder, bucketed)),
+        ("hookscope extract_cache (batch 32, sort_by_length)", run_hookscope(False)),
+        ("hookscope extract_cache compile=True", run_hookscope(True)),
         ("HF output_hidden_states, batch-size-1 loop", run_loop),
-    ):
-        run()  # warm-up (kernels, allocator)
+    ):  # fmt: skip
+        with torch.no_grad():
+            run()  # warm-up (kernels, allocator, compiles)
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        run()
+        with torch.no_grad():
+            run()
         if device == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else float("nan")
-        lines.append(f"| {name} | {n / seconds:.1f} | {peak:.0f} |")
+        lines.append(f"| {name} | {n / seconds:.1f} | {tokens / seconds:.0f} | {peak:.0f} |")
     return lines
 
 

@@ -380,6 +380,7 @@ class HookedModel:
         interventions: Sequence[AnyIntervention] | None = None,
         example_offset: int = 0,
         names: Sequence[str] | None = None,
+        compile: bool = False,
         **model_kwargs: Any,
     ) -> ActivationCache:
         """Run one batch and return the requested activations at the target positions.
@@ -405,6 +406,11 @@ class HookedModel:
             names: the points to extract by name instead of ``extraction_config``: cache keys or
                 TransformerLens hook names (``["blocks.3.hook_resid_post"]``), see
                 :meth:`ExtractionConfig.from_names`. The cache answers to the names given.
+            compile: run the model under ``torch.compile`` with the capture inside the graph
+                (see :mod:`hookscope.compiled`): the batch is padded to a length bucket (one
+                compile per bucket, seconds to minutes each), the values are the eager path's to
+                dtype tolerance. Module points and logits only; anything else raises
+                :class:`~hookscope.compiled.CompileError`.
             **model_kwargs: passed to the HF forward.
 
         Returns:
@@ -428,7 +434,12 @@ class HookedModel:
             example_offset=example_offset,
             model_kwargs=model_kwargs,
         )
-        cache = plan.cache(self.executor.run(plan), self.pad_token_id)
+        if compile:
+            from .compiled import compiled_cache
+
+            cache = compiled_cache(self, plan, interventions, hooks)
+        else:
+            cache = plan.cache(self.executor.run(plan), self.pad_token_id)
         return cache.cpu() if move_to_cpu else cache
 
     __call__ = forward
@@ -457,6 +468,7 @@ class HookedModel:
         names: Sequence[str] | None = None,
         overwrite: bool = False,
         store_dtype: str | None = None,
+        compile: bool = False,
         **model_kwargs: Any,
     ) -> ActivationCache | ActivationStore:
         """Run :meth:`forward` over every batch and merge the results in order.
@@ -484,6 +496,8 @@ class HookedModel:
                 (every floating-point value but ``batch_saver`` fields) in this dtype, in the
                 store (recorded in its manifest; a resume must ask the same) or in memory.
                 None: as computed.
+            compile: run each batch compiled, the capture inside the graph (see
+                :meth:`forward`); with ``sort_by_length`` few length buckets, few compiles.
 
         Returns:
             One :class:`ActivationCache` with every example in dataloader order, or the
@@ -504,6 +518,7 @@ class HookedModel:
                 move_to_cpu=move_to_cpu_after_forward,
                 seed=seed,
                 interventions=interventions,
+                compile=compile,
                 **model_kwargs,
             ),
         )

@@ -1,0 +1,167 @@
+"""The compiled path against the limits: dataset extraction over prompts of varied lengths.
+
+    python benchmarks/bench_compile.py [--prompts 256] [--repeats 5] [--write]
+
+SmolLM2-135M-Instruct (float32, SDPA), ``--prompts`` prompts of 8-160 tokens, batches of
+``--batch-size`` sorted by length, ``resid_out`` of all 30 layers at ``"last"``
+(``save_logits=False``). Four variants over the same batches, interleaved round by round:
+
+- ``hf_eager``: the plain HF decoder (``hf_model.model``, ``use_cache=False``), eager, no
+  hooks: the eager limit;
+- ``hookscope_eager``: ``extract_cache(..., sort_by_length=True)`` (tokenizes, plans, hooks);
+- ``hf_compiled``: ``torch.compile(decoder, dynamic=False)`` over the batches padded to the
+  same length buckets as the compiled path, no hooks: the compiled limit;
+- ``hookscope_compiled``: ``extract_cache(..., compile=True)``.
+
+Ratios are medians of per-round ratios. Compile time (the first pass of each compiled variant,
+every bucket compiled) is reported apart. Each pass's activations are checked against
+``hookscope_eager``'s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import torch  # noqa: E402
+from common import interleaved, machine, paired_ratio  # noqa: E402
+
+from hookscope import ExtractionConfig, HookedModel  # noqa: E402
+from hookscope.compiled import BUCKET, pad_to_bucket  # noqa: E402
+from hookscope.dataset import iter_batches  # noqa: E402
+
+WORDS = (
+    "the model reads every token of the prompt and writes its residual stream after each layer "
+    "while a researcher asks which heads move the name of the indirect object to the last "
+    "position and how the answer forms across layers of a small language model trained on text"
+).split()
+
+
+def varied_prompts(tokenizer, n: int, low: int = 8, high: int = 160, seed: int = 0) -> list[str]:
+    """``n`` prompts whose token counts are spread uniformly over ``low..high`` (seeded)."""
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(n):
+        target = rng.randint(low, high)
+        words = [rng.choice(WORDS) for _ in range(target)]
+        ids = tokenizer(" ".join(words))["input_ids"][:target]
+        prompts.append(tokenizer.decode(ids))
+    return prompts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--prompts", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--write", action="store_true", help="rewrite RESULTS_compile.md")
+    args = parser.parse_args()
+
+    hm = HookedModel.from_pretrained()
+    hm.config.batch_size = args.batch_size
+    tokenizer = hm.get_text_tokenizer()
+    prompts = varied_prompts(tokenizer, args.prompts)
+    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+    config = ExtractionConfig(extract_resid_out=True, save_logits=False)
+    decoder = hm.model_map.decoder
+    batches = [  # no KV cache, as hookscope's own forward
+        {**hm.prepare_inputs(batch), "use_cache": False}
+        for batch, _, _ in iter_batches(prompts, tokenizer, args.batch_size, sort_by_length=True)
+    ]
+    side = tokenizer.padding_side
+    bucketed = [
+        pad_to_bucket(b, hm.hf_model, side, hm.pad_token_id, args.batch_size).model_inputs
+        for b in batches
+    ]
+    compiled_decoder = torch.compile(decoder, dynamic=False)
+
+    def plain(model, inputs):
+        def run():
+            with torch.no_grad():
+                for batch in inputs:
+                    model(**batch)
+
+        return run
+
+    last = {}
+
+    def extract(compile_):
+        def run():
+            last[compile_] = hm.extract_cache(
+                prompts, ["last"], extraction_config=config, sort_by_length=True, compile=compile_
+            )
+
+        return run
+
+    variants = {
+        "hf_eager": plain(decoder, batches),
+        "hookscope_eager": extract(False),
+        "hf_compiled": plain(compiled_decoder, bucketed),
+        "hookscope_compiled": extract(True),
+    }
+    first_pass = {}
+    for name, run in variants.items():  # warm-up; the compiled ones compile every bucket
+        start = time.perf_counter()
+        run()
+        first_pass[name] = time.perf_counter() - start
+        print(f"{name}: first pass {first_pass[name]:.1f} s", flush=True)
+    eager, compiled = (last[flag].stack("resid_out") for flag in (False, True))
+    difference = ((compiled - eager).abs().max() / eager.abs().max()).item()
+    print(f"max relative difference compiled vs eager: {difference:.1e}", flush=True)
+
+    times = interleaved(variants, args.repeats, warmup=0)
+    report = render(args, lengths, times, first_pass, difference, len(batches))
+    print(report)
+    if args.write:
+        (Path(__file__).parent / "RESULTS_compile.md").write_text(report)
+
+
+def render(args, lengths, times, first_pass, difference, n_batches) -> str:
+    rows = [
+        "| variant | median s per pass | vs hf_eager | vs hf_compiled |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for name, values in times.items():
+        rows.append(
+            f"| {name} | {statistics.median(values):.2f} | {paired_ratio(times, name, 'hf_eager'):.3f} "
+            f"| {paired_ratio(times, name, 'hf_compiled'):.3f} |"
+        )
+    return "\n".join(
+        [
+            "# Compiled extraction against the eager and compiled limits",
+            "",
+            f"Machine: {machine()} | OMP threads {os.environ.get('OMP_NUM_THREADS', 'default')}",
+            f"Command: `python benchmarks/bench_compile.py --prompts {args.prompts} "
+            f"--batch-size {args.batch_size} --repeats {args.repeats}`",
+            "",
+            f"SmolLM2-135M-Instruct, float32, SDPA; {args.prompts} prompts of "
+            f"{min(lengths)}-{max(lengths)} tokens (mean {statistics.mean(lengths):.0f}), "
+            f"{n_batches} batches of {args.batch_size} sorted by length; resid_out of all 30 "
+            f"layers at the last token, save_logits=False. Compiled variants pad each batch to a "
+            f"multiple of {BUCKET} tokens. {args.repeats} interleaved rounds.",
+            "",
+            *rows,
+            "",
+            "First pass (warm-up; the compiled variants compile every bucket in it): "
+            + ", ".join(f"{k} {v:.0f} s" for k, v in first_pass.items())
+            + ".",
+            "Per-round seconds: "
+            + "; ".join(f"{k} {[round(v, 2) for v in vals]}" for k, vals in times.items())
+            + ".",
+            f"Max difference compiled vs eager activations, relative to the largest: {difference:.1e}.",
+            "",
+        ]
+    )
+
+
+if __name__ == "__main__":
+    main()

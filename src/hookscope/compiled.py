@@ -1,0 +1,259 @@
+"""Internal: the opt-in compiled path (``forward(..., compile=True)``, ``extract_cache(...,
+compile=True)``).
+
+The HF model runs under ``torch.compile`` with hookscope's capture *inside* the graph: capture
+hooks are installed before the compiled call, dynamo traces them with the model (no graph
+break), and each hook gathers its target positions in the graph. Only the gathered slots leave
+it, so the compiler sees the whole forward, model kernels (SDPA) included.
+
+Shapes are bounded: every batch is padded to a *bucket* length (the next multiple of
+:data:`BUCKET`, on the tokenizer's padding side, the attention mask making the padding exact) and
+a short batch is padded with copies of its last row up to ``batch_size``, so a dataset compiles
+once per bucket, not once per length. The graph is compiled for static shapes (what CUDA
+graphs would need to record each bucket; they are not used yet).
+
+What is compiled: the module points (residual stream, attention / MLP outputs, per-head outputs,
+q/k/v) at target positions, logits, ``extract_avg``. What is not (an error naming it and the
+eager alternative, never a silent fallback): interventions, extra or persistent hooks (Python
+callbacks that change the forward), attention patterns and per-head q/k/v read by hookscope's
+attention function, vision points, ``keep_gradient``, inputs other than token ids and masks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .cache import ActivationCache
+from .capture import CaptureSite, plan_capture
+from .config import ExtractionConfig
+from .errors import HookscopeError
+from .hooks import ModuleHook, installed, reading_hook
+from .inputs import model_input_names
+from .pipeline import CallPlan
+from .plan import ExtractionPlan
+from .positions import ResolvedPositions
+from .vision import computes_own_positions, first_position
+from .vision_points import vision_points
+
+#: sequence lengths are padded up to a multiple of this (one compiled graph per bucket)
+BUCKET = 32
+#: model inputs the compiled path takes: [batch, seq] tensors it can pad, and flags
+_PADDED_INPUTS = {"input_ids": None, "attention_mask": 0, "position_ids": 1, "token_type_ids": 0}
+_FLAGS = {"use_cache"}
+#: dynamo recompiles a function at most this many times (one per bucket and extraction)
+_RECOMPILE_LIMIT = 64
+
+
+class CompileError(HookscopeError):
+    """A request the compiled path cannot run (run it with ``compile=False``)."""
+
+
+def bucket_length(seq: int, multiple: int = BUCKET) -> int:
+    """``seq`` rounded up to a multiple of ``multiple`` (the length a batch is padded to)."""
+    return max(multiple, math.ceil(seq / multiple) * multiple)
+
+
+def check_compilable(
+    hm: Any, config: ExtractionConfig, extraction: ExtractionPlan, interventions: Any, hooks: Any
+) -> None:
+    """Refuse what the compiled graph cannot hold, naming it and the eager way.
+
+    Raises:
+        CompileError: for interventions, hooks, attention-function points, vision points or
+            ``keep_gradient``.
+    """
+    refused = []
+    if hm.registered_interventions or interventions:
+        refused.append("interventions (registered or per call)")
+    if hooks or hm.persistent_hooks:
+        refused.append("extra or persistent hooks (Python callbacks)")
+    if extraction.attention:
+        layers = sorted({request.layer for request in extraction.attention})
+        refused.append(
+            f"attention patterns / per-head q,k,v (read by the attention function, layers {layers})"
+        )
+    if vision_points(config, hm.vision_map):
+        refused.append("vision points")
+    if config.keep_gradient:
+        refused.append("keep_gradient=True")
+    if refused:
+        raise CompileError(
+            f"compile=True cannot run {', '.join(refused)}: the compiled path captures module "
+            "points (resid/attn/mlp/head outputs, q/k/v projections) and logits at positions. "
+            "Pass compile=False for this call (the eager path runs everything)."
+        )
+
+
+@dataclass
+class _Slots:
+    """What the in-graph hooks read (the gather index of this call) and write (by cache key).
+    One object per compiled forward, so dynamo sees the same object on every call."""
+
+    index: torch.Tensor | None = None  # [batch, slots] long
+    keep: torch.Tensor | None = None  # [batch, slots] bool, False at padded slots
+    found: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def select(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden [batch, seq, *rest]`` -> ``[batch, slots, *rest]`` (padded slots zero)."""
+        ones = [1] * (hidden.dim() - 2)
+        index = self.index.view(*self.index.shape, *ones).expand(
+            *self.index.shape, *hidden.shape[2:]
+        )
+        keep = self.keep.view(*self.keep.shape, *ones)
+        return hidden.gather(1, index).masked_fill(~keep, 0)
+
+
+def _in_graph_hook(site: CaptureSite, slots: _Slots) -> ModuleHook:
+    def store(hidden: torch.Tensor) -> None:
+        selected = slots.select(hidden)
+        for key, where in site.writes:
+            slots.found[key] = where.read(selected)
+
+    return reading_hook(site.module, site.when, store)
+
+
+class CompiledForward:
+    """One compiled forward of one model for one set of points (``save_logits`` included):
+    its capture hooks (the same function objects on every call, so dynamo's guards on module
+    hooks hold) and the ``torch.compile`` d function that runs the model with them."""
+
+    def __init__(self, hm: Any, extraction: ExtractionPlan, save_logits: bool):
+        self.hf_model = hm.hf_model
+        self.save_logits = save_logits
+        # without logits the decoder alone runs (no unembedding of every position)
+        self.target: nn.Module = hm.hf_model if save_logits else hm.model_map.decoder
+        self.slots = _Slots()
+        self.hooks = [
+            _in_graph_hook(s, self.slots) for s in plan_capture(extraction.points, hm.model_map)
+        ]
+        limit = torch._dynamo.config.recompile_limit
+        torch._dynamo.config.recompile_limit = max(limit, _RECOMPILE_LIMIT)
+        self.compiled: Callable[..., dict[str, torch.Tensor]] = torch.compile(
+            self._run, dynamic=False
+        )
+
+    def _run(self, model_inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
+        output = self.target(**model_inputs)
+        found = dict(self.slots.found)
+        if self.save_logits:
+            found["logits"] = self.slots.select(output.logits)
+        return found
+
+    def __call__(
+        self, model_inputs: dict[str, Any], index: torch.Tensor, keep: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Run on padded inputs ``[rows, bucket]``; ``index``/``keep`` ``[rows, slots]`` on the
+        model's device. Returns each key's ``[rows, slots, ...]`` slots."""
+        self.slots.index, self.slots.keep = index, keep
+        self.slots.found.clear()
+        try:
+            with installed(self.hf_model, self.hooks):
+                return self.compiled(model_inputs)
+        finally:
+            self.slots.found.clear()
+            self.slots.index = self.slots.keep = None
+
+
+def compiled_forward_for(hm: Any, extraction: ExtractionPlan, save_logits: bool) -> CompiledForward:
+    """The :class:`CompiledForward` of ``hm`` for these points (built once, kept on ``hm``)."""
+    key = (tuple(p.name for p in extraction.points), save_logits)
+    store = hm.__dict__.setdefault("_compiled_forwards", {})
+    if key not in store:
+        store[key] = CompiledForward(hm, extraction, save_logits)
+    return store[key]
+
+
+@dataclass
+class Padded:
+    """A batch padded to its bucket: the model inputs ``[rows, bucket]`` and how to undo it."""
+
+    model_inputs: dict[str, Any]
+    rows: int  # the batch's own rows (the rest copy its last row)
+    shift: int  # added to every sequence index (left padding), else 0
+
+
+def pad_to_bucket(
+    model_inputs: dict[str, Any], hf_model: nn.Module, padding_side: str, pad_id: int, rows: int
+) -> Padded:
+    """Pad ``[batch, seq]`` inputs to ``[max(batch, rows), bucket_length(seq)]``: new columns on
+    ``padding_side`` (pad id, mask 0, position 1), new rows copies of the last one.
+
+    Raises:
+        CompileError: for inputs other than token ids, masks, positions and flags.
+    """
+    other = sorted(k for k in model_inputs if k not in _PADDED_INPUTS and k not in _FLAGS)
+    if other:
+        raise CompileError(
+            f"compile=True takes token ids and masks only, got {other}; pass compile=False."
+        )
+    batch, seq = model_inputs["input_ids"].shape
+    extra = bucket_length(seq) - seq
+    padded = dict(model_inputs)
+    accepted = model_input_names(hf_model)
+    if (
+        extra
+        and "position_ids" not in padded
+        and "position_ids" in accepted
+        and not computes_own_positions(accepted)
+    ):
+        mask = padded["attention_mask"]
+        padded["position_ids"] = (
+            mask.long().cumsum(-1) - 1 + first_position(hf_model)
+        ).masked_fill(mask == 0, 1)
+    for name, fill in _PADDED_INPUTS.items():
+        tensor = padded.get(name)
+        if tensor is None:
+            continue
+        tensor = _pad_columns(tensor, extra, padding_side, pad_id if fill is None else fill)
+        padded[name] = _pad_rows(tensor, max(rows - batch, 0))
+    return Padded(padded, batch, extra if padding_side == "left" else 0)
+
+
+def _pad_columns(tensor: torch.Tensor, extra: int, side: str, fill: int) -> torch.Tensor:
+    if extra == 0:
+        return tensor
+    block = tensor.new_full((tensor.shape[0], extra), fill)
+    return torch.cat([block, tensor] if side == "left" else [tensor, block], dim=1)
+
+
+def _pad_rows(tensor: torch.Tensor, extra: int) -> torch.Tensor:
+    if extra == 0:
+        return tensor
+    return torch.cat([tensor, tensor[-1:].expand(extra, -1)], dim=0)
+
+
+def compiled_cache(hm: Any, plan: CallPlan, interventions: Any, hooks: Any) -> ActivationCache:
+    """Run ``plan`` through ``hm``'s compiled forward and assemble its cache (the same keys,
+    shapes and values as the eager path, to dtype tolerance).
+
+    Raises:
+        CompileError: for what the compiled path cannot run (see :func:`check_compilable`).
+    """
+    config = plan.config
+    check_compilable(hm, config, plan.extraction, interventions, hooks)
+    targets: ResolvedPositions = plan.targets
+    side = getattr(hm.get_text_tokenizer(), "padding_side", "right")
+    padded = pad_to_bucket(
+        plan.model_inputs, hm.hf_model, side, hm.pad_token_id, hm.config.batch_size
+    )
+    device = plan.model_inputs["input_ids"].device
+    extra_rows = padded.model_inputs["input_ids"].shape[0] - padded.rows
+    index = _pad_rows(targets.index.to(device) + padded.shift, extra_rows)
+    keep = _pad_rows(targets.mask.to(device), extra_rows)
+    compiled = compiled_forward_for(hm, plan.extraction, config.save_logits)
+    with hm.executor.exclusive(), torch.no_grad():
+        found = compiled(padded.model_inputs, index, keep)
+    for key, value in found.items():
+        value = value[: padded.rows]
+        plan.sink[key] = targets.average(value) if config.extract_avg else value
+    logits = plan.sink.pop("logits", None)
+    cache = plan.cache(None, hm.pad_token_id)
+    if logits is not None:
+        cache["logits"] = logits
+    return cache

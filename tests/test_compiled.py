@@ -1,0 +1,128 @@
+"""The compiled path (``compile=True``): the same values as the eager path and as HF's own
+hidden states, batched with padding; capture inside one graph; one compile per length bucket;
+clear refusals. One tiny Llama per padding side, few shapes: every new shape compiles (seconds)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import PROMPTS, build_model, build_tokenizer
+
+from hookscope import ExtractionConfig, HookedModel, Steer
+from hookscope.compiled import BUCKET, CompileError, bucket_length, pad_to_bucket
+
+# lengths 2..13 tokens: one bucket; the long prompt (> BUCKET tokens) falls in the second
+LONG = " ".join(["the cat sat on the mat"] * 8)
+POINTS = ExtractionConfig(
+    extract_resid_out=True, extract_attn_out=True, extract_mlp_out=True, extract_head_out=True
+)
+
+
+@pytest.fixture(scope="module", params=["left", "right"])
+def hm(request):
+    model = HookedModel.from_hf(build_model("llama"), build_tokenizer(request.param))
+    model.config.batch_size = 4
+    return model
+
+
+def assert_same_cache(compiled, eager, tolerance=1e-5):
+    assert sorted(compiled.keys()) == sorted(eager.keys())
+    for key in eager:
+        if isinstance(eager[key], torch.Tensor):
+            assert compiled[key].shape == eager[key].shape, key
+            assert compiled[key].dtype == eager[key].dtype, key
+            torch.testing.assert_close(compiled[key], eager[key], atol=tolerance, rtol=tolerance)
+        else:
+            assert compiled[key] == eager[key], key
+
+
+def test_compiled_forward_equals_eager_and_hf_hidden_states(hm):
+    """Module points and logits at positions with per-row widths (padded slots), batched with
+    padding (3 rows padded to 4, the length to a bucket): as eager, and resid_out_0 as HF's own
+    hidden state of each prompt run alone."""
+    prompts = PROMPTS[:3]
+    items = ["last", 0, (1, 3)]
+    compiled = hm.forward(prompts, items, extraction_config=POINTS, compile=True)
+    eager = hm.forward(prompts, items, extraction_config=POINTS)
+    assert_same_cache(compiled, eager)
+    for row, prompt in enumerate(prompts):
+        ids = hm.get_text_tokenizer()(prompt, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            hidden = hm.hf_model(ids, output_hidden_states=True).hidden_states[1][0]
+        torch.testing.assert_close(
+            compiled["resid_out_0"][row, 0], hidden[-1], atol=1e-5, rtol=1e-5
+        )
+        torch.testing.assert_close(compiled["resid_out_0"][row, 1], hidden[0], atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_dataset_ragged_slots_and_average(hm):
+    """``"all"`` selects a different count per row (zero-filled padded slots); extract_avg
+    averages each row's real slots; a 5-prompt dataset in batches of 4 (the short last batch
+    is padded with rows that are dropped)."""
+    config = ExtractionConfig(extract_resid_out=True, save_logits=False)
+    prompts = [*PROMPTS, "The dog"]
+    compiled = hm.extract_cache(prompts, ["all"], extraction_config=config, compile=True)
+    eager = hm.extract_cache(prompts, ["all"], extraction_config=config)
+    assert_same_cache(compiled, eager)
+    assert not bool(compiled["position_mask"].all())  # some slots really are padding
+    averaged = ExtractionConfig(extract_resid_out=True, save_logits=False, extract_avg=True)
+    compiled = hm.extract_cache(prompts, ["all"], extraction_config=averaged, compile=True)
+    eager = hm.extract_cache(prompts, ["all"], extraction_config=averaged)
+    assert_same_cache(compiled, eager)
+
+
+def test_one_graph_no_break_and_one_compile_per_bucket():
+    """Capture is inside the graph (no graph break per layer); batches of new lengths in a seen
+    bucket reuse its graph, a longer batch compiles once for its bucket; another model of the
+    same shape reuses the graph with its own weights (per-head outputs read its own W_O)."""
+    from torch._dynamo.utils import counters
+
+    config = ExtractionConfig(extract_resid_out=True, extract_head_out=True, save_logits=False)
+    counters.clear()
+    for seed, prompts in ((3, PROMPTS[:2]), (3, PROMPTS[2:4]), (3, [PROMPTS[0]]), (3, [LONG, PROMPTS[1]]), (4, PROMPTS[1:3])):  # fmt: skip
+        hm = HookedModel.from_hf(build_model("llama", seed=seed), build_tokenizer("left"))
+        hm.config.batch_size = 2
+        compiled = hm.forward(prompts, ["last"], extraction_config=config, compile=True)
+        eager = hm.forward(prompts, ["last"], extraction_config=config)
+        assert_same_cache(compiled, eager)
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] == 2  # two buckets, two graphs
+
+
+@pytest.mark.parametrize(
+    "request_kwargs, named",
+    [
+        ({"interventions": [Steer(point="resid_out_0", vector=torch.ones(64))]}, "interventions"),
+        ({"extraction_config": ExtractionConfig(extract_attn_pattern=True)}, "attention patterns"),
+        ({"hooks": [{"component": "model.layers[0]", "intervention": lambda m, a, o: o}]}, "hooks"),
+        (
+            {"extraction_config": ExtractionConfig(extract_resid_out=True, keep_gradient=True)},
+            "keep_gradient",
+        ),
+    ],
+)
+def test_what_cannot_compile_is_refused_by_name(tiny_llama, request_kwargs, named):
+    request_kwargs.setdefault("extraction_config", ExtractionConfig(extract_resid_out=True))
+    with pytest.raises(CompileError, match=named) as raised:
+        tiny_llama.forward(PROMPTS[:2], ["last"], compile=True, **request_kwargs)
+    assert "compile=False" in str(raised.value)
+
+
+def test_bucket_padding_by_hand():
+    assert [bucket_length(n) for n in (1, BUCKET, BUCKET + 1, 3 * BUCKET)] == [
+        BUCKET, BUCKET, 2 * BUCKET, 3 * BUCKET
+    ]  # fmt: skip
+    model = build_model("gpt2")  # absolute positions: position_ids must follow the real tokens
+    inputs = {"input_ids": torch.tensor([[0, 5, 6], [7, 8, 9]]), "attention_mask": torch.tensor([[0, 1, 1], [1, 1, 1]])}  # fmt: skip
+    padded = pad_to_bucket(inputs, model, "left", pad_id=0, rows=3)
+    ids, mask = padded.model_inputs["input_ids"], padded.model_inputs["attention_mask"]
+    assert ids.shape == mask.shape == (3, BUCKET)
+    assert ids[:, -3:].tolist() == [[0, 5, 6], [7, 8, 9], [7, 8, 9]]  # new row: a copy of the last
+    assert int(mask[:, : BUCKET - 3].sum()) == 0 and int(ids[:, : BUCKET - 3].sum()) == 0
+    assert padded.model_inputs["position_ids"][0, -2:].tolist() == [0, 1]
+    assert (padded.rows, padded.shift) == (2, BUCKET - 3)
+    right = pad_to_bucket(inputs, model, "right", pad_id=0, rows=2)
+    assert right.model_inputs["input_ids"][:, :3].tolist() == inputs["input_ids"].tolist()
+    assert right.shift == 0
+    with pytest.raises(CompileError, match="pixel_values"):
+        pad_to_bucket({**inputs, "pixel_values": torch.zeros(1)}, model, "left", 0, 2)
