@@ -89,6 +89,32 @@ def _cache_mean(cache: Any, key: str, what: str, mapping: dict) -> torch.Tensor:
     return mean
 
 
+def checked_cache_source(
+    source: Any, key: str, mapping_index: Any, rows: int, what: str, hint: str = ""
+) -> torch.Tensor:
+    """``source[key]`` (``[N, positions, *rest]``) from an :class:`ActivationCache` used as a
+    patch source, after checking that it holds ``key``, was extracted at the same position
+    items (``mapping_index``) and has at least ``rows`` examples; ``what`` names the caller in
+    errors (e.g. ``"Patch on resid_out_3"``)."""
+    if key not in source:
+        raise HookscopeError(
+            f"{what}: the source cache has no {key!r}{hint}; its keys: {list(source.keys())[:12]}."
+        )
+    mapping = source.get("mapping_index")
+    if mapping is not None and mapping != mapping_index:
+        raise HookscopeError(
+            f"{what}: the source was extracted at positions {mapping} but the patch resolves to "
+            f"{mapping_index}; extract the source at the same position items."
+        )
+    values = source[key]
+    if values.shape[0] < rows:
+        raise HookscopeError(
+            f"{what}: the source holds {values.shape[0]} examples, the target needs rows "
+            f"..{rows - 1}."
+        )
+    return values
+
+
 class PreparedIntervention:
     """One point intervention, checked against the model and the batch, ready to apply.
 
@@ -207,23 +233,15 @@ class PreparedIntervention:
         if not hasattr(source, "tensors"):
             return source
         key = _source_key(self.point, iv.source_key)
-        if key not in source:
-            hint = " (extract it with extract_head_z=True)" if key.startswith("head_z") else ""
-            raise HookscopeError(f"Patch on {iv.point}: the source cache has no {key!r}{hint}.")
-        mapping = source.get("mapping_index")
-        if mapping is not None and mapping != self.positions.mapping_index:
-            raise HookscopeError(
-                f"Patch on {iv.point}: the source was extracted at positions {mapping} but the "
-                f"patch resolves to {self.positions.mapping_index}; extract the source at the "
-                "same position items."
-            )
-        source = source[key]
-        if source.shape[0] < self.window.example_offset + self.batch:
-            raise HookscopeError(
-                f"Patch on {iv.point}: the source holds {source.shape[0]} examples, the target "
-                f"needs rows {self.window.example_offset}..{self.window.example_offset + self.batch - 1}."
-            )
-        return source
+        hint = " (extract it with extract_head_z=True)" if key.startswith("head_z") else ""
+        return checked_cache_source(
+            source,
+            key,
+            self.positions.mapping_index,
+            self.window.example_offset + self.batch,
+            f"Patch on {iv.point}",
+            hint,
+        )
 
     def _broadcast(self, value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``value`` ([width], [slots, width] or [N, slots, width], one row per example of the

@@ -47,6 +47,7 @@ from typing import Any, Literal
 
 import torch
 
+from ..editing import checked_cache_source
 from ..errors import HookscopeError
 from ..hooks import reading_hook
 from ..interventions import Intervention, _decode, _encode
@@ -357,24 +358,9 @@ class FeaturePatch(FeatureIntervention):
     def _cache_rows(self, source: Any, prepared: Any, first: int, batch: int) -> torch.Tensor:
         """This batch's rows of the point in a source cache ``[batch, P, d]``, checked."""
         key = self.source_key or self.point
-        if key not in source:
-            raise HookscopeError(
-                f"FeaturePatch on {self.point}: the source cache has no {key!r}; its keys: "
-                f"{list(source.keys())[:12]}."
-            )
-        mapping = source.get("mapping_index")
-        if mapping is not None and mapping != prepared.positions.mapping_index:
-            raise HookscopeError(
-                f"FeaturePatch on {self.point}: the source was extracted at positions {mapping} "
-                f"but the patch resolves to {prepared.positions.mapping_index}; extract the source "
-                "at the same position items."
-            )
-        values = source[key]
-        if values.shape[0] < first + batch:
-            raise HookscopeError(
-                f"FeaturePatch on {self.point}: the source holds {values.shape[0]} examples, the "
-                f"target needs rows {first}..{first + batch - 1}."
-            )
+        what = f"FeaturePatch on {self.point}"
+        mapping = prepared.positions.mapping_index
+        values = checked_cache_source(source, key, mapping, first + batch, what)
         return values[first : first + batch]
 
 
