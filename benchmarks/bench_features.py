@@ -2,8 +2,8 @@
 
     python benchmarks/bench_features.py [--repeats 5] [--write]
 
-SmolLM2-135M-Instruct (float32), ``extract_cache`` over 4 batches of 4 x 32 tokens (left padding
-of 0..12 tokens per row), at ``["last"]``, no logits (the forward stops after layer 15). The
+SmolLM2-135M-Instruct (float32), ``extract_cache`` over 8 batches of 8 x 128 tokens (left padding
+of 0..12 tokens per row; ``--batches`` / ``--batch`` / ``--seq`` change it), at ``["last"]``, no logits (the forward stops after layer 15). The
 dictionary is a random TopK SAE on ``resid_out_15`` (d_sae = 16 x 576 = 9216, k = 64): timings
 depend on shapes, not on values. Variants, interleaved in one run:
   resid            extract resid_out_15 (the baseline: the point the dictionary reads)
@@ -68,18 +68,23 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--batches", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--write", action="store_true", help="rewrite RESULTS_features.md")
     args = parser.parse_args()
     hm = HookedModel.from_pretrained(attn_implementation="sdpa")
     hm.attach_dictionary(dictionary())
     vocab = hm.hf_model.config.vocab_size
-    batches = [make_batch(vocab, batch=4, seq=32) for _ in range(4)]
+    batches = [make_batch(vocab, batch=args.batch, seq=args.seq) for _ in range(args.batches)]
     times = interleaved(variants(hm, batches), args.repeats)
     text = "\n\n".join(
         [
             f"Machine: {machine()}",
-            f"Command: `python benchmarks/bench_features.py --repeats {args.repeats}`",
-            "SmolLM2-135M-Instruct (float32), extract_cache over 4 batches of 4 x 32 tokens at "
+            f"Command: `python benchmarks/bench_features.py --repeats {args.repeats} "
+            f"--batches {args.batches} --batch {args.batch} --seq {args.seq}`",
+            f"SmolLM2-135M-Instruct (float32), extract_cache over {args.batches} batches of "
+            f"{args.batch} x {args.seq} tokens at "
             '["last"], no logits; a TopK SAE on resid_out_15 (d_sae 9216, k 64). Ratios are '
             "times (lower is faster); throughput relative to `resid` is 1 / ratio.",
             table(times, "resid"),
