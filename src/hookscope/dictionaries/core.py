@@ -103,7 +103,12 @@ class Dictionary:
         }
         if self.threshold is not None:
             expected["threshold"] = (self.threshold, (d_sae,))
-        for name, (tensor, shape) in expected.items():
+        for name, (tensor, shape) in {**expected, "W_enc": (self.W_enc, (d_in, d_sae))}.items():
+            if not tensor.is_floating_point():
+                raise HookscopeError(
+                    f"Dictionary {name} has dtype {tensor.dtype}; weights must be floating point "
+                    "(inputs are cast to W_enc's dtype before encoding)."
+                )
             if tuple(tensor.shape) != shape:
                 raise HookscopeError(
                     f"Dictionary {name} has shape {tuple(tensor.shape)}, expected {shape} "

@@ -88,6 +88,7 @@ def load_dictionary(
         raise HookscopeError(f"load_dictionary: {str(path)!r} does not exist.")
     folder = path if path.is_dir() else path.parent
     kind = detect_format(path)
+    _refuse_unused_arguments(kind, path, point=point, model=model, input_scale=input_scale)
     if kind == "hookscope":
         return load_native(folder, name=name)
     if kind == "saelens":
@@ -95,6 +96,25 @@ def load_dictionary(
     if kind == "sparsify":
         return load_sparsify(folder, point, name, model)
     return load_gemma_scope(path, point, name, model)
+
+
+#: the load_dictionary arguments each format has no use for (they would be ignored)
+_UNUSED_ARGUMENTS = {
+    "hookscope": ("point", "model", "input_scale"),
+    "sparsify": ("input_scale",),
+    "gemma_scope": ("input_scale",),
+}
+
+
+def _refuse_unused_arguments(kind: str, path: Path, **given: Any) -> None:
+    """Raise when an argument ``kind`` does not read was given (rather than ignore it)."""
+    unused = [name for name in _UNUSED_ARGUMENTS.get(kind, ()) if given[name] is not None]
+    if unused:
+        raise HookscopeError(
+            f"load_dictionary: {str(path)!r} is a {kind} dictionary, which does not use "
+            f"{unused} (a hookscope dictionary records its points and input_scale; only SAELens "
+            "folders take input_scale=); leave them out."
+        )
 
 
 def detect_format(path: Path) -> str:
@@ -412,9 +432,9 @@ def load_gemma_scope(
     _require(weights, _GEMMA_KEYS, path)
     d_in, d_sae = weights["W_enc"].shape if weights["W_enc"].dim() == 2 else (-1, -1)
     _check_shapes(weights, path, d_in=d_in, d_sae=d_sae, d_out=d_in)
-    if bool((weights["threshold"] < 0).any()):
+    if not bool((weights["threshold"] >= 0).all()):  # NaN fails this too
         raise HookscopeError(
-            f"{path}: threshold has negative entries; Gemma Scope's JumpReLU is "
+            f"{path}: threshold has negative or NaN entries; Gemma Scope's JumpReLU is "
             "relu(pre) * (pre > threshold), which equals hookscope's only for thresholds >= 0."
         )
     reads, writes = _points(point, _gemma_default(path), model, path)
