@@ -234,7 +234,13 @@ def _feature_index(features: Any, d_sae: int, where: str) -> torch.Tensor:
             f"{where} features {features!r}: {'bad entries ' + repr(bad) if bad else 'empty'}; "
             f"give feature indices in 0..{d_sae - 1} (one, a list) or 'all'."
         )
-    return torch.tensor(sorted(set(items)), dtype=torch.long)
+    repeated = sorted({f for f in items if items.count(f) > 1})
+    if repeated:  # FeatureSteer([3, 3]) would otherwise add the coefficient once, not twice
+        raise HookscopeError(
+            f"{where} features {features!r}: {repeated} listed more than once; list each "
+            "feature once (scale the coefficient or factor to strengthen an edit)."
+        )
+    return torch.tensor(sorted(items), dtype=torch.long)
 
 
 @reject_unknown_fields
