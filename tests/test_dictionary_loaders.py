@@ -322,3 +322,14 @@ def test_gemma_scope_nan_threshold_and_integer_weights_are_refused(tmp_path):
     np.savez(tmp_path / "int.npz", **ints, threshold=np.zeros(D_SAE, np.float32))
     with pytest.raises(HookscopeError, match="W_enc has dtype torch.int32"):
         load_dictionary(tmp_path / "int.npz", point="resid_out_0")
+
+
+def test_saelens_jumprelu_with_a_negative_threshold_is_refused(tmp_path):
+    """SAELens encodes relu(pre) * (pre > threshold): with threshold -0.5 a pre-activation of
+    -0.2 gives 0 there but -0.2 in hookscope's pre * (pre > threshold); it loaded silently."""
+    threshold = torch.full((D_SAE,), -0.5)
+    cfg = {"architecture": "jumprelu", "d_in": D_IN, "d_sae": D_SAE,
+           "hook_name": "blocks.2.hook_resid_post"}  # fmt: skip
+    folder = _saelens(tmp_path / "sae", cfg, {**_weights(2), "threshold": threshold})
+    with pytest.raises(HookscopeError, match="negative or NaN entries; SAELens"):
+        load_dictionary(folder)

@@ -256,6 +256,8 @@ def load_saelens(
     hook_out = cfg.get("hook_name_out") or meta.get("hook_name_out")
     d_out = int(cfg.get("d_out", d_in))
     _check_shapes(weights, source, d_in=d_in, d_sae=d_sae, d_out=d_out)
+    if activation in ("jumprelu", "batchtopk") and "threshold" in weights:
+        _refuse_negative_threshold(weights["threshold"], source, "SAELens")
     _refuse_saelens_settings(cfg, meta, weights, folder)
     scale = _saelens_scale(cfg, folder, input_scale)
     W_dec = weights["W_dec"]
@@ -432,11 +434,7 @@ def load_gemma_scope(
     _require(weights, _GEMMA_KEYS, path)
     d_in, d_sae = weights["W_enc"].shape if weights["W_enc"].dim() == 2 else (-1, -1)
     _check_shapes(weights, path, d_in=d_in, d_sae=d_sae, d_out=d_in)
-    if not bool((weights["threshold"] >= 0).all()):  # NaN fails this too
-        raise HookscopeError(
-            f"{path}: threshold has negative or NaN entries; Gemma Scope's JumpReLU is "
-            "relu(pre) * (pre > threshold), which equals hookscope's only for thresholds >= 0."
-        )
+    _refuse_negative_threshold(weights["threshold"], path, "Gemma Scope")
     reads, writes = _points(point, _gemma_default(path), model, path)
     return Dictionary(
         W_enc=weights["W_enc"],
@@ -454,6 +452,15 @@ def load_gemma_scope(
 
 
 _GEMMA_NAMES = {"w_enc": "W_enc", "w_dec": "W_dec"}
+
+
+def _refuse_negative_threshold(threshold: torch.Tensor, source: Path, format_name: str) -> None:
+    if not bool((threshold >= 0).all()):  # NaN fails this too
+        raise HookscopeError(
+            f"{source}: threshold has negative or NaN entries; {format_name}'s JumpReLU is "
+            "relu(pre) * (pre > threshold), which equals hookscope's pre * (pre > threshold) "
+            "only for thresholds >= 0."
+        )
 
 
 def _gemma_default(path: Path) -> str | None:
