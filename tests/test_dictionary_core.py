@@ -96,3 +96,6 @@ def test_device_copy_is_remade_after_the_dictionary_is_edited():
     d.k = 2
     assert d.on("meta").k == 2
     assert d.on("meta") is d.on("meta")
+    with torch.inference_mode():  # inference tensors keep no version counter
+        frozen = _dictionary("relu")
+    assert frozen.on("meta") is frozen.on("meta")

@@ -145,11 +145,8 @@ class FeatureIntervention(Intervention):
         """The dictionary and feature index on ``device`` (moved once per device)."""
         key = str(device)
         if key not in self._moved:
-            moved = self.dictionary
-            if self.dictionary.W_dec.device != device:
-                moved = self.dictionary.to(device)
-            self._moved[key] = (moved, self._index.to(device))
-        return self._moved[key]
+            self._moved[key] = self._index.to(device)
+        return self.dictionary.on(device), self._moved[key]  # on(): remade after an edit
 
     # -- inside the pipeline --------------------------------------------------------------
     def prepare_slots(self, prepared: Any) -> Callable:
