@@ -81,3 +81,21 @@ def test_wrong_shapes_are_named():
             activation="relu",
             reads="resid_out_0",
         )
+
+
+def test_device_copy_is_remade_after_the_dictionary_is_edited():
+    """on(device) kept its first copy forever: after d.W_dec[3] *= 2 (or d.k = 2) a model on
+    another device kept splicing and steering with the old weights."""
+    d = _dictionary("topk", k=3)
+    first = d.on("meta")
+    assert d.on("meta") is first and d.on("cpu") is d  # cached; the CPU holds d itself
+    with torch.no_grad():
+        d.W_dec[3] *= 2
+    edited = d.on("meta")
+    assert edited is not first and edited.W_dec.device.type == "meta"
+    d.k = 2
+    assert d.on("meta").k == 2
+    assert d.on("meta") is d.on("meta")
+    with torch.inference_mode():  # inference tensors keep no version counter
+        frozen = _dictionary("relu")
+    assert frozen.on("meta") is frozen.on("meta")

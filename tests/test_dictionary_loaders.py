@@ -296,3 +296,40 @@ def test_saelens_transcoder_reads_one_hook_and_writes_another(tmp_path):
     )  # fmt: skip
     expected = torch.relu(_x() @ w["W_enc"] + w["b_enc"]) @ w["W_dec"] + w["b_dec"]
     torch.testing.assert_close(d.reconstruct(_x()), expected)
+
+
+def test_arguments_a_format_would_ignore_are_refused(tmp_path):
+    """point= on a hookscope folder and input_scale= on Gemma Scope used to be dropped silently."""
+    native = save_dictionary(Dictionary(**_weights(3), activation="relu", reads="resid_out_1"),
+                             tmp_path / "native")  # fmt: skip
+    with pytest.raises(HookscopeError, match=r"does not use \['point'\]"):
+        load_dictionary(native, point="resid_out_0")
+    w = {**_weights(7), "threshold": torch.full((D_SAE,), 0.2)}
+    save_file(w, tmp_path / "params.safetensors")
+    with pytest.raises(HookscopeError, match=r"gemma_scope.*\['input_scale'\]"):
+        load_dictionary(tmp_path / "params.safetensors", point="resid_out_0", input_scale=2.0)
+    assert load_dictionary(native).reads == "resid_out_1"
+
+
+def test_gemma_scope_nan_threshold_and_integer_weights_are_refused(tmp_path):
+    """A NaN threshold passed the `< 0` check and zeroed every feature; an int W_enc cast the
+    model's activations to ints before encoding."""
+    w = {k: v.numpy() for k, v in _weights(6).items()}
+    np.savez(tmp_path / "nan.npz", **w, threshold=np.full(D_SAE, np.nan, np.float32))
+    with pytest.raises(HookscopeError, match="negative or NaN"):
+        load_dictionary(tmp_path / "nan.npz", point="resid_out_0")
+    ints = {**w, "W_enc": w["W_enc"].astype(np.int32)}
+    np.savez(tmp_path / "int.npz", **ints, threshold=np.zeros(D_SAE, np.float32))
+    with pytest.raises(HookscopeError, match="W_enc has dtype torch.int32"):
+        load_dictionary(tmp_path / "int.npz", point="resid_out_0")
+
+
+def test_saelens_jumprelu_with_a_negative_threshold_is_refused(tmp_path):
+    """SAELens encodes relu(pre) * (pre > threshold): with threshold -0.5 a pre-activation of
+    -0.2 gives 0 there but -0.2 in hookscope's pre * (pre > threshold); it loaded silently."""
+    threshold = torch.full((D_SAE,), -0.5)
+    cfg = {"architecture": "jumprelu", "d_in": D_IN, "d_sae": D_SAE,
+           "hook_name": "blocks.2.hook_resid_post"}  # fmt: skip
+    folder = _saelens(tmp_path / "sae", cfg, {**_weights(2), "threshold": threshold})
+    with pytest.raises(HookscopeError, match="negative or NaN entries; SAELens"):
+        load_dictionary(folder)

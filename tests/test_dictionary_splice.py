@@ -158,6 +158,16 @@ def test_bfloat16_model_with_a_float32_dictionary():
     torch.testing.assert_close(cache["features_res0"], SAE0.encode(cache["resid_out_0"]))
 
 
+def test_float32_model_with_a_bfloat16_dictionary_keeps_its_error_term_exact(hm):
+    """The error term is computed in float32, not rounded to the dictionary's bfloat16."""
+    batch = build_tokenizer()(PROMPTS, return_tensors="pt", padding=True)
+    plain = _logits(hm, batch)
+    half_sae, half_tc = SAE0.to(dtype=torch.bfloat16), TC1.to(dtype=torch.bfloat16)
+    spliced = _logits(hm, batch, [Splice(half_sae), Splice(half_tc)])
+    assert spliced.dtype == torch.float32
+    torch.testing.assert_close(spliced, plain, rtol=0, atol=1e-5)
+
+
 def test_splices_that_cannot_write_their_point_are_refused(hm):
     head = Dictionary(
         W_enc=torch.zeros(64, 8), b_enc=torch.zeros(8), W_dec=torch.zeros(8, 64), b_dec=torch.zeros(64),

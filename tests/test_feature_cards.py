@@ -145,3 +145,23 @@ def test_trained_dictionary_fields_round_trip_the_native_format(tmp_path):
     assert torch.equal(loaded.reconstruct(x), dictionary.reconstruct(x))
     with pytest.raises(HookscopeError, match="format"):
         load_dictionary(tmp_path)
+
+
+def test_a_store_not_at_all_positions_is_refused(tmp_path):
+    """Slot j was read as the j-th real token whatever the store's positions: a store at
+    ["last", 0] showed token 1 as the most active one when it was token 0 (slot 1)."""
+    hm = HookedModel.from_hf(build_model("llama"), build_tokenizer())
+    config = ExtractionConfig.from_names([POINT], save_logits=False, save_input_ids=True)
+    prompts = ["the cat sat on the mat", "a dog ran"]
+    for positions, folder in ((["last", 0], "a"), ([(1, 3)], "b")):
+        store = hm.extract_cache(prompts, positions, extraction_config=config,
+                                 output_dir=str(tmp_path / folder))  # fmt: skip
+        with pytest.raises(HookscopeError, match=r"extracted at \['all'\]"):
+            feature_cards(store, random_dictionary(), [0], hm.tokenizer)
+    averaged = ExtractionConfig.from_names(
+        [POINT], save_logits=False, save_input_ids=True, extract_avg=True
+    )
+    store = hm.extract_cache(prompts, ["all"], extraction_config=averaged,
+                             output_dir=str(tmp_path / "c"))  # fmt: skip
+    with pytest.raises(HookscopeError, match="averaged"):
+        feature_cards(store, random_dictionary(), [0], hm.tokenizer)

@@ -392,3 +392,13 @@ def test_transcoder_edits_at_generated_tokens_read_each_steps_mlp_input(tiny_lla
                 )
             ],
         )
+
+
+def test_a_feature_listed_twice_is_refused():
+    """FeatureSteer(features=[3, 3]) used to add the coefficient once, exactly as [3] did."""
+    sae = make_sae()
+    with pytest.raises(HookscopeError, match=r"\[3\] listed more than once"):
+        FeatureSteer(dictionary=sae, features=[3, 1, 3], coefficient=2.0)
+    with pytest.raises(HookscopeError, match="more than once"):
+        FeatureAblation(dictionary=sae, features=torch.tensor([2, 2]))
+    assert FeatureSteer(dictionary=sae, features=[3, 1])._index.tolist() == [1, 3]

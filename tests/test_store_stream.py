@@ -123,3 +123,16 @@ def test_max_norm_leaves_out_large_vectors(store):
     assert 0 < len(got) < len(reference)
     assert torch.equal(_sorted_rows(got), _sorted_rows(kept))
     assert torch.equal(store_vectors(store, POINT, max_norm=limit), kept)
+
+
+def test_negative_slots_are_refused_not_read_as_last_tokens(store):
+    """Slot -1 of a store at "all" is the longest example's last token only: store_vectors(...,
+    slots=[-1]) used to return the few rows of full length instead of each example's last."""
+    mask = torch.cat([cache["position_mask"] for cache in store]).bool()
+    assert int(mask[:, -1].sum()) < len(mask)  # slot -1 is padding for most examples
+    for slots in ([-1], slice(-1, None), slice(0, -2)):
+        with pytest.raises(HookscopeError, match="slot indices >= 0"):
+            store_vectors(store, POINT, slots=slots)
+        with pytest.raises(HookscopeError, match="slot indices >= 0"):
+            ShuffledVectors(store, POINT, 4, slots=slots)
+    torch.testing.assert_close(store_vectors(store, POINT, slots=[7]), store[POINT][mask[:, 7], 7])

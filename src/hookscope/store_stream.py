@@ -40,6 +40,22 @@ def _select_slots(mask: torch.Tensor, slots: Slots) -> torch.Tensor:
     return mask & keep
 
 
+def _refuse_negative_slots(slots: Slots) -> None:
+    """Slots count from the first slot. A shard's slot count is that of its longest selection
+    (``"all"`` under padding), so slot -1 is not each example's last token but a padded slot
+    that only the longest examples fill: refused rather than silently selecting those few."""
+    if isinstance(slots, slice):
+        negative = [v for v in (slots.start, slots.stop) if v is not None and v < 0]
+    else:
+        negative = [v for v in slots or () if v < 0]
+    if negative:
+        raise HookscopeError(
+            f"slots {slots!r}: give slot indices >= 0, counted from "
+            "the first slot; a negative slot is not each example's last token (slots are padded "
+            "to the longest selection). Extract the store at ['last'] for last tokens."
+        )
+
+
 def shard_vectors(
     store: ActivationStore,
     point: str,
@@ -58,7 +74,8 @@ def shard_vectors(
             f"{point!r} in shard {index} has shape {list(values.shape)}; a vector point "
             f"[examples, P, d] matching position_mask {list(mask.shape)} is needed."
         )
-    if isinstance(slots, Sequence) and any(not -mask.shape[1] <= s < mask.shape[1] for s in slots):
+    _refuse_negative_slots(slots)
+    if isinstance(slots, Sequence) and any(not 0 <= s < mask.shape[1] for s in slots):
         raise HookscopeError(f"slots {list(slots)} out of range: the store has {mask.shape[1]}.")
     vectors = values[_select_slots(mask, slots)]
     if max_norm is not None:
@@ -123,6 +140,7 @@ class ShuffledVectors:
             raise HookscopeError(
                 f"buffer_size must be an int >= batch_size ({batch_size}), got {buffer_size!r}."
             )
+        _refuse_negative_slots(slots)
         self.shards = list(range(self.store.num_shards) if shards is None else shards)
         bad = [s for s in self.shards if not 0 <= s < self.store.num_shards]
         if bad:

@@ -137,6 +137,7 @@ def top_activations(
             f"feature cards need {missing} in the store (extract {dictionary.reads!r} at 'all' "
             "with save_input_ids=True)."
         )
+    _check_store_positions(store)
     tops = {f: _Top() for f in features}
     fired, total, offset = torch.zeros(len(features)), 0, 0
     for index in range(store.num_shards):
@@ -164,6 +165,20 @@ def top_activations(
         offset += len(acts)
     density = {f: float(fired[c]) / max(total, 1) for c, f in enumerate(features)}
     return tops, density
+
+
+def _check_store_positions(store: ActivationStore) -> None:
+    """Cards read slot ``j`` as the ``j``-th real token: true of a store extracted at ``"all"``
+    only (at ``["last", 0]`` or ``(1, 3)`` slot 0 is another token, and the card would show the
+    wrong one)."""
+    items = list(store.mapping_index)
+    config = store.manifest.get("description", {}).get("extraction_config", {})
+    if items != ["all"] or config.get("extract_avg"):
+        raise HookscopeError(
+            f"feature cards need a store extracted at ['all'] (slot j = the j-th real token, not "
+            f"averaged); this one holds positions {items}"
+            f"{' averaged' if config.get('extract_avg') else ''}."
+        )
 
 
 def _context(record: tuple, tokenizer: Any, before: int, after: int) -> CardExample:

@@ -103,7 +103,12 @@ class Dictionary:
         }
         if self.threshold is not None:
             expected["threshold"] = (self.threshold, (d_sae,))
-        for name, (tensor, shape) in expected.items():
+        for name, (tensor, shape) in {**expected, "W_enc": (self.W_enc, (d_in, d_sae))}.items():
+            if not tensor.is_floating_point():
+                raise HookscopeError(
+                    f"Dictionary {name} has dtype {tensor.dtype}; weights must be floating point "
+                    "(inputs are cast to W_enc's dtype before encoding)."
+                )
             if tuple(tensor.shape) != shape:
                 raise HookscopeError(
                     f"Dictionary {name} has shape {tuple(tensor.shape)}, expected {shape} "
@@ -178,9 +183,18 @@ class Dictionary:
         ):
             return self
         copies = self.__dict__.setdefault("_device_copies", {})
-        if str(device) not in copies:
-            copies[str(device)] = self.to(device)
-        return copies[str(device)]
+        state = self._state()
+        if str(device) not in copies or copies[str(device)][0] != state:
+            copies[str(device)] = (state, self.to(device))  # remade after any edit of self
+        return copies[str(device)][1]
+
+    def _state(self) -> tuple:
+        """What a device copy depends on: each tensor's identity and in-place version, and the
+        other fields (a copy made before ``d.W_dec[3] *= 2`` or ``d.k = 8`` is stale)."""
+        tensors = (self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.threshold)
+        versions = tuple(None if t is None else (id(t), _version(t)) for t in tensors)
+        fields = (self.activation, self.k, self.input_scale, self.subtract_decoder_bias)
+        return versions + fields
 
     def to(self, device: Any = None, dtype: torch.dtype | None = None) -> Dictionary:
         """A copy with every tensor moved (floating tensors cast to ``dtype`` when given)."""
@@ -203,6 +217,15 @@ class Dictionary:
             name=self.name,
             metadata=dict(self.metadata),
         )
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    """The in-place version counter of ``tensor`` (None for an inference-mode tensor, which
+    has none)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
 
 
 def _topk_relu(pre: torch.Tensor, k: int) -> torch.Tensor:

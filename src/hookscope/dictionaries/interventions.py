@@ -146,11 +146,8 @@ class FeatureIntervention(Intervention):
         """The dictionary and feature index on ``device`` (moved once per device)."""
         key = str(device)
         if key not in self._moved:
-            moved = self.dictionary
-            if self.dictionary.W_dec.device != device:
-                moved = self.dictionary.to(device)
-            self._moved[key] = (moved, self._index.to(device))
-        return self._moved[key]
+            self._moved[key] = self._index.to(device)
+        return self.dictionary.on(device), self._moved[key]  # on(): remade after an edit
 
     # -- inside the pipeline --------------------------------------------------------------
     def prepare_slots(self, prepared: Any) -> Callable:
@@ -235,7 +232,13 @@ def _feature_index(features: Any, d_sae: int, where: str) -> torch.Tensor:
             f"{where} features {features!r}: {'bad entries ' + repr(bad) if bad else 'empty'}; "
             f"give feature indices in 0..{d_sae - 1} (one, a list) or 'all'."
         )
-    return torch.tensor(sorted(set(items)), dtype=torch.long)
+    repeated = sorted({f for f in items if items.count(f) > 1})
+    if repeated:  # FeatureSteer([3, 3]) would otherwise add the coefficient once, not twice
+        raise HookscopeError(
+            f"{where} features {features!r}: {repeated} listed more than once; list each "
+            "feature once (scale the coefficient or factor to strengthen an edit)."
+        )
+    return torch.tensor(sorted(items), dtype=torch.long)
 
 
 @reject_unknown_fields

@@ -88,6 +88,7 @@ def load_dictionary(
         raise HookscopeError(f"load_dictionary: {str(path)!r} does not exist.")
     folder = path if path.is_dir() else path.parent
     kind = detect_format(path)
+    _refuse_unused_arguments(kind, path, point=point, model=model, input_scale=input_scale)
     if kind == "hookscope":
         return load_native(folder, name=name)
     if kind == "saelens":
@@ -95,6 +96,25 @@ def load_dictionary(
     if kind == "sparsify":
         return load_sparsify(folder, point, name, model)
     return load_gemma_scope(path, point, name, model)
+
+
+#: the load_dictionary arguments each format has no use for (they would be ignored)
+_UNUSED_ARGUMENTS = {
+    "hookscope": ("point", "model", "input_scale"),
+    "sparsify": ("input_scale",),
+    "gemma_scope": ("input_scale",),
+}
+
+
+def _refuse_unused_arguments(kind: str, path: Path, **given: Any) -> None:
+    """Raise when an argument ``kind`` does not read was given (rather than ignore it)."""
+    unused = [name for name in _UNUSED_ARGUMENTS.get(kind, ()) if given[name] is not None]
+    if unused:
+        raise HookscopeError(
+            f"load_dictionary: {str(path)!r} is a {kind} dictionary, which does not use "
+            f"{unused} (a hookscope dictionary records its points and input_scale; only SAELens "
+            "folders take input_scale=); leave them out."
+        )
 
 
 def detect_format(path: Path) -> str:
@@ -236,6 +256,8 @@ def load_saelens(
     hook_out = cfg.get("hook_name_out") or meta.get("hook_name_out")
     d_out = int(cfg.get("d_out", d_in))
     _check_shapes(weights, source, d_in=d_in, d_sae=d_sae, d_out=d_out)
+    if activation in ("jumprelu", "batchtopk") and "threshold" in weights:
+        _refuse_negative_threshold(weights["threshold"], source, "SAELens")
     _refuse_saelens_settings(cfg, meta, weights, folder)
     scale = _saelens_scale(cfg, folder, input_scale)
     W_dec = weights["W_dec"]
@@ -412,11 +434,7 @@ def load_gemma_scope(
     _require(weights, _GEMMA_KEYS, path)
     d_in, d_sae = weights["W_enc"].shape if weights["W_enc"].dim() == 2 else (-1, -1)
     _check_shapes(weights, path, d_in=d_in, d_sae=d_sae, d_out=d_in)
-    if bool((weights["threshold"] < 0).any()):
-        raise HookscopeError(
-            f"{path}: threshold has negative entries; Gemma Scope's JumpReLU is "
-            "relu(pre) * (pre > threshold), which equals hookscope's only for thresholds >= 0."
-        )
+    _refuse_negative_threshold(weights["threshold"], path, "Gemma Scope")
     reads, writes = _points(point, _gemma_default(path), model, path)
     return Dictionary(
         W_enc=weights["W_enc"],
@@ -434,6 +452,15 @@ def load_gemma_scope(
 
 
 _GEMMA_NAMES = {"w_enc": "W_enc", "w_dec": "W_dec"}
+
+
+def _refuse_negative_threshold(threshold: torch.Tensor, source: Path, format_name: str) -> None:
+    if not bool((threshold >= 0).all()):  # NaN fails this too
+        raise HookscopeError(
+            f"{source}: threshold has negative or NaN entries; {format_name}'s JumpReLU is "
+            "relu(pre) * (pre > threshold), which equals hookscope's pre * (pre > threshold) "
+            "only for thresholds >= 0."
+        )
 
 
 def _gemma_default(path: Path) -> str | None:

@@ -47,11 +47,14 @@ def spliced_values(
 ) -> torch.Tensor:
     """The splice's new value of the written point: ``x [..., d_in]`` (what the dictionary
     reads) -> ``x_hat [..., d_out]``, plus ``y - x_hat`` (``y``: the written point's value)
-    with ``keep_error``. In the dictionary's dtype."""
+    with ``keep_error``. In the wider of the dictionary's and ``y``'s dtypes, so that a
+    float32 model spliced with a bfloat16 dictionary keeps its error term in float32 (``y`` is
+    not rounded to the dictionary's precision) and the output stays unchanged."""
     on_device = dictionary.on(x.device)
     reconstruction = on_device.reconstruct(x)
     if not keep_error:
         return reconstruction
+    reconstruction = reconstruction.to(torch.promote_types(reconstruction.dtype, y.dtype))
     return reconstruction + (y.to(reconstruction.dtype) - reconstruction)
 
 
