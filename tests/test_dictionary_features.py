@@ -207,6 +207,10 @@ def test_bad_requests_fail_at_plan_time(hm):
         hm.forward(["hi"], ["last"], extraction_config=ExtractionConfig(extract_features=["rse0"]))
     with pytest.raises(HookscopeError, match="feature_top_k"):
         hm.forward(["hi"], ["last"], extraction_config=ExtractionConfig(feature_top_k=3))
+    # more top features than the dictionary has used to be capped to d_sae silently
+    too_many = ExtractionConfig(extract_features=["res0"], feature_top_k=10_000)
+    with pytest.raises(HookscopeError, match=r"feature_top_k=10000 is more than .* features"):
+        hm.forward(["hi"], ["last"], extraction_config=too_many)
     with pytest.raises(ActivationPointError, match="out of range"):
         hm.attach_dictionary(random_dictionary("resid_out_7", name="deep"))
     narrow = Dictionary(

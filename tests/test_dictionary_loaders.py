@@ -333,3 +333,11 @@ def test_saelens_jumprelu_with_a_negative_threshold_is_refused(tmp_path):
     folder = _saelens(tmp_path / "sae", cfg, {**_weights(2), "threshold": threshold})
     with pytest.raises(HookscopeError, match="negative or NaN entries; SAELens"):
         load_dictionary(folder)
+
+
+def test_gemma_scope_extra_arrays_are_refused(tmp_path):
+    """An array beside Gemma Scope's five was ignored: the encoding could differ from the file's."""
+    w = {k: v.numpy() for k, v in _weights(6).items()}
+    np.savez(tmp_path / "extra.npz", **w, threshold=np.zeros(D_SAE, np.float32), extra=np.zeros(3))
+    with pytest.raises(HookscopeError, match=r"unexpected arrays \['extra'\]"):
+        load_dictionary(tmp_path / "extra.npz", point="resid_out_0")

@@ -144,3 +144,12 @@ def test_max_norm_leaves_outliers_out_of_training_and_evaluation(data):
         _hand_explained_variance(dictionary, torch.cat([vectors[1900:1990], vectors[1991:]])),
         abs=1e-6,
     )
+
+
+def test_evaluating_on_no_vectors_says_why():
+    """An empty held-out set (all left out by max_norm) crashed with ZeroDivisionError."""
+    dictionary = train_dictionary(
+        torch.randn(512, 8), None, d_sae=16, k=2, max_steps=2, batch_size=64
+    )
+    with pytest.raises(HookscopeError, match="held-out set is empty"):
+        evaluate_dictionary(dictionary, torch.empty(0, 8))

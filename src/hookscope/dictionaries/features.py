@@ -136,6 +136,12 @@ def plan_features(
     requests = []
     for name in [*features, *(n for n in errors if n not in features)]:
         dictionary = dictionaries[name]
+        top_k = config.feature_top_k
+        if name in features and top_k is not None and top_k > dictionary.d_sae:
+            raise HookscopeError(
+                f"feature_top_k={top_k} is more than dictionary {name!r}'s {dictionary.d_sae} "
+                f"features; use at most {dictionary.d_sae} (or None for dense features)."
+            )
         reads, writes = dictionary_points(dictionary, model_map)
         requests.append(FeatureRequest(dictionary, reads, writes, name in features, name in errors))
     return requests

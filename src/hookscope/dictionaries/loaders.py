@@ -432,6 +432,12 @@ def load_gemma_scope(
     weights = _read_npz(path) if path.suffix == ".npz" else _read_safetensors(path)
     weights = {_GEMMA_NAMES.get(k, k): v for k, v in weights.items()}
     _require(weights, _GEMMA_KEYS, path)
+    unexpected = sorted(set(weights) - set(_GEMMA_KEYS))
+    if unexpected:  # an array we do not apply would make our encoding differ from the format's
+        raise HookscopeError(
+            f"{path}: unexpected arrays {unexpected} beside Gemma Scope's {list(_GEMMA_KEYS)}; "
+            "hookscope would ignore them, so it refuses the file."
+        )
     d_in, d_sae = weights["W_enc"].shape if weights["W_enc"].dim() == 2 else (-1, -1)
     _check_shapes(weights, path, d_in=d_in, d_sae=d_sae, d_out=d_in)
     _refuse_negative_threshold(weights["threshold"], path, "Gemma Scope")

@@ -171,7 +171,16 @@ def evaluate_dictionary(
 ) -> dict[str, float]:
     """Explained variance ``1 - sum||x - x_hat||^2 / sum||x - mean||^2``, mean L0 and the
     fraction of features that never fire, over ``vectors [N, d_in]`` (the dictionary's own
-    inference rule, in its input units)."""
+    inference rule, in its input units).
+
+    Raises:
+        HookscopeError: no vectors (e.g. every held-out vector was left out by ``max_norm``).
+    """
+    if len(vectors) == 0:
+        raise HookscopeError(
+            "no vectors to evaluate the dictionary on: the held-out set is empty (were all its "
+            "vectors left out by max_norm or slots?); keep more shards or loosen max_norm."
+        )
     mean = vectors.double().mean(0)
     error = total = active = 0.0
     fired = torch.zeros(dictionary.d_sae, dtype=torch.bool)
