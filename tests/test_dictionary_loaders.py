@@ -341,3 +341,13 @@ def test_gemma_scope_extra_arrays_are_refused(tmp_path):
     np.savez(tmp_path / "extra.npz", **w, threshold=np.zeros(D_SAE, np.float32), extra=np.zeros(3))
     with pytest.raises(HookscopeError, match=r"unexpected arrays \['extra'\]"):
         load_dictionary(tmp_path / "extra.npz", point="resid_out_0")
+
+
+def test_point_cannot_contradict_the_files(tmp_path):
+    """point= silently replaced a SAELens hook_name on another layer."""
+    cfg = {"architecture": "standard", "d_in": D_IN, "d_sae": D_SAE,
+           "hook_name": "blocks.1.hook_resid_post"}  # fmt: skip
+    folder = _saelens(tmp_path / "sae", cfg, _weights(4))
+    with pytest.raises(HookscopeError, match="contradicts the point the files record"):
+        load_dictionary(folder, point="resid_out_0")
+    assert load_dictionary(folder, point="resid_out_1").reads == "resid_out_1"

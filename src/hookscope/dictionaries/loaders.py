@@ -561,6 +561,8 @@ def _check_expected(weights: dict, expected: dict, source: Path) -> None:
 
 def _points(point: PointSpec, default: Any, model: Any, source: Path) -> tuple[str, str]:
     """``(reads, writes)`` as hookscope keys, from ``point=`` or the format's own record."""
+    if point is not None and default is not None:
+        _check_agrees(point, default, model, source)
     spec = point if point is not None else default
     if spec is None:
         raise HookscopeError(
@@ -573,6 +575,23 @@ def _points(point: PointSpec, default: Any, model: Any, source: Path) -> tuple[s
     if isinstance(spec, tuple | list) and len(spec) == 2:
         return _point_key(spec[0], model, source), _point_key(spec[1], model, source)
     raise HookscopeError(f"point must be a point name or (reads, writes), got {spec!r}.")
+
+
+def _check_agrees(point: PointSpec, recorded: Any, model: Any, source: Path) -> None:
+    """``point=`` may settle a name the files leave open (a family-dependent TransformerLens
+    name), never contradict one they state: a dictionary trained at layer 6 read at layer 2
+    would give plausible, wrong features."""
+    try:
+        stated = _points(recorded, None, model, source)
+    except ActivationPointError:
+        return  # the files' name needs point= (or model=) to mean anything here
+    asked = _points(point, None, model, source)
+    if asked != stated:
+        raise HookscopeError(
+            f"{source}: point={point!r} ({asked[0]} -> {asked[1]}) contradicts the point the "
+            f"files record, {recorded!r} ({stated[0]} -> {stated[1]}); drop point= or load the "
+            "dictionary trained for the point you want."
+        )
 
 
 def _point_key(name: str, model: Any, source: Path) -> str:
