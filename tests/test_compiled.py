@@ -8,7 +8,7 @@ import pytest
 import torch
 from tiny_models import PROMPTS, build_model, build_tokenizer
 
-from hookscope import ExtractionConfig, HookedModel, Steer
+from hookscope import ExtractionConfig, HookedModel, InputError, Steer
 from hookscope.compiled import BUCKET, CompileError, bucket_length, pad_to_bucket
 
 # lengths 2..13 tokens: one bucket; the long prompt (> BUCKET tokens) falls in the second
@@ -106,6 +106,16 @@ def test_what_cannot_compile_is_refused_by_name(tiny_llama, request_kwargs, name
     with pytest.raises(CompileError, match=named) as raised:
         tiny_llama.forward(PROMPTS[:2], ["last"], compile=True, **request_kwargs)
     assert "compile=False" in str(raised.value)
+
+
+@pytest.mark.parametrize("flag", ["no", "False", 1, None])
+def test_a_compile_flag_that_is_not_a_bool_is_refused(tiny_llama, flag):
+    # "no" / "False" are truthy: before, they silently ran the compiled path
+    config = ExtractionConfig(extract_resid_out=True)
+    with pytest.raises(InputError, match="compile must be True or False"):
+        tiny_llama.forward(PROMPTS[:2], ["last"], extraction_config=config, compile=flag)
+    with pytest.raises(InputError, match=repr(flag)):
+        tiny_llama.extract_cache(PROMPTS[:2], ["last"], extraction_config=config, compile=flag)
 
 
 def test_bucket_padding_by_hand():

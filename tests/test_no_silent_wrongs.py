@@ -45,6 +45,14 @@ def test_misspelled_keywords_raise_naming_the_closest(hm, call, word, suggestion
         getattr(hm, call)(*args, **{word: RESID})
 
 
+@pytest.mark.parametrize("call", ["forward", "extract_cache"])
+def test_batch_size_on_a_call_says_where_it_lives(hm, call):
+    # before: "did you mean 'batch_saver'?", a different option a newcomer would then pass
+    with pytest.raises(KeywordError, match=r"'batch_size'.*hm\.config\.batch_size") as raised:
+        getattr(hm, call)(PROMPTS[:2], ["last"], batch_size=2)
+    assert "batch_saver" not in str(raised.value)
+
+
 def test_model_keywords_pass_when_the_model_names_them(hm):
     """A keyword the HF forward names (output_hidden_states) reaches it and changes nothing."""
     plain = hm.forward(PROMPTS[:2], ["last"])["logits"]

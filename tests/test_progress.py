@@ -89,3 +89,46 @@ def test_lens_over_prompts_in_batches_is_the_one_batch_lens(tiny_llama, monkeypa
         logit_lens(tiny_llama, sorted(PROMPTS, key=len), ["all"], batch_size=1)
     with pytest.raises(HookscopeError, match="batches a list of prompts"):
         logit_lens(tiny_llama, PROMPTS[0], batch_size=2)
+
+
+@pytest.mark.parametrize("skip_unchanged", [True, False])
+def test_a_failed_sweep_or_extraction_closes_its_bar(
+    tiny_llama, monkeypatch, capsys, skip_unchanged
+):
+    # before, an error mid-loop left the tqdm bar open while its traceback lived (a notebook
+    # keeps the last one): still registered, so later bars were drawn one line lower
+    from tqdm.auto import tqdm
+
+    from hookscope import patching
+
+    _terminal(monkeypatch)
+    calls = []
+
+    def failing_metric(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 2:  # the two baselines pass, the sweep's first forward fails
+            raise RuntimeError("metric failed")
+        return metric(*args, **kwargs)
+
+    metric = patching._metric
+
+    monkeypatch.setattr("hookscope.patching._metric", failing_metric)
+    clean, corrupt = _pair()
+    with pytest.raises(RuntimeError, match="metric failed") as failed:
+        activation_patching(
+            tiny_llama, clean, corrupt, ([3, 3], [4, 4]), progress=True,
+            skip_unchanged=skip_unchanged,
+        )  # fmt: skip
+    assert len(calls) == 3 and failed.traceback and len(tqdm._instances) == 0
+    monkeypatch.undo()
+    _terminal(monkeypatch)
+
+    def failing_saver(batch):
+        raise RuntimeError("saver failed")
+
+    with pytest.raises(RuntimeError, match="saver failed") as failed:
+        tiny_llama.extract_cache(
+            PROMPTS[:3], ["last"], ExtractionConfig(extract_resid_out=True), progress=True,
+            batch_saver=failing_saver,
+        )  # fmt: skip
+    assert failed.traceback and len(tqdm._instances) == 0

@@ -102,6 +102,22 @@ def test_one_dimensional_result_is_a_bar_chart():
     assert "layer 1\nrestored fraction: -0.25" in html.unescape(page)
 
 
+def test_a_bar_chart_with_inf_and_nan_keeps_its_scale():
+    # before: inf became float max, the axis ran to 4e+38, the inf bar got y="-inf" and the
+    # finite bars were flattened to nothing
+    rect = r'<rect x="[\d.]+" y="([-\d.a-z]+)" width="\d+" height="([-\d.a-z]+)"'
+    plain = re.findall(
+        rect, Report("t").add(_result([0.5, 1.0], ["layer"], {"layer": [0, 1]})).html()
+    )
+    values = [0.5, float("inf"), 1.0, float("nan"), float("-inf")]
+    page = Report("t").add(_result(values, ["layer"], {"layer": list(range(5))})).html()
+    bars = re.findall(rect, page)
+    assert [bars[0], bars[2]] == plain  # the finite bars as without the non-finite ones
+    assert all(float(y) >= 0 and float(h) == 0.5 for y, h in (bars[1], bars[3], bars[4]))
+    assert "e+38" not in page and not re.search(r'="-?inf"', page)  # no inf attribute
+    assert "layer 1\nrestored fraction: inf" in html.unescape(page)
+
+
 def test_three_dimensional_result_is_one_heatmap_per_head():
     values = torch.arange(2 * 3 * 4, dtype=torch.float32).view(2, 3, 4) - 10
     labels = {"layer": [0, 1], "head": [0, 1, 2], "position": ["a", "b", "c", "d"]}

@@ -378,3 +378,17 @@ def test_host_stager_copies_into_reused_buffers_and_synchronises_once():
         staged.release()
     assert FakeEvent.synchronized == 3  # once per batch, before it is written
     assert pool.allocated == 4 and len(seen) == 1  # a, mask, avg, label: reused every step
+
+
+def test_all_positions_of_varied_lengths_to_a_store_say_what_to_do(hm, tmp_path):
+    # the slot count of 'all' follows each batch's longest prompt; the store's statistics need
+    # one count, and the error now names the counts and the two ways out
+    hm.config.batch_size = 1  # one prompt per batch: two slot counts
+    try:
+        with pytest.raises(StoreError, match=r"got \d+ then \d+.*'all'.*no output_dir"):
+            hm.extract_cache(
+                ["The cat sat on the mat", "A dog"], ["all"], extraction_config=CONFIG,
+                output_dir=tmp_path / "all",
+            )  # fmt: skip
+    finally:
+        hm.config.batch_size = BATCH

@@ -82,23 +82,26 @@ def test_layer_by_position_grids_and_metrics(tiny_llama, point, per, metric):
 
 
 def _attention_work(hm, sweep) -> dict[int, int]:
-    """Query rows x tokens each layer's attention computes during ``sweep()``."""
+    """Query rows x tokens each layer's attention computes during ``sweep()`` (counted by
+    wrapping each attention module's ``forward``: a torch hook would make the sweep fall back)."""
     work = {index: 0 for index in range(hm.model_map.n_layers)}
-    handles = [
-        parts.attention.register_forward_pre_hook(
-            lambda mod, args, kwargs, index=index: work.__setitem__(
-                index,
-                work[index] + (args[0] if args else kwargs["hidden_states"]).shape[:2].numel(),
-            ),
-            with_kwargs=True,
-        )
-        for index, parts in enumerate(hm.model_map.layers)
-    ]
+
+    def counting(forward, index):
+        def run(*args, **kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            work[index] += hidden.shape[:2].numel()
+            return forward(*args, **kwargs)
+
+        return run
+
+    modules = [parts.attention for parts in hm.model_map.layers]
+    for index, module in enumerate(modules):
+        module.forward = counting(module.forward, index)
     try:
         sweep()
     finally:
-        for handle in handles:
-            handle.remove()
+        for module in modules:
+            del module.forward
     return work
 
 
@@ -142,6 +145,29 @@ def test_registered_interventions_fall_back_to_the_full_sweep():
     torch.testing.assert_close(result.per_example, loop.per_example, rtol=0, atol=1e-5)
     with pytest.raises(HookscopeError, match="registered interventions.*skip_unchanged=False"):
         activation_patching(hm, clean, corrupt, ANSWERS, skip_unchanged=True)
+
+
+def test_a_torch_hook_from_outside_hookscope_falls_back_to_the_full_sweep():
+    # before: the sweep replayed layer 0's recorded output through the block's __call__, so a
+    # plain torch hook on it ran twice for replayed rows (grid off by ~0.9 here, no warning)
+    hm = HookedModel.from_hf(build_model("llama"), build_tokenizer())
+    clean, corrupt = patching_pair()
+
+    def scale(module, args, output):
+        return (output[0] * 1.5, *output[1:]) if isinstance(output, tuple) else output * 1.5
+
+    handle = hm.model_map.layers[0].block.register_forward_hook(scale)
+    try:
+        result = activation_patching(hm, clean, corrupt, ANSWERS, point="attn_out")
+        loop = activation_patching(hm, clean, corrupt, ANSWERS, point="attn_out", batched=False)
+        assert result.path == "batched" and "outside hookscope" in result.fallback
+        assert "model.layers.0" in result.fallback
+        torch.testing.assert_close(result.per_example, loop.per_example, rtol=0, atol=1e-5)
+        with pytest.raises(HookscopeError, match="outside hookscope.*skip_unchanged=False"):
+            activation_patching(hm, clean, corrupt, ANSWERS, skip_unchanged=True)
+    finally:
+        handle.remove()
+    assert activation_patching(hm, clean, corrupt, ANSWERS).path == "skip_unchanged"
 
 
 def test_bad_skip_unchanged_requests_raise(tiny_llama):

@@ -257,39 +257,41 @@ class DatasetRun:
         merged = ActivationCache(pad_token_id=self.hm.pad_token_id)
         stager = HostStager()
         seen = writer.next_example if writer is not None else 0
-        bar = Progress(dataloader, seen, progress)
-        tokenizer = self.hm.get_text_tokenizer()
-        batches = iter_batches(
-            dataloader, tokenizer, self.hm.config.batch_size, self.sort_by_length
-        )
-        for index, (batch, order, records) in enumerate(batches):
-            if writer is not None and writer.check_batch(index, batch, tokenizer, records):
-                continue  # committed by an earlier run, with the same examples
-            seen = writer.next_example if writer is not None else seen  # a short last batch reruns
-            cache = self.hm.forward(
-                batch,
-                self.positions,
-                extraction_config=self.config,
-                example_offset=seen,
-                **self.forward_options,
+        with Progress(dataloader, seen, progress) as bar:
+            tokenizer = self.hm.get_text_tokenizer()
+            batches = iter_batches(
+                dataloader, tokenizer, self.hm.config.batch_size, self.sort_by_length
             )
-            rows = len(cache["position_mask"])
-            saved = self._saved(batch if records is None else records, order, seen, rows, writer)
-            if saved is not None:
-                cache["batch_saver"] = saved
-            to_store_dtype(cache, self.store_dtype)  # on the device: less to copy
-            if writer is not None:
-                staged = stager.stage(cache) if self.to_host else None
-                writer.write(staged if staged is not None and staged.copying else cache)
-            else:
-                cache = cache.cpu() if self.to_host else cache
-                if results is not None:
-                    results.add(cache, order)
+            for index, (batch, order, records) in enumerate(batches):
+                if writer is not None and writer.check_batch(index, batch, tokenizer, records):
+                    continue  # committed by an earlier run, with the same examples
+                # a short last batch reruns
+                seen = writer.next_example if writer is not None else seen
+                cache = self.hm.forward(
+                    batch,
+                    self.positions,
+                    extraction_config=self.config,
+                    example_offset=seen,
+                    **self.forward_options,
+                )
+                rows = len(cache["position_mask"])
+                saved = self._saved(
+                    batch if records is None else records, order, seen, rows, writer
+                )
+                if saved is not None:
+                    cache["batch_saver"] = saved
+                to_store_dtype(cache, self.store_dtype)  # on the device: less to copy
+                if writer is not None:
+                    staged = stager.stage(cache) if self.to_host else None
+                    writer.write(staged if staged is not None and staged.copying else cache)
                 else:
-                    merged.cat(cache)
-            seen += rows
-            bar.update(batch, rows)
-        bar.close()
+                    cache = cache.cpu() if self.to_host else cache
+                    if results is not None:
+                        results.add(cache, order)
+                    else:
+                        merged.cat(cache)
+                seen += rows
+                bar.update(batch, rows)
         return merged
 
     def _saved(

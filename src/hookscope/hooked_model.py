@@ -422,6 +422,7 @@ class HookedModel:
         """
         check_model_kwargs(model_kwargs, self.hf_model, HookedModel.forward)
         config = _extraction_config(extraction_config, names, self.model_map)
+        _check_compile_flag(compile)
         plan = plan_call(
             self,
             inputs,
@@ -504,6 +505,7 @@ class HookedModel:
             :class:`ActivationStore` written to ``output_dir``.
         """
         check_model_kwargs(model_kwargs, self.hf_model, HookedModel.extract_cache)
+        _check_compile_flag(compile)
         config = _extraction_config(extraction_config, names, self.model_map)
         run = DatasetRun(
             self,
@@ -566,6 +568,12 @@ class HookedModel:
             extraction_config=extraction_config,
             **generate_kwargs,
         )
+
+
+def _check_compile_flag(compile: Any) -> None:
+    """Refuse a ``compile`` that is not a bool (``"no"`` or ``"False"`` would compile)."""
+    if not isinstance(compile, bool):
+        raise InputError(f"compile must be True or False, got {compile!r}.")
 
 
 def _is_compile_wrapper(model: nn.Module) -> bool:

@@ -67,6 +67,15 @@ def typed_kwargs(function: Callable[..., Any]) -> frozenset[str]:
 #: :mod:`hookscope.compat`): keyword -> the hint its error gives.
 KEYWORD_HINTS: dict[str, str] = {}
 
+#: hookscope's own options set elsewhere than where a caller looks: keyword -> where it lives.
+MISPLACED_KEYWORDS: dict[str, str] = {
+    "batch_size": (
+        "extract_cache batches a list of prompts by the model's config: set "
+        "hm.config.batch_size = 32 (forward runs its inputs as one batch; a DataLoader brings "
+        "its own batches)."
+    ),
+}
+
 
 def check_model_kwargs(
     model_kwargs: dict[str, Any],
@@ -97,6 +106,10 @@ def check_model_kwargs(
             raise KeywordError(
                 f"{entry_point.__name__}() does not take {word!r} (easyroutine's keyword): "
                 f"{KEYWORD_HINTS[word]}"
+            )
+        if word not in accepted and word in MISPLACED_KEYWORDS:
+            raise KeywordError(
+                f"{entry_point.__name__}() does not take {word!r}: {MISPLACED_KEYWORDS[word]}"
             )
         if word not in accepted:
             valid = own_keywords(entry_point) | named

@@ -535,32 +535,33 @@ def _batched_sweep(
     rows = [(ex, site) for ex in range(examples) for site in range(len(sites))]
     results = torch.empty(len(rows))
     forwards = math.ceil(len(rows) / batch_size)
-    bar = ProgressBar(len(rows), "patching sweep", progress, unit="row")
-    for chunk_index in range(forwards):
-        chunk = rows[chunk_index * batch_size : (chunk_index + 1) * batch_size]
-        ex = torch.tensor([r[0] for r in chunk])
-        batch = {k: v[ex] if isinstance(v, torch.Tensor) else v for k, v in corrupt.items()}
-        hooks = []
-        by_site: dict[tuple, list[int]] = {}
-        for row, (_, site_index) in enumerate(chunk):
-            layer, head, _ = sites[site_index]
-            by_site.setdefault((layer, head), []).append(row)
-        for (layer, head), site_rows in by_site.items():
-            rows_t = torch.tensor(site_rows)
-            positions, values = [], []
-            for row in site_rows:
-                example = chunk[row][0]
-                position = _site_position(slots, chosen, example, sites[chunk[row][1]][2])
-                source = clean_acts[(layer, head)][example]
-                positions.append(position)
-                values.append(source if position == -1 else source[position])
-            hooks.append(_write_hook(_site_of(hm, point, layer, head), rows_t, positions, values))
-        logits = _last_logits(hm, batch, hooks)
-        results[chunk_index * batch_size : chunk_index * batch_size + len(chunk)] = metric_fn(
-            logits, ex
-        )
-        bar.update(len(chunk), real_tokens(batch))
-    bar.close()
+    with ProgressBar(len(rows), "patching sweep", progress, unit="row") as bar:
+        for chunk_index in range(forwards):
+            chunk = rows[chunk_index * batch_size : (chunk_index + 1) * batch_size]
+            ex = torch.tensor([r[0] for r in chunk])
+            batch = {k: v[ex] if isinstance(v, torch.Tensor) else v for k, v in corrupt.items()}
+            hooks = []
+            by_site: dict[tuple, list[int]] = {}
+            for row, (_, site_index) in enumerate(chunk):
+                layer, head, _ = sites[site_index]
+                by_site.setdefault((layer, head), []).append(row)
+            for (layer, head), site_rows in by_site.items():
+                rows_t = torch.tensor(site_rows)
+                positions, values = [], []
+                for row in site_rows:
+                    example = chunk[row][0]
+                    position = _site_position(slots, chosen, example, sites[chunk[row][1]][2])
+                    source = clean_acts[(layer, head)][example]
+                    positions.append(position)
+                    values.append(source if position == -1 else source[position])
+                hooks.append(
+                    _write_hook(_site_of(hm, point, layer, head), rows_t, positions, values)
+                )
+            logits = _last_logits(hm, batch, hooks)
+            results[chunk_index * batch_size : chunk_index * batch_size + len(chunk)] = metric_fn(
+                logits, ex
+            )
+            bar.update(len(chunk), real_tokens(batch))
     return results, forwards
 
 
@@ -603,18 +604,17 @@ def _reusing_sweep(
     rows = _reusing_rows(point, sites, slots, chosen, clean["input_ids"].shape[0])
     results = torch.empty(len(rows))
     chunks = _token_chunks(rows, batch_size, mask.shape[1])
-    bar = ProgressBar(len(rows), "patching sweep", progress, unit="row")
-    for chunk in chunks:
-        chunk.sort(key=lambda item: item[0].first_layer)
-        start = min(item[0].start for item in chunk)
-        hooks = _window_writes(hm, point, sites, chunk, clean_acts, start)
-        ex = torch.tensor([item[0].example for item in chunk])
-        logits = run_rows(hm, corrupt, run, [item[0] for item in chunk], hooks, last[ex])
-        results[torch.tensor([item[3] for item in chunk])] = metric_fn(logits, ex)
-        # tokens actually fed: each row from the chunk's first start on
-        fed = int((mask[ex][:, start:]).sum())
-        bar.update(len(chunk), fed)
-    bar.close()
+    with ProgressBar(len(rows), "patching sweep", progress, unit="row") as bar:
+        for chunk in chunks:
+            chunk.sort(key=lambda item: item[0].first_layer)
+            start = min(item[0].start for item in chunk)
+            hooks = _window_writes(hm, point, sites, chunk, clean_acts, start)
+            ex = torch.tensor([item[0].example for item in chunk])
+            logits = run_rows(hm, corrupt, run, [item[0] for item in chunk], hooks, last[ex])
+            results[torch.tensor([item[3] for item in chunk])] = metric_fn(logits, ex)
+            # tokens actually fed: each row from the chunk's first start on
+            fed = int((mask[ex][:, start:]).sum())
+            bar.update(len(chunk), fed)
     return results, len(chunks)
 
 

@@ -237,8 +237,9 @@ def bar_chart(
     values = values.detach().float().cpu()
     title, labels = axis
     n = len(values)
-    low = min(0.0, float(values.nan_to_num(0).min())) if n else 0.0
-    high = max(0.0, float(values.nan_to_num(0).max())) if n else 1.0
+    finite = values.masked_fill(~torch.isfinite(values), 0.0)  # inf must not set the axis
+    low = min(0.0, float(finite.min())) if n else 0.0
+    high = max(0.0, float(finite.max())) if n else 1.0
     low, high, ticks = _nice_ticks(low, high)
     step = max(14, min(40, 640 // max(n, 1)))
     left, top, plot_h, bottom = 64, 12, 200, 58
@@ -249,11 +250,13 @@ def bar_chart(
     every = max(1, math.ceil(n / 32))
     for i, (value, label) in enumerate(zip(values.tolist(), labels, strict=True)):
         x = left + i * step
-        y0, y1 = sorted((y_of(0.0), y_of(0.0 if math.isnan(value) else value)))
+        drawn = value if math.isfinite(value) else 0.0  # nan / inf: a grey mark at 0
+        y0, y1 = sorted((y_of(0.0), y_of(drawn)))
         tip = f"{_axis_tip(title, i, label)}\n{value_label}: {_fmt(value)}"
+        fill = scale.color(value) if math.isfinite(value) else "#ccc"
         parts.append(
             f'<rect x="{x + 1}" y="{y0:.1f}" width="{step - 2}" height="{max(y1 - y0, 0.5):.1f}" '
-            f'fill="{scale.color(value)}" stroke="#555" stroke-width="0.5"{_tip(tip)}/>'
+            f'fill="{fill}" stroke="#555" stroke-width="0.5"{_tip(tip)}/>'
         )
         if i % every == 0:
             text = _e(_cut(_label(label), 8))

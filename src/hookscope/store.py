@@ -261,7 +261,10 @@ class RunningStats:
             return
         if self.count[key].shape != n.shape:
             raise StoreError(
-                f"running statistics of {key!r} need the same position slots in every batch."
+                f"running statistics of {key!r} need the same position slots in every batch, "
+                f"got {len(self.count[key])} then {len(n)}: positions whose slot count follows "
+                "the prompt (e.g. 'all', text anchors) cannot be streamed to a store; use fixed "
+                "positions (e.g. 'last', 0, -1) or hold the result in memory (no output_dir)."
             )
         old_n, new_n = self.count[key].unsqueeze(-1), n.unsqueeze(-1)
         total = old_n + new_n

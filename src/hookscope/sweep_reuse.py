@@ -73,12 +73,31 @@ def _cache_arg(hf_model: nn.Module) -> str | None:
     return next((n for n in ("cache", "past_key_values") if n in names), None)
 
 
+def _foreign_hook_site(hf_model: nn.Module) -> str | None:
+    """The first module holding a torch forward (pre-)hook that hookscope did not install for
+    this call (none are installed when a sweep decides its path), or None."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return "every module (a global hook)"
+    for name, module in hf_model.named_modules():
+        if module._forward_hooks or module._forward_pre_hooks:
+            return name or type(hf_model).__name__
+    return None
+
+
 def reuse_blocker(hm: Any) -> str | None:
     """Why this model cannot skip unchanged work in a sweep, or None when it can."""
     if hm.registered_interventions:
         return "the model has registered interventions (they would run in replayed layers)"
     if hm.persistent_hooks:
         return "the model has persistent hooks (they would miss replayed layers)"
+    foreign = _foreign_hook_site(hm.hf_model)
+    if foreign is not None:
+        return (
+            f"the model has forward hooks registered outside hookscope (on {foreign}); a "
+            "replayed layer would run them again"
+        )
     if hm.vision_map is not None:
         return "vision-language models are swept on the full path"
     if _cache_arg(hm.hf_model) is None:
