@@ -136,3 +136,12 @@ def test_bucket_padding_by_hand():
     assert right.shift == 0
     with pytest.raises(CompileError, match="pixel_values"):
         pad_to_bucket({**inputs, "pixel_values": torch.zeros(1)}, model, "left", 0, 2)
+
+
+def test_the_process_recompile_limit_is_left_as_it_was(tiny_llama):
+    """compile=True raised torch._dynamo's recompile_limit for the whole process."""
+    import torch._dynamo
+
+    before = torch._dynamo.config.recompile_limit
+    tiny_llama.forward(["a b c"], ["last"], names=["resid_out_0"], compile=True)
+    assert torch._dynamo.config.recompile_limit == before

@@ -132,8 +132,6 @@ class CompiledForward:
         self.hooks = [
             _in_graph_hook(s, self.slots) for s in plan_capture(extraction.points, hm.model_map)
         ]
-        limit = torch._dynamo.config.recompile_limit
-        torch._dynamo.config.recompile_limit = max(limit, _RECOMPILE_LIMIT)
         self.compiled: Callable[..., dict[str, torch.Tensor]] = torch.compile(
             self._run, dynamic=False
         )
@@ -153,8 +151,12 @@ class CompiledForward:
         self.slots.index, self.slots.keep = index, keep
         self.slots.found.clear()
         try:
-            with installed(self.hf_model, self.hooks):
-                return self.compiled(model_inputs)
+            # one graph per bucket: allow that many recompiles during hookscope's calls only
+            # (the process-wide setting is left as the user set it)
+            limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
+            with torch._dynamo.config.patch(recompile_limit=limit):
+                with installed(self.hf_model, self.hooks):
+                    return self.compiled(model_inputs)
         finally:
             self.slots.found.clear()
             self.slots.index = self.slots.keep = None
