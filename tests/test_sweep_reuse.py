@@ -224,3 +224,17 @@ def test_vision_language_models_fall_back_to_the_full_sweep():
         hm, clean, corrupt, answers, per="layer", normalize=False, batched=False
     )
     torch.testing.assert_close(result.per_example, loop.per_example, rtol=0, atol=1e-5)
+
+
+def test_transformers_output_capturing_hooks_do_not_block_skipping():
+    """After any HF call with output_hidden_states, transformers leaves its own recording hooks
+    on the layers; the sweep took them for a user's hooks and refused (or fell back)."""
+    hm = HookedModel.from_hf(build_model("llama"), build_tokenizer())
+    clean, corrupt = patching_pair()
+    with torch.no_grad():
+        hm.hf_model(**clean, output_hidden_states=True)
+    assert any(m._forward_hooks for m in hm.hf_model.modules())  # transformers' own
+    fast = activation_patching(hm, clean, corrupt, ([5, 5], [6, 6]), skip_unchanged=True)
+    full = activation_patching(hm, clean, corrupt, ([5, 5], [6, 6]), skip_unchanged=False)
+    assert fast.path == "skip_unchanged"
+    torch.testing.assert_close(fast.values, full.values, atol=1e-5, rtol=0)

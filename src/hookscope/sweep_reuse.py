@@ -81,9 +81,17 @@ def _foreign_hook_site(hf_model: nn.Module) -> str | None:
     if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
         return "every module (a global hook)"
     for name, module in hf_model.named_modules():
-        if module._forward_hooks or module._forward_pre_hooks:
+        hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
+        if any(not _records_outputs_only(hook) for hook in hooks):
             return name or type(hf_model).__name__
     return None
+
+
+def _records_outputs_only(hook: Any) -> bool:
+    """transformers 5 leaves output-capturing hooks on the layers after any call with
+    ``output_hidden_states`` / ``output_attentions``; they record only while such a call runs
+    (never during a sweep), so a replayed layer running them changes nothing."""
+    return getattr(hook, "__module__", "") == "transformers.utils.output_capturing"
 
 
 def reuse_blocker(hm: Any) -> str | None:
