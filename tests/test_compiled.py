@@ -145,3 +145,20 @@ def test_the_process_recompile_limit_is_left_as_it_was(tiny_llama):
     before = torch._dynamo.config.recompile_limit
     tiny_llama.forward(["a b c"], ["last"], names=["resid_out_0"], compile=True)
     assert torch._dynamo.config.recompile_limit == before
+
+
+def test_a_store_written_compiled_is_not_resumed_eager(tiny_llama, tmp_path):
+    """compile=True was not in the store's description: a resume with compile=False mixed shards
+    from both paths (about 1e-6 apart) in one store."""
+    from hookscope.store import StoreError
+
+    names = ["resid_out_0"]
+    store = tiny_llama.extract_cache(
+        PROMPTS[:2], ["last"], names=names, output_dir=tmp_path / "s", compile=True
+    )
+    again = tiny_llama.extract_cache(
+        PROMPTS[:2], ["last"], names=names, output_dir=tmp_path / "s", compile=True
+    )
+    assert torch.equal(again["resid_out_0"], store["resid_out_0"])
+    with pytest.raises(StoreError, match="compile"):
+        tiny_llama.extract_cache(PROMPTS[:2], ["last"], names=names, output_dir=tmp_path / "s")

@@ -239,6 +239,8 @@ class DatasetRun:
             # the dtype of the stored activations (None: as computed): a resume keeps it
             "store_dtype": _dtype_name(self.store_dtype),
         }
+        if self.forward_options.get("compile"):  # ~1e-6 from eager: a resume must not mix them
+            options["compile"] = True
         features = plan_features(self.config, self.hm.dictionaries, self.hm.model_map)
         if features:  # their weights change the numbers too (by hash, as tensors above)
             options["dictionaries"] = {
