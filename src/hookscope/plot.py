@@ -77,12 +77,7 @@ def heatmap_figure(
                     fontsize=6,
                     color="black" if bright and not diverging else "white",
                 )
-    fig.tight_layout()
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-    return fig
+    return _finish(fig, path)
 
 
 def bar_figure(
@@ -104,12 +99,7 @@ def bar_figure(
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(textwrap.fill(title, 70), fontsize=10)
-    fig.tight_layout()
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-    return fig
+    return _finish(fig, path)
 
 
 def patching_figure(result: Any, model_name: str, path: str | Path | None = None):
@@ -178,6 +168,16 @@ def lens_figure(lens: Any, model_name: str, example: int = 0, path: str | Path |
         cell_text=text,
         path=path,
     )
+
+
+def _finish(fig, path: str | Path | None):
+    """Lay out ``fig``; when ``path`` is given, save it as PNG (creating folders) and close it."""
+    fig.tight_layout()
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+        _pyplot().close(fig)
+    return fig
 
 
 def _printable(text: str) -> str:
