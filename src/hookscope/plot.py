@@ -56,9 +56,9 @@ def heatmap_figure(
     else:
         image = ax.imshow(values, cmap="viridis", aspect="auto")
     ax.set_xticks(
-        range(cols), [_printable(str(c)) for c in col_labels], rotation=60, ha="right", fontsize=8
+        range(cols), [printable(str(c)) for c in col_labels], rotation=60, ha="right", fontsize=8
     )
-    ax.set_yticks(range(rows), [_printable(str(r)) for r in row_labels], fontsize=8)
+    ax.set_yticks(range(rows), [printable(str(r)) for r in row_labels], fontsize=8)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(textwrap.fill(title, 60), fontsize=10)
@@ -71,7 +71,7 @@ def heatmap_figure(
                 ax.text(
                     c,
                     r,
-                    _printable(cell_text[r][c]),
+                    printable(cell_text[r][c]),
                     ha="center",
                     va="center",
                     fontsize=6,
@@ -95,7 +95,7 @@ def bar_figure(
     fig, ax = plt.subplots(figsize=(max(5.5, 0.28 * len(values) + 2.0), 3.4))
     ax.bar(range(len(values)), values, color=["#b2182b" if v >= 0 else "#2166ac" for v in values])
     ax.axhline(0, color="#333", linewidth=0.8)
-    ax.set_xticks(range(len(values)), [_printable(str(label)) for label in labels], fontsize=8)
+    ax.set_xticks(range(len(values)), [printable(str(label)) for label in labels], fontsize=8)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(textwrap.fill(title, 70), fontsize=10)
@@ -180,8 +180,9 @@ def _finish(fig, path: str | Path | None):
     return fig
 
 
-def _printable(text: str) -> str:
-    """Token strings as labels: control characters written as escapes (fonts lack glyphs)."""
+def printable(text: str) -> str:
+    """Token strings as labels: control characters written as escapes (fonts lack glyphs);
+    shared by the HTML report and the feature cards."""
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
@@ -201,8 +202,8 @@ def heatmap_html(
     col_name: str = "column",
 ) -> str:
     """One interactive heatmap as an HTML fragment: hover a cell for its row, column and value."""
-    row_labels = [_printable(str(r)) for r in row_labels]
-    col_labels = [_printable(str(c)) for c in col_labels]
+    row_labels = [printable(str(r)) for r in row_labels]
+    col_labels = [printable(str(c)) for c in col_labels]
     values = values.detach().float().cpu()
     bound = float(values.abs().max()) or 1.0
     signed = bool((values < 0).any())

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from .errors import HookscopeError
+from .plot import printable
 
 __all__ = ["Report", "notebook_view", "visible_token"]
 
@@ -51,18 +52,12 @@ def visible_token(token: str) -> str:
     if token == "":
         return "∅"
     if token.isspace():
-        return "".join(_GLYPHS.get(c, _escape_char(c)) for c in token)
-    return "".join(
-        _GLYPHS[c] if c in "\n\t\r" else c if c.isprintable() else _escape_char(c) for c in token
-    )
+        return "".join(_GLYPHS.get(c) or printable(c) for c in token)
+    return "".join(_GLYPHS[c] if c in "\n\t\r" else printable(c) for c in token)
 
 
 class Plain(str):
     """An axis label that is a name (``last``, ``12``), not a token: shown as it is, unquoted."""
-
-
-def _escape_char(char: str) -> str:
-    return char.encode("unicode_escape").decode()
 
 
 def _cut(text: str, width: int) -> str:
