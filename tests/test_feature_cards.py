@@ -18,6 +18,7 @@ from hookscope.dictionaries.cards import (
     card_text,
     cards_page,
     feature_cards,
+    visible,
 )
 from hookscope.errors import HookscopeError
 
@@ -113,6 +114,12 @@ def test_html_escapes_and_shows_whitespace():
     text = card_text(card)
     assert "[[<script>alert(1)</script>]](2.0)" in text and "\u00b7\u21b5(1.0)" in text
     assert "fires on 25.00% of tokens" in text
+
+
+def test_visible_marks_whitespace_and_escapes_control_characters():
+    assert visible(" a\n\tb\r") == "\u00b7a\u21b5\u2192b\u240d"
+    assert visible("x\x00\x1b") == "x\\x00\\x1b"
+    assert visible("") == "\u2205"
 
 
 def test_bad_input(padded_store):

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from ..errors import HookscopeError
+from ..plot import printable
 from ..store import ActivationStore
 from .core import Dictionary
 
@@ -234,8 +235,9 @@ _VISIBLE = {" ": "\u00b7", "\n": "\u21b5", "\t": "\u2192", "\r": "\u240d"}
 
 
 def visible(token: str) -> str:
-    """``token`` with whitespace made visible (space ·, newline ↵, tab →); empty as ∅."""
-    return "".join(_VISIBLE.get(c, c) for c in token) or "\u2205"
+    """``token`` with whitespace made visible (space ·, newline ↵, tab →), other control
+    characters as escapes (as in plots and reports); empty as ∅."""
+    return "".join(_VISIBLE.get(c) or printable(c) for c in token) or "\u2205"
 
 
 def card_text(card: FeatureCard) -> str:
