@@ -186,9 +186,13 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
+def cut(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters, the last one ``…`` when it was longer."""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def _short(token: str, width: int = 8) -> str:
-    token = token.replace("\n", "\\n")
-    return token if len(token) <= width else token[: width - 1] + "…"
+    return cut(token.replace("\n", "\\n"), width)
 
 
 def heatmap_html(

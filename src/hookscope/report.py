@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from .errors import HookscopeError
-from .plot import printable
+from .plot import cut, printable
 
 __all__ = ["Report", "notebook_view", "visible_token"]
 
@@ -58,10 +58,6 @@ def visible_token(token: str) -> str:
 
 class Plain(str):
     """An axis label that is a name (``last``, ``12``), not a token: shown as it is, unquoted."""
-
-
-def _cut(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _e(text: Any) -> str:
@@ -180,7 +176,7 @@ def heatmap(
     (row_axis, row_labels), (col_axis, col_labels) = rows, columns
     header = "".join(
         f'<th class="hs-col"{_tip(_axis_tip(col_axis, c, label))}><span>'
-        f"{_e(_cut(_label(label), _LABEL_CHARS))}</span></th>"
+        f"{_e(cut(_label(label), _LABEL_CHARS))}</span></th>"
         for c, label in enumerate(col_labels)
     )
     body = []
@@ -193,10 +189,10 @@ def heatmap(
                 + [f"{value_label}: {_fmt(value)}"]
                 + ([cell_tips[r][c]] if cell_tips is not None else [])
             )
-            text = _e(_cut(visible_token(cell_text[r][c]), _CELL_CHARS)) if cell_text else ""
+            text = _e(cut(visible_token(cell_text[r][c]), _CELL_CHARS)) if cell_text else ""
             style = f"background:{scale.color(value)};color:{scale.ink(value)}"
             cells.append(f'<td style="{style}"{_tip(tip)}>{text}</td>')
-        row_th = _e(_cut(_label(row_label), _LABEL_CHARS))
+        row_th = _e(cut(_label(row_label), _LABEL_CHARS))
         body.append(f'<tr><th class="hs-row">{row_th}</th>{"".join(cells)}</tr>')
     wide = " hs-wide" if cell_text else " hs-big" if values.numel() <= 64 else ""
     table = f'<table class="hs-heat{wide}">{"".join(body)}<tr><th></th>{header}</tr></table>'
@@ -254,7 +250,7 @@ def bar_chart(
             f'fill="{fill}" stroke="#555" stroke-width="0.5"{_tip(tip)}/>'
         )
         if i % every == 0:
-            text = _e(_cut(_label(label), 8))
+            text = _e(cut(_label(label), 8))
             parts.append(
                 f'<text class="hs-tick" x="{x + step / 2}" y="{top + plot_h + 14}" '
                 f'text-anchor="end" transform="rotate(-45 {x + step / 2} {top + plot_h + 14})">'
@@ -282,7 +278,7 @@ def _bar_axes(ticks, y_of, left, plot_w, top, plot_h, value_label, x_title, widt
         f'<line x1="{left}" x2="{left + plot_w}" y1="{zero:.1f}" y2="{zero:.1f}" stroke="#333"/>'
         f'<line x1="{left}" x2="{left}" y1="{top}" y2="{top + plot_h}" stroke="#333"/>'
         f'<text class="hs-axis-title" x="14" y="{top + plot_h / 2}" text-anchor="middle" '
-        f'transform="rotate(-90 14 {top + plot_h / 2})">{_e(_cut(value_label, 34))}</text>'
+        f'transform="rotate(-90 14 {top + plot_h / 2})">{_e(cut(value_label, 34))}</text>'
         f'<text class="hs-axis-title" x="{left + plot_w / 2}" y="{top + plot_h + 52}" '
         f'text-anchor="middle">{_e(x_title)}</text>'
     )
