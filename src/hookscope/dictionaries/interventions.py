@@ -325,7 +325,9 @@ class FeaturePatch(FeatureIntervention):
         ``[P, n]`` or ``[n]``; checked against the call's slots."""
         first, batch = prepared.window.example_offset, prepared.batch
         slots = prepared.positions.index.shape[1]
-        source = self._source_features(prepared, first, batch)  # a cache's: this batch's rows
+        if hasattr(self.source, "tensors"):
+            return self._cache_features(prepared, first, batch, slots)
+        source = torch.as_tensor(self.source)
         d_sae = self.dictionary.d_sae
         fits = {
             1: list(source.shape) == [d_sae],
@@ -342,21 +344,23 @@ class FeaturePatch(FeatureIntervention):
             source = source[first : first + batch]
         return source[..., self._index.to(source.device)]
 
-    def _source_features(self, prepared: Any, first: int, batch: int) -> torch.Tensor:
-        """The source as features: a tensor as given; a cache's point encoded, rows
-        ``0..first+batch-1`` with only this batch's rows filled (so nothing else is encoded)."""
-        source = self.source
-        if not hasattr(source, "tensors"):
-            return torch.as_tensor(source)
+    def _cache_features(self, prepared: Any, first: int, batch: int, slots: int) -> torch.Tensor:
+        """The chosen features ``[batch, P, n]`` (on the CPU) of this batch's rows of a source
+        cache's point: only these rows and only the chosen features are encoded."""
         if self.dictionary.is_transcoder:
             raise HookscopeError(
                 f"FeaturePatch on {self.point} with transcoder {self.dictionary.name!r}: give the "
                 "source features as a tensor [batch, positions, d_sae] (a cache holds the MLP "
                 "output, not the input the transcoder reads)."
             )
-        values = self._cache_rows(source, prepared, first, batch)
-        features = self.dictionary.encode(values.to(self.dictionary.W_enc.device)).cpu()
-        return torch.cat([features.new_zeros(first, *features.shape[1:]), features])
+        values = self._cache_rows(self.source, prepared, first, batch)
+        if values.shape[1] != slots:
+            raise HookscopeError(
+                f"FeaturePatch on {self.point}: the source cache has {values.shape[1]} position "
+                f"slots; this call selects {slots} ({self.positions!r})."
+            )
+        dictionary, index = self._on(self.dictionary.W_enc.device)
+        return encode_features(dictionary, values.to(dictionary.W_enc.device), index).cpu()
 
     def _cache_rows(self, source: Any, prepared: Any, first: int, batch: int) -> torch.Tensor:
         """This batch's rows of the point in a source cache ``[batch, P, d]``, checked."""
