@@ -139,7 +139,9 @@ class FeatureIntervention(Intervention):
         else:
             old = values.new_zeros((*values.shape[:-1], len(index)), dtype=dictionary.W_dec.dtype)
         change = self.edit(old, operand) - old  # [batch, slots, n]
-        delta = change @ dictionary.W_dec[index] / dictionary.input_scale
+        every = len(index) == dictionary.d_sae  # sorted unique indices: all of them, in order
+        delta = change @ (dictionary.W_dec if every else dictionary.W_dec[index])
+        delta = delta / dictionary.input_scale
         return values + delta.to(values.dtype)
 
     def _on(self, device: torch.device) -> tuple[Dictionary, torch.Tensor]:
@@ -207,7 +209,9 @@ def encode_features(dictionary: Dictionary, x: torch.Tensor, index: torch.Tensor
     per_feature = dictionary.activation in ("relu", "jumprelu") or (
         dictionary.activation == "batchtopk" and dictionary.threshold is not None
     )
-    if not per_feature or len(index) == dictionary.d_sae:
+    if len(index) == dictionary.d_sae:  # sorted unique indices: every feature, in order
+        return dictionary.encode(x)
+    if not per_feature:
         return dictionary.encode(x)[..., index]
     x = x.to(dictionary.W_enc.dtype) * dictionary.input_scale
     if dictionary.subtract_decoder_bias:
