@@ -139,7 +139,9 @@ class FeatureIntervention(Intervention):
         else:
             old = values.new_zeros((*values.shape[:-1], len(index)), dtype=dictionary.W_dec.dtype)
         change = self.edit(old, operand) - old  # [batch, slots, n]
-        delta = change @ dictionary.W_dec[index] / dictionary.input_scale
+        every = len(index) == dictionary.d_sae  # sorted unique indices: all of them, in order
+        delta = change @ (dictionary.W_dec if every else dictionary.W_dec[index])
+        delta = delta / dictionary.input_scale
         return values + delta.to(values.dtype)
 
     def _on(self, device: torch.device) -> tuple[Dictionary, torch.Tensor]:
@@ -207,7 +209,9 @@ def encode_features(dictionary: Dictionary, x: torch.Tensor, index: torch.Tensor
     per_feature = dictionary.activation in ("relu", "jumprelu") or (
         dictionary.activation == "batchtopk" and dictionary.threshold is not None
     )
-    if not per_feature or len(index) == dictionary.d_sae:
+    if len(index) == dictionary.d_sae:  # sorted unique indices: every feature, in order
+        return dictionary.encode(x)
+    if not per_feature:
         return dictionary.encode(x)[..., index]
     x = x.to(dictionary.W_enc.dtype) * dictionary.input_scale
     if dictionary.subtract_decoder_bias:
@@ -325,7 +329,9 @@ class FeaturePatch(FeatureIntervention):
         ``[P, n]`` or ``[n]``; checked against the call's slots."""
         first, batch = prepared.window.example_offset, prepared.batch
         slots = prepared.positions.index.shape[1]
-        source = self._source_features(prepared, first, batch)  # a cache's: this batch's rows
+        if hasattr(self.source, "tensors"):
+            return self._cache_features(prepared, first, batch, slots)
+        source = torch.as_tensor(self.source)
         d_sae = self.dictionary.d_sae
         fits = {
             1: list(source.shape) == [d_sae],
@@ -342,21 +348,23 @@ class FeaturePatch(FeatureIntervention):
             source = source[first : first + batch]
         return source[..., self._index.to(source.device)]
 
-    def _source_features(self, prepared: Any, first: int, batch: int) -> torch.Tensor:
-        """The source as features: a tensor as given; a cache's point encoded, rows
-        ``0..first+batch-1`` with only this batch's rows filled (so nothing else is encoded)."""
-        source = self.source
-        if not hasattr(source, "tensors"):
-            return torch.as_tensor(source)
+    def _cache_features(self, prepared: Any, first: int, batch: int, slots: int) -> torch.Tensor:
+        """The chosen features ``[batch, P, n]`` (on the CPU) of this batch's rows of a source
+        cache's point: only these rows and only the chosen features are encoded."""
         if self.dictionary.is_transcoder:
             raise HookscopeError(
                 f"FeaturePatch on {self.point} with transcoder {self.dictionary.name!r}: give the "
                 "source features as a tensor [batch, positions, d_sae] (a cache holds the MLP "
                 "output, not the input the transcoder reads)."
             )
-        values = self._cache_rows(source, prepared, first, batch)
-        features = self.dictionary.encode(values.to(self.dictionary.W_enc.device)).cpu()
-        return torch.cat([features.new_zeros(first, *features.shape[1:]), features])
+        values = self._cache_rows(self.source, prepared, first, batch)
+        if values.shape[1] != slots:
+            raise HookscopeError(
+                f"FeaturePatch on {self.point}: the source cache has {values.shape[1]} position "
+                f"slots; this call selects {slots} ({self.positions!r})."
+            )
+        dictionary, index = self._on(self.dictionary.W_enc.device)
+        return encode_features(dictionary, values.to(dictionary.W_enc.device), index).cpu()
 
     def _cache_rows(self, source: Any, prepared: Any, first: int, batch: int) -> torch.Tensor:
         """This batch's rows of the point in a source cache ``[batch, P, d]``, checked."""

@@ -90,8 +90,7 @@ def _features_at(hm: Any, inputs: dict, positions: Sequence[Any], dictionary: Di
     """``(x, f)`` at the point: ``x [N, P, d]`` and its features ``[N, P, d_sae]`` (float)."""
     point = dictionary.writes
     x = hm.forward(inputs, list(positions), names=[point])[point]
-    moved = dictionary.to(x.device)
-    return x, moved.encode(x)
+    return x, dictionary.on(x.device).encode(x)
 
 
 # -- feature patching --------------------------------------------------------------------------
@@ -210,11 +209,11 @@ def _sweep_shifts(
     forwards = math.ceil(len(sites) / batch_size)
     for start in range(0, len(sites), batch_size):
         chunk = sites[start : start + batch_size]
-        rows = torch.tensor([e for e, _, _ in chunk])
+        rows, feature, slot = torch.tensor(chunk).unbind(-1)  # [C] each
         batch = {k: v[rows.to(v.device)] if torch.is_tensor(v) else v for k, v in corrupt.items()}
         vector = shifts.new_zeros(len(chunk), n_slots, width)  # one nonzero slot per row
-        for row, (e, j, p) in enumerate(chunk):
-            vector[row, p] = shifts[e, j, p]
+        index = tuple(t.to(shifts.device) for t in (rows, feature, slot))
+        vector[torch.arange(len(chunk), device=shifts.device), index[2]] = shifts[index]
         edit = Steer(point=point, positions=positions, vector=vector)
         logits = hm.forward(batch, ["last"], interventions=[edit])["logits"][:, 0]
         results[start : start + len(chunk)] = metric_of(logits, rows).cpu()
@@ -333,13 +332,9 @@ def feature_attribution(
 def _feature_leaf(dictionary: Dictionary, leaves: list[torch.Tensor]) -> Callable:
     """A :class:`Custom` function that puts the features of the selected slots into the graph
     as a leaf: ``x = decode(f) + (x - decode(f)).detach()``; the leaf goes to ``leaves``."""
-    moved: dict[str, Dictionary] = {}
 
     def insert(tensor: torch.Tensor, context: Any) -> torch.Tensor:
-        key = str(tensor.device)
-        if key not in moved:
-            moved[key] = dictionary.to(tensor.device)
-        d = moved[key]
+        d = dictionary.on(tensor.device)  # moved once per device, kept by the dictionary
         x = context.positions.select(tensor)  # [B, P, d]
         features = d.encode(x.detach()).requires_grad_(True)
         reconstruction = d.decode(features)

@@ -113,7 +113,7 @@ class _PreparedSplice(PreparedIntervention):
     def __init__(
         self, splice: Splice, model_map: ModelMap, context: PositionContext, window: CallWindow
     ):
-        _, writes = dictionary_points(splice.dictionary, model_map)  # before the forward
+        reads, writes = dictionary_points(splice.dictionary, model_map)  # before the forward
         if KINDS[writes.kind].written_as is not None:
             raise HookscopeError(
                 f"Splice of {splice.dictionary.name!r}: {writes.name} is written as "
@@ -121,6 +121,7 @@ class _PreparedSplice(PreparedIntervention):
                 f"writes {KINDS[writes.kind].written_as} instead."
             )
         self.splice = splice
+        self.reads = reads
         self.read_value: torch.Tensor | None = None
         super().__init__(splice, model_map, context, window)
 
@@ -149,9 +150,7 @@ class _PreparedSplice(PreparedIntervention):
         hooks = super().hooks()
         if not self.splice.dictionary.is_transcoder:
             return hooks
-        from ..points import parse_point
-
-        site = locate(parse_point(self.splice.dictionary.reads, self.model_map), self.model_map)
+        site = locate(self.reads, self.model_map)
 
         def remember(tensor: torch.Tensor) -> None:
             self.read_value = site.read(tensor)
