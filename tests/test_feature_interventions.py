@@ -17,7 +17,6 @@ from hookscope.dictionaries import (
     FeatureSteer,
     feature_intervention_from_dict,
 )
-from hookscope.dictionaries.interventions import encode_features
 from hookscope.errors import HookscopeError
 from hookscope.interventions import Patch, Steer
 
@@ -315,7 +314,7 @@ def test_encoding_only_the_chosen_features_equals_the_full_encoding(activation, 
     index = torch.tensor([0, 4, 9, 31])
     full = sae.encode(x)
     assert full[..., index].any()
-    torch.testing.assert_close(encode_features(sae, x, index), full[..., index])
+    torch.testing.assert_close(sae.encode(x, index), full[..., index])
 
 
 def make_transcoder(layer=0, input_scale=1.0) -> Dictionary:

@@ -144,16 +144,36 @@ class Dictionary:
     def is_transcoder(self) -> bool:
         return self.writes != self.reads
 
-    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [..., d_in]`` -> encoder pre-activations ``[..., d_sae]`` (in the weights' dtype)."""
+    def pre_activations(self, x: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [..., d_in]`` -> encoder pre-activations ``[..., d_sae]`` (in the weights' dtype),
+        or only the features ``index [n]`` -> ``[..., n]``."""
         x = x.to(self.W_enc.dtype) * self.input_scale
         if self.subtract_decoder_bias:
             x = x - self.b_dec
-        return x @ self.W_enc + self.b_enc
+        if index is None:
+            return x @ self.W_enc + self.b_enc
+        return x @ self.W_enc[:, index] + self.b_enc[index]
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [..., d_in]`` -> feature activations ``[..., d_sae]``."""
-        return self.activate(self.pre_activations(x))
+    @property
+    def per_feature(self) -> bool:
+        """Whether each feature's activation depends on its own pre-activation only (ReLU,
+        JumpReLU, BatchTopK with an inference threshold), so a subset can be encoded alone."""
+        return self.activation in ("relu", "jumprelu") or (
+            self.activation == "batchtopk" and self.threshold is not None
+        )
+
+    def encode(self, x: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [..., d_in]`` -> feature activations ``[..., d_sae]``; with ``index [n]`` only
+        those features ``[..., n]`` (computed alone when :attr:`per_feature`, else taken from
+        the full encoding: TopK needs every pre-activation)."""
+        if index is None or len(index) == self.d_sae:  # sorted unique: every feature, in order
+            return self.activate(self.pre_activations(x))
+        if not self.per_feature:
+            return self.activate(self.pre_activations(x))[..., index]
+        pre = self.pre_activations(x, index)
+        if self.activation == "relu":
+            return torch.relu(pre)
+        return pre * (pre > self.threshold[index])
 
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         """Apply the activation rule to pre-activations ``[..., d_sae]`` (per vector)."""

@@ -135,7 +135,7 @@ class FeatureIntervention(Intervention):
                 "MLP's input, which this call did not read (a vision point or a Custom path)."
             )
         if self.reads_features:
-            old = encode_features(dictionary, values if read is None else read, index)
+            old = dictionary.encode(values if read is None else read, index)
         else:
             old = values.new_zeros((*values.shape[:-1], len(index)), dtype=dictionary.W_dec.dtype)
         change = self.edit(old, operand) - old  # [batch, slots, n]
@@ -199,27 +199,6 @@ def _transcoder_layer(dictionary: Dictionary) -> int | None:
     if match is None or dictionary.reads != f"mlp_in_{match[1]}":
         return None
     return int(match[1])
-
-
-def encode_features(dictionary: Dictionary, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``dictionary.encode(x)[..., index]`` (``x [..., d_in]`` -> ``[..., n]``), computing only
-    the chosen columns when the activation decides each feature on its own (ReLU, JumpReLU,
-    BatchTopK with a threshold): an edit of a few features of a wide SAE then costs
-    ``d_in x n`` per slot, not ``d_in x d_sae``. TopK needs every pre-activation."""
-    per_feature = dictionary.activation in ("relu", "jumprelu") or (
-        dictionary.activation == "batchtopk" and dictionary.threshold is not None
-    )
-    if len(index) == dictionary.d_sae:  # sorted unique indices: every feature, in order
-        return dictionary.encode(x)
-    if not per_feature:
-        return dictionary.encode(x)[..., index]
-    x = x.to(dictionary.W_enc.dtype) * dictionary.input_scale
-    if dictionary.subtract_decoder_bias:
-        x = x - dictionary.b_dec
-    pre = x @ dictionary.W_enc[:, index] + dictionary.b_enc[index]
-    if dictionary.activation == "relu":
-        return torch.relu(pre)
-    return pre * (pre > dictionary.threshold[index])
 
 
 def _feature_index(features: Any, d_sae: int, where: str) -> torch.Tensor:
@@ -364,7 +343,7 @@ class FeaturePatch(FeatureIntervention):
                 f"slots; this call selects {slots} ({self.positions!r})."
             )
         dictionary, index = self._on(self.dictionary.W_enc.device)
-        return encode_features(dictionary, values.to(dictionary.W_enc.device), index).cpu()
+        return dictionary.encode(values.to(dictionary.W_enc.device), index).cpu()
 
     def _cache_rows(self, source: Any, prepared: Any, first: int, batch: int) -> torch.Tensor:
         """This batch's rows of the point in a source cache ``[batch, P, d]``, checked."""
