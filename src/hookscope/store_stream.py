@@ -157,17 +157,23 @@ class ShuffledVectors:
         """The batches of one epoch, ``[batch_size, d]`` each."""
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         order = torch.randperm(len(self.shards), generator=generator).tolist()
-        buffer: torch.Tensor | None = None
+        # the shards' vectors wait as parts and are concatenated once per shuffle, not once per
+        # shard (which copied the whole buffer again for every shard added)
+        parts: list[torch.Tensor] = []
+        held = 0
         for position in order:
             index = self.shards[position]
             vectors = shard_vectors(self.store, self.point, index, self.slots, self.max_norm)
-            buffer = vectors if buffer is None else torch.cat([buffer, vectors])
-            if len(buffer) >= self.buffer_size:
+            parts.append(vectors)
+            held += len(vectors)
+            if held >= self.buffer_size:
+                buffer = torch.cat(parts)
                 buffer = buffer[torch.randperm(len(buffer), generator=generator)]
                 taken = (len(buffer) - self.buffer_size // 2) // self.batch_size * self.batch_size
                 yield from self._batches(buffer[:taken])
-                buffer = buffer[taken:]
-        if buffer is not None and len(buffer):
+                parts, held = [buffer[taken:]], len(buffer) - taken
+        if held:
+            buffer = torch.cat(parts)
             buffer = buffer[torch.randperm(len(buffer), generator=generator)]
             yield from self._batches(buffer, last=True)
 
