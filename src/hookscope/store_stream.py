@@ -145,6 +145,12 @@ class ShuffledVectors:
         bad = [s for s in self.shards if not 0 <= s < self.store.num_shards]
         if bad:
             raise HookscopeError(f"shards {bad} out of range 0..{self.store.num_shards - 1}.")
+        if not self.shards or len(set(self.shards)) != len(self.shards):
+            # none: an empty stream; twice: its vectors twice per epoch (not "each once")
+            raise HookscopeError(
+                f"shards {self.shards}: give each shard at most once, and at least one "
+                f"(the store has {self.store.num_shards}: 0..{self.store.num_shards - 1})."
+            )
         self.point, self.batch_size, self.buffer_size = point, batch_size, buffer_size
         self.seed, self.epochs, self.slots, self.max_norm = seed, epochs, slots, max_norm
         self.dtype, self.device, self.drop_last = dtype, device, drop_last
