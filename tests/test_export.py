@@ -109,6 +109,9 @@ def test_bad_points_and_missing_dependencies(store, monkeypatch, hm):
         InputError, match=r"cannot export 'resid_out_7'.*exportable points: \[.*'resid_out_0'"
     ):
         to_arrow(store, ["resid_out_7"])
+    for points in ([], ["resid_out_0", "resid_out_0"]):
+        with pytest.raises(InputError, match=r"give each point at most once, and at least one"):
+            to_arrow(store, points)
     means = hm.extract_cache(
         prompts(4), ["last"], extraction_config=ExtractionConfig(extract_avg_attn_pattern=True)
     )

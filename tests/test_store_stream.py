@@ -107,6 +107,8 @@ def test_slots_shards_dtype_drop_last(store):
         ({"batch_size": 0}, "batch_size"),
         ({"buffer_size": 2}, "buffer_size"),
         ({"shards": [6]}, "out of range"),
+        ({"shards": [0, 0]}, r"shards \[0, 0\]: give each shard at most once"),
+        ({"shards": []}, r"shards \[\]: give each shard at most once, and at least one"),
     ],
 )
 def test_bad_arguments(store, kwargs, message):

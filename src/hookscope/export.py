@@ -162,6 +162,12 @@ def _chosen(part: dict[str, Any], points: Sequence[str] | None, where: str) -> l
         return available
     if isinstance(points, str):
         points = [points]
+    if not points or len(set(points)) != len(points):  # none: a table without activations
+        raise InputError(
+            f"points {list(points)!r}: give each point at most once, and at least one (or None: "
+            f"every point); exportable points: {available[:16]}"
+            f"{' ...' if len(available) > 16 else ''}."
+        )
     for key in points:
         if key not in available:
             raise InputError(

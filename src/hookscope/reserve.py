@@ -58,7 +58,7 @@ class ReservedResults:
         self.key_order: list[str] = []
         self.mapping: Any = None
         self.filled = 0
-        self.written: list[torch.Tensor] = []  # each batch's example indices (sorted runs)
+        self.written: list[torch.Tensor] = []  # each batch's example indices (sorted runs only)
         self.sorted = False
 
     def add(self, cache: ActivationCache, rows: torch.Tensor | None) -> None:
@@ -119,7 +119,6 @@ class ReservedResults:
         return True
 
     def _write(self, cache: ActivationCache, count: int, rows: torch.Tensor | None) -> None:
-        index = rows if rows is not None else torch.arange(self.filled, self.filled + count)
         for key, buffer in self.buffers.items():
             value = cache[key]
             if rows is None:
@@ -127,7 +126,8 @@ class ReservedResults:
             else:
                 buffer.index_copy_(0, rows.to(buffer.device), value.to(buffer.device))
             del cache[key]
-        self.written.append(index)
+        if rows is not None:  # in order, the rows written are 0..filled: nothing to keep
+            self.written.append(rows)
 
     def _give_up(self) -> None:
         """Stop reserving: the rows written so far become the first part of a plain merge."""

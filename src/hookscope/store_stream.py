@@ -145,6 +145,12 @@ class ShuffledVectors:
         bad = [s for s in self.shards if not 0 <= s < self.store.num_shards]
         if bad:
             raise HookscopeError(f"shards {bad} out of range 0..{self.store.num_shards - 1}.")
+        if not self.shards or len(set(self.shards)) != len(self.shards):
+            # none: an empty stream; twice: its vectors twice per epoch (not "each once")
+            raise HookscopeError(
+                f"shards {self.shards}: give each shard at most once, and at least one "
+                f"(the store has {self.store.num_shards}: 0..{self.store.num_shards - 1})."
+            )
         self.point, self.batch_size, self.buffer_size = point, batch_size, buffer_size
         self.seed, self.epochs, self.slots, self.max_norm = seed, epochs, slots, max_norm
         self.dtype, self.device, self.drop_last = dtype, device, drop_last
@@ -157,17 +163,23 @@ class ShuffledVectors:
         """The batches of one epoch, ``[batch_size, d]`` each."""
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         order = torch.randperm(len(self.shards), generator=generator).tolist()
-        buffer: torch.Tensor | None = None
+        # the shards' vectors wait as parts and are concatenated once per shuffle, not once per
+        # shard (which copied the whole buffer again for every shard added)
+        parts: list[torch.Tensor] = []
+        held = 0
         for position in order:
             index = self.shards[position]
             vectors = shard_vectors(self.store, self.point, index, self.slots, self.max_norm)
-            buffer = vectors if buffer is None else torch.cat([buffer, vectors])
-            if len(buffer) >= self.buffer_size:
+            parts.append(vectors)
+            held += len(vectors)
+            if held >= self.buffer_size:
+                buffer = torch.cat(parts)
                 buffer = buffer[torch.randperm(len(buffer), generator=generator)]
                 taken = (len(buffer) - self.buffer_size // 2) // self.batch_size * self.batch_size
                 yield from self._batches(buffer[:taken])
-                buffer = buffer[taken:]
-        if buffer is not None and len(buffer):
+                parts, held = [buffer[taken:]], len(buffer) - taken
+        if held:
+            buffer = torch.cat(parts)
             buffer = buffer[torch.randperm(len(buffer), generator=generator)]
             yield from self._batches(buffer, last=True)
 
