@@ -600,7 +600,7 @@ def _reusing_sweep(
     layers below their first changed layer. Same grid as :func:`_batched_sweep`."""
     clean_acts = _full_activations(hm, clean, point, sorted({s[0] for s in sites}), point == "head")
     mask = corrupt["attention_mask"]
-    last = (mask.shape[1] - 1 - mask.flip(1).long().argmax(1)).cpu()  # last real token per row
+    last = resolve_positions(["last"], mask).index[:, 0]  # [N] last real token (absolute, CPU)
     rows = _reusing_rows(point, sites, slots, chosen, clean["input_ids"].shape[0])
     results = torch.empty(len(rows))
     chunks = _token_chunks(rows, batch_size, mask.shape[1])
