@@ -601,6 +601,7 @@ def _reusing_sweep(
     clean_acts = _full_activations(hm, clean, point, sorted({s[0] for s in sites}), point == "head")
     mask = corrupt["attention_mask"]
     last = resolve_positions(["last"], mask).index[:, 0]  # [N] last real token (absolute, CPU)
+    real = mask.cpu()  # for the progress bar's token counts, without a device sync per forward
     rows = _reusing_rows(point, sites, slots, chosen, clean["input_ids"].shape[0])
     results = torch.empty(len(rows))
     chunks = _token_chunks(rows, batch_size, mask.shape[1])
@@ -613,7 +614,7 @@ def _reusing_sweep(
             logits = run_rows(hm, corrupt, run, [item[0] for item in chunk], hooks, last[ex])
             results[torch.tensor([item[3] for item in chunk])] = metric_fn(logits, ex)
             # tokens actually fed: each row from the chunk's first start on
-            fed = int((mask[ex][:, start:]).sum())
+            fed = int(real[ex, start:].sum())
             bar.update(len(chunk), fed)
     return results, len(chunks)
 
