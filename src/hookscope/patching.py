@@ -525,6 +525,16 @@ def _site_position(
     return -1 if chosen is None else chosen[example]
 
 
+def _rows_by_site(sites: Sequence[tuple], site_indices: Sequence[int]) -> dict[tuple, list[int]]:
+    """The rows of one forward grouped by the ``(layer, head)`` they patch (one write hook
+    each); ``site_indices[row]`` is the index in ``sites`` of that row's site."""
+    by_site: dict[tuple, list[int]] = {}
+    for row, site_index in enumerate(site_indices):
+        layer, head, _ = sites[site_index]
+        by_site.setdefault((layer, head), []).append(row)
+    return by_site
+
+
 def _batched_sweep(
     hm, clean, corrupt, point, sites, slots, chosen, batch_size, progress, metric_fn
 ):
@@ -541,10 +551,7 @@ def _batched_sweep(
             ex = torch.tensor([r[0] for r in chunk])
             batch = {k: v[ex] if isinstance(v, torch.Tensor) else v for k, v in corrupt.items()}
             hooks = []
-            by_site: dict[tuple, list[int]] = {}
-            for row, (_, site_index) in enumerate(chunk):
-                layer, head, _ = sites[site_index]
-                by_site.setdefault((layer, head), []).append(row)
+            by_site = _rows_by_site(sites, [site_index for _, site_index in chunk])
             for (layer, head), site_rows in by_site.items():
                 rows_t = torch.tensor(site_rows)
                 positions, values = [], []
@@ -639,12 +646,8 @@ def _token_chunks(rows: list[tuple], batch_size: int, seq: int) -> list[list[tup
 def _window_writes(hm, point, sites, chunk, clean_acts, start: int) -> list[ModuleHook]:
     """One write hook per patched site of a chunk: the clean values at each row's positions,
     counted from ``start`` (the first position the forward feeds)."""
-    by_site: dict[tuple, list[int]] = {}
-    for row, item in enumerate(chunk):
-        layer, head, _ = sites[item[1]]
-        by_site.setdefault((layer, head), []).append(row)
     hooks = []
-    for (layer, head), site_rows in by_site.items():
+    for (layer, head), site_rows in _rows_by_site(sites, [item[1] for item in chunk]).items():
         positions, values = [], []
         for row in site_rows:
             example, absolute = chunk[row][0].example, chunk[row][2]
