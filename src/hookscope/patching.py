@@ -572,26 +572,19 @@ def _batched_sweep(
     return results, forwards
 
 
-def _patched_positions(slots: Any, chosen, example: int, slot: int | None) -> list[int]:
-    """The absolute positions a site patches in ``example``: its slot's position, the chosen
-    positions, or every real position (patching padding changes no real token)."""
-    if slot is not None:
-        return [int(slots.index[example, slot])]
-    if chosen is not None:
-        return list(chosen[example])
-    return slots.index[example][slots.mask[example]].tolist()
-
-
 def _reusing_rows(point, sites, slots, chosen, examples: int) -> list[tuple]:
     """Every (example, site) row as ``(SweepRow, site index, positions)``, sorted so that rows
     of one forward share their first position and are ordered by their first changed layer.
     A ``resid_out`` patch first changes layer ``l + 1`` (layer ``l`` is replayed, then
     written); every other point is inside layer ``l``."""
     shift = 1 if point == "resid_out" else 0
+    slot_positions = slots.index.tolist()  # [N][P] absolute position of each slot
+    if chosen is None:  # a site without a slot patches every real position (not padding)
+        chosen = [slots.index[e][slots.mask[e]].tolist() for e in range(examples)]
     rows = []
     for example in range(examples):
         for index, (layer, _, slot) in enumerate(sites):
-            positions = _patched_positions(slots, chosen, example, slot)
+            positions = list(chosen[example]) if slot is None else [slot_positions[example][slot]]
             row = SweepRow(example, layer + shift, min(positions))
             rows.append((row, index, positions))
     order = sorted(range(len(rows)), key=lambda i: (rows[i][0].start, rows[i][0].first_layer))
