@@ -34,11 +34,10 @@ from .capture import CaptureSite, plan_capture
 from .config import ExtractionConfig
 from .errors import HookscopeError
 from .hooks import ModuleHook, installed, reading_hook
-from .inputs import model_input_names
+from .inputs import _add_padded_positions, model_input_names
 from .pipeline import CallPlan
 from .plan import ExtractionPlan
 from .positions import ResolvedPositions
-from .vision import computes_own_positions, first_position
 from .vision_points import vision_points
 
 #: sequence lengths are padded up to a multiple of this (one compiled graph per bucket)
@@ -197,23 +196,16 @@ def pad_to_bucket(
     batch, seq = model_inputs["input_ids"].shape
     extra = bucket_length(seq) - seq
     padded = dict(model_inputs)
-    accepted = model_input_names(hf_model)
-    if (
-        extra
-        and "position_ids" not in padded
-        and "position_ids" in accepted
-        and not computes_own_positions(accepted)
-    ):
-        mask = padded["attention_mask"]
-        padded["position_ids"] = (
-            mask.long().cumsum(-1) - 1 + first_position(hf_model)
-        ).masked_fill(mask == 0, 1)
     for name, fill in _PADDED_INPUTS.items():
-        tensor = padded.get(name)
-        if tensor is None:
-            continue
-        tensor = _pad_columns(tensor, extra, padding_side, pad_id if fill is None else fill)
-        padded[name] = _pad_rows(tensor, max(rows - batch, 0))
+        if padded.get(name) is not None:
+            fill = pad_id if fill is None else fill
+            padded[name] = _pad_columns(padded[name], extra, padding_side, fill)
+    # the new padding columns need position ids counted over real tokens, as any padded batch
+    if padded.get("attention_mask") is not None:
+        _add_padded_positions(padded, hf_model, model_input_names(hf_model))
+    for name in _PADDED_INPUTS:
+        if padded.get(name) is not None:
+            padded[name] = _pad_rows(padded[name], max(rows - batch, 0))
     return Padded(padded, batch, extra if padding_side == "left" else 0)
 
 

@@ -525,6 +525,16 @@ def _site_position(
     return -1 if chosen is None else chosen[example]
 
 
+def _rows_by_site(sites: Sequence[tuple], site_indices: Sequence[int]) -> dict[tuple, list[int]]:
+    """The rows of one forward grouped by the ``(layer, head)`` they patch (one write hook
+    each); ``site_indices[row]`` is the index in ``sites`` of that row's site."""
+    by_site: dict[tuple, list[int]] = {}
+    for row, site_index in enumerate(site_indices):
+        layer, head, _ = sites[site_index]
+        by_site.setdefault((layer, head), []).append(row)
+    return by_site
+
+
 def _batched_sweep(
     hm, clean, corrupt, point, sites, slots, chosen, batch_size, progress, metric_fn
 ):
@@ -541,10 +551,7 @@ def _batched_sweep(
             ex = torch.tensor([r[0] for r in chunk])
             batch = {k: v[ex] if isinstance(v, torch.Tensor) else v for k, v in corrupt.items()}
             hooks = []
-            by_site: dict[tuple, list[int]] = {}
-            for row, (_, site_index) in enumerate(chunk):
-                layer, head, _ = sites[site_index]
-                by_site.setdefault((layer, head), []).append(row)
+            by_site = _rows_by_site(sites, [site_index for _, site_index in chunk])
             for (layer, head), site_rows in by_site.items():
                 rows_t = torch.tensor(site_rows)
                 positions, values = [], []
@@ -565,26 +572,19 @@ def _batched_sweep(
     return results, forwards
 
 
-def _patched_positions(slots: Any, chosen, example: int, slot: int | None) -> list[int]:
-    """The absolute positions a site patches in ``example``: its slot's position, the chosen
-    positions, or every real position (patching padding changes no real token)."""
-    if slot is not None:
-        return [int(slots.index[example, slot])]
-    if chosen is not None:
-        return list(chosen[example])
-    return slots.index[example][slots.mask[example]].tolist()
-
-
 def _reusing_rows(point, sites, slots, chosen, examples: int) -> list[tuple]:
     """Every (example, site) row as ``(SweepRow, site index, positions)``, sorted so that rows
     of one forward share their first position and are ordered by their first changed layer.
     A ``resid_out`` patch first changes layer ``l + 1`` (layer ``l`` is replayed, then
     written); every other point is inside layer ``l``."""
     shift = 1 if point == "resid_out" else 0
+    slot_positions = slots.index.tolist()  # [N][P] absolute position of each slot
+    if chosen is None:  # a site without a slot patches every real position (not padding)
+        chosen = [slots.index[e][slots.mask[e]].tolist() for e in range(examples)]
     rows = []
     for example in range(examples):
         for index, (layer, _, slot) in enumerate(sites):
-            positions = _patched_positions(slots, chosen, example, slot)
+            positions = list(chosen[example]) if slot is None else [slot_positions[example][slot]]
             row = SweepRow(example, layer + shift, min(positions))
             rows.append((row, index, positions))
     order = sorted(range(len(rows)), key=lambda i: (rows[i][0].start, rows[i][0].first_layer))
@@ -600,7 +600,8 @@ def _reusing_sweep(
     layers below their first changed layer. Same grid as :func:`_batched_sweep`."""
     clean_acts = _full_activations(hm, clean, point, sorted({s[0] for s in sites}), point == "head")
     mask = corrupt["attention_mask"]
-    last = (mask.shape[1] - 1 - mask.flip(1).long().argmax(1)).cpu()  # last real token per row
+    last = resolve_positions(["last"], mask).index[:, 0]  # [N] last real token (absolute, CPU)
+    real = mask.cpu()  # for the progress bar's token counts, without a device sync per forward
     rows = _reusing_rows(point, sites, slots, chosen, clean["input_ids"].shape[0])
     results = torch.empty(len(rows))
     chunks = _token_chunks(rows, batch_size, mask.shape[1])
@@ -613,7 +614,7 @@ def _reusing_sweep(
             logits = run_rows(hm, corrupt, run, [item[0] for item in chunk], hooks, last[ex])
             results[torch.tensor([item[3] for item in chunk])] = metric_fn(logits, ex)
             # tokens actually fed: each row from the chunk's first start on
-            fed = int((mask[ex][:, start:]).sum())
+            fed = int(real[ex, start:].sum())
             bar.update(len(chunk), fed)
     return results, len(chunks)
 
@@ -638,12 +639,8 @@ def _token_chunks(rows: list[tuple], batch_size: int, seq: int) -> list[list[tup
 def _window_writes(hm, point, sites, chunk, clean_acts, start: int) -> list[ModuleHook]:
     """One write hook per patched site of a chunk: the clean values at each row's positions,
     counted from ``start`` (the first position the forward feeds)."""
-    by_site: dict[tuple, list[int]] = {}
-    for row, item in enumerate(chunk):
-        layer, head, _ = sites[item[1]]
-        by_site.setdefault((layer, head), []).append(row)
     hooks = []
-    for (layer, head), site_rows in by_site.items():
+    for (layer, head), site_rows in _rows_by_site(sites, [item[1] for item in chunk]).items():
         positions, values = [], []
         for row in site_rows:
             example, absolute = chunk[row][0].example, chunk[row][2]
