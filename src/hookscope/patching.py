@@ -31,7 +31,7 @@ from .hooks import ModuleHook, reading_hook, replacing_hook
 from .interventions import Patch
 from .points import Point
 from .positions import resolve_positions
-from .progress import ProgressBar, real_tokens
+from .progress import ProgressBar
 from .sweep_reuse import CorruptRun, SweepRow, record_corrupt_run, reuse_blocker, run_rows
 
 Metric = Literal["logit_diff", "prob", "kl"]
@@ -545,6 +545,8 @@ def _batched_sweep(
     rows = [(ex, site) for ex in range(examples) for site in range(len(sites))]
     results = torch.empty(len(rows))
     forwards = math.ceil(len(rows) / batch_size)
+    # real tokens per example on the host: the progress bar's counts without a device sync
+    real_per_example = corrupt["attention_mask"].sum(1).cpu()
     with ProgressBar(len(rows), "patching sweep", progress, unit="row") as bar:
         for chunk_index in range(forwards):
             chunk = rows[chunk_index * batch_size : (chunk_index + 1) * batch_size]
@@ -568,7 +570,7 @@ def _batched_sweep(
             results[chunk_index * batch_size : chunk_index * batch_size + len(chunk)] = metric_fn(
                 logits, ex
             )
-            bar.update(len(chunk), real_tokens(batch))
+            bar.update(len(chunk), int(real_per_example[ex].sum()))
     return results, forwards
 
 
