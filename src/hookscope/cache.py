@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +30,10 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .errors import HookscopeError
 from .points import Point, TLName, parse_point, point_alias, point_key, recorded_tl_name
+from .safetensors_files import write_safetensors
 
 METADATA_KEYS = ("mapping_index", "batch_saver")
 _FORMAT = "hookscope.ActivationCache/1"
@@ -411,17 +410,30 @@ class ActivationCache(MutableMapping):
         ``metadata``: extra string entries for the file's header (the store's fingerprints).
         """
         path = Path(path)
+        self.save_sha256(path, metadata)
+        return path
+
+    def save_sha256(
+        self,
+        path: str | os.PathLike,
+        metadata: dict[str, str] | None = None,
+        atomic: bool = True,
+    ) -> str:
+        """:meth:`save`, returning the sha256 of the file written (computed from the bytes on
+        their way: the store's checksum without reading the shard back). ``atomic=False``
+        writes ``path`` in place (the store's shards: no manifest names them yet)."""
+        path = Path(path)
         if path.is_dir():
             raise HookscopeError(
                 f"cannot save the cache to {str(path)!r}: it is a folder; give a file path such "
                 "as 'cache.safetensors'."
             )
-        tensors = {k: v.detach().contiguous().clone() for k, v in self.tensors().items()}
+        tensors = dict(self.tensors())
         saver = self._data.get("batch_saver") or {}
         saver_json = {}
         for key, value in saver.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"batch_saver/{key}"] = value.detach().contiguous().clone()
+                tensors[f"batch_saver/{key}"] = value
             else:
                 try:
                     saver_json[key] = json.loads(json.dumps(value))
@@ -431,7 +443,7 @@ class ActivationCache(MutableMapping):
                         "nor JSON-serialisable; hookscope never pickles."
                     ) from error
         for key, count in self._counts.items():
-            tensors[f"running_count/{key}"] = count.detach().contiguous().clone()
+            tensors[f"running_count/{key}"] = count
         mapping = self._data.get("mapping_index")
         metadata = {
             "format": _FORMAT,
@@ -445,16 +457,7 @@ class ActivationCache(MutableMapping):
         }
         if self.tl_names is not None:
             metadata["tl_names"] = json.dumps(self.tl_names)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(handle)
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        return path
+        return write_safetensors(path, tensors, metadata, atomic=atomic)
 
     def _json_values(self) -> dict[str, Any]:
         """Every value that is not a tensor (``batch_saver`` aside), tagged for JSON so that

@@ -71,7 +71,6 @@ try:
     import fcntl
 except ImportError:  # Windows
     fcntl = None
-from safetensors.torch import save_file
 
 from .cache import (
     ActivationCache,
@@ -81,6 +80,7 @@ from .cache import (
     read_safetensors_header,
 )
 from .errors import HookscopeError, StoreError
+from .safetensors_files import write_safetensors
 from .store_io import BackgroundWriter, StagedBatch, store_dtype_of, to_store_dtype
 
 MANIFEST = "manifest.json"
@@ -229,6 +229,24 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def _chan_merge(
+    old_n: torch.Tensor,
+    old_mean: torch.Tensor,
+    old_m2: torch.Tensor,
+    n: torch.Tensor,
+    mean: torch.Tensor,
+    m2: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Chan et al.'s parallel update: two summaries (counts [..., P], means and M2 [..., P, d])
+    of disjoint sets of examples -> the summary of both (leading dimensions broadcast)."""
+    a, b = old_n.unsqueeze(-1), n.unsqueeze(-1)
+    total = a + b
+    delta = mean - old_mean
+    new_mean = old_mean + delta * b / total.clamp(min=1)
+    new_m2 = old_m2 + m2 + delta**2 * a * b / total.clamp(min=1)
+    return total.squeeze(-1), new_mean, new_m2
+
+
 class RunningStats:
     """Count, mean and M2 per point and position slot, merged batch by batch (Chan et al.)."""
 
@@ -238,14 +256,14 @@ class RunningStats:
         self.m2: dict[str, torch.Tensor] = {}
 
     def update(self, cache: ActivationCache) -> None:
-        """Add one batch: every ``[batch, P, d]`` activation, over its real slots."""
-        mask = cache["position_mask"].to(torch.float64)  # [batch, P]
+        """Add one batch: every ``[batch, P, d]`` activation, over its real slots. (One point at
+        a time: small operations stay on the writer thread, off the forward's threads.)"""
+        weight = cache["position_mask"].to(torch.float64).cpu().unsqueeze(-1)  # [batch, P, 1]
+        n = weight.sum(0)  # [P, 1]
         for key, value in cache.tensors().items():
             if key in _NOT_STATS or key.startswith("batch_saver") or value.dim() != 3:
                 continue
             x = value.detach().to(torch.float64).cpu()
-            weight = mask.unsqueeze(-1)
-            n = weight.sum(0)  # [P, 1]
             mean = (x * weight).sum(0) / n.clamp(min=1)
             self._combine(key, n.squeeze(-1), mean, (((x - mean) ** 2) * weight).sum(0))
 
@@ -259,6 +277,12 @@ class RunningStats:
         if key not in self.count:
             self.count[key], self.mean[key], self.m2[key] = n, mean, m2
             return
+        self._same_slots(key, n)
+        self.count[key], self.mean[key], self.m2[key] = _chan_merge(
+            self.count[key], self.mean[key], self.m2[key], n, mean, m2
+        )
+
+    def _same_slots(self, key: str, n: torch.Tensor) -> None:
         if self.count[key].shape != n.shape:
             raise StoreError(
                 f"running statistics of {key!r} need the same position slots in every batch, "
@@ -266,12 +290,6 @@ class RunningStats:
                 "the prompt (e.g. 'all', text anchors) cannot be streamed to a store; use fixed "
                 "positions (e.g. 'last', 0, -1) or hold the result in memory (no output_dir)."
             )
-        old_n, new_n = self.count[key].unsqueeze(-1), n.unsqueeze(-1)
-        total = old_n + new_n
-        delta = mean - self.mean[key]
-        self.mean[key] = self.mean[key] + delta * new_n / total.clamp(min=1)
-        self.m2[key] = self.m2[key] + m2 + delta**2 * old_n * new_n / total.clamp(min=1)
-        self.count[key] = total.squeeze(-1)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -754,8 +772,7 @@ class StoreWriter:
             self.stats = RunningStats()
             for kept in self.manifest["shards"]:
                 self.stats.update(ActivationCache.load(self.folder / kept["file"]))
-            previous = self._save_stats(self.completed_batches - 1)
-            checksum = _sha256(self.folder / previous)
+            previous, checksum = self._save_stats(self.completed_batches - 1)
         else:
             self.stats = _read_stats(self.folder, self.manifest, "previous_stats")
             checksum = self.manifest.get("previous_stats_sha256")
@@ -820,26 +837,27 @@ class StoreWriter:
         temporary file and renames it, so a failure or a kill at any step leaves the last
         commit as it was. The in-memory manifest changes only once the files are written."""
         name = f"shard-{index:05d}.safetensors"
-        path = cache.save(
-            self.folder / name, metadata={"example_fingerprints": json.dumps(fingerprints)}
+        path = self.folder / name
+        shard_sha256 = cache.save_sha256(  # in place: the manifest names it only once written
+            path, metadata={"example_fingerprints": json.dumps(fingerprints)}, atomic=False
         )
         stats = RunningStats()
         stats.merge(self.stats)
         stats.update(cache)
-        stats_name = self._save_stats(index, stats)
+        stats_name, stats_sha256 = self._save_stats(index, stats)
         manifest = json.loads(json.dumps(self.manifest))
         stale = manifest.get("previous_stats")
         manifest["previous_stats"] = manifest["stats"]
         manifest["stats"] = stats_name
         manifest["previous_stats_sha256"] = manifest.get("stats_sha256")
-        manifest["stats_sha256"] = _sha256(self.folder / stats_name)
+        manifest["stats_sha256"] = stats_sha256
         start = self.examples
         manifest["shards"].append(
             {
                 "file": name,
                 "examples": [start, start + len(fingerprints)],
                 "bytes": path.stat().st_size,
-                "sha256": _sha256(path),
+                "sha256": shard_sha256,
                 "data_sha256": _digest(fingerprints),
             }
         )
@@ -851,15 +869,12 @@ class StoreWriter:
         self.manifest, self.stats = manifest, stats
         return stale
 
-    def _save_stats(self, index: int, stats: RunningStats | None = None) -> str:
+    def _save_stats(self, index: int, stats: RunningStats | None = None) -> tuple[str, str]:
         """Write the running statistics (``stats``, default the writer's) as of shard
-        ``index``; returns the file name."""
+        ``index``; returns the file name and its sha256."""
         name = f"stats-{index:05d}.safetensors"
-        tmp = self.folder / f".{name}.tmp"
         tensors = (stats or self.stats).tensors()
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, self.folder / name)
-        return name
+        return name, write_safetensors(self.folder / name, tensors, atomic=False)
 
     @_releases_on_error
     def finish(self) -> ActivationStore:
