@@ -229,6 +229,20 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def slot_count_error(first: int, then: int, where: str, state: str = "") -> StoreError:
+    """The error for batches of different position slot counts (``"all"`` over prompts of
+    varied lengths): a store keeps one slot count ``P`` for every shard (its statistics, its
+    readers and its export are ``[examples, P, ...]``). ``where`` names the batches, ``state``
+    says what the folder holds now."""
+    return StoreError(
+        f"a store needs the same number of position slots in every batch, but {where} got "
+        f"{first} then {then}: positions whose slot count follows the prompt (e.g. 'all', text "
+        "anchors) cannot be streamed to a store; use fixed positions (e.g. 'last', 0, -1), "
+        "average them (extract_avg=True), or hold the result in memory (no output_dir)."
+        + (f" {state}" if state else "")
+    )
+
+
 class RunningStats:
     """Count, mean and M2 per point and position slot, merged batch by batch (Chan et al.)."""
 
@@ -260,11 +274,8 @@ class RunningStats:
             self.count[key], self.mean[key], self.m2[key] = n, mean, m2
             return
         if self.count[key].shape != n.shape:
-            raise StoreError(
-                f"running statistics of {key!r} need the same position slots in every batch, "
-                f"got {len(self.count[key])} then {len(n)}: positions whose slot count follows "
-                "the prompt (e.g. 'all', text anchors) cannot be streamed to a store; use fixed "
-                "positions (e.g. 'last', 0, -1) or hold the result in memory (no output_dir)."
+            raise slot_count_error(
+                len(self.count[key]), len(n), f"the running statistics of {key!r}"
             )
         old_n, new_n = self.count[key].unsqueeze(-1), n.unsqueeze(-1)
         total = old_n + new_n
@@ -518,6 +529,11 @@ class StoreWriter:
                 "replace it: pass a folder path."
             )
         self.folder.mkdir(parents=True, exist_ok=True)
+        self._created = False  # True once _open makes a new store (none before, or overwrite)
+        self._opened_complete: tuple[int, bool] | None = (
+            None  # a resumed store's (shards, complete)
+        )
+        self._slots: int | None = None  # the store's position slot count, once known
         self._lock = _FolderLock(self.folder)
         try:
             self._open(json.loads(json.dumps(description)), overwrite)
@@ -551,6 +567,7 @@ class StoreWriter:
         }
         self.stats = RunningStats()
         _write_json(path, self.manifest)  # the commit point: from here the folder is the new store
+        self._created = True
         if old is not None:
             _remove_store_files(self.folder, self.manifest, replaced=old)
 
@@ -590,6 +607,7 @@ class StoreWriter:
                 "resuming it cannot be checked; use overwrite=True to write it again."
             )
         self.manifest = manifest
+        self._opened_complete = (len(manifest["shards"]), bool(manifest.get("complete")))
         self.stats = _read_stats(self.folder, manifest, "stats")
         _remove_store_files(self.folder, manifest)  # files of a batch killed before its commit
 
@@ -782,9 +800,10 @@ class StoreWriter:
             raise StoreError(f"write() needs check_batch({index}, batch) first.")
         fingerprints = self._pending[1]
         staged = cache if isinstance(cache, StagedBatch) else StagedBatch(cache, None, [], None)
-        rows = len(staged.cache["position_mask"])
+        rows, slots = staged.cache["position_mask"].shape[:2]
         if rows != len(fingerprints):
             raise StoreError(f"batch {index} has {rows} rows but {len(fingerprints)} were checked.")
+        self._check_slot_count(index, slots)
         job = (index, staged, fingerprints)
         if self._in_background:
             if self._background is None:
@@ -794,6 +813,57 @@ class StoreWriter:
             self._commit_job(job)
         self._next_batch, self._next_example = index + 1, self._next_example + rows
         self._pending = None
+
+    def _check_slot_count(self, index: int, slots: int) -> None:
+        """Refuse batch ``index`` before it is queued when its position slot count is not the
+        store's (a store keeps one: see :func:`slot_count_error`). The batches queued before
+        it are committed first; then a store this writer created is removed (the folder is as
+        before the call, so the same call with valid arguments works there), an older one is
+        left at its last commit.
+
+        Raises:
+            StoreError: naming both slot counts, the ways out and what the folder holds.
+        """
+        if self._slots is None:
+            self._slots = self._committed_slots() or slots
+        if slots == self._slots:
+            return
+        failure = self._stop_background()
+        if self._created:
+            self._remove_new_store()
+            state = (
+                f"Nothing was kept: the store this run began in {self.folder} was removed (the "
+                "folder holds no store, as before the run)."
+            )
+        else:
+            if self._opened_complete == (self.completed_batches, True):
+                self.manifest["complete"] = True  # nothing appended: complete, as it was
+                _write_json(self.folder / MANIFEST, self.manifest)
+            state = (
+                f"The store in {self.folder} is left at its last commit ({self.examples} "
+                "examples); overwrite=True replaces it."
+            )
+        where = f"the batches for {self.folder} (batch {index})"
+        error = slot_count_error(self._slots, slots, where, state)
+        if failure is not None:
+            error.add_note(f"The store's writer thread had failed too: {failure}")
+        raise error
+
+    def _committed_slots(self) -> int | None:
+        """The position slot count of the store's first committed shard (None: no shard)."""
+        if not self.manifest["shards"]:
+            return None
+        path = confined(self.folder, self.manifest["shards"][0]["file"], "a shard's file")
+        shape = _read_header(path)[0].get("position_mask", {}).get("shape") or []
+        return shape[1] if len(shape) == 2 else None
+
+    def _remove_new_store(self) -> None:
+        """Delete the store this writer created: its manifest first (from then the folder
+        holds no store), then hookscope's own shard and statistics files."""
+        (self.folder / MANIFEST).unlink(missing_ok=True)
+        for pattern in _OWN_FILES:
+            for path in self.folder.glob(pattern):
+                path.unlink(missing_ok=True)
 
     def _commit_job(self, job: tuple[int, StagedBatch, list[str]]) -> None:
         """Commit one batch (on the writer thread with ``background=True``)."""

@@ -1,0 +1,132 @@
+"""The store under misuse and interruption: a refused run leaves the folder usable.
+
+Ground truths: the tokenizer's own lengths (the slot counts of ``"all"``), an in-memory
+``extract_cache`` of the same call, and the files in the folder.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import VOCAB, build_model, build_tokenizer
+
+from hookscope import ExtractionConfig, HookedModel
+from hookscope.store import MANIFEST, ActivationStore, StoreError
+
+CONFIG = ExtractionConfig.from_names(["resid_out_1"], save_logits=False)
+TEXTS = ["The cat sat on the mat", "A dog", "The capital of France is Paris", "Hello world"]
+
+
+@pytest.fixture(scope="module")
+def hm():
+    model = HookedModel.from_hf(build_model("llama"), build_tokenizer())
+    model.config.batch_size = 1
+    return model
+
+
+def store_files(folder) -> list[str]:
+    """hookscope's own files in ``folder`` (its manifest, shards and statistics)."""
+    if not folder.exists():
+        return []
+    names = [p.name for p in folder.iterdir()]
+    return sorted(n for n in names if n == MANIFEST or n.startswith(("shard-", "stats-")))
+
+
+def batches_of_lengths(lengths: list[int], seed: int = 0) -> list[dict]:
+    """One tokenized batch of one full-length example per length (its ``"all"`` slot count)."""
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        {
+            "input_ids": torch.randint(3, VOCAB, (1, n), generator=generator),
+            "attention_mask": torch.ones(1, n, dtype=torch.long),
+        }
+        for n in lengths
+    ]
+
+
+def assert_equals_in_memory(hm, store, data, positions) -> None:
+    expected = hm.extract_cache(data, positions, extraction_config=CONFIG)
+    assert len(store) == len(expected["resid_out_1"])
+    assert torch.equal(store["resid_out_1"], expected["resid_out_1"])
+    assert torch.equal(store["position_mask"], expected["position_mask"])
+
+
+# -- "all" over prompts of varied lengths ------------------------------------------------------
+def test_all_over_a_list_of_varied_texts_is_refused_before_anything_is_written(hm, tmp_path):
+    folder = tmp_path / "all"
+    lengths = [len(ids) for ids in hm.tokenizer(TEXTS)["input_ids"]]
+    assert lengths[0] != lengths[1]  # batch 0 and batch 1 differ: the first mismatch
+    with pytest.raises(StoreError) as caught:
+        hm.extract_cache(TEXTS, ["all"], extraction_config=CONFIG, output_dir=folder)
+    message = str(caught.value)
+    assert f"got {lengths[0]} then {lengths[1]}" in message
+    assert "'all'" in message and "no output_dir" in message and "extract_avg=True" in message
+    assert "Nothing was written" in message
+    assert store_files(folder) == []
+    # the same call with valid positions works in the same folder, without overwrite
+    store = hm.extract_cache(TEXTS, ["last", 0], extraction_config=CONFIG, output_dir=folder)
+    assert store.complete
+    assert_equals_in_memory(hm, store, TEXTS, ["last", 0])
+
+
+def test_a_list_of_tokenized_batches_of_varied_lengths_is_refused_before_writing(hm, tmp_path):
+    folder = tmp_path / "batches"
+    batches = batches_of_lengths([7, 7, 4])
+    with pytest.raises(StoreError, match=r"\(batch 0, batch 2\) got 7 then 4.*Nothing was written"):
+        hm.extract_cache(batches, ["all"], extraction_config=CONFIG, output_dir=folder)
+    assert store_files(folder) == []
+    # the same batches of one length are fine (no false refusal)
+    store = hm.extract_cache(batches[:2], ["all"], extraction_config=CONFIG, output_dir=folder)
+    assert_equals_in_memory(hm, store, batches[:2], ["all"])
+
+
+def test_a_stream_of_varied_lengths_removes_the_store_it_began(hm, tmp_path):
+    # a generator cannot be read twice: the mismatch is found at batch 2, after batches 0 and 1
+    # were committed (on the writer thread); the new store is removed, nothing is half-written
+    folder = tmp_path / "stream"
+    batches = batches_of_lengths([6, 6, 3, 6])
+    with pytest.raises(StoreError) as caught:
+        hm.extract_cache(iter(batches), ["all"], extraction_config=CONFIG, output_dir=folder)
+    message = str(caught.value)
+    assert "got 6 then 3" in message and "(batch 2)" in message and "no output_dir" in message
+    assert "was removed" in message
+    assert store_files(folder) == []
+    # the same call with valid arguments works there, without overwrite ...
+    store = hm.extract_cache(iter(batches), ["last"], extraction_config=CONFIG, output_dir=folder)
+    assert_equals_in_memory(hm, store, batches, ["last"])
+    # ... and so does overwrite=True after another refused run on top of that store
+    with pytest.raises(StoreError, match="got 6 then 3"):
+        hm.extract_cache(
+            iter(batches), ["all"], extraction_config=CONFIG, output_dir=folder, overwrite=True
+        )
+    assert store_files(folder) == []
+    store = hm.extract_cache(
+        iter(batches[:2]), ["all"], extraction_config=CONFIG, output_dir=folder, overwrite=True
+    )
+    assert_equals_in_memory(hm, store, batches[:2], ["all"])
+
+
+def test_appending_another_slot_count_leaves_the_older_store_as_it_was(hm, tmp_path):
+    folder = tmp_path / "append"
+    batches = batches_of_lengths([5, 5, 2])
+    hm.extract_cache(iter(batches[:2]), ["all"], extraction_config=CONFIG, output_dir=folder)
+    before = {name: (folder / name).read_bytes() for name in store_files(folder)}
+    with pytest.raises(StoreError, match=r"got 5 then 2.*left at its last commit \(2 examples\)"):
+        hm.extract_cache(iter(batches), ["all"], extraction_config=CONFIG, output_dir=folder)
+    after = {name: (folder / name).read_bytes() for name in store_files(folder)}
+    assert after == before  # the complete store of the first run, byte for byte
+    store = ActivationStore.open(folder)
+    assert store.complete
+    assert_equals_in_memory(hm, store, batches[:2], ["all"])
+
+
+def test_averaged_all_positions_stream_to_a_store(hm, tmp_path):
+    # extract_avg: one slot per item whatever the prompt's length, so nothing is refused
+    config = ExtractionConfig.from_names(["resid_out_1"], save_logits=False, extract_avg=True)
+    store = hm.extract_cache(TEXTS, ["all"], extraction_config=config, output_dir=tmp_path / "a")
+    expected = hm.extract_cache(TEXTS, ["all"], extraction_config=config)
+    assert torch.equal(store["resid_out_1"], expected["resid_out_1"])
+    by_hand = torch.stack(
+        [hm.forward(t, ["all"], extraction_config=CONFIG)["resid_out_1"][0].mean(0) for t in TEXTS]
+    )
+    torch.testing.assert_close(store["resid_out_1"][:, 0], by_hand)
