@@ -6,12 +6,18 @@ Ground truths: the tokenizer's own lengths (the slot counts of ``"all"``), an in
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
+
 import pytest
 import torch
 from tiny_models import VOCAB, build_model, build_tokenizer
 
 from hookscope import ExtractionConfig, HookedModel
-from hookscope.store import MANIFEST, ActivationStore, StoreError
+from hookscope import store as store_module
+from hookscope.cache import ActivationCache
+from hookscope.store import LOCK, MANIFEST, ActivationStore, StoreError, StoreWriter
 
 CONFIG = ExtractionConfig.from_names(["resid_out_1"], save_logits=False)
 TEXTS = ["The cat sat on the mat", "A dog", "The capital of France is Paris", "Hello world"]
@@ -130,3 +136,89 @@ def test_averaged_all_positions_stream_to_a_store(hm, tmp_path):
         [hm.forward(t, ["all"], extraction_config=CONFIG)["resid_out_1"][0].mean(0) for t in TEXTS]
     )
     torch.testing.assert_close(store["resid_out_1"][:, 0], by_hand)
+
+
+# -- a second Ctrl-C while the writer thread is joined -----------------------------------------
+def small_batch(step: int) -> tuple[dict, ActivationCache]:
+    """A batch of 2 examples (its token ids) and its cache ``resid_out_1 [2, 3, 4]``."""
+    generator = torch.Generator().manual_seed(step)
+    ids = {"input_ids": torch.tensor([[3 + step, 4, 5], [6, 7 + step, 8]])}
+    cache = ActivationCache(
+        {
+            "resid_out_1": torch.randn(2, 3, 4, generator=generator),
+            "position_mask": torch.ones(2, 3, dtype=torch.bool),
+            "mapping_index": {"all": [0, 1, 2]},
+        }
+    )
+    return ids, cache
+
+
+def lock_is_free(folder) -> bool:
+    """Whether an exclusive flock on the folder's lock file can be taken now (flock locks belong
+    to an open file, so another open of the file in this process conflicts too)."""
+    import fcntl
+
+    fd = os.open(folder / LOCK, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock: POSIX only")
+def test_a_second_ctrl_c_while_the_writer_is_joined_still_releases_the_folder(
+    tmp_path, monkeypatch
+):
+    folder = tmp_path / "s"
+    gate, committing = threading.Event(), threading.Event()
+    real_commit = StoreWriter._commit
+
+    def slow_commit(self, index, cache, fingerprints):
+        if index == 1:  # batch 1 blocks on the writer thread until the test lets it go
+            committing.set()
+            assert gate.wait(20)
+        return real_commit(self, index, cache, fingerprints)
+
+    monkeypatch.setattr(StoreWriter, "_commit", slow_commit)
+    writer = StoreWriter(folder, {"what": 1}, background=True)
+    batches = [small_batch(step) for step in range(3)]
+    for index, (ids, cache) in enumerate(batches):
+        assert writer.check_batch(index, ids) is False
+        writer.write(cache)
+        if index == 0:
+            writer.flush()  # batch 0 committed
+    assert committing.wait(20)  # batch 1 is being committed, batch 2 waits in the queue
+    thread = writer._background._thread
+    real_join, joins = thread.join, []
+
+    def join(timeout=None):  # Ctrl-C twice while joined, then the commit may finish
+        joins.append(timeout)
+        if len(joins) <= 2:
+            raise KeyboardInterrupt(f"Ctrl-C {len(joins) + 1}")
+        gate.set()
+        return real_join(timeout)
+
+    monkeypatch.setattr(thread, "join", join)
+    first = KeyboardInterrupt("Ctrl-C 1")  # in the caller's loop: it aborts the writer
+    with pytest.raises(KeyboardInterrupt, match="Ctrl-C 2"):
+        writer.abort(first)
+    assert len(joins) == 3 and not thread.is_alive()
+    # the folder is released: no holder in this process, the flock free, the lock file empty
+    assert str(folder.resolve()) not in store_module._HELD
+    assert lock_is_free(folder) and (folder / LOCK).read_bytes() == b""
+    # a writer in another thread opens it (a held lock refuses another thread) and resumes
+    opened = []
+    other = threading.Thread(target=lambda: opened.append(StoreWriter(folder, {"what": 1})))
+    other.start()
+    other.join()
+    assert len(opened) == 1 and opened[0].completed_batches == 2
+    opened[0].close()
+    # batch 1 (being committed) finished; batch 2 (not begun) was dropped; both shards intact
+    with pytest.warns(UserWarning, match="incomplete store"):
+        store = ActivationStore.open(folder)
+    store.verify()
+    expected = torch.cat([batches[0][1]["resid_out_1"], batches[1][1]["resid_out_1"]])
+    assert len(store) == 4 and torch.equal(store["resid_out_1"], expected)

@@ -11,7 +11,8 @@ Layout of an output folder::
 ``extract_cache`` commits each batch on a writer thread while the next batch's forward runs (at
 most two batches wait; :class:`~hookscope.store_io.BackgroundWriter`): an error there is raised
 in the caller at the next batch or at the end, and the batches queued before an error in the
-caller are committed before it propagates. With ``store_dtype`` ("float16", "bfloat16",
+caller are committed before it propagates (a second Ctrl-C while they are committed drops the
+ones not begun yet; the folder's lock is released in every case). With ``store_dtype`` ("float16", "bfloat16",
 "float32") the activations are stored in that dtype (the description records it, so a resume
 must ask the same; the running statistics are those of the stored values);
 ``store.read(key, dtype=...)`` converts on reading.
@@ -445,10 +446,17 @@ class _FolderLock:
         once the owner's queued batches are committed."""
         if self.fd is None:
             return
-        if self.before_release is not None:  # a weak reference: the lock keeps no writer alive
-            stop, self.before_release = self.before_release(), None
-            if stop is not None:
-                stop()
+        try:
+            if self.before_release is not None:  # a weak reference: the lock keeps no writer alive
+                stop, self.before_release = self.before_release(), None
+                if stop is not None:
+                    stop()
+        finally:  # dropped even when a Ctrl-C interrupts the wait for the writer thread
+            self._drop()
+
+    def _drop(self) -> None:
+        if self.fd is None:
+            return
         if _HELD.get(self.key) is self:
             del _HELD[self.key]
         os.ftruncate(self.fd, 0)
@@ -632,16 +640,20 @@ class StoreWriter:
         Raises:
             StoreError: a queued batch failed to commit and was not reported yet.
         """
-        failure = self._stop_background()
-        self._lock.release()
+        try:
+            failure = self._stop_background()
+        finally:  # also on a KeyboardInterrupt while the writer thread is joined
+            self._lock.release()
         if failure is not None:
             raise failure
 
     def abort(self, error: BaseException) -> None:
         """Like :meth:`close`, while ``error`` is being raised: a failure of the writer thread
         not reported yet is attached to ``error`` as a note (and chained), never dropped."""
-        failure = self._stop_background()
-        self._lock.release()
+        try:
+            failure = self._stop_background()
+        finally:  # also on a second Ctrl-C while the writer thread is joined
+            self._lock.release()
         if failure is not None and failure is not error:
             error.add_note(f"The store's writer thread had failed too: {failure}")
             if error.__context__ is None:
