@@ -222,3 +222,48 @@ def test_a_second_ctrl_c_while_the_writer_is_joined_still_releases_the_folder(
     store.verify()
     expected = torch.cat([batches[0][1]["resid_out_1"], batches[1][1]["resid_out_1"]])
     assert len(store) == 4 and torch.equal(store["resid_out_1"], expected)
+
+
+# -- one rule for each row's example index ------------------------------------------------------
+def test_every_reader_puts_the_rows_of_a_combined_store_in_dataset_order(hm, tmp_path):
+    # two part stores (as extract_distributed's workers write them: each counts its examples
+    # from 0, its shards hold them sorted by length) combined with an index_offset per shard
+    pytest.importorskip("pyarrow")
+    from hookscope.distributed import _combine_parts
+    from hookscope.export import to_arrow
+
+    records = [{"text": text, "id": i} for i, text in enumerate(TEXTS * 2 + ["A cat"])]
+    config = ExtractionConfig.from_names(["resid_out_1"], save_logits=False)
+    options = {
+        "extraction_config": config,
+        "sort_by_length": True,
+        "batch_saver": lambda batch: {"id": torch.tensor([r["id"] for r in batch])},
+    }
+    hm.config.batch_size = 2
+    try:
+        parts = [tmp_path / "out" / "part-000", tmp_path / "out" / "part-001"]
+        hm.extract_cache(records[:5], ["last"], output_dir=parts[0], **options)
+        hm.extract_cache(records[5:], ["last"], output_dir=parts[1], **options)
+        in_memory = [
+            hm.extract_cache(part, ["last"], **options)["resid_out_1"]
+            for part in (records[:5], records[5:])
+        ]  # the same batches, merged in memory (dataset order)
+    finally:
+        hm.config.batch_size = 1
+    expected = torch.cat(in_memory)
+    by_hand = torch.cat(
+        [hm.forward(r["text"], ["last"], extraction_config=config)["resid_out_1"] for r in records]
+    )
+    torch.testing.assert_close(expected, by_hand, rtol=1e-5, atol=1e-5)  # really that order
+    store = _combine_parts(tmp_path / "out", parts)
+    offsets = [shard.get("index_offset") for shard in store.manifest["shards"]]
+    assert offsets == [0] * 3 + [5] * 2
+    assert torch.equal(store["resid_out_1"], expected)
+    table = to_arrow(store)
+    assert table.column("example_index").to_pylist() == list(range(len(records)))
+    exported = torch.tensor(
+        table.column("resid_out_1").combine_chunks().flatten().flatten().to_numpy()
+    )
+    assert torch.equal(exported.reshape(expected.shape), expected)
+    odd = store.select(lambda fields: fields["id"] % 2 == 1)
+    assert odd.tolist() == [i for i in range(len(records)) if i % 2 == 1]

@@ -1131,11 +1131,11 @@ class ActivationStore:
             with _untrusted(path), safe_open(str(path), framework="pt") as handle:
                 metadata = handle.metadata() or {}
                 part: dict[str, Any] = {k: handle.get_tensor(k) for k in keys if k in handle.keys()}
-                if "batch_saver/example_index" in part:  # parts of a distributed store count from 0
-                    part["batch_saver/example_index"] = part[
-                        "batch_saver/example_index"
-                    ] + shard.get("index_offset", 0)
                 part["position_mask"] = handle.get_tensor("position_mask")
+                if "batch_saver/example_index" in part:
+                    part["batch_saver/example_index"] = shard_example_index(
+                        shard, part["batch_saver/example_index"], len(part["position_mask"])
+                    )
                 for key, value in part.items():
                     if value.dim() == 0 or len(value) != len(part["position_mask"]):
                         raise StoreError(
@@ -1220,10 +1220,12 @@ class ActivationStore:
         chosen = []
         for shard, cache in zip(self.manifest["shards"], self, strict=True):
             saver = cache.get("batch_saver") or {}
-            for row in range(len(cache["position_mask"])):
+            rows = len(cache["position_mask"])
+            index = shard_example_index(shard, saver.get("example_index"), rows)
+            for row in range(rows):
                 fields = {k: _item(v[row]) for k, v in saver.items()}
                 if predicate(fields):
-                    chosen.append(int(fields["example_index"]) + shard.get("index_offset", 0))
+                    chosen.append(int(index[row]))
         return torch.tensor(sorted(chosen), dtype=torch.long)
 
     def _repr_html_(self) -> str:
@@ -1236,6 +1238,18 @@ class ActivationStore:
         """``store[key]`` as a numpy array (float32 for half-precision tensors)."""
         value = self[key]
         return (value.float() if value.dtype in (torch.bfloat16, torch.float16) else value).numpy()
+
+
+def shard_example_index(shard: dict, saved: Any, rows: int) -> torch.Tensor:
+    """The dataset index of each row of a shard, ``[rows]`` int64: the ``example_index`` its
+    batch saved (the extraction's order; ``sort_by_length`` reorders rows) plus the shard's
+    ``index_offset`` (the parts of a distributed store count from 0), or, where none was saved,
+    the shard's example range in order. The one rule for every reader (``store[key]``,
+    :meth:`ActivationStore.select`, :mod:`hookscope.export`)."""
+    if isinstance(saved, torch.Tensor):
+        return saved.long() + shard.get("index_offset", 0)
+    low = shard["examples"][0]
+    return torch.arange(low, low + rows)
 
 
 def _item(value: Any) -> Any:
