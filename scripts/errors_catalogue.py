@@ -299,6 +299,15 @@ def collect() -> dict[str, list[tuple[str, str]]]:
                         "PositionError",
                         "position item … is out of range for example …, which has … real tokens (…).",
                     )
+                elif name == "slot_count_error":  # hookscope.store's helper, raised in two places
+                    name, text = (
+                        "StoreError",
+                        "a store needs the same number of position slots in every batch, but … "
+                        "got … then …: positions whose slot count follows the prompt (e.g. "
+                        "'all', text anchors) cannot be streamed to a store; use fixed positions "
+                        "(e.g. 'last', 0, -1), average them (extract_avg=True), or hold the result "
+                        "in memory (no output_dir). …",
+                    )
                 else:
                     text = _message(node.exc.args[0])
                 if text.strip("…") and (name, text) not in found.setdefault(module, []):

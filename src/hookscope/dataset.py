@@ -9,6 +9,7 @@ one call pipeline.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -21,10 +22,11 @@ from .errors import HookscopeError, InputError
 from .inputs import tokenize
 from .progress import ProgressBar, real_tokens
 from .reserve import ReservedResults, known_size
-from .store import ActivationStore, StoreWriter, describe
+from .store import ActivationStore, StoreWriter, describe, slot_count_error
 from .store_io import HostStager, store_dtype_of, to_store_dtype
 
 Batch = tuple[Any, torch.Tensor | None, list[dict] | None]
+_LAST_K = re.compile(r"^last-\d+$")
 _RESERVE = True  # in-memory results into buffers reserved once (False: the plain merge; benchmarks)
 
 
@@ -106,6 +108,14 @@ def iter_batches(
             torch.tensor(chosen) if sort_by_length else None,
             [dataloader[i] for i in chosen] if records else None,
         )
+
+
+def _fixed_width(item: Any) -> bool:
+    """Whether a position item selects exactly one token in every example (an int, "last",
+    "first", "last-k"), so its slot count cannot change from batch to batch."""
+    if isinstance(item, int) and not isinstance(item, bool):
+        return True
+    return isinstance(item, str) and (item in ("last", "first") or _LAST_K.match(item) is not None)
 
 
 def _check_sortable(interventions: list) -> None:
@@ -201,6 +211,7 @@ class DatasetRun:
     ) -> ActivationCache | ActivationStore:
         """Every batch in order: merged in memory, or streamed to a store at ``output_dir``."""
         if output_dir is not None:
+            self._check_slot_counts(dataloader, output_dir)  # before the folder is touched
             writer = self._writer(output_dir, overwrite)
             try:
                 self._loop(dataloader, writer, progress)
@@ -220,6 +231,52 @@ class DatasetRun:
         if self.sort_by_length and results is None:
             merged.reorder_rows(torch.argsort(merged["batch_saver"]["example_index"]))
         return merged
+
+    def _check_slot_counts(self, dataloader: Any, output_dir: Any) -> None:
+        """A store keeps one position slot count for every batch; where the positions' count
+        may follow the prompt (``"all"``, slices, text anchors...) and the dataset is a list
+        (strings, records or batches: it can be read twice), every batch is tokenised and its
+        positions resolved first, so a mismatch is refused before anything is written. Other
+        datasets are checked batch by batch as they are written (see
+        :meth:`StoreWriter.write`).
+
+        Raises:
+            StoreError: naming the first two batches whose slot counts differ.
+        """
+        if self.config.extract_avg or all(_fixed_width(item) for item in self.positions):
+            return
+        if not isinstance(dataloader, list) or not dataloader:
+            return
+        first = None
+        for index, slots in enumerate(self._slot_counts(dataloader)):
+            if slots is None:
+                return  # not resolvable here: the forward reports it, at that batch
+            if first is None:
+                first = slots
+            elif slots != first:
+                raise slot_count_error(
+                    first,
+                    slots,
+                    f"the batches of this dataset (batch 0, batch {index})",
+                    f"Nothing was written to {str(output_dir)!r}.",
+                )
+
+    def _slot_counts(self, dataloader: list) -> Iterator[int | None]:
+        """Each batch's position slot count, resolved from its tokens alone (no forward); None
+        for a batch whose positions do not resolve here."""
+        tokenizer = self.hm.get_text_tokenizer()
+        batches = iter_batches(
+            dataloader, tokenizer, self.hm.config.batch_size, self.sort_by_length
+        )
+        pivots = self.forward_options.get("pivot_positions")
+        seed = self.forward_options.get("seed", 0)
+        for batch, _, _ in batches:
+            try:
+                inputs = self.hm.prepare_inputs(batch, device="cpu")
+                context = self.hm.position_context(inputs, pivots, seed)
+                yield context.resolve(self.positions).mask.shape[1]
+            except HookscopeError:
+                yield None
 
     def _writer(self, output_dir: Any, overwrite: bool) -> StoreWriter:
         options = {

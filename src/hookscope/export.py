@@ -29,7 +29,13 @@ from safetensors import safe_open
 
 from .cache import ActivationCache
 from .errors import HookscopeError, InputError
-from .store import ActivationStore, _metadata_json, _read_header, _untrusted
+from .store import (
+    ActivationStore,
+    _metadata_json,
+    _read_header,
+    _untrusted,
+    shard_example_index,
+)
 from .store_io import store_dtype_of
 
 _NOT_POINTS = ("position_mask", "input_ids", "mapping_index", "batch_saver")
@@ -123,13 +129,7 @@ def _shard_part(path: Any, shard: dict) -> dict[str, Any]:
         }
     saver.update(_metadata_json(metadata, "batch_saver", {}, path, dict))
     rows = len(part["position_mask"])
-    low = shard["examples"][0]
-    index = saver.pop("example_index", None)
-    part["example_index"] = (
-        index.long() + shard.get("index_offset", 0)
-        if isinstance(index, torch.Tensor)
-        else torch.arange(low, low + rows)
-    )
+    part["example_index"] = shard_example_index(shard, saver.pop("example_index", None), rows)
     part["batch_saver"] = saver
     return part
 
@@ -140,7 +140,7 @@ def _cache_part(cache: ActivationCache, points: Sequence[str] | None) -> tuple[d
     index = saver.pop("example_index", None)
     part = {
         **cache.tensors(),
-        "example_index": index.long() if isinstance(index, torch.Tensor) else torch.arange(rows),
+        "example_index": shard_example_index({"examples": [0, rows]}, index, rows),
         "batch_saver": saver,
         "_keys": list(cache.tensors()),
         "_means": set(cache._counts),

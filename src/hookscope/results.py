@@ -5,11 +5,19 @@
 ``hookscope patch`` / ``hookscope lens`` save and ``hookscope report`` renders. A saved file is
 untrusted input: every field is checked (type, shape) and a bad one raises a
 :class:`~hookscope.errors.HookscopeError` naming the file and the field; nothing is unpickled.
+
+The files are strict JSON (any JSON parser reads them). JSON has no literal for NaN or
+infinity, so a non-finite number is written as the string ``"NaN"``, ``"Infinity"`` or
+``"-Infinity"``; in the number grids (values, metrics, probabilities, KL...) these strings are
+read back as the float they stand for, so a round trip keeps NaN and +/-inf exactly. (In
+``context``, free-form metadata, such a float is saved as that string and read back as the
+string.) Files written by older versions with bare ``NaN`` / ``Infinity`` literals still load.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -493,11 +501,39 @@ def notebook_section(result: Any) -> str:
 
 
 # -- saved results -----------------------------------------------------------------------------
+# strict JSON has no NaN / Infinity literals: non-finite numbers are saved as these strings
+_NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _finite_json(value: Any) -> Any:
+    """``value`` (nested dicts / lists of JSON values) with every non-finite float replaced by
+    its string in ``_NON_FINITE`` (what strict JSON can hold)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {key: _finite_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_json(item) for item in value]
+    return value
+
+
+def _numbers(value: Any) -> Any:
+    """A number grid read from a file: the strings of ``_NON_FINITE`` back to their floats
+    (anything else is left for the caller to refuse)."""
+    if isinstance(value, str):
+        return _NON_FINITE.get(value, value)
+    if isinstance(value, list):
+        return [_numbers(item) for item in value]
+    return value
+
+
 def _write_json(path: str | Path, data: dict) -> Path:
+    """``data`` as strict JSON at ``path`` (written to a temporary file, then renamed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, allow_nan=True), encoding="utf-8")
+    text = json.dumps(_finite_json(data), indent=1, allow_nan=False)
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
     return path
 
@@ -556,7 +592,7 @@ def _field(data: dict, name: str, kind: type | tuple, path: Path) -> Any:
 
 def _tensor(data: dict, name: str, path: Path, shape: Sequence[int] | None = None) -> torch.Tensor:
     try:
-        value = torch.tensor(_field(data, name, list, path), dtype=torch.float32)
+        value = torch.tensor(_numbers(_field(data, name, list, path)), dtype=torch.float32)
     except (TypeError, ValueError) as error:
         raise HookscopeError(
             f"{path}: field {name!r} is not a grid of numbers ({error})."

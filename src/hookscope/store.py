@@ -11,7 +11,8 @@ Layout of an output folder::
 ``extract_cache`` commits each batch on a writer thread while the next batch's forward runs (at
 most two batches wait; :class:`~hookscope.store_io.BackgroundWriter`): an error there is raised
 in the caller at the next batch or at the end, and the batches queued before an error in the
-caller are committed before it propagates. With ``store_dtype`` ("float16", "bfloat16",
+caller are committed before it propagates (a second Ctrl-C while they are committed drops the
+ones not begun yet; the folder's lock is released in every case). With ``store_dtype`` ("float16", "bfloat16",
 "float32") the activations are stored in that dtype (the description records it, so a resume
 must ask the same; the running statistics are those of the stored values);
 ``store.read(key, dtype=...)`` converts on reading.
@@ -247,6 +248,20 @@ def _chan_merge(
     return total.squeeze(-1), new_mean, new_m2
 
 
+def slot_count_error(first: int, then: int, where: str, state: str = "") -> StoreError:
+    """The error for batches of different position slot counts (``"all"`` over prompts of
+    varied lengths): a store keeps one slot count ``P`` for every shard (its statistics, its
+    readers and its export are ``[examples, P, ...]``). ``where`` names the batches, ``state``
+    says what the folder holds now."""
+    return StoreError(
+        f"a store needs the same number of position slots in every batch, but {where} got "
+        f"{first} then {then}: positions whose slot count follows the prompt (e.g. 'all', text "
+        "anchors) cannot be streamed to a store; use fixed positions (e.g. 'last', 0, -1), "
+        "average them (extract_avg=True), or hold the result in memory (no output_dir)."
+        + (f" {state}" if state else "")
+    )
+
+
 class RunningStats:
     """Count, mean and M2 per point and position slot, merged batch by batch (Chan et al.)."""
 
@@ -277,19 +292,13 @@ class RunningStats:
         if key not in self.count:
             self.count[key], self.mean[key], self.m2[key] = n, mean, m2
             return
-        self._same_slots(key, n)
+        if self.count[key].shape != n.shape:
+            raise slot_count_error(
+                len(self.count[key]), len(n), f"the running statistics of {key!r}"
+            )
         self.count[key], self.mean[key], self.m2[key] = _chan_merge(
             self.count[key], self.mean[key], self.m2[key], n, mean, m2
         )
-
-    def _same_slots(self, key: str, n: torch.Tensor) -> None:
-        if self.count[key].shape != n.shape:
-            raise StoreError(
-                f"running statistics of {key!r} need the same position slots in every batch, "
-                f"got {len(self.count[key])} then {len(n)}: positions whose slot count follows "
-                "the prompt (e.g. 'all', text anchors) cannot be streamed to a store; use fixed "
-                "positions (e.g. 'last', 0, -1) or hold the result in memory (no output_dir)."
-            )
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -452,10 +461,17 @@ class _FolderLock:
         once the owner's queued batches are committed."""
         if self.fd is None:
             return
-        if self.before_release is not None:  # a weak reference: the lock keeps no writer alive
-            stop, self.before_release = self.before_release(), None
-            if stop is not None:
-                stop()
+        try:
+            if self.before_release is not None:  # a weak reference: the lock keeps no writer alive
+                stop, self.before_release = self.before_release(), None
+                if stop is not None:
+                    stop()
+        finally:  # dropped even when a Ctrl-C interrupts the wait for the writer thread
+            self._drop()
+
+    def _drop(self) -> None:
+        if self.fd is None:
+            return
         if _HELD.get(self.key) is self:
             del _HELD[self.key]
         os.ftruncate(self.fd, 0)
@@ -536,6 +552,11 @@ class StoreWriter:
                 "replace it: pass a folder path."
             )
         self.folder.mkdir(parents=True, exist_ok=True)
+        self._created = False  # True once _open makes a new store (none before, or overwrite)
+        self._opened_complete: tuple[int, bool] | None = (
+            None  # a resumed store's (shards, complete)
+        )
+        self._slots: int | None = None  # the store's position slot count, once known
         self._lock = _FolderLock(self.folder)
         try:
             self._open(json.loads(json.dumps(description)), overwrite)
@@ -569,6 +590,7 @@ class StoreWriter:
         }
         self.stats = RunningStats()
         _write_json(path, self.manifest)  # the commit point: from here the folder is the new store
+        self._created = True
         if old is not None:
             _remove_store_files(self.folder, self.manifest, replaced=old)
 
@@ -608,6 +630,7 @@ class StoreWriter:
                 "resuming it cannot be checked; use overwrite=True to write it again."
             )
         self.manifest = manifest
+        self._opened_complete = (len(manifest["shards"]), bool(manifest.get("complete")))
         self.stats = _read_stats(self.folder, manifest, "stats")
         _remove_store_files(self.folder, manifest)  # files of a batch killed before its commit
 
@@ -632,16 +655,20 @@ class StoreWriter:
         Raises:
             StoreError: a queued batch failed to commit and was not reported yet.
         """
-        failure = self._stop_background()
-        self._lock.release()
+        try:
+            failure = self._stop_background()
+        finally:  # also on a KeyboardInterrupt while the writer thread is joined
+            self._lock.release()
         if failure is not None:
             raise failure
 
     def abort(self, error: BaseException) -> None:
         """Like :meth:`close`, while ``error`` is being raised: a failure of the writer thread
         not reported yet is attached to ``error`` as a note (and chained), never dropped."""
-        failure = self._stop_background()
-        self._lock.release()
+        try:
+            failure = self._stop_background()
+        finally:  # also on a second Ctrl-C while the writer thread is joined
+            self._lock.release()
         if failure is not None and failure is not error:
             error.add_note(f"The store's writer thread had failed too: {failure}")
             if error.__context__ is None:
@@ -799,9 +826,10 @@ class StoreWriter:
             raise StoreError(f"write() needs check_batch({index}, batch) first.")
         fingerprints = self._pending[1]
         staged = cache if isinstance(cache, StagedBatch) else StagedBatch(cache, None, [], None)
-        rows = len(staged.cache["position_mask"])
+        rows, slots = staged.cache["position_mask"].shape[:2]
         if rows != len(fingerprints):
             raise StoreError(f"batch {index} has {rows} rows but {len(fingerprints)} were checked.")
+        self._check_slot_count(index, slots)
         job = (index, staged, fingerprints)
         if self._in_background:
             if self._background is None:
@@ -811,6 +839,57 @@ class StoreWriter:
             self._commit_job(job)
         self._next_batch, self._next_example = index + 1, self._next_example + rows
         self._pending = None
+
+    def _check_slot_count(self, index: int, slots: int) -> None:
+        """Refuse batch ``index`` before it is queued when its position slot count is not the
+        store's (a store keeps one: see :func:`slot_count_error`). The batches queued before
+        it are committed first; then a store this writer created is removed (the folder is as
+        before the call, so the same call with valid arguments works there), an older one is
+        left at its last commit.
+
+        Raises:
+            StoreError: naming both slot counts, the ways out and what the folder holds.
+        """
+        if self._slots is None:
+            self._slots = self._committed_slots() or slots
+        if slots == self._slots:
+            return
+        failure = self._stop_background()
+        if self._created:
+            self._remove_new_store()
+            state = (
+                f"Nothing was kept: the store this run began in {self.folder} was removed (the "
+                "folder holds no store, as before the run)."
+            )
+        else:
+            if self._opened_complete == (self.completed_batches, True):
+                self.manifest["complete"] = True  # nothing appended: complete, as it was
+                _write_json(self.folder / MANIFEST, self.manifest)
+            state = (
+                f"The store in {self.folder} is left at its last commit ({self.examples} "
+                "examples); overwrite=True replaces it."
+            )
+        where = f"the batches for {self.folder} (batch {index})"
+        error = slot_count_error(self._slots, slots, where, state)
+        if failure is not None:
+            error.add_note(f"The store's writer thread had failed too: {failure}")
+        raise error
+
+    def _committed_slots(self) -> int | None:
+        """The position slot count of the store's first committed shard (None: no shard)."""
+        if not self.manifest["shards"]:
+            return None
+        path = confined(self.folder, self.manifest["shards"][0]["file"], "a shard's file")
+        shape = _read_header(path)[0].get("position_mask", {}).get("shape") or []
+        return shape[1] if len(shape) == 2 else None
+
+    def _remove_new_store(self) -> None:
+        """Delete the store this writer created: its manifest first (from then the folder
+        holds no store), then hookscope's own shard and statistics files."""
+        (self.folder / MANIFEST).unlink(missing_ok=True)
+        for pattern in _OWN_FILES:
+            for path in self.folder.glob(pattern):
+                path.unlink(missing_ok=True)
 
     def _commit_job(self, job: tuple[int, StagedBatch, list[str]]) -> None:
         """Commit one batch (on the writer thread with ``background=True``)."""
@@ -1064,11 +1143,11 @@ class ActivationStore:
             with _untrusted(path), safe_open(str(path), framework="pt") as handle:
                 metadata = handle.metadata() or {}
                 part: dict[str, Any] = {k: handle.get_tensor(k) for k in keys if k in handle.keys()}
-                if "batch_saver/example_index" in part:  # parts of a distributed store count from 0
-                    part["batch_saver/example_index"] = part[
-                        "batch_saver/example_index"
-                    ] + shard.get("index_offset", 0)
                 part["position_mask"] = handle.get_tensor("position_mask")
+                if "batch_saver/example_index" in part:
+                    part["batch_saver/example_index"] = shard_example_index(
+                        shard, part["batch_saver/example_index"], len(part["position_mask"])
+                    )
                 for key, value in part.items():
                     if value.dim() == 0 or len(value) != len(part["position_mask"]):
                         raise StoreError(
@@ -1153,10 +1232,12 @@ class ActivationStore:
         chosen = []
         for shard, cache in zip(self.manifest["shards"], self, strict=True):
             saver = cache.get("batch_saver") or {}
-            for row in range(len(cache["position_mask"])):
+            rows = len(cache["position_mask"])
+            index = shard_example_index(shard, saver.get("example_index"), rows)
+            for row in range(rows):
                 fields = {k: _item(v[row]) for k, v in saver.items()}
                 if predicate(fields):
-                    chosen.append(int(fields["example_index"]) + shard.get("index_offset", 0))
+                    chosen.append(int(index[row]))
         return torch.tensor(sorted(chosen), dtype=torch.long)
 
     def _repr_html_(self) -> str:
@@ -1169,6 +1250,18 @@ class ActivationStore:
         """``store[key]`` as a numpy array (float32 for half-precision tensors)."""
         value = self[key]
         return (value.float() if value.dtype in (torch.bfloat16, torch.float16) else value).numpy()
+
+
+def shard_example_index(shard: dict, saved: Any, rows: int) -> torch.Tensor:
+    """The dataset index of each row of a shard, ``[rows]`` int64: the ``example_index`` its
+    batch saved (the extraction's order; ``sort_by_length`` reorders rows) plus the shard's
+    ``index_offset`` (the parts of a distributed store count from 0), or, where none was saved,
+    the shard's example range in order. The one rule for every reader (``store[key]``,
+    :meth:`ActivationStore.select`, :mod:`hookscope.export`)."""
+    if isinstance(saved, torch.Tensor):
+        return saved.long() + shard.get("index_offset", 0)
+    low = shard["examples"][0]
+    return torch.arange(low, low + rows)
 
 
 def _item(value: Any) -> Any:

@@ -45,6 +45,7 @@ class BackgroundWriter:
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._reported = False
+        self._cancelled = False
         self._thread = threading.Thread(target=self._work, name=f"hookscope-{name}", daemon=True)
         self._thread.start()
 
@@ -54,7 +55,8 @@ class BackgroundWriter:
             try:
                 if item is _STOP:
                     return
-                if self._error is None:  # after a failure, queued items are dropped uncommitted
+                # after a failure or an interrupted close, queued items are dropped uncommitted
+                if self._error is None and not self._cancelled:
                     self._commit(item)
             except BaseException as error:  # re-raised in the caller
                 self._error = error
@@ -87,14 +89,37 @@ class BackgroundWriter:
 
     def close(self) -> BaseException | None:
         """Drain and stop the thread. Returns the failure not raised yet (None if none), so a
-        caller already handling another exception can report it beside that one."""
-        if self.alive:
-            self._queue.put(_STOP)
-            self._thread.join()
+        caller already handling another exception can report it beside that one.
+
+        A KeyboardInterrupt while it waits (a second Ctrl-C) does not leave the thread
+        running: the items still queued are dropped uncommitted (as after a failure), the one
+        being committed finishes (a commit is atomic), and then the interrupt is raised, so the
+        caller's cleanup (releasing the store's lock) runs once nothing writes any more.
+
+        Raises:
+            KeyboardInterrupt: one arrived while waiting (re-raised once the thread stopped).
+        """
+        interrupt, stop_queued = None, False
+        while self.alive:
+            try:
+                if not stop_queued:
+                    self._queue.put(_STOP, timeout=0.1)  # a timeout: the queue may stay full
+                    stop_queued = True
+                self._thread.join()
+            except queue.Full:
+                continue
+            except KeyboardInterrupt as error:
+                interrupt = interrupt or error
+                self._cancelled = True  # the worker drops what is queued, commits nothing more
+        failure = None
         if self._error is not None and not self._reported:
             self._reported = True
-            return self._error
-        return None
+            failure = self._error
+        if interrupt is not None:
+            if failure is not None:
+                interrupt.add_note(f"The store's writer thread had failed too: {failure}")
+            raise interrupt
+        return failure
 
 
 def store_dtype_of(name: Any) -> torch.dtype | None:
