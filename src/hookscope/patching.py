@@ -315,37 +315,14 @@ def _chosen_positions(hm, clean: dict, items: Sequence[Any]) -> list[list[int]]:
     return chosen
 
 
-def _writes_in_place(hm: Any) -> bool:
-    """Whether a sweep's write hooks may write the patched slots into the module's own tensor
-    rather than into a copy of the whole tensor: only when nothing but the model itself can
-    hold that tensor (no registered intervention, persistent hook or torch hook added outside
-    hookscope, any of which could keep it or have returned a tensor it keeps). The model's own
-    tensors at the swept points (a layer's output or input, an attention / MLP output, the
-    input of ``o_proj``) are fresh in each forward and read only downstream, so writing their
-    slots gives what a copy gives. Decided once per sweep, before its hooks are installed."""
-    from .sweep_reuse import _foreign_hook_site
-
-    return (
-        not hm.registered_interventions
-        and not hm.persistent_hooks
-        and _foreign_hook_site(hm.hf_model) is None
-    )
-
-
 def _write_hook(
-    site: PointSite,
-    rows: torch.Tensor,
-    positions: torch.Tensor,
-    values: torch.Tensor,
-    in_place: bool = False,
+    site: PointSite, rows: torch.Tensor, positions: torch.Tensor, values: torch.Tensor
 ) -> ModuleHook:
     """A hook that sets ``tensor[rows, positions, site columns] = values``; each row's position
-    is an index, a list of indices, or < 0 for all of them. With ``in_place`` (see
-    :func:`_writes_in_place`) only those slots are written, into the module's own tensor
-    (unless it is part of an autograd graph); otherwise into a copy of the whole tensor."""
+    is an index, a list of indices, or < 0 for all of them."""
 
     def write(module, tensor: torch.Tensor) -> torch.Tensor:
-        new = tensor if in_place and not tensor.requires_grad else tensor.clone()
+        new = tensor.clone()
         columns = site.columns.to(tensor.device) if site.columns is not None else None
         for row, position, value in zip(rows.tolist(), positions, values, strict=True):
             where = slice(None) if isinstance(position, int) and position < 0 else position
@@ -570,7 +547,6 @@ def _batched_sweep(
     forwards = math.ceil(len(rows) / batch_size)
     # real tokens per example on the host: the progress bar's counts without a device sync
     real_per_example = corrupt["attention_mask"].sum(1).cpu()
-    in_place = _writes_in_place(hm)
     with ProgressBar(len(rows), "patching sweep", progress, unit="row") as bar:
         for chunk_index in range(forwards):
             chunk = rows[chunk_index * batch_size : (chunk_index + 1) * batch_size]
@@ -587,8 +563,9 @@ def _batched_sweep(
                     source = clean_acts[(layer, head)][example]
                     positions.append(position)
                     values.append(source if position == -1 else source[position])
-                site = _site_of(hm, point, layer, head)
-                hooks.append(_write_hook(site, rows_t, positions, values, in_place))
+                hooks.append(
+                    _write_hook(_site_of(hm, point, layer, head), rows_t, positions, values)
+                )
             logits = _last_logits(hm, batch, hooks)
             results[chunk_index * batch_size : chunk_index * batch_size + len(chunk)] = metric_fn(
                 logits, ex
@@ -630,12 +607,11 @@ def _reusing_sweep(
     rows = _reusing_rows(point, sites, slots, chosen, clean["input_ids"].shape[0])
     results = torch.empty(len(rows))
     chunks = _token_chunks(rows, batch_size, mask.shape[1])
-    in_place = _writes_in_place(hm)  # True: what blocks it blocks this path too (reuse_blocker)
     with ProgressBar(len(rows), "patching sweep", progress, unit="row") as bar:
         for chunk in chunks:
             chunk.sort(key=lambda item: item[0].first_layer)
             start = min(item[0].start for item in chunk)
-            hooks = _window_writes(hm, point, sites, chunk, clean_acts, start, in_place)
+            hooks = _window_writes(hm, point, sites, chunk, clean_acts, start)
             ex = torch.tensor([item[0].example for item in chunk])
             logits = run_rows(hm, corrupt, run, [item[0] for item in chunk], hooks, last[ex])
             results[torch.tensor([item[3] for item in chunk])] = metric_fn(logits, ex)
@@ -662,9 +638,7 @@ def _token_chunks(rows: list[tuple], batch_size: int, seq: int) -> list[list[tup
     return chunks
 
 
-def _window_writes(
-    hm, point, sites, chunk, clean_acts, start: int, in_place: bool = False
-) -> list[ModuleHook]:
+def _window_writes(hm, point, sites, chunk, clean_acts, start: int) -> list[ModuleHook]:
     """One write hook per patched site of a chunk: the clean values at each row's positions,
     counted from ``start`` (the first position the forward feeds)."""
     hooks = []
@@ -675,7 +649,7 @@ def _window_writes(
             positions.append([p - start for p in absolute])
             values.append(clean_acts[(layer, head)][example, absolute])
         site = _site_of(hm, point, layer, head)
-        hooks.append(_write_hook(site, torch.tensor(site_rows), positions, values, in_place))
+        hooks.append(_write_hook(site, torch.tensor(site_rows), positions, values))
     return hooks
 
 
