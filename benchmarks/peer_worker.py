@@ -18,11 +18,12 @@ whole model's SDPA forward. Calls of a few milliseconds need N > 1, or the switc
 processes dominates.
 
 Dataset server: ``data.json`` holds ``prompts``, their token ``ids``, ``batches`` (lists of
-prompt indices: sorted by length, ``batch_size`` at a time) and the tokenizer's ``pad_id``. ``tool`` is one pass over the whole
-dataset the way a user of the tool writes it (batched where the tool can batch), computing the
-last-token residual stream after every layer of every prompt; ``save 1`` writes the last pass's
-activations, float32 [prompts, layers, d_model] in prompt order, to ``--out`` so the driver can
-check that every tool computed the same thing. ``hf`` is the eager limit: the plain HF decoder
+prompt indices: sorted by length, ``batch_size`` at a time) and the tokenizer's ``pad_id``.
+``tool`` is one pass over the whole dataset the way a user of the tool writes it (batched where
+the tool can batch), computing the last-token residual stream after every layer of every
+prompt; ``save`` (whose time the driver ignores) writes the last pass's activations, float32
+[prompts, layers, d_model] in prompt order, to ``--out`` so the driver can check that every tool
+computed the same thing. ``hf`` is the eager limit: the plain HF decoder
 (SDPA, no hooks, no hidden states, no unembedding) over the same batches, left-padded.
 """
 
@@ -134,7 +135,7 @@ class Tool:
 
 
 class Hookscope(Tool):
-    """Batched, padding-correct extraction (``extract_cache`` with a batch size of 32)."""
+    """Batched, padding-correct extraction (``extract_cache`` at the dataset's batch size)."""
 
     name = package = "hookscope"
     batch_size: int | None = None  # None: the dataset's batch size
@@ -184,7 +185,8 @@ class PlainHF(Tool):
         super().__init__(folder, device, dtype)
         self.decoder = self.hf_model().model
 
-    def dataset(self, prompts, ids, batches):
+    def dataset(self, prompts, ids, batches) -> None:
+        """The timed pass: the decoder over each left-padded batch, its output dropped."""
         for batch in batches:
             inputs = left_padded([ids[i] for i in batch], self.pad_id, self.device)
             self.decoder(**inputs, use_cache=False)
@@ -243,8 +245,9 @@ class TransformerLens(Tool):
 class TransformerLensBatched(TransformerLens):
     """TransformerBridge on each batch's strings, left-padded by the bridge itself
     (``padding_side="left"``: it builds the attention mask and derives the position ids), no
-    BOS prepended (SmolLM2 adds none; the other tools' ids have none). The bridge cannot stop
-    after the last block (``stop_at_layer`` stops before a block), so the unembedding runs."""
+    BOS prepended (SmolLM2 adds none; the other tools' ids have none), only the last position
+    cached (``pos_slice=-1``). The bridge cannot stop after the last block (``stop_at_layer``
+    stops before a block; the wrapped HF model always runs whole), so the unembedding runs."""
 
     name = "transformer-lens-batched"
 
@@ -257,6 +260,7 @@ class TransformerLensBatched(TransformerLens):
                 names_filter=lambda name: name in names,
                 padding_side="left",
                 prepend_bos=False,
+                pos_slice=-1,
             )
             rows.append(torch.stack([cache[name][:, -1] for name in self.names], 1))
         return in_prompt_order(batches, rows)
@@ -466,8 +470,11 @@ def serve_dataset(tool: Tool, data: dict, out: Path) -> None:
     extra hooked pass over the same batches, see ``PlainHF.reference``)."""
     prompts, ids, batches = data["prompts"], data["ids"], data["batches"]
     decoder = tool.decoder if isinstance(tool, PlainHF) else tool.hf_model().model
-    tool.pad_id = data["pad_id"]
-    padded = [left_padded([ids[i] for i in batch], tool.pad_id, tool.device) for batch in batches]
+    padded = [
+        left_padded([ids[i] for i in batch], data["pad_id"], tool.device) for batch in batches
+    ]
+    if isinstance(tool, PlainHF):
+        tool.pad_id = data["pad_id"]
 
     def plain() -> None:
         for inputs in padded:
