@@ -106,7 +106,8 @@ class Worker:
 def worker_env(tool: str, args) -> dict[str, str]:
     """The worker's environment: hookscope's source on the path, after any ``--site`` folder
     given for this tool (a GPU machine with one interpreter keeps a peer's pins there)."""
-    paths = [site for name, site in args.site if name == tool] + [str(ROOT / "src")]
+    paths = [site for name, site in args.site if name in (tool, venv_of(tool))]
+    paths.append(str(ROOT / "src"))
     if os.environ.get("PYTHONPATH"):
         paths.append(os.environ["PYTHONPATH"])
     return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
@@ -268,7 +269,7 @@ def dataset_table(ids, batches, runs: dict, differences: dict, failed: dict, arg
     rounds = min((len(run["tool"]) for run in runs.values()), default=0)
     lines = [
         f"### Dataset throughput: {setting}, last-token resid_out of every layer\n",
-        f'{rounds} interleaved rounds; one pass = the whole dataset. "vs plain HF" is the median '
+        f'{rounds} interleaved round(s); one pass = the whole dataset. "vs plain HF" is the median '
         "over rounds of the tool's pass over the plain HF decoder's pass over the same batches "
         'in the same process (SDPA, no hooks, no unembedding: the eager limit); "vs plain-hf '
         'row" divides medians across processes. Batch: examples per forward. Peak memory is '
