@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import statistics
 import sys
 import time
@@ -31,29 +30,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
-from common import interleaved, machine, paired_ratio  # noqa: E402
+from common import interleaved, machine, paired_ratio, varied_prompts  # noqa: E402
 
 from hookscope import ExtractionConfig, HookedModel  # noqa: E402
 from hookscope.compiled import BUCKET, pad_to_bucket  # noqa: E402
 from hookscope.dataset import iter_batches  # noqa: E402
-
-WORDS = (
-    "the model reads every token of the prompt and writes its residual stream after each layer "
-    "while a researcher asks which heads move the name of the indirect object to the last "
-    "position and how the answer forms across layers of a small language model trained on text"
-).split()
-
-
-def varied_prompts(tokenizer, n: int, low: int = 8, high: int = 160, seed: int = 0) -> list[str]:
-    """``n`` prompts whose token counts are spread uniformly over ``low..high`` (seeded)."""
-    rng = random.Random(seed)
-    prompts = []
-    for _ in range(n):
-        target = rng.randint(low, high)
-        words = [rng.choice(WORDS) for _ in range(target)]
-        ids = tokenizer(" ".join(words))["input_ids"][:target]
-        prompts.append(tokenizer.decode(ids))
-    return prompts
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import random
 import statistics
 import subprocess
 import time
@@ -60,6 +61,26 @@ def dataset_prompts(n: int) -> list[str]:
     """``n`` short prompts of 3 to 10 words (the dataset-throughput rows use them)."""
     words = "the cat dog sat on mat capital France Paris river store drink".split()
     return [" ".join(words[(i * k) % len(words)] for k in range(1, 4 + i % 8)) for i in range(n)]
+
+
+VARIED_WORDS = (
+    "the model reads every token of the prompt and writes its residual stream after each layer "
+    "while a researcher asks which heads move the name of the indirect object to the last "
+    "position and how the answer forms across layers of a small language model trained on text"
+).split()
+
+
+def varied_prompts(tokenizer, n: int, low: int = 8, high: int = 160, seed: int = 0) -> list[str]:
+    """``n`` prompts whose token counts are spread uniformly over ``low..high`` (seeded): the
+    dataset rows of bench_compile and bench_peers (the setting of issue 19)."""
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(n):
+        target = rng.randint(low, high)
+        words = [rng.choice(VARIED_WORDS) for _ in range(target)]
+        ids = tokenizer(" ".join(words))["input_ids"][:target]
+        prompts.append(tokenizer.decode(ids))
+    return prompts
 
 
 def interleaved(
