@@ -9,8 +9,9 @@ SmolLM2-135M-Instruct (float32, SDPA), ``--prompts`` prompts of 8-160 tokens, ba
 - ``hf_eager``: the plain HF decoder (``hf_model.model``, ``use_cache=False``), eager, no
   hooks: the eager limit;
 - ``hookscope_eager``: ``extract_cache(..., sort_by_length=True)`` (tokenizes, plans, hooks);
-- ``hf_compiled``: ``torch.compile(decoder, dynamic=False)`` over the batches padded to the
-  same length buckets as the compiled path, no hooks: the compiled limit;
+- ``hf_compiled``: ``torch.compile(decoder)`` over the batches shaped as the compiled path
+  shapes them (on a CPU: exact lengths, dynamic shapes; elsewhere: length buckets), no hooks:
+  the compiled limit;
 - ``hookscope_compiled``: ``extract_cache(..., compile=True)``.
 
 Ratios are medians of per-round ratios. Compile time (the first pass of each compiled variant,
@@ -30,10 +31,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
-from common import interleaved, machine, paired_ratio, varied_prompts  # noqa: E402
+from common import compiled_limit, interleaved, machine, paired_ratio, varied_prompts  # noqa: E402
 
 from hookscope import ExtractionConfig, HookedModel  # noqa: E402
-from hookscope.compiled import BUCKET, pad_to_bucket  # noqa: E402
+from hookscope.compiled import BUCKET, dynamic_shapes  # noqa: E402
 from hookscope.dataset import iter_batches  # noqa: E402
 
 
@@ -58,12 +59,7 @@ def main() -> None:
         {**hm.prepare_inputs(batch), "use_cache": False}
         for batch, _, _ in iter_batches(prompts, tokenizer, args.batch_size, sort_by_length=True)
     ]
-    side = tokenizer.padding_side
-    bucketed = [
-        pad_to_bucket(b, hm.hf_model, side, hm.pad_token_id, args.batch_size).model_inputs
-        for b in batches
-    ]
-    compiled_decoder = torch.compile(decoder, dynamic=False)
+    compiled_decoder, bucketed = compiled_limit(hm, batches, args.batch_size)
 
     def plain(model, inputs):
         def run():
@@ -127,8 +123,13 @@ def render(args, lengths, times, first_pass, difference, n_batches) -> str:
             f"SmolLM2-135M-Instruct, float32, SDPA; {args.prompts} prompts of "
             f"{min(lengths)}-{max(lengths)} tokens (mean {statistics.mean(lengths):.0f}), "
             f"{n_batches} batches of {args.batch_size} sorted by length; resid_out of all 30 "
-            f"layers at the last token, save_logits=False. Compiled variants pad each batch to a "
-            f"multiple of {BUCKET} tokens. {args.repeats} interleaved rounds.",
+            f"layers at the last token, save_logits=False. Compiled variants: "
+            + (
+                "dynamic shapes, each batch at its own length"
+                if dynamic_shapes("cpu")
+                else f"each batch padded to a multiple of {BUCKET} tokens"
+            )
+            + f". {args.repeats} interleaved rounds.",
             "",
             *rows,
             "",

@@ -1,7 +1,7 @@
 """Dataset extraction: the cost of streaming to disk, and resident memory against data size.
 
     python benchmarks/bench_store.py [--rss-sizes 10000] [--rss-workload early|all-layers]
-                                     [--timing 128 --rounds 5] [--write]
+                                     [--timing 128 --rounds 5 --prompt-set short|varied] [--write]
 
 SmolLM2-135M-Instruct, batch 32, save_logits=False.
 
@@ -9,8 +9,10 @@ Timing: the last-token residual stream of all 30 layers (the rows of benchmarks/
 process, the model loaded once, variants interleaved round by round, ratios paired within a
 round, every store written to a fresh folder:
   in-memory            hm.extract_cache(prompts)
-  output_dir           hm.extract_cache(prompts, output_dir=DIR)   (the writer thread)
-  output_dir, sync     the same, every batch committed before the next forward (as before)
+  output_dir           hm.extract_cache(prompts, output_dir=DIR)   (hookscope's choice: the
+                       writer thread where it pays, see store_io.writer_thread_pays)
+  output_dir, writer thread       forced: batch i committed on a thread during forward i + 1
+  output_dir, between forwards    forced: every batch committed before the next forward
 The last column is the time the caller spent inside the store's write() and finish() (queueing,
 and waiting for the last batches at the end).
 
@@ -106,9 +108,9 @@ def rss_rows(sizes: list[int], modes: list[str], workload: str) -> list[dict]:
     return rows
 
 
-def timing(n: int, rounds: int) -> dict[str, list[float]]:
+def timing(n: int, rounds: int, prompt_set: str = "short") -> dict[str, list[float]]:
     """Seconds per run of each variant, interleaved (see the module docstring)."""
-    from common import dataset_prompts, interleaved
+    from common import dataset_prompts, interleaved, varied_prompts
 
     import hookscope.dataset as dataset_module
     from hookscope import ExtractionConfig, HookedModel
@@ -116,28 +118,30 @@ def timing(n: int, rounds: int) -> dict[str, list[float]]:
 
     hm = HookedModel.from_pretrained()
     hm.config.batch_size = 32
-    prompts = dataset_prompts(n)
+    prompts = (
+        dataset_prompts(n) if prompt_set == "short" else varied_prompts(hm.get_text_tokenizer(), n)
+    )
     config = ExtractionConfig(extract_resid_out=True, save_logits=False)
     root = Path(tempfile.mkdtemp(prefix="bench-store-"))
 
-    def run(folder_name: str | None, sync: bool = False, **options):
+    def run(folder_name: str | None, thread: bool | None = None, **options):
+        """``thread``: None = hookscope's choice (writer_thread_pays), else forced."""
+
         def go():
             folder = None
             if folder_name is not None:
                 folder = root / folder_name
                 shutil.rmtree(folder, ignore_errors=True)
             WAITED.clear()
-            writer = dataset_module.StoreWriter
-            if sync:
-                dataset_module.StoreWriter = lambda *a, **k: StoreWriter(
-                    *a, **{**k, "background": False}
-                )
+            choice = dataset_module.writer_thread_pays
+            if thread is not None:
+                dataset_module.writer_thread_pays = lambda device: thread
             try:
                 hm.extract_cache(
                     prompts, ["last"], extraction_config=config, output_dir=folder, **options
                 )
             finally:
-                dataset_module.StoreWriter = writer
+                dataset_module.writer_thread_pays = choice
             WAIT_BY_VARIANT.setdefault(label, []).append(sum(WAITED))
 
         label = folder_name or "in-memory"
@@ -146,7 +150,8 @@ def timing(n: int, rounds: int) -> dict[str, list[float]]:
     variants = {
         "in-memory": run(None),
         "output_dir": run("a"),
-        "output_dir, sync": run("b", sync=True),
+        "output_dir, writer thread": run("b", thread=True),
+        "output_dir, between forwards": run("c", thread=False),
     }
     for method in ("write", "finish"):  # the caller's time spent in the store, per variant
         setattr(StoreWriter, method, _timed(getattr(StoreWriter, method)))
@@ -191,6 +196,13 @@ def main() -> None:
     )
     parser.add_argument("--timing", type=int, default=128, help="prompts per timed run (0: skip)")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--prompt-set",
+        choices=["short", "varied"],
+        default="short",
+        help="timing prompts: short = 3-10 words (the store's worst case: the most data per "
+        "token of forward); varied = 8-160 tokens (issue 19's dataset setting)",
+    )
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
     from common import machine, paired_ratio
@@ -198,20 +210,27 @@ def main() -> None:
     lines = [
         f"Machine: {machine()}",
         f"Command: `python benchmarks/bench_store.py --rss-sizes {' '.join(map(str, args.rss_sizes))} "
-        f"--rss-workload {args.rss_workload} --timing {args.timing} --rounds {args.rounds}`",
+        f"--rss-workload {args.rss_workload} --timing {args.timing} --rounds {args.rounds} "
+        f"--prompt-set {args.prompt_set}`",
         'SmolLM2-135M-Instruct, resid_out of all 30 layers at "last", batch 32, save_logits=False.',
     ]
     if args.timing:
-        times = timing(args.timing, args.rounds)
+        times = timing(args.timing, args.rounds, args.prompt_set)
         lines += [
             "",
-            f"Time per run of {args.timing} prompts, {args.rounds} interleaved rounds:",
+            f"Time per run of {args.timing} {args.prompt_set} prompts, {args.rounds} interleaved "
+            "rounds:",
             "",
             "| variant | median s | examples/s | ratio vs in-memory (median of paired) | "
             "min / max paired | caller's time in the store (write + finish), median |",
             "| --- | ---: | ---: | ---: | ---: | ---: |",
         ]
-        labels = {"in-memory": "in-memory", "output_dir": "a", "output_dir, sync": "b"}
+        labels = {
+            "in-memory": "in-memory",
+            "output_dir": "a",
+            "output_dir, writer thread": "b",
+            "output_dir, between forwards": "c",
+        }
         for name, values in times.items():
             pairs = [a / b for a, b in zip(values, times["in-memory"], strict=True)]
             median = statistics.median(values)

@@ -121,3 +121,22 @@ def table(times: dict[str, list[float]], baseline: str) -> str:
             f"| {name} | {statistics.median(values) * 1e3:.1f} | {paired_ratio(times, name, baseline):.3f} |"
         )
     return "\n".join(lines)
+
+
+def compiled_limit(hm, batches: list[dict], rows: int):
+    """The compiled limit: the decoder under ``torch.compile`` without hooks, and ``batches``
+    shaped as ``compile=True`` shapes them on the model's device (hookscope.compiled's shape
+    policy: exact lengths with dynamic shapes on a CPU, length buckets elsewhere; short batches
+    padded to ``rows``). Returns (compiled decoder, shaped batches)."""
+    import torch
+
+    from hookscope.compiled import BUCKET, dynamic_shapes, pad_to_bucket
+
+    dynamic = dynamic_shapes(hm.device())
+    side = hm.get_text_tokenizer().padding_side
+    multiple = None if dynamic else BUCKET
+    shaped = [
+        pad_to_bucket(b, hm.hf_model, side, hm.pad_token_id, rows, multiple).model_inputs
+        for b in batches
+    ]
+    return torch.compile(hm.model_map.decoder, dynamic=dynamic), shaped

@@ -66,12 +66,11 @@ def dataset_throughput(hm, n: int, device: str) -> list[str]:
     """Examples/s, tokens/s and peak device memory over the same batches of 32 (sorted by
     length): hookscope's extract_cache eager and compiled (``compile=True``) next to the plain
     HF decoder eager (the eager limit) and ``torch.compile`` d without hooks over the same
-    length buckets (the compiled limit), and a batch-size-1 loop over HF
+    shapes as compile=True (the compiled limit), and a batch-size-1 loop over HF
     ``output_hidden_states`` (what the reference design does)."""
-    from common import dataset_prompts
+    from common import compiled_limit, dataset_prompts
 
     from hookscope import ExtractionConfig
-    from hookscope.compiled import pad_to_bucket
     from hookscope.dataset import iter_batches
 
     prompts = dataset_prompts(n)
@@ -83,11 +82,7 @@ def dataset_throughput(hm, n: int, device: str) -> list[str]:
         for b, _, _ in iter_batches(prompts, tokenizer, 32, True)
     ]
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-    side = tokenizer.padding_side
-    bucketed = [
-        pad_to_bucket(b, hm.hf_model, side, hm.pad_token_id, 32).model_inputs for b in batches
-    ]
-    compiled_decoder = torch.compile(hm.model_map.decoder, dynamic=False)
+    compiled_decoder, bucketed = compiled_limit(hm, batches, 32)
 
     def run_hookscope(compile_: bool):
         return lambda: hm.extract_cache(

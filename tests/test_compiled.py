@@ -1,6 +1,7 @@
 """The compiled path (``compile=True``): the same values as the eager path and as HF's own
-hidden states, batched with padding; capture inside one graph; one compile per length bucket;
-clear refusals. One tiny Llama per padding side, few shapes: every new shape compiles (seconds)."""
+hidden states, batched with padding; capture inside one graph; under each shape policy (dynamic
+shapes, a CPU's; length buckets, an accelerator's, forced here) bounded compiles; clear
+refusals. One tiny Llama per padding side, few shapes: every new shape compiles (seconds)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import pytest
 import torch
 from tiny_models import PROMPTS, build_model, build_tokenizer
 
+import hookscope.compiled
 from hookscope import ExtractionConfig, HookedModel, InputError, Steer
-from hookscope.compiled import BUCKET, CompileError, bucket_length, pad_to_bucket
+from hookscope.compiled import BUCKET, CompileError, bucket_length, dynamic_shapes, pad_to_bucket
 
 # lengths 2..13 tokens: one bucket; the long prompt (> BUCKET tokens) falls in the second
 LONG = " ".join(["the cat sat on the mat"] * 8)
+GRAPHS_DYNAMIC = 1  # every length, batches padded to batch_size rows
 POINTS = ExtractionConfig(
     extract_resid_out=True, extract_attn_out=True, extract_mlp_out=True, extract_head_out=True
 )
@@ -23,6 +26,14 @@ def hm(request):
     model = HookedModel.from_hf(build_model("llama"), build_tokenizer(request.param))
     model.config.batch_size = 4
     return model
+
+
+@pytest.fixture(params=["dynamic", "buckets"])
+def policy(request, monkeypatch):
+    """The shape policy, forced (on this CPU the path's own choice is "dynamic")."""
+    dynamic = request.param == "dynamic"
+    monkeypatch.setattr(hookscope.compiled, "dynamic_shapes", lambda device: dynamic)
+    return request.param
 
 
 def assert_same_cache(compiled, eager, tolerance=1e-5):
@@ -36,7 +47,7 @@ def assert_same_cache(compiled, eager, tolerance=1e-5):
             assert compiled[key] == eager[key], key
 
 
-def test_compiled_forward_equals_eager_and_hf_hidden_states(hm):
+def test_compiled_forward_equals_eager_and_hf_hidden_states(hm, policy):
     """Module points and logits at positions with per-row widths (padded slots), batched with
     padding (3 rows padded to 4, the length to a bucket): as eager, and resid_out_0 as HF's own
     hidden state of each prompt run alone."""
@@ -55,7 +66,7 @@ def test_compiled_forward_equals_eager_and_hf_hidden_states(hm):
         torch.testing.assert_close(compiled["resid_out_0"][row, 1], hidden[0], atol=1e-5, rtol=1e-5)
 
 
-def test_compiled_dataset_ragged_slots_and_average(hm):
+def test_compiled_dataset_ragged_slots_and_average(hm, policy):
     """``"all"`` selects a different count per row (zero-filled padded slots); extract_avg
     averages each row's real slots; a 5-prompt dataset in batches of 4 (the short last batch
     is padded with rows that are dropped)."""
@@ -71,10 +82,11 @@ def test_compiled_dataset_ragged_slots_and_average(hm):
     assert_same_cache(compiled, eager)
 
 
-def test_one_graph_no_break_and_one_compile_per_bucket():
-    """Capture is inside the graph (no graph break per layer); batches of new lengths in a seen
-    bucket reuse its graph, a longer batch compiles once for its bucket; another model of the
-    same shape reuses the graph with its own weights (per-head outputs read its own W_O)."""
+def test_one_graph_no_break_and_bounded_compiles(policy):
+    """Capture is inside the graph (no graph break per layer). Buckets: batches of new lengths
+    in a seen bucket reuse its graph, a longer batch compiles once for its bucket. Dynamic
+    shapes: one graph for every length (short batches padded to batch_size rows). Another model of the same shape reuses
+    the graph with its own weights (per-head outputs read its own W_O)."""
     from torch._dynamo.utils import counters
 
     config = ExtractionConfig(extract_resid_out=True, extract_head_out=True, save_logits=False)
@@ -86,7 +98,8 @@ def test_one_graph_no_break_and_one_compile_per_bucket():
         eager = hm.forward(prompts, ["last"], extraction_config=config)
         assert_same_cache(compiled, eager)
     assert dict(counters["graph_break"]) == {}
-    assert counters["stats"]["unique_graphs"] == 2  # two buckets, two graphs
+    graphs = {"buckets": 2, "dynamic": GRAPHS_DYNAMIC}[policy]  # buckets: two, two graphs
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 @pytest.mark.parametrize(
@@ -116,6 +129,11 @@ def test_a_compile_flag_that_is_not_a_bool_is_refused(tiny_llama, flag):
         tiny_llama.forward(PROMPTS[:2], ["last"], extraction_config=config, compile=flag)
     with pytest.raises(InputError, match=repr(flag)):
         tiny_llama.extract_cache(PROMPTS[:2], ["last"], extraction_config=config, compile=flag)
+
+
+def test_the_shape_policy_is_dynamic_on_a_cpu_only():
+    assert dynamic_shapes("cpu") and dynamic_shapes(torch.device("cpu"))
+    assert not dynamic_shapes("cuda") and not dynamic_shapes(torch.device("cuda", 1))
 
 
 def test_bucket_padding_by_hand():

@@ -17,7 +17,7 @@ from tiny_models import PROMPTS, build_model, build_tokenizer
 from hookscope import ExtractionConfig, HookedModel, HookscopeError
 from hookscope.lens import logit_lens
 from hookscope.patching import PatchingResult, activation_patching
-from hookscope.report import ColorScale, Report, visible_token
+from hookscope.report import ColorScale, Report, attention_view, visible_token
 from hookscope.results import LensSummary, load_result, save_lens
 
 CLEAN = {"input_ids": torch.tensor([[5, 6, 7, 8, 9]]), "attention_mask": torch.ones(1, 5).long()}
@@ -370,6 +370,27 @@ def _check_attention(found: dict, tiny) -> None:
         found["tip"]
         == f"L1H3\nquery 5: {json.dumps(tokens[5])}\nkey 1: {json.dumps(tokens[1])}\nattention: {weight:.3f}"
     )
+
+
+def _nan_attention_page() -> str:
+    patterns = torch.softmax(torch.randn(3, 4, 4), -1)
+    patterns[2, 0, 1] = float("nan")  # e.g. a fully masked query row
+    view = attention_view(patterns, ["a", "b", "c", "d"], ["H0", "H1", "H2"], "nan-view")
+    return Report("NaN attention").add_html(view).html()
+
+
+def test_page_data_is_strict_json_with_a_nan_weight_as_null():
+    page = _nan_attention_page()
+    text = re.search(r'id="nan-view-data">(.*?)</script>', page, re.S).group(1)
+    data = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}"))
+    assert data["patterns"][2][0][1] is None and data["patterns"][2][0][0] is not None
+
+
+@needs_chromium
+def test_attention_with_a_nan_weight_renders_and_says_so(tmp_path):
+    found = _probe(_nan_attention_page(), tmp_path, {}, query=0)["attention"]
+    assert found["query"] == '"a" (0)'  # the page's script ran (JSON.parse did not throw)
+    assert found["tip"] == 'H2\nquery 0: "a"\nkey 1: "b"\nattention: n/a (not a number)'
 
 
 @needs_chromium

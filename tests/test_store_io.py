@@ -6,6 +6,7 @@ Ground truths: the batches' own ``forward`` results concatenated by hand, HF's
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -20,7 +21,13 @@ from hookscope.cache import ActivationCache
 from hookscope.errors import InputError
 from hookscope.reserve import ReservedResults, known_size
 from hookscope.store import ActivationStore, StoreError, StoreWriter
-from hookscope.store_io import BackgroundWriter, HostStager, PinnedPool, store_dtype_of
+from hookscope.store_io import (
+    BackgroundWriter,
+    HostStager,
+    PinnedPool,
+    store_dtype_of,
+    writer_thread_pays,
+)
 
 CONFIG = ExtractionConfig(extract_resid_out=True, extract_mlp_out=True, save_input_ids=True)
 BATCH = 3
@@ -106,7 +113,9 @@ def test_background_writer_returns_an_unreported_failure_at_close():
 
 
 def test_writing_overlaps_the_next_forward(hm, tmp_path, monkeypatch):
-    """Batch i is committed on another thread while batch i + 1's forward runs."""
+    """Batch i is committed on another thread while batch i + 1's forward runs (where the thread
+    pays: forced here, as on a machine with a core to spare)."""
+    monkeypatch.setattr(dataset_module, "writer_thread_pays", lambda device: True)
     events, main = [], threading.get_ident()
     original = StoreWriter._commit
 
@@ -137,7 +146,9 @@ def test_writing_overlaps_the_next_forward(hm, tmp_path, monkeypatch):
         assert torch.equal(store[key], expected[key]), key
 
 
-def test_a_failed_write_on_the_thread_is_raised_and_the_store_resumes(hm, tmp_path, monkeypatch):
+@pytest.mark.parametrize("thread", [True, False], ids=["writer thread", "between forwards"])
+def test_a_failed_write_is_raised_and_the_store_resumes(hm, tmp_path, monkeypatch, thread):
+    monkeypatch.setattr(dataset_module, "writer_thread_pays", lambda device: thread)
     original = StoreWriter._commit
 
     def fail_third(self, index, cache, fingerprints):
@@ -166,6 +177,17 @@ def test_a_failed_write_on_the_thread_is_raised_and_the_store_resumes(hm, tmp_pa
         prompts(15), ["last", 0], extraction_config=CONFIG, output_dir=tmp_path / "clean"
     )
     assert_same_store(outcome[0], clean)
+
+
+def test_the_writer_thread_is_used_where_it_pays(monkeypatch):
+    cores = len(os.sched_getaffinity(0))
+    assert writer_thread_pays("cuda") and writer_thread_pays(torch.device("cuda", 1))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: cores)  # every core runs the forward
+    assert not writer_thread_pays("cpu")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: max(1, cores - 1))
+    assert writer_thread_pays("cpu") == (cores > 1)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert writer_thread_pays("cpu")
 
 
 def test_abort_reports_a_writer_failure_beside_the_callers_error(tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ import torch
 from tiny_models import VOCAB, build_model, build_tokenizer
 
 from hookscope import ExtractionConfig, HookedModel
+from hookscope import dataset as dataset_module
 from hookscope import store as store_module
 from hookscope.cache import ActivationCache
 from hookscope.store import LOCK, MANIFEST, ActivationStore, StoreError, StoreWriter
@@ -86,9 +87,12 @@ def test_a_list_of_tokenized_batches_of_varied_lengths_is_refused_before_writing
     assert_equals_in_memory(hm, store, batches[:2], ["all"])
 
 
-def test_a_stream_of_varied_lengths_removes_the_store_it_began(hm, tmp_path):
+@pytest.mark.parametrize("thread", [True, False], ids=["writer thread", "between forwards"])
+def test_a_stream_of_varied_lengths_removes_the_store_it_began(hm, tmp_path, monkeypatch, thread):
     # a generator cannot be read twice: the mismatch is found at batch 2, after batches 0 and 1
-    # were committed (on the writer thread); the new store is removed, nothing is half-written
+    # were committed (on the writer thread or not); the new store is removed, nothing is
+    # half-written
+    monkeypatch.setattr(dataset_module, "writer_thread_pays", lambda device: thread)
     folder = tmp_path / "stream"
     batches = batches_of_lengths([6, 6, 3, 6])
     with pytest.raises(StoreError) as caught:

@@ -191,12 +191,16 @@ def prepare_inputs(
     return prepared
 
 
-def _add_padded_positions(kwargs: dict[str, Any], model: nn.Module, accepted: frozenset) -> None:
+def _add_padded_positions(
+    kwargs: dict[str, Any], model: nn.Module, accepted: frozenset, always: bool = False
+) -> None:
     """Under padding, ``position_ids`` counted over each row's real tokens (unless given, or
-    the model derives its own), so a padded row computes exactly what it computes alone."""
+    the model derives its own), so a padded row computes exactly what it computes alone.
+    ``always``: also without padding (the positions the model would count itself; the
+    compiled path keeps one set of inputs, as a new set would compile a new graph)."""
     mask = kwargs["attention_mask"]
     if (
-        not bool(mask.bool().all())
+        (always or not bool(mask.bool().all()))
         and "position_ids" in accepted
         and kwargs.get("position_ids") is None
         and not computes_own_positions(accepted)

@@ -89,8 +89,9 @@ def _tip(text: str) -> str:
 
 
 def _json_script(element_id: str, data: Any) -> str:
-    """Data for the page's script, safe inside ``<script>`` (no ``</`` can close it)."""
-    text = json.dumps(data, separators=(",", ":")).replace("<", "\\u003c")
+    """Data for the page's script, safe inside ``<script>`` (no ``</`` can close it) and strict
+    JSON (the page's ``JSON.parse`` rejects NaN: callers write a missing number as None)."""
+    text = json.dumps(data, separators=(",", ":"), allow_nan=False).replace("<", "\\u003c")
     return f'<script type="application/json" id="{_e(element_id)}">{text}</script>'
 
 
@@ -348,7 +349,10 @@ def attention_view(
     data = {
         "tokens": list(tokens),
         "heads": list(head_labels),
-        "patterns": [[[round(v, 4) for v in row] for row in head] for head in patterns.tolist()],
+        "patterns": [  # a NaN weight (e.g. a fully masked query row) is shown as "n/a"
+            [[round(v, 4) if math.isfinite(v) else None for v in row] for row in head]
+            for head in patterns.tolist()
+        ],
     }
     legend = _alpha_legend("attention from the query")
     return (
@@ -448,12 +452,12 @@ _SCRIPT = """
         const row = data.patterns[+panel.dataset.h][q];
         panel.querySelectorAll(".hs-tok").forEach(span => {
           const k = +span.dataset.i, a = row[k];
-          span.style.background = "rgba(8,48,107," + (0.85 * a).toFixed(3) + ")";
-          span.style.color = a > 0.5 ? "#fff" : "#222";
+          span.style.background = a === null ? "none" : "rgba(8,48,107," + (0.85 * a).toFixed(3) + ")";
+          span.style.color = a !== null && a > 0.5 ? "#fff" : "#222";
           span.classList.toggle("hs-selected", k === q);
           span.setAttribute("data-tip", data.heads[+panel.dataset.h] + "\\nquery " + q + ": " +
             JSON.stringify(data.tokens[q]) + "\\nkey " + k + ": " + JSON.stringify(data.tokens[k]) +
-            "\\nattention: " + a.toFixed(3));
+            "\\nattention: " + (a === null ? "n/a (not a number)" : a.toFixed(3)));
         });
       });
     }
