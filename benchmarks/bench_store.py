@@ -9,10 +9,9 @@ Timing: the last-token residual stream of all 30 layers (the rows of benchmarks/
 process, the model loaded once, variants interleaved round by round, ratios paired within a
 round, every store written to a fresh folder:
   in-memory            hm.extract_cache(prompts)
-  output_dir           hm.extract_cache(prompts, output_dir=DIR)   (hookscope's choice: the
-                       writer thread where it pays, see store_io.writer_thread_pays)
-  output_dir, writer thread       forced: batch i committed on a thread during forward i + 1
-  output_dir, between forwards    forced: every batch committed before the next forward
+  output_dir           hm.extract_cache(prompts, output_dir=DIR): batch i committed on the
+                       writer thread during forward i + 1
+  output_dir, between forwards    every batch committed before the next forward (forced)
 The last column is the time the caller spent inside the store's write() and finish() (queueing,
 and waiting for the last batches at the end).
 
@@ -124,24 +123,24 @@ def timing(n: int, rounds: int, prompt_set: str = "short") -> dict[str, list[flo
     config = ExtractionConfig(extract_resid_out=True, save_logits=False)
     root = Path(tempfile.mkdtemp(prefix="bench-store-"))
 
-    def run(folder_name: str | None, thread: bool | None = None, **options):
-        """``thread``: None = hookscope's choice (writer_thread_pays), else forced."""
-
+    def run(folder_name: str | None, sync: bool = False, **options):
         def go():
             folder = None
             if folder_name is not None:
                 folder = root / folder_name
                 shutil.rmtree(folder, ignore_errors=True)
             WAITED.clear()
-            choice = dataset_module.writer_thread_pays
-            if thread is not None:
-                dataset_module.writer_thread_pays = lambda device: thread
+            writer = dataset_module.StoreWriter
+            if sync:
+                dataset_module.StoreWriter = lambda *a, **k: StoreWriter(
+                    *a, **{**k, "background": False}
+                )
             try:
                 hm.extract_cache(
                     prompts, ["last"], extraction_config=config, output_dir=folder, **options
                 )
             finally:
-                dataset_module.writer_thread_pays = choice
+                dataset_module.StoreWriter = writer
             WAIT_BY_VARIANT.setdefault(label, []).append(sum(WAITED))
 
         label = folder_name or "in-memory"
@@ -150,8 +149,7 @@ def timing(n: int, rounds: int, prompt_set: str = "short") -> dict[str, list[flo
     variants = {
         "in-memory": run(None),
         "output_dir": run("a"),
-        "output_dir, writer thread": run("b", thread=True),
-        "output_dir, between forwards": run("c", thread=False),
+        "output_dir, between forwards": run("b", sync=True),
     }
     for method in ("write", "finish"):  # the caller's time spent in the store, per variant
         setattr(StoreWriter, method, _timed(getattr(StoreWriter, method)))
@@ -228,8 +226,7 @@ def main() -> None:
         labels = {
             "in-memory": "in-memory",
             "output_dir": "a",
-            "output_dir, writer thread": "b",
-            "output_dir, between forwards": "c",
+            "output_dir, between forwards": "b",
         }
         for name, values in times.items():
             pairs = [a / b for a, b in zip(values, times["in-memory"], strict=True)]

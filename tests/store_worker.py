@@ -10,6 +10,7 @@ import torch  # noqa: E402
 from tiny_models import build_model, build_tokenizer  # noqa: E402
 
 from hookscope import ExtractionConfig, HookedModel  # noqa: E402
+from hookscope import dataset as dataset_module  # noqa: E402
 
 
 def prompts(n: int) -> list[str]:
@@ -37,6 +38,14 @@ def run(folder: str, n: int, slow: float = 0.0):
 if __name__ == "__main__":
     torch.set_num_threads(1)
     run(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]))
+
+
+def force_writer_thread(monkeypatch, thread: bool) -> None:
+    """extract_cache's stores commit on the writer thread (``thread``) or between forwards."""
+    writer = dataset_module.StoreWriter
+    monkeypatch.setattr(
+        dataset_module, "StoreWriter", lambda *a, **k: writer(*a, **{**k, "background": thread})
+    )
 
 
 def assert_same_store(store, clean) -> None:

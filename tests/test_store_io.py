@@ -6,13 +6,12 @@ Ground truths: the batches' own ``forward`` results concatenated by hand, HF's
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 
 import pytest
 import torch
-from store_worker import assert_same_store, prompts
+from store_worker import assert_same_store, force_writer_thread, prompts
 from tiny_models import build_model, build_tokenizer
 
 from hookscope import ExtractionConfig, HookedModel
@@ -26,7 +25,6 @@ from hookscope.store_io import (
     HostStager,
     PinnedPool,
     store_dtype_of,
-    writer_thread_pays,
 )
 
 CONFIG = ExtractionConfig(extract_resid_out=True, extract_mlp_out=True, save_input_ids=True)
@@ -113,9 +111,7 @@ def test_background_writer_returns_an_unreported_failure_at_close():
 
 
 def test_writing_overlaps_the_next_forward(hm, tmp_path, monkeypatch):
-    """Batch i is committed on another thread while batch i + 1's forward runs (where the thread
-    pays: forced here, as on a machine with a core to spare)."""
-    monkeypatch.setattr(dataset_module, "writer_thread_pays", lambda device: True)
+    """Batch i is committed on another thread while batch i + 1's forward runs."""
     events, main = [], threading.get_ident()
     original = StoreWriter._commit
 
@@ -148,7 +144,7 @@ def test_writing_overlaps_the_next_forward(hm, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("thread", [True, False], ids=["writer thread", "between forwards"])
 def test_a_failed_write_is_raised_and_the_store_resumes(hm, tmp_path, monkeypatch, thread):
-    monkeypatch.setattr(dataset_module, "writer_thread_pays", lambda device: thread)
+    force_writer_thread(monkeypatch, thread)
     original = StoreWriter._commit
 
     def fail_third(self, index, cache, fingerprints):
@@ -177,17 +173,6 @@ def test_a_failed_write_is_raised_and_the_store_resumes(hm, tmp_path, monkeypatc
         prompts(15), ["last", 0], extraction_config=CONFIG, output_dir=tmp_path / "clean"
     )
     assert_same_store(outcome[0], clean)
-
-
-def test_the_writer_thread_is_used_where_it_pays(monkeypatch):
-    cores = len(os.sched_getaffinity(0))
-    assert writer_thread_pays("cuda") and writer_thread_pays(torch.device("cuda", 1))
-    monkeypatch.setattr(torch, "get_num_threads", lambda: cores)  # every core runs the forward
-    assert not writer_thread_pays("cpu")
-    monkeypatch.setattr(torch, "get_num_threads", lambda: max(1, cores - 1))
-    assert writer_thread_pays("cpu") == (cores > 1)
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
-    assert writer_thread_pays("cpu")
 
 
 def test_abort_reports_a_writer_failure_beside_the_callers_error(tmp_path, monkeypatch):

@@ -12,10 +12,10 @@ import threading
 
 import pytest
 import torch
+from store_worker import force_writer_thread
 from tiny_models import VOCAB, build_model, build_tokenizer
 
 from hookscope import ExtractionConfig, HookedModel
-from hookscope import dataset as dataset_module
 from hookscope import store as store_module
 from hookscope.cache import ActivationCache
 from hookscope.store import LOCK, MANIFEST, ActivationStore, StoreError, StoreWriter
@@ -92,7 +92,7 @@ def test_a_stream_of_varied_lengths_removes_the_store_it_began(hm, tmp_path, mon
     # a generator cannot be read twice: the mismatch is found at batch 2, after batches 0 and 1
     # were committed (on the writer thread or not); the new store is removed, nothing is
     # half-written
-    monkeypatch.setattr(dataset_module, "writer_thread_pays", lambda device: thread)
+    force_writer_thread(monkeypatch, thread)
     folder = tmp_path / "stream"
     batches = batches_of_lengths([6, 6, 3, 6])
     with pytest.raises(StoreError) as caught:

@@ -23,7 +23,7 @@ from .inputs import tokenize
 from .progress import ProgressBar, real_tokens
 from .reserve import ReservedResults, known_size
 from .store import ActivationStore, StoreWriter, describe, slot_count_error
-from .store_io import HostStager, store_dtype_of, to_store_dtype, writer_thread_pays
+from .store_io import HostStager, store_dtype_of, to_store_dtype
 
 Batch = tuple[Any, torch.Tensor | None, list[dict] | None]
 _LAST_K = re.compile(r"^last-\d+$")
@@ -304,8 +304,7 @@ class DatasetRun:
                 r.dictionary.name: describe_value(r.dictionary) for r in features
             }
         description = describe(self.hm, self.config, self.positions, options)
-        background = writer_thread_pays(self.hm.device())
-        return StoreWriter(output_dir, description, overwrite=overwrite, background=background)
+        return StoreWriter(output_dir, description, overwrite=overwrite, background=True)
 
     def _loop(
         self,

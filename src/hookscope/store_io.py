@@ -6,9 +6,6 @@
   caller at the next :meth:`~BackgroundWriter.put` or at :meth:`~BackgroundWriter.drain` /
   :meth:`~BackgroundWriter.close`, never dropped; the batches queued behind a failed one are
   discarded uncommitted (the store stays at its last commit, so the same run resumes).
-* :func:`writer_thread_pays`: whether that thread gains time on this machine (an accelerator
-  computes the forward, or a core is left over by torch's threads); otherwise batches are
-  committed between forwards.
 * :func:`to_store_dtype`: the storage dtype of a cache's activations (``store_dtype``).
 * :class:`HostStager`: copies a batch from an accelerator into pinned host buffers with
   ``non_blocking=True`` and synchronises on an event before the batch is written, so the copy
@@ -19,7 +16,6 @@
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from collections.abc import Callable
@@ -29,23 +25,6 @@ import torch
 
 from .cache import ActivationCache
 from .errors import InputError
-
-
-def writer_thread_pays(device: torch.device | str) -> bool:
-    """Whether committing batches on a writer thread, beside the next forward, saves time.
-
-    Yes when the forward runs on an accelerator (the CPU mostly waits for it) or when the CPU
-    has a core that torch's threads leave free. No on a CPU whose every core runs the forward:
-    the thread then takes its time from the forward (on the 2-core machine of
-    benchmarks/RESULTS_store.md committing between forwards measured ~1 % faster)."""
-    if torch.device(device).type != "cpu":
-        return True
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return cores > torch.get_num_threads()
-
 
 STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _STOP = object()
