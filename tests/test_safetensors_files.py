@@ -121,3 +121,39 @@ def test_running_statistics_over_masked_slots_equal_a_hand_computation():
             torch.testing.assert_close(
                 summary["var"][slot].double(), real.var(0, unbiased=False), rtol=1e-5, atol=1e-6
             )
+
+
+@pytest.mark.parametrize(
+    "metadata, tensors",
+    [
+        ({"run": 3}, {"a": torch.zeros(2)}),
+        ({"note": None}, {"a": torch.zeros(2)}),
+        ({"k": "v"}, {"__metadata__": torch.zeros(2)}),
+    ],
+    ids=["int-value", "none-value", "dunder-name"],
+)
+def test_a_header_safetensors_cannot_read_is_refused_and_the_old_file_kept(
+    tmp_path, metadata, tensors
+):
+    """safetensors' reader takes only string metadata values and no tensor named
+    '__metadata__': such a file would be unreadable, so nothing is written (an atomic save over
+    a good file keeps it) and the error names the bad entry."""
+    path = tmp_path / "cache.safetensors"
+    write_safetensors(path, {"kept": torch.arange(3.0)})
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="metadata|tensor name"):
+        write_safetensors(path, tensors, metadata)
+    assert path.read_bytes() == before
+    assert torch.equal(load_file(path)["kept"], torch.arange(3.0))
+    with pytest.raises(ValueError, match="'run': 3"):
+        ActivationCache({"resid_out_0": torch.zeros(1, 1, 2)}).save(path, metadata={"run": 3})
+    assert path.read_bytes() == before
+
+
+def test_a_negative_view_is_written_with_its_values(tmp_path):
+    """A tensor with the negative bit set (torch's lazy negation of a view) is written as its
+    values, not its storage."""
+    base = torch.randn(2, 3)
+    path = tmp_path / "neg.safetensors"
+    write_safetensors(path, {"neg": base._neg_view(), "base": base})
+    assert torch.equal(load_file(path)["neg"], -base)

@@ -48,7 +48,14 @@ def write_safetensors(
 
     ``atomic``: write a temporary file renamed over ``path``, so a failure leaves the old file
     (or none). The store passes False for files that no manifest names yet (a failure leaves a
-    partial file that nothing reads and the next writer removes)."""
+    partial file that nothing reads and the next writer removes).
+
+    Raises:
+        ValueError: (before anything is written) a metadata key or value that is not a
+            string, or a tensor name that is not a string or is ``"__metadata__"``: safetensors'
+            reader refuses such a header, so the file would be unreadable.
+    """
+    _check_names(tensors, metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
     if not atomic:
         return _write(path, tensors, metadata)
@@ -61,6 +68,22 @@ def write_safetensors(
         if os.path.exists(tmp):
             os.remove(tmp)
     return digest
+
+
+def _check_names(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> None:
+    """Refuse a header safetensors cannot read back (its metadata is a map of strings)."""
+    for key, value in (metadata or {}).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise ValueError(
+                f"safetensors metadata must map strings to strings, got {key!r}: {value!r} "
+                f"({type(value).__name__}); pass str(value) or json.dumps(value)."
+            )
+    for name in tensors:
+        if not isinstance(name, str) or name == "__metadata__":
+            raise ValueError(
+                f"a safetensors tensor name must be a string other than '__metadata__', got "
+                f"{name!r}."
+            )
 
 
 def _write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> str:
@@ -96,4 +119,4 @@ def _pieces(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None):
     yield struct.pack("<Q", len(text)) + text
     for value in cpu.values():
         if value.numel():
-            yield value.contiguous().reshape(-1).view(torch.uint8).numpy().data
+            yield value.resolve_neg().contiguous().reshape(-1).view(torch.uint8).numpy().data
