@@ -271,3 +271,30 @@ def test_every_reader_puts_the_rows_of_a_combined_store_in_dataset_order(hm, tmp
     assert torch.equal(exported.reshape(expected.shape), expected)
     odd = store.select(lambda fields: fields["id"] % 2 == 1)
     assert odd.tolist() == [i for i in range(len(records)) if i % 2 == 1]
+
+
+def test_merging_part_stores_again_keeps_the_merged_statistics_on_a_failure(
+    hm, tmp_path, monkeypatch
+):
+    # the top manifest of a first merge names stats-merged.safetensors; a second merge that
+    # fails while writing that file (disk full) leaves the first merge readable and verified
+    from hookscope import distributed, safetensors_files
+    from hookscope.distributed import _combine_parts
+
+    parts = [tmp_path / "out" / "part-000", tmp_path / "out" / "part-001"]
+    batches = batches_of_lengths([4, 4])
+    for part, batch in zip(parts, batches, strict=True):
+        hm.extract_cache([batch], ["last"], extraction_config=CONFIG, output_dir=part)
+    first = _combine_parts(tmp_path / "out", parts)
+    mean = first.stats("resid_out_1")["mean"].clone()
+
+    def disk_full(tensors, metadata):
+        yield b"partial"  # part of the header written, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors_files, "_pieces", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        distributed._combine_parts(tmp_path / "out", parts)
+    again = ActivationStore.open(tmp_path / "out")
+    again.verify()
+    torch.testing.assert_close(again.stats("resid_out_1")["mean"], mean, rtol=0, atol=0)
