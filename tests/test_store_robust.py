@@ -130,6 +130,30 @@ def test_appending_another_slot_count_leaves_the_older_store_as_it_was(hm, tmp_p
     assert_equals_in_memory(hm, store, batches[:2], ["all"])
 
 
+def test_a_refused_batch_that_extends_the_last_shard_leaves_the_store_as_it_was(hm, tmp_path):
+    # the last committed batch (1 example) is a prefix of the batch asked (2 examples): it is
+    # uncommitted to run again whole, but the new batch's slot count differs and is refused;
+    # the store keeps that shard and stays complete (it lost its last example before)
+    folder = tmp_path / "extend"
+    first, second, third = batches_of_lengths([5, 5, 9])
+    one_row = [{key: torch.cat([first[key], second[key]]) for key in first}, first]
+    hm.extract_cache(iter(one_row), ["all"], extraction_config=CONFIG, output_dir=folder)
+    before = {name: (folder / name).read_bytes() for name in store_files(folder)}
+    wider = {key: torch.zeros(2, 9, dtype=first[key].dtype) for key in first}
+    wider["input_ids"][0, :5], wider["input_ids"][1] = first["input_ids"][0], third["input_ids"][0]
+    wider["attention_mask"][0, :5], wider["attention_mask"][1] = 1, 1
+    with pytest.raises(StoreError, match=r"got 5 then 9.*left at its last commit \(3 examples\)"):
+        hm.extract_cache(
+            iter([one_row[0], wider]), ["all"], extraction_config=CONFIG, output_dir=folder
+        )
+    after = {name: (folder / name).read_bytes() for name in store_files(folder)}
+    assert after == before  # the complete store of the first run, byte for byte
+    store = ActivationStore.open(folder)
+    store.verify()
+    assert store.complete and len(store) == 3
+    assert_equals_in_memory(hm, store, one_row, ["all"])
+
+
 def test_averaged_all_positions_stream_to_a_store(hm, tmp_path):
     # extract_avg: one slot per item whatever the prompt's length, so nothing is refused
     config = ExtractionConfig.from_names(["resid_out_1"], save_logits=False, extract_avg=True)

@@ -557,6 +557,9 @@ class StoreWriter:
             None  # a resumed store's (shards, complete)
         )
         self._slots: int | None = None  # the store's position slot count, once known
+        # the manifest before _rewind_last uncommitted the last shard (its files are kept until
+        # that batch commits again), restored if that batch is refused (_check_slot_count)
+        self._before_rewind: dict | None = None
         self._lock = _FolderLock(self.folder)
         try:
             self._open(json.loads(json.dumps(description)), overwrite)
@@ -790,7 +793,10 @@ class StoreWriter:
         return fingerprints
 
     def _rewind_last(self) -> None:
-        """Uncommit the last shard (its statistics go back to the shard before)."""
+        """Uncommit the last shard (its statistics go back to the shard before). Its files
+        stay until its batch is committed again (written in place then: no manifest names
+        them), so a refused batch can restore the store as it was."""
+        self._before_rewind = json.loads(json.dumps(self.manifest))
         shard = self.manifest["shards"].pop()
         self.manifest["examples"] = shard["examples"][0]
         self.manifest["complete"] = False
@@ -806,7 +812,6 @@ class StoreWriter:
         self.manifest["stats"], self.manifest["previous_stats"] = previous, None
         self.manifest["stats_sha256"], self.manifest["previous_stats_sha256"] = checksum, None
         _write_json(self.folder / MANIFEST, self.manifest)
-        _remove_store_files(self.folder, self.manifest)
         self._next_batch, self._next_example = self.completed_batches, self.examples
 
     # -- write ---------------------------------------------------------------------------------
@@ -862,7 +867,11 @@ class StoreWriter:
                 "folder holds no store, as before the run)."
             )
         else:
-            if self._opened_complete == (self.completed_batches, True):
+            if self._before_rewind is not None and index == self.completed_batches:
+                # the refused batch is the one rewound: its shard back, the store as opened
+                self.manifest = self._before_rewind
+                _write_json(self.folder / MANIFEST, self.manifest)
+            elif self._opened_complete == (self.completed_batches, True):
                 self.manifest["complete"] = True  # nothing appended: complete, as it was
                 _write_json(self.folder / MANIFEST, self.manifest)
             state = (
