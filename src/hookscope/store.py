@@ -553,6 +553,7 @@ class StoreWriter:
             )
         self.folder.mkdir(parents=True, exist_ok=True)
         self._created = False  # True once _open makes a new store (none before, or overwrite)
+        self._replaced = False  # True once overwrite=True replaced an older store
         self._opened_complete: tuple[int, bool] | None = (
             None  # a resumed store's (shards, complete)
         )
@@ -594,6 +595,7 @@ class StoreWriter:
         self.stats = RunningStats()
         _write_json(path, self.manifest)  # the commit point: from here the folder is the new store
         self._created = True
+        self._replaced = old is not None  # overwrite=True removed an older store
         if old is not None:
             _remove_store_files(self.folder, self.manifest, replaced=old)
 
@@ -862,9 +864,14 @@ class StoreWriter:
         failure = self._stop_background()
         if self._created:
             self._remove_new_store()
+            before = (
+                "the store that overwrite=True replaced was removed when the run began"
+                if self._replaced
+                else "as before the run"
+            )
             state = (
                 f"Nothing was kept: the store this run began in {self.folder} was removed (the "
-                "folder holds no store, as before the run)."
+                f"folder holds no store, {before})."
             )
         else:
             if self._before_rewind is not None and index == self.completed_batches:
