@@ -157,3 +157,35 @@ def test_a_negative_view_is_written_with_its_values(tmp_path):
     path = tmp_path / "neg.safetensors"
     write_safetensors(path, {"neg": base._neg_view(), "base": base})
     assert torch.equal(load_file(path)["neg"], -base)
+
+
+def test_metadata_text_is_utf8_and_a_lone_surrogate_is_refused(tmp_path):
+    """Non-ASCII metadata is written as UTF-8 (the header length counts its bytes) and read
+    back exactly by safetensors; a lone surrogate (not UTF-8) is refused as safetensors' own
+    writer refuses it, never written into a header safetensors cannot parse."""
+    path = tmp_path / "text.safetensors"
+    text = 'héllo ☃ 𝄞 日本\u2028 "quoted" \\'
+    write_safetensors(path, {"a": torch.arange(3)}, {"text": text})
+    with safe_open(path, "pt") as file:
+        assert file.metadata() == {"text": text}
+    assert torch.equal(load_file(path)["a"], torch.arange(3))
+    before = path.read_bytes()
+    with pytest.raises(UnicodeEncodeError):
+        write_safetensors(path, {"a": torch.zeros(1)}, {"text": "ok \ud800"}, atomic=False)
+    assert path.read_bytes() == before  # refused before the file was touched
+    header_length = int.from_bytes(before[:8], "little")
+    assert header_length % 8 == 0 and "日本".encode() in before[8 : 8 + header_length]
+
+
+def test_a_header_over_safetensors_limit_is_refused_and_the_old_file_kept(tmp_path, monkeypatch):
+    """safetensors refuses to read a header over its limit (100 MiB): such a file is never
+    written (the limit lowered here to keep the test small)."""
+    from hookscope import safetensors_files
+
+    path = tmp_path / "big.safetensors"
+    write_safetensors(path, {"a": torch.zeros(1)})
+    before = path.read_bytes()
+    monkeypatch.setattr(safetensors_files, "MAX_HEADER_BYTES", 256)
+    with pytest.raises(ValueError, match="over the 256"):
+        write_safetensors(path, {"a": torch.zeros(1)}, {"text": "x" * 300}, atomic=False)
+    assert path.read_bytes() == before

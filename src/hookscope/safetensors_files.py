@@ -13,6 +13,7 @@ to a multiple of 8, then the tensors' bytes back to back, without holes.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import struct
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save
 
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' reader refuses a longer header
 _DTYPES = {
     torch.float64: "F64",
     torch.float32: "F32",
@@ -89,10 +91,12 @@ def _check_names(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | No
 def _write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> str:
     """Create ``path`` anew (a link or file already there is removed, never written through)
     and write the file; returns its sha256."""
+    pieces = _pieces(tensors, metadata)
+    head = next(pieces)  # the header, built and checked before the file is touched
     path.unlink(missing_ok=True)
     digest = hashlib.sha256()
     with open(path, "xb") as file:
-        for piece in _pieces(tensors, metadata):
+        for piece in itertools.chain([head], pieces):
             digest.update(piece)
             file.write(piece)
     return digest.hexdigest()
@@ -114,7 +118,14 @@ def _pieces(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None):
             "data_offsets": [offset, offset + size],
         }
         offset += size
-    text = json.dumps(header, separators=(",", ":")).encode()
+    # UTF-8 as safetensors writes it (escaped, a lone surrogate would make a header its
+    # reader refuses; unescaped it raises UnicodeEncodeError here, as safetensors' writer does)
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(text) > MAX_HEADER_BYTES:
+        raise ValueError(
+            f"the safetensors header would take {len(text)} bytes, over the {MAX_HEADER_BYTES} "
+            "safetensors reads (metadata or tensor names too large)."
+        )
     text += b" " * (-len(text) % 8)
     yield struct.pack("<Q", len(text)) + text
     for value in cpu.values():
