@@ -154,6 +154,27 @@ def test_a_refused_batch_that_extends_the_last_shard_leaves_the_store_as_it_was(
     assert_equals_in_memory(hm, store, one_row, ["all"])
 
 
+def test_a_refused_batch_after_an_extended_last_shard_leaves_the_store_incomplete(hm, tmp_path):
+    # the last shard (1 example) is extended to 2 and committed again, then the next batch is
+    # refused: the store holds 4 examples, more than the complete run of 3 and fewer than
+    # asked, so it is not marked complete
+    folder = tmp_path / "extended"
+    first, second, third = batches_of_lengths([5, 5, 5])
+    pair = {key: torch.cat([first[key], second[key]]) for key in first}
+    hm.extract_cache(iter([pair, first]), ["all"], extraction_config=CONFIG, output_dir=folder)
+    other = batches_of_lengths([7])[0]
+    with pytest.raises(StoreError, match=r"got 5 then 7.*left at its last commit \(4 examples\)"):
+        hm.extract_cache(
+            iter([pair, {key: torch.cat([first[key], third[key]]) for key in first}, other]),
+            ["all"],
+            extraction_config=CONFIG,
+            output_dir=folder,
+        )
+    store = ActivationStore.open(folder)
+    store.verify()
+    assert len(store) == 4 and not store.complete
+
+
 def test_averaged_all_positions_stream_to_a_store(hm, tmp_path):
     # extract_avg: one slot per item whatever the prompt's length, so nothing is refused
     config = ExtractionConfig.from_names(["resid_out_1"], save_logits=False, extract_avg=True)

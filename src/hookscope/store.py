@@ -874,11 +874,17 @@ class StoreWriter:
                 f"folder holds no store, {before})."
             )
         else:
-            if self._before_rewind is not None and index == self.completed_batches:
+            rewound = (
+                None if self._before_rewind is None else len(self._before_rewind["shards"]) - 1
+            )
+            if index == rewound:
                 # the refused batch is the one rewound: its shard back, the store as opened
                 self.manifest = self._before_rewind
                 _write_json(self.folder / MANIFEST, self.manifest)
-            elif self._opened_complete == (self.completed_batches, True):
+            elif self._before_rewind is None and self._opened_complete == (
+                self.completed_batches,
+                True,
+            ):
                 self.manifest["complete"] = True  # nothing appended: complete, as it was
                 _write_json(self.folder / MANIFEST, self.manifest)
             state = (
