@@ -226,6 +226,13 @@ GUIDE = {
         "Render files written by `hookscope patch` / `hookscope lens`, PatchingResult.save or "
         "LensResult.save; write the file again if it was edited or damaged.",
     ),
+    "safetensors_files": (
+        "Saving a cache (or a store's shard) with a header safetensors could not read back: "
+        "metadata that is not a map of strings, a tensor named '__metadata__', text that is "
+        "not UTF-8, or a header over 100 MiB. Nothing is written (an older file is kept).",
+        "Pass metadata values as strings (str(value) or json.dumps(value)), rename the tensor, "
+        "and keep large text out of the cache's values.",
+    ),
     "points": (
         "An activation point name that is malformed, unknown, or out of range for this model.",
         "Names are `kind`, `kind_{layer}` or `kind_L{layer}H{head}`; `hookscope info` lists them.",

@@ -121,3 +121,71 @@ def test_running_statistics_over_masked_slots_equal_a_hand_computation():
             torch.testing.assert_close(
                 summary["var"][slot].double(), real.var(0, unbiased=False), rtol=1e-5, atol=1e-6
             )
+
+
+@pytest.mark.parametrize(
+    "metadata, tensors",
+    [
+        ({"run": 3}, {"a": torch.zeros(2)}),
+        ({"note": None}, {"a": torch.zeros(2)}),
+        ({"k": "v"}, {"__metadata__": torch.zeros(2)}),
+    ],
+    ids=["int-value", "none-value", "dunder-name"],
+)
+def test_a_header_safetensors_cannot_read_is_refused_and_the_old_file_kept(
+    tmp_path, metadata, tensors
+):
+    """safetensors' reader takes only string metadata values and no tensor named
+    '__metadata__': such a file would be unreadable, so nothing is written (an atomic save over
+    a good file keeps it) and the error names the bad entry."""
+    path = tmp_path / "cache.safetensors"
+    write_safetensors(path, {"kept": torch.arange(3.0)})
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="metadata|tensor name"):
+        write_safetensors(path, tensors, metadata)
+    assert path.read_bytes() == before
+    assert torch.equal(load_file(path)["kept"], torch.arange(3.0))
+    with pytest.raises(ValueError, match="'run': 3"):
+        ActivationCache({"resid_out_0": torch.zeros(1, 1, 2)}).save(path, metadata={"run": 3})
+    assert path.read_bytes() == before
+
+
+def test_a_negative_view_is_written_with_its_values(tmp_path):
+    """A tensor with the negative bit set (torch's lazy negation of a view) is written as its
+    values, not its storage."""
+    base = torch.randn(2, 3)
+    path = tmp_path / "neg.safetensors"
+    write_safetensors(path, {"neg": base._neg_view(), "base": base})
+    assert torch.equal(load_file(path)["neg"], -base)
+
+
+def test_metadata_text_is_utf8_and_a_lone_surrogate_is_refused(tmp_path):
+    """Non-ASCII metadata is written as UTF-8 (the header length counts its bytes) and read
+    back exactly by safetensors; a lone surrogate (not UTF-8) is refused as safetensors' own
+    writer refuses it, never written into a header safetensors cannot parse."""
+    path = tmp_path / "text.safetensors"
+    text = 'héllo ☃ 𝄞 日本\u2028 "quoted" \\'
+    write_safetensors(path, {"a": torch.arange(3)}, {"text": text})
+    with safe_open(path, "pt") as file:
+        assert file.metadata() == {"text": text}
+    assert torch.equal(load_file(path)["a"], torch.arange(3))
+    before = path.read_bytes()
+    with pytest.raises(UnicodeEncodeError):
+        write_safetensors(path, {"a": torch.zeros(1)}, {"text": "ok \ud800"}, atomic=False)
+    assert path.read_bytes() == before  # refused before the file was touched
+    header_length = int.from_bytes(before[:8], "little")
+    assert header_length % 8 == 0 and "日本".encode() in before[8 : 8 + header_length]
+
+
+def test_a_header_over_safetensors_limit_is_refused_and_the_old_file_kept(tmp_path, monkeypatch):
+    """safetensors refuses to read a header over its limit (100 MiB): such a file is never
+    written (the limit lowered here to keep the test small)."""
+    from hookscope import safetensors_files
+
+    path = tmp_path / "big.safetensors"
+    write_safetensors(path, {"a": torch.zeros(1)})
+    before = path.read_bytes()
+    monkeypatch.setattr(safetensors_files, "MAX_HEADER_BYTES", 256)
+    with pytest.raises(ValueError, match="over the 256"):
+        write_safetensors(path, {"a": torch.zeros(1)}, {"text": "x" * 300}, atomic=False)
+    assert path.read_bytes() == before

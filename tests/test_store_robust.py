@@ -105,7 +105,7 @@ def test_a_stream_of_varied_lengths_removes_the_store_it_began(hm, tmp_path, mon
     store = hm.extract_cache(iter(batches), ["last"], extraction_config=CONFIG, output_dir=folder)
     assert_equals_in_memory(hm, store, batches, ["last"])
     # ... and so does overwrite=True after another refused run on top of that store
-    with pytest.raises(StoreError, match="got 6 then 3"):
+    with pytest.raises(StoreError, match="got 6 then 3.*overwrite=True replaced was removed"):
         hm.extract_cache(
             iter(batches), ["all"], extraction_config=CONFIG, output_dir=folder, overwrite=True
         )
@@ -128,6 +128,51 @@ def test_appending_another_slot_count_leaves_the_older_store_as_it_was(hm, tmp_p
     store = ActivationStore.open(folder)
     assert store.complete
     assert_equals_in_memory(hm, store, batches[:2], ["all"])
+
+
+def test_a_refused_batch_that_extends_the_last_shard_leaves_the_store_as_it_was(hm, tmp_path):
+    # the last committed batch (1 example) is a prefix of the batch asked (2 examples): it is
+    # uncommitted to run again whole, but the new batch's slot count differs and is refused;
+    # the store keeps that shard and stays complete (it lost its last example before)
+    folder = tmp_path / "extend"
+    first, second, third = batches_of_lengths([5, 5, 9])
+    one_row = [{key: torch.cat([first[key], second[key]]) for key in first}, first]
+    hm.extract_cache(iter(one_row), ["all"], extraction_config=CONFIG, output_dir=folder)
+    before = {name: (folder / name).read_bytes() for name in store_files(folder)}
+    wider = {key: torch.zeros(2, 9, dtype=first[key].dtype) for key in first}
+    wider["input_ids"][0, :5], wider["input_ids"][1] = first["input_ids"][0], third["input_ids"][0]
+    wider["attention_mask"][0, :5], wider["attention_mask"][1] = 1, 1
+    with pytest.raises(StoreError, match=r"got 5 then 9.*left at its last commit \(3 examples\)"):
+        hm.extract_cache(
+            iter([one_row[0], wider]), ["all"], extraction_config=CONFIG, output_dir=folder
+        )
+    after = {name: (folder / name).read_bytes() for name in store_files(folder)}
+    assert after == before  # the complete store of the first run, byte for byte
+    store = ActivationStore.open(folder)
+    store.verify()
+    assert store.complete and len(store) == 3
+    assert_equals_in_memory(hm, store, one_row, ["all"])
+
+
+def test_a_refused_batch_after_an_extended_last_shard_leaves_the_store_incomplete(hm, tmp_path):
+    # the last shard (1 example) is extended to 2 and committed again, then the next batch is
+    # refused: the store holds 4 examples, more than the complete run of 3 and fewer than
+    # asked, so it is not marked complete
+    folder = tmp_path / "extended"
+    first, second, third = batches_of_lengths([5, 5, 5])
+    pair = {key: torch.cat([first[key], second[key]]) for key in first}
+    hm.extract_cache(iter([pair, first]), ["all"], extraction_config=CONFIG, output_dir=folder)
+    other = batches_of_lengths([7])[0]
+    with pytest.raises(StoreError, match=r"got 5 then 7.*left at its last commit \(4 examples\)"):
+        hm.extract_cache(
+            iter([pair, {key: torch.cat([first[key], third[key]]) for key in first}, other]),
+            ["all"],
+            extraction_config=CONFIG,
+            output_dir=folder,
+        )
+    store = ActivationStore.open(folder)
+    store.verify()
+    assert len(store) == 4 and not store.complete
 
 
 def test_averaged_all_positions_stream_to_a_store(hm, tmp_path):
@@ -271,3 +316,30 @@ def test_every_reader_puts_the_rows_of_a_combined_store_in_dataset_order(hm, tmp
     assert torch.equal(exported.reshape(expected.shape), expected)
     odd = store.select(lambda fields: fields["id"] % 2 == 1)
     assert odd.tolist() == [i for i in range(len(records)) if i % 2 == 1]
+
+
+def test_merging_part_stores_again_keeps_the_merged_statistics_on_a_failure(
+    hm, tmp_path, monkeypatch
+):
+    # the top manifest of a first merge names stats-merged.safetensors; a second merge that
+    # fails while writing that file (disk full) leaves the first merge readable and verified
+    from hookscope import distributed, safetensors_files
+    from hookscope.distributed import _combine_parts
+
+    parts = [tmp_path / "out" / "part-000", tmp_path / "out" / "part-001"]
+    batches = batches_of_lengths([4, 4])
+    for part, batch in zip(parts, batches, strict=True):
+        hm.extract_cache([batch], ["last"], extraction_config=CONFIG, output_dir=part)
+    first = _combine_parts(tmp_path / "out", parts)
+    mean = first.stats("resid_out_1")["mean"].clone()
+
+    def disk_full(tensors, metadata):
+        yield b"partial"  # part of the header written, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors_files, "_pieces", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        distributed._combine_parts(tmp_path / "out", parts)
+    again = ActivationStore.open(tmp_path / "out")
+    again.verify()
+    torch.testing.assert_close(again.stats("resid_out_1")["mean"], mean, rtol=0, atol=0)

@@ -20,18 +20,16 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_file
-
 from .config import ExtractionConfig
 from .errors import HookscopeError
 from .positions import normalize_items
+from .safetensors_files import write_safetensors
 from .store import (
     _FORMAT,
     MANIFEST,
     ActivationStore,
     RunningStats,
     _load_all,
-    _sha256,
     _write_json,
     release_writer,
 )
@@ -152,7 +150,8 @@ def _combine_parts(out: Path, folders: list[Path]) -> ActivationStore:
         if manifest.get("stats"):
             stats.merge(RunningStats.from_tensors(_load_all(folder / manifest["stats"])))
     stats_name = "stats-merged.safetensors"
-    save_file({k: v.contiguous() for k, v in stats.tensors().items()}, str(out / stats_name))
+    # atomic: a manifest of an earlier merge may name this file (a failure keeps the old one)
+    stats_sha256 = write_safetensors(out / stats_name, stats.tensors())
     description = {k: v for k, v in descriptions[0].items() if k != "batch_size"}
     description["workers"] = len(folders)
     _write_json(
@@ -162,7 +161,7 @@ def _combine_parts(out: Path, folders: list[Path]) -> ActivationStore:
             "description": description,
             "shards": shards,
             "stats": stats_name,
-            "stats_sha256": _sha256(out / stats_name),
+            "stats_sha256": stats_sha256,
             "examples": examples,
             "complete": True,
             "batch_saver": saver,

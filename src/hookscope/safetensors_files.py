@@ -13,6 +13,7 @@ to a multiple of 8, then the tensors' bytes back to back, without holes.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import struct
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save
 
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' reader refuses a longer header
 _DTYPES = {
     torch.float64: "F64",
     torch.float32: "F32",
@@ -48,7 +50,14 @@ def write_safetensors(
 
     ``atomic``: write a temporary file renamed over ``path``, so a failure leaves the old file
     (or none). The store passes False for files that no manifest names yet (a failure leaves a
-    partial file that nothing reads and the next writer removes)."""
+    partial file that nothing reads and the next writer removes).
+
+    Raises:
+        ValueError: (before anything is written) a metadata key or value that is not a
+            string, or a tensor name that is not a string or is ``"__metadata__"``: safetensors'
+            reader refuses such a header, so the file would be unreadable.
+    """
+    _check_names(tensors, metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
     if not atomic:
         return _write(path, tensors, metadata)
@@ -63,13 +72,31 @@ def write_safetensors(
     return digest
 
 
+def _check_names(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> None:
+    """Refuse a header safetensors cannot read back (its metadata is a map of strings)."""
+    for key, value in (metadata or {}).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise ValueError(
+                f"safetensors metadata must map strings to strings, got {key!r}: {value!r} "
+                f"({type(value).__name__}); pass str(value) or json.dumps(value)."
+            )
+    for name in tensors:
+        if not isinstance(name, str) or name == "__metadata__":
+            raise ValueError(
+                f"a safetensors tensor name must be a string other than '__metadata__', got "
+                f"{name!r}."
+            )
+
+
 def _write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> str:
     """Create ``path`` anew (a link or file already there is removed, never written through)
     and write the file; returns its sha256."""
+    pieces = _pieces(tensors, metadata)
+    head = next(pieces)  # the header, built and checked before the file is touched
     path.unlink(missing_ok=True)
     digest = hashlib.sha256()
     with open(path, "xb") as file:
-        for piece in _pieces(tensors, metadata):
+        for piece in itertools.chain([head], pieces):
             digest.update(piece)
             file.write(piece)
     return digest.hexdigest()
@@ -91,9 +118,16 @@ def _pieces(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None):
             "data_offsets": [offset, offset + size],
         }
         offset += size
-    text = json.dumps(header, separators=(",", ":")).encode()
+    # UTF-8 as safetensors writes it (escaped, a lone surrogate would make a header its
+    # reader refuses; unescaped it raises UnicodeEncodeError here, as safetensors' writer does)
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(text) > MAX_HEADER_BYTES:
+        raise ValueError(
+            f"the safetensors header would take {len(text)} bytes, over the {MAX_HEADER_BYTES} "
+            "safetensors reads (metadata or tensor names too large)."
+        )
     text += b" " * (-len(text) % 8)
     yield struct.pack("<Q", len(text)) + text
     for value in cpu.values():
         if value.numel():
-            yield value.contiguous().reshape(-1).view(torch.uint8).numpy().data
+            yield value.resolve_neg().contiguous().reshape(-1).view(torch.uint8).numpy().data

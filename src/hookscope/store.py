@@ -553,10 +553,14 @@ class StoreWriter:
             )
         self.folder.mkdir(parents=True, exist_ok=True)
         self._created = False  # True once _open makes a new store (none before, or overwrite)
+        self._replaced = False  # True once overwrite=True replaced an older store
         self._opened_complete: tuple[int, bool] | None = (
             None  # a resumed store's (shards, complete)
         )
         self._slots: int | None = None  # the store's position slot count, once known
+        # the manifest before _rewind_last uncommitted the last shard (its files are kept until
+        # that batch commits again), restored if that batch is refused (_check_slot_count)
+        self._before_rewind: dict | None = None
         self._lock = _FolderLock(self.folder)
         try:
             self._open(json.loads(json.dumps(description)), overwrite)
@@ -591,6 +595,7 @@ class StoreWriter:
         self.stats = RunningStats()
         _write_json(path, self.manifest)  # the commit point: from here the folder is the new store
         self._created = True
+        self._replaced = old is not None  # overwrite=True removed an older store
         if old is not None:
             _remove_store_files(self.folder, self.manifest, replaced=old)
 
@@ -790,7 +795,10 @@ class StoreWriter:
         return fingerprints
 
     def _rewind_last(self) -> None:
-        """Uncommit the last shard (its statistics go back to the shard before)."""
+        """Uncommit the last shard (its statistics go back to the shard before). Its files
+        stay until its batch is committed again (written in place then: no manifest names
+        them), so a refused batch can restore the store as it was."""
+        self._before_rewind = json.loads(json.dumps(self.manifest))
         shard = self.manifest["shards"].pop()
         self.manifest["examples"] = shard["examples"][0]
         self.manifest["complete"] = False
@@ -806,7 +814,6 @@ class StoreWriter:
         self.manifest["stats"], self.manifest["previous_stats"] = previous, None
         self.manifest["stats_sha256"], self.manifest["previous_stats_sha256"] = checksum, None
         _write_json(self.folder / MANIFEST, self.manifest)
-        _remove_store_files(self.folder, self.manifest)
         self._next_batch, self._next_example = self.completed_batches, self.examples
 
     # -- write ---------------------------------------------------------------------------------
@@ -857,12 +864,27 @@ class StoreWriter:
         failure = self._stop_background()
         if self._created:
             self._remove_new_store()
+            before = (
+                "the store that overwrite=True replaced was removed when the run began"
+                if self._replaced
+                else "as before the run"
+            )
             state = (
                 f"Nothing was kept: the store this run began in {self.folder} was removed (the "
-                "folder holds no store, as before the run)."
+                f"folder holds no store, {before})."
             )
         else:
-            if self._opened_complete == (self.completed_batches, True):
+            rewound = (
+                None if self._before_rewind is None else len(self._before_rewind["shards"]) - 1
+            )
+            if index == rewound:
+                # the refused batch is the one rewound: its shard back, the store as opened
+                self.manifest = self._before_rewind
+                _write_json(self.folder / MANIFEST, self.manifest)
+            elif self._before_rewind is None and self._opened_complete == (
+                self.completed_batches,
+                True,
+            ):
                 self.manifest["complete"] = True  # nothing appended: complete, as it was
                 _write_json(self.folder / MANIFEST, self.manifest)
             state = (
