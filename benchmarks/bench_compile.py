@@ -59,7 +59,7 @@ def main() -> None:
         {**hm.prepare_inputs(batch), "use_cache": False}
         for batch, _, _ in iter_batches(prompts, tokenizer, args.batch_size, sort_by_length=True)
     ]
-    compiled_decoder, bucketed = compiled_limit(hm, batches, args.batch_size)
+    compiled_decoder, shaped = compiled_limit(hm, batches, args.batch_size)
 
     def plain(model, inputs):
         def run():
@@ -82,7 +82,7 @@ def main() -> None:
     variants = {
         "hf_eager": plain(decoder, batches),
         "hookscope_eager": extract(False),
-        "hf_compiled": plain(compiled_decoder, bucketed),
+        "hf_compiled": plain(compiled_decoder, shaped),
         "hookscope_compiled": extract(True),
     }
     first_pass = {}

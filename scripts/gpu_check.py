@@ -82,7 +82,7 @@ def dataset_throughput(hm, n: int, device: str) -> list[str]:
         for b, _, _ in iter_batches(prompts, tokenizer, 32, True)
     ]
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-    compiled_decoder, bucketed = compiled_limit(hm, batches, 32)
+    compiled_decoder, shaped = compiled_limit(hm, batches, 32)
 
     def run_hookscope(compile_: bool):
         return lambda: hm.extract_cache(
@@ -110,7 +110,7 @@ def dataset_throughput(hm, n: int, device: str) -> list[str]:
     ]
     for name, run in (
         ("plain HF decoder, eager, batch 32 (the eager limit)", run_plain(hm.model_map.decoder, batches)),
-        ("torch.compile(decoder), bucketed, no hooks (the compiled limit)", run_plain(compiled_decoder, bucketed)),
+        ("torch.compile(decoder), the shapes of compile=True, no hooks (the compiled limit)", run_plain(compiled_decoder, shaped)),
         ("hookscope extract_cache (batch 32, sort_by_length)", run_hookscope(False)),
         ("hookscope extract_cache compile=True", run_hookscope(True)),
         ("HF output_hidden_states, batch-size-1 loop", run_loop),
