@@ -1,6 +1,6 @@
 """Which shapes to compile on a CPU: the plain decoder, eager or compiled, over the same batches
 with every batch padded to length buckets of 16 or 32 tokens, or run at its own length (static:
-one graph per length; dynamic: one graph). The measurement behind hookscope.compiled's shape
+one graph per length; dynamic: one graph; dynamic with inductor's weight freezing). The measurement behind hookscope.compiled's shape
 policy (RESULTS_compile.md, "Shape policy").
 
     python benchmarks/bench_compile_shapes.py [--prompts 256] [--rounds 2]
@@ -62,6 +62,11 @@ def main() -> None:
         "compiled static, buckets of 16": (static, shaped(16)),
         "compiled static, exact lengths": (static, shaped(None)),
         "compiled dynamic, exact lengths": (torch.compile(decoder, dynamic=True), shaped(None)),
+        # inductor's weight freezing (oneDNN weight prepacking): bakes the weights into the graph
+        "compiled dynamic + freezing, exact lengths": (
+            torch.compile(decoder, dynamic=True, options={"freezing": True}),
+            shaped(None),
+        ),
     }
 
     def run(model, inputs) -> float:
