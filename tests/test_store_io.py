@@ -192,6 +192,32 @@ def test_abort_reports_a_writer_failure_beside_the_callers_error(tmp_path, monke
     StoreWriter(tmp_path / "s", {"what": 1}).close()  # the folder was released
 
 
+@pytest.mark.parametrize("to_store", [True, False], ids=["store", "in memory"])
+def test_a_batch_saver_that_reuses_its_tensor_keeps_each_batchs_values(hm, tmp_path, to_store):
+    """The batch_saver's tensors are copied when returned: a buffer the caller refills for the
+    next batch (here while the writer thread may still hold the last one) changes nothing."""
+    buffer, seen = torch.zeros(BATCH), []
+
+    def saver(batch):
+        rows = batch["input_ids"].shape[0]
+        buffer[:rows] = batch["attention_mask"].sum(1).float()  # refilled in place every batch
+        seen.append(buffer[:rows].clone())
+        return {"length": buffer[:rows]}
+
+    texts = prompts(3 * BATCH + 1)
+    out = hm.extract_cache(
+        texts,
+        ["last"],
+        extraction_config=CONFIG,
+        batch_saver=saver,
+        output_dir=tmp_path / "s" if to_store else None,
+    )
+    lengths = out.read("batch_saver/length") if to_store else out["batch_saver"]["length"]
+    assert torch.equal(lengths, torch.cat(seen))
+    tokenizer = hm.get_text_tokenizer()
+    assert lengths.tolist() == [float(len(tokenizer(t)["input_ids"])) for t in texts]
+
+
 # -- storage dtype -------------------------------------------------------------------------------
 def test_store_dtype_stores_rounded_values_and_reads_back_converted(hm, tmp_path):
     texts = prompts(10)

@@ -363,6 +363,11 @@ class DatasetRun:
             raise HookscopeError(
                 f"batch_saver must return a dict (or None), got {type(payload).__name__}."
             )
+        if payload is not None:  # the caller may reuse a tensor for the next batch: keep a copy
+            payload = {
+                k: v.detach().clone() if isinstance(v, torch.Tensor) else v
+                for k, v in payload.items()
+            }
         if writer is None and not self.sort_by_length:
             return payload
         index = order if order is not None else torch.arange(seen, seen + rows)
