@@ -112,3 +112,14 @@ def test_another_string_in_a_number_grid_is_refused_naming_the_field(tmp_path):
     bad.write_text(json.dumps(data))
     with pytest.raises(HookscopeError, match="field 'values' is not a grid of numbers"):
         load_result(bad)
+
+
+def test_a_lens_summary_reloads_its_floats_exactly(tmp_path):
+    third, tiny = 1 / 3, 1e-300  # neither fits a float32
+    summary = LensSummary(
+        point="resid_out", layers=[0], tokens=["a"], top_tokens=[[["x"]]],
+        top_probs=[[[third]]], kl=[[tiny]], target="x", target_prob=[[third]], target_rank=[[0]],
+    )  # fmt: skip
+    loaded = load_result(save_lens(summary, tmp_path / "lens.json"))
+    assert loaded.top_probs == [[[third]]] and loaded.kl == [[tiny]]
+    assert loaded.target_prob == [[third]] and loaded.target_rank == [[0]]

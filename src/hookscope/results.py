@@ -590,9 +590,20 @@ def _field(data: dict, name: str, kind: type | tuple, path: Path) -> Any:
     return value
 
 
-def _tensor(data: dict, name: str, path: Path, shape: Sequence[int] | None = None) -> torch.Tensor:
+#: a LensSummary's numbers are Python floats: read back at JSON's own (double) precision
+_EXACT = torch.float64
+
+
+def _tensor(
+    data: dict,
+    name: str,
+    path: Path,
+    shape: Sequence[int] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Field ``name``: a grid of numbers (of ``shape`` when given) as a ``dtype`` tensor."""
     try:
-        value = torch.tensor(_numbers(_field(data, name, list, path)), dtype=torch.float32)
+        value = torch.tensor(_numbers(_field(data, name, list, path)), dtype=dtype)
     except (TypeError, ValueError) as error:
         raise HookscopeError(
             f"{path}: field {name!r} is not a grid of numbers ({error})."
@@ -632,7 +643,7 @@ def _patching_from(data: dict, path: Path) -> Any:
 def _lens_from(data: dict, path: Path) -> LensSummary:
     layers, tokens = _field(data, "layers", list, path), _field(data, "tokens", list, path)
     grid = [len(layers), len(tokens)]
-    top_probs = _tensor(data, "top_probs", path)
+    top_probs = _tensor(data, "top_probs", path, dtype=_EXACT)
     if list(top_probs.shape[:2]) != grid:
         raise HookscopeError(
             f"{path}: field 'top_probs' is not [layers {grid[0]}, positions {grid[1]}, k]."
@@ -644,13 +655,13 @@ def _lens_from(data: dict, path: Path) -> LensSummary:
         tokens=[str(t) for t in tokens],
         top_tokens=_field(data, "top_tokens", list, path),
         top_probs=top_probs.tolist(),
-        kl=_tensor(data, "kl", path, grid).tolist(),
+        kl=_tensor(data, "kl", path, grid, _EXACT).tolist(),
         target=None if target is None else str(target),
         context=_field(data, "context", dict, path),
     )
     if target is not None:
-        summary.target_prob = _tensor(data, "target_prob", path, grid).tolist()
-        summary.target_rank = _tensor(data, "target_rank", path, grid).long().tolist()
+        summary.target_prob = _tensor(data, "target_prob", path, grid, _EXACT).tolist()
+        summary.target_rank = _tensor(data, "target_rank", path, grid, _EXACT).long().tolist()
     if (
         not all(isinstance(row, list) and len(row) == grid[1] for row in summary.top_tokens)
         or len(summary.top_tokens) != grid[0]
