@@ -121,6 +121,28 @@ def test_what_cannot_compile_is_refused_by_name(tiny_llama, request_kwargs, name
     assert "compile=False" in str(raised.value)
 
 
+def test_dictionary_features_are_refused_not_dropped(tiny_llama):
+    """Features are encoded by eager hooks: compile=True refuses them by the dictionary's name
+    (it once returned the cache without the features_ keys)."""
+    from hookscope.dictionaries import Dictionary
+
+    d_model = tiny_llama.hf_model.config.hidden_size
+    sae = Dictionary(
+        W_enc=torch.randn(d_model, 8), b_enc=torch.zeros(8), W_dec=torch.randn(8, d_model),
+        b_dec=torch.zeros(d_model), activation="relu", reads="resid_out_0",
+        writes="resid_out_0", name="compiled_sae",
+    )  # fmt: skip
+    tiny_llama.attach_dictionary(sae)
+    try:
+        config = ExtractionConfig(extract_resid_out=True, extract_features=True)
+        with pytest.raises(CompileError, match="dictionary features.*compiled_sae"):
+            tiny_llama.forward(PROMPTS[:2], ["last"], extraction_config=config, compile=True)
+        eager = tiny_llama.forward(PROMPTS[:2], ["last"], extraction_config=config)
+        torch.testing.assert_close(eager["features_compiled_sae"], sae.encode(eager["resid_out_0"]))
+    finally:
+        tiny_llama.detach_dictionary("compiled_sae")
+
+
 @pytest.mark.parametrize("flag", ["no", "False", 1, None])
 def test_a_compile_flag_that_is_not_a_bool_is_refused(tiny_llama, flag):
     # "no" / "False" are truthy: before, they silently ran the compiled path

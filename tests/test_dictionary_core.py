@@ -99,3 +99,14 @@ def test_device_copy_is_remade_after_the_dictionary_is_edited():
     with torch.inference_mode():  # inference tensors keep no version counter
         frozen = _dictionary("relu")
     assert frozen.on("meta") is frozen.on("meta")
+
+
+@pytest.mark.parametrize("activation, kw", [("relu", {}), ("topk", {"k": 3})])
+def test_encode_with_an_index_of_every_feature_in_another_order_follows_the_index(activation, kw):
+    """An index of length d_sae is not "every feature in order" unless it is arange: a
+    permutation, or duplicates, come back in the index's order (they once came back unpermuted)."""
+    d = _dictionary(activation, **kw)
+    x = torch.randn(4, 6)
+    full = d.encode(x)
+    for index in (torch.arange(10).flip(0), torch.tensor([0, 0, 1, 2, 3, 4, 5, 6, 7, 8])):
+        torch.testing.assert_close(d.encode(x, index), full[..., index])

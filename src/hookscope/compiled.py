@@ -24,7 +24,8 @@ What is compiled: the module points (residual stream, attention / MLP outputs, p
 q/k/v) at target positions, logits, ``extract_avg``. What is not (an error naming it and the
 eager alternative, never a silent fallback): interventions, extra or persistent hooks (Python
 callbacks that change the forward), attention patterns and per-head q/k/v read by hookscope's
-attention function, vision points, ``keep_gradient``, inputs other than token ids and masks.
+attention function, vision points, dictionary features and reconstruction errors,
+``keep_gradient``, inputs other than token ids and masks.
 """
 
 from __future__ import annotations
@@ -77,8 +78,8 @@ def check_compilable(
     """Refuse what the compiled graph cannot hold, naming it and the eager way.
 
     Raises:
-        CompileError: for interventions, hooks, attention-function points, vision points or
-            ``keep_gradient``.
+        CompileError: for interventions, hooks, attention-function points, vision points,
+            dictionary features or ``keep_gradient``.
     """
     refused = []
     if hm.registered_interventions or interventions:
@@ -94,6 +95,9 @@ def check_compilable(
         refused.append("vision points")
     if config.keep_gradient:
         refused.append("keep_gradient=True")
+    if extraction.features:  # encoded by eager hooks the compiled graph does not install
+        names = [request.dictionary.name for request in extraction.features]
+        refused.append(f"dictionary features / reconstruction errors of {names}")
     if refused:
         raise CompileError(
             f"compile=True cannot run {', '.join(refused)}: the compiled path captures module "

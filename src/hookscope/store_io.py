@@ -262,7 +262,7 @@ class HostStager:
 
         for key in moving:
             if key in cache._counts:
-                cache.set_running_mean(key, to_host(cache[key]), cache._counts[key].cpu())
+                cache.set_running_mean(key, to_host(cache[key]), to_host(cache._counts[key]))
             else:
                 cache[key] = to_host(cache[key])
         if saver_moving:

@@ -166,7 +166,7 @@ class Dictionary:
         """``x [..., d_in]`` -> feature activations ``[..., d_sae]``; with ``index [n]`` only
         those features ``[..., n]`` (computed alone when :attr:`per_feature`, else taken from
         the full encoding: TopK needs every pre-activation)."""
-        if index is None or len(index) == self.d_sae:  # sorted unique: every feature, in order
+        if index is None:
             return self.activate(self.pre_activations(x))
         if not self.per_feature:
             return self.activate(self.pre_activations(x))[..., index]

@@ -135,7 +135,7 @@ class FeatureIntervention(Intervention):
                 "MLP's input, which this call did not read (a vision point or a Custom path)."
             )
         if self.reads_features:
-            old = dictionary.encode(values if read is None else read, index)
+            old = _encode_chosen(dictionary, values if read is None else read, index)
         else:
             old = values.new_zeros((*values.shape[:-1], len(index)), dtype=dictionary.W_dec.dtype)
         change = self.edit(old, operand) - old  # [batch, slots, n]
@@ -191,6 +191,13 @@ class FeatureIntervention(Intervention):
             else:
                 data[f.name] = _encode(value, f"{type(self).__name__}.{f.name}")
         return data
+
+
+def _encode_chosen(dictionary: Dictionary, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The chosen features of ``x`` ``[..., n]``; ``index`` is sorted and unique
+    (:func:`_feature_index`), so all ``d_sae`` of them are every feature in order: one plain
+    encode, no gathered weights."""
+    return dictionary.encode(x, None if len(index) == dictionary.d_sae else index)
 
 
 def _transcoder_layer(dictionary: Dictionary) -> int | None:
@@ -343,7 +350,7 @@ class FeaturePatch(FeatureIntervention):
                 f"slots; this call selects {slots} ({self.positions!r})."
             )
         dictionary, index = self._on(self.dictionary.W_enc.device)
-        return dictionary.encode(values.to(dictionary.W_enc.device), index).cpu()
+        return _encode_chosen(dictionary, values.to(dictionary.W_enc.device), index).cpu()
 
     def _cache_rows(self, source: Any, prepared: Any, first: int, batch: int) -> torch.Tensor:
         """This batch's rows of the point in a source cache ``[batch, P, d]``, checked."""
