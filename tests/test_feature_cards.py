@@ -130,6 +130,9 @@ def test_bad_input(padded_store):
     other.reads = "resid_out_0"
     with pytest.raises(HookscopeError, match="resid_out_0"):
         feature_cards(store, other, [0], tokenizer)
+    # slot -1 is a padded slot that only the longest prompts fill, not each one's last token
+    with pytest.raises(HookscopeError, match="slot indices >= 0"):
+        feature_cards(store, random_dictionary(), [0], tokenizer, slots=slice(-3, None))
 
 
 def test_trained_dictionary_fields_round_trip_the_native_format(tmp_path):

@@ -82,7 +82,7 @@ from .cache import (
 )
 from .errors import HookscopeError, StoreError
 from .safetensors_files import write_safetensors
-from .store_io import BackgroundWriter, StagedBatch, store_dtype_of, to_store_dtype
+from .store_io import BackgroundWriter, StagedBatch, store_dtype_of
 
 MANIFEST = "manifest.json"
 _FORMAT = "hookscope.ActivationStore/1"
@@ -540,12 +540,10 @@ class StoreWriter:
         description: dict[str, Any],
         overwrite: bool = False,
         background: bool = False,
-        store_dtype: Any = None,
     ):
         self.folder = Path(folder)
         self._background: BackgroundWriter | None = None
         self._in_background = background
-        self._store_dtype = store_dtype_of(store_dtype)
         if self.folder.exists() and not self.folder.is_dir():
             raise StoreError(
                 f"output_dir {str(self.folder)!r} is a file, not a folder; hookscope will not "
@@ -917,7 +915,7 @@ class StoreWriter:
         """Commit one batch (on the writer thread with ``background=True``)."""
         index, staged, fingerprints = job
         try:
-            cache = to_store_dtype(staged.wait(), self._store_dtype)
+            cache = staged.wait()  # already in the store's dtype (DatasetRun converts it)
             stale = self._commit(index, cache, fingerprints)
         except OSError as error:
             raise StoreError(

@@ -31,7 +31,7 @@ from .store import ActivationStore
 Slots = slice | Sequence[int] | None
 
 
-def _select_slots(mask: torch.Tensor, slots: Slots) -> torch.Tensor:
+def select_slots(mask: torch.Tensor, slots: Slots) -> torch.Tensor:
     """``mask [examples, P]`` with every slot not in ``slots`` set False (``None``: all)."""
     if slots is None:
         return mask
@@ -40,7 +40,7 @@ def _select_slots(mask: torch.Tensor, slots: Slots) -> torch.Tensor:
     return mask & keep
 
 
-def _refuse_negative_slots(slots: Slots) -> None:
+def refuse_negative_slots(slots: Slots) -> None:
     """Slots count from the first slot. A shard's slot count is that of its longest selection
     (``"all"`` under padding), so slot -1 is not each example's last token but a padded slot
     that only the longest examples fill: refused rather than silently selecting those few."""
@@ -74,10 +74,10 @@ def shard_vectors(
             f"{point!r} in shard {index} has shape {list(values.shape)}; a vector point "
             f"[examples, P, d] matching position_mask {list(mask.shape)} is needed."
         )
-    _refuse_negative_slots(slots)
+    refuse_negative_slots(slots)
     if isinstance(slots, Sequence) and any(not 0 <= s < mask.shape[1] for s in slots):
         raise HookscopeError(f"slots {list(slots)} out of range: the store has {mask.shape[1]}.")
-    vectors = values[_select_slots(mask, slots)]
+    vectors = values[select_slots(mask, slots)]
     if max_norm is not None:
         vectors = vectors[vectors.float().norm(dim=-1) <= max_norm]
     return vectors
@@ -140,7 +140,7 @@ class ShuffledVectors:
             raise HookscopeError(
                 f"buffer_size must be an int >= batch_size ({batch_size}), got {buffer_size!r}."
             )
-        _refuse_negative_slots(slots)
+        refuse_negative_slots(slots)
         self.shards = list(range(self.store.num_shards) if shards is None else shards)
         bad = [s for s in self.shards if not 0 <= s < self.store.num_shards]
         if bad:

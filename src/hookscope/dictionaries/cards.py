@@ -32,6 +32,7 @@ import torch
 from ..errors import HookscopeError
 from ..plot import printable
 from ..store import ActivationStore
+from ..store_stream import refuse_negative_slots, select_slots
 from .core import Dictionary
 
 
@@ -139,15 +140,14 @@ def top_activations(
             "with save_input_ids=True)."
         )
     _check_store_positions(store)
+    refuse_negative_slots(slots)  # slot -1 is a padded slot, not each example's last token
     tops = {f: _Top() for f in features}
     fired, total, offset = torch.zeros(len(features)), 0, 0
     for index in range(store.num_shards):
         acts, mask, ids = _shard_activations(store, dictionary, index, features)
         real = mask.sum(1).tolist()  # real slots per row (before ``slots``: for the context)
         if slots is not None:
-            keep = torch.zeros(mask.shape[1], dtype=torch.bool)
-            keep[slots] = True
-            mask = mask & keep
+            mask = select_slots(mask, slots)
             acts = acts * mask[..., None]
         fired += (acts > 0).sum((0, 1)).float()
         total += int(mask.sum())
