@@ -115,7 +115,8 @@ def _shard_activations(
     values = data[dictionary.reads]
     acts = torch.zeros(*mask.shape, len(features))
     with torch.no_grad():
-        acts[mask] = dictionary.encode(values[mask]).float()[:, features]
+        chosen = torch.tensor(features, device=values.device)  # only these (alone where it can)
+        acts[mask] = dictionary.encode(values[mask], chosen).float().cpu()
     return acts, mask, data["input_ids"]
 
 
@@ -158,8 +159,8 @@ def top_activations(
                     record = (
                         offset + row,
                         int(where[row, column]),
-                        acts[row, :, column],
-                        ids[row],
+                        acts[row, :, column].clone(),  # a view would keep the whole shard
+                        ids[row].clone(),
                         real[row],
                     )
                     tops[feature].offer(n, float(best[row, column]), record)
