@@ -135,7 +135,8 @@ class ReservedResults:
         order = torch.cat(self.written) if self.written else torch.zeros(0, dtype=torch.long)
         head = {}
         for key, buffer in self.buffers.items():
-            head[key] = buffer[: self.filled] if not self.sorted else buffer[order]
+            # a copy: a view would keep the whole dataset-sized buffer until the final merge
+            head[key] = buffer[: self.filled].clone() if not self.sorted else buffer[order]
         data = self.rest._data
         for key in self.key_order:
             if key in head:
