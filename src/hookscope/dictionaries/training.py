@@ -182,15 +182,18 @@ def evaluate_dictionary(
             "vectors left out by max_norm or slots?); keep more shards or loosen max_norm."
         )
     mean = vectors.double().mean(0)
-    error = total = active = 0.0
-    fired = torch.zeros(dictionary.d_sae, dtype=torch.bool)
+    # sums kept on the dictionary's device, read once at the end (no sync per batch)
+    device = dictionary.W_enc.device
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # error, total, active
+    fired = torch.zeros(dictionary.d_sae, dtype=torch.bool, device=device)
     for start in range(0, len(vectors), batch_size):
-        x = vectors[start : start + batch_size].to(dictionary.W_enc.dtype)
+        x = vectors[start : start + batch_size].to(device, dictionary.W_enc.dtype)
         f = dictionary.encode(x)
-        error += (x - dictionary.decode(f)).double().pow(2).sum().item()
-        total += (x.double() - mean).pow(2).sum().item()
-        active += (f > 0).sum().item()
-        fired |= (f > 0).any(0).cpu()
+        sums[0] += (x - dictionary.decode(f)).double().pow(2).sum()
+        sums[1] += (x.double() - mean.to(device)).pow(2).sum()
+        sums[2] += (f > 0).sum()
+        fired |= (f > 0).any(0)
+    error, total, active = sums.tolist()
     return {
         "explained_variance": 1.0 - error / max(total, 1e-30),
         "l0": active / len(vectors),
@@ -232,13 +235,14 @@ class _Run:
         self.since_fired += len(x)
         self.since_fired[fired] = 0
         self.steps, self.vectors = self.steps + 1, self.vectors + len(x)
+        # tensors: read (one sync) only for the steps that are logged (see _logged)
         return {
             "step": self.steps,
             "vectors": self.vectors,
-            "fvu": main.item(),
-            "aux_fvu": aux.item(),
-            "l0": (f > 0).sum().item() / len(x),
-            "dead_fraction": dead.float().mean().item(),
+            "fvu": main.detach(),
+            "aux_fvu": aux.detach(),
+            "l0": (f > 0).sum() / len(x),
+            "dead_fraction": dead.float().mean(),
         }
 
 
@@ -351,6 +355,7 @@ def _fit(
             run = start(x) if run is None else run
             numbers = run.step(x)
             if run.steps % log_every == 0:
+                numbers = _logged(numbers)
                 history.append(numbers)
                 if log is not None:
                     log(numbers)
@@ -361,8 +366,17 @@ def _fit(
     if run is None:
         raise HookscopeError("the source holds no training vectors.")
     if not history or history[-1]["step"] != run.steps:
-        history.append(numbers)
+        history.append(_logged(numbers))
     return run, history
+
+
+def _logged(numbers: dict) -> dict:
+    """A step's numbers as Python floats: its tensors read in one device sync."""
+    names = [k for k, v in numbers.items() if isinstance(v, torch.Tensor)]
+    if not names:
+        return numbers
+    values = torch.stack([numbers[k].float() for k in names]).tolist()
+    return {**numbers, **dict(zip(names, values, strict=True))}
 
 
 def _start(
