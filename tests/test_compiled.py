@@ -202,3 +202,74 @@ def test_a_store_written_compiled_is_not_resumed_eager(tiny_llama, tmp_path):
     assert torch.equal(again["resid_out_0"], store["resid_out_0"])
     with pytest.raises(StoreError, match="compile"):
         tiny_llama.extract_cache(PROMPTS[:2], ["last"], names=names, output_dir=tmp_path / "s")
+
+
+def test_unpadding_hooks_run_each_mlp_on_real_tokens_only():
+    """The mechanism of compiled_unpad, run eagerly: each MLP sees ``[1, n_real, d]`` (the mask's
+    real tokens, minus filler rows), its output is scattered back zero at padding, and the real
+    tokens' hidden states are the plain forward's (left padding, a filler row)."""
+    from hookscope.compiled_unpad import RealTokens, unpadding_hooks
+    from hookscope.hooks import ModuleHook, installed
+
+    hm = HookedModel.from_hf(build_model("llama"), build_tokenizer("left"))
+    inputs = dict(hm.prepare_inputs(PROMPTS[:3]))
+    inputs = {k: torch.cat([v, v[-1:]]) for k, v in inputs.items()}  # row 3 fills the batch
+    mask = inputs["attention_mask"].bool()
+    assert not bool(mask.all())
+    with torch.no_grad():
+        plain = hm.model_map.decoder(**inputs).last_hidden_state
+    real = RealTokens()
+    real.index = RealTokens.of(inputs, own_rows=3)
+    assert real.index.numel() == int(mask[:3].sum())
+    seen, outputs = [], []
+    mlps = [layer.mlp for layer in hm.model_map.layers]
+    hooks = unpadding_hooks(mlps, real) + [
+        ModuleHook(mlps[0].down_proj, lambda m, a, k: seen.append(a[0].shape), "input"),
+        ModuleHook(mlps[0], lambda m, a, o: outputs.append(o)),
+    ]
+    with installed(hm.hf_model, hooks), torch.no_grad():
+        unpadded = hm.model_map.decoder(**inputs).last_hidden_state
+    assert seen == [torch.Size([1, real.index.numel(), hm.hf_model.config.intermediate_size])]
+    assert outputs[0].shape == plain.shape
+    fillers = torch.zeros_like(mask)
+    fillers[3:] = True
+    assert float(outputs[0][~mask | fillers].abs().max()) == 0.0
+    assert float(outputs[0][mask & ~fillers].abs().min()) > 0.0
+    own = mask & ~fillers
+    torch.testing.assert_close(unpadded[own], plain[own], atol=1e-6, rtol=1e-6)
+
+
+def test_the_compiled_path_gathers_real_tokens_under_dynamic_shapes_only(monkeypatch, policy):
+    """compile=True hands the MLP hooks the batch's real tokens (dynamic shapes), or nothing
+    (buckets: a static graph would recompile for every count of real tokens)."""
+    from hookscope.compiled_unpad import RealTokens
+
+    counts = []
+    original = RealTokens.of
+    monkeypatch.setattr(
+        RealTokens,
+        "of",
+        staticmethod(lambda *a: counts.append(original(*a).numel()) or original(*a)),
+    )
+    hm = HookedModel.from_hf(build_model("llama"), build_tokenizer("right"))
+    hm.config.batch_size = 4
+    config = ExtractionConfig(extract_resid_out=True, save_logits=False)
+    compiled = hm.forward(PROMPTS[:3], ["last"], extraction_config=config, compile=True)
+    assert_same_cache(compiled, hm.forward(PROMPTS[:3], ["last"], extraction_config=config))
+    tokens = hm.prepare_inputs(PROMPTS[:3])["attention_mask"].sum()
+    assert counts == ([int(tokens)] if policy == "dynamic" else [])
+
+
+@pytest.mark.parametrize(
+    "family", ["gpt2", "gemma2", "gemma3_text", "phi3", "gpt_neox", "mixtral", "qwen3_moe"]
+)
+def test_compiled_mlps_on_real_tokens_equal_eager_across_families(family):
+    """Families whose MLP is called otherwise (GPT-2's Conv1D, parallel attention and MLP,
+    sandwich norms, mixtures of experts): compiled with the MLPs on real tokens equals eager at
+    every real position, left padding, 5 prompts in batches of 4 (a filler row)."""
+    hm = HookedModel.from_hf(build_model(family), build_tokenizer("left"))
+    hm.config.batch_size = 4
+    config = ExtractionConfig(extract_resid_out=True, extract_mlp_out=True, save_logits=False)
+    prompts = [*PROMPTS[:4], "The dog"]
+    compiled = hm.extract_cache(prompts, ["all"], extraction_config=config, compile=True)
+    assert_same_cache(compiled, hm.extract_cache(prompts, ["all"], extraction_config=config))

@@ -30,6 +30,10 @@ class InputError(HookscopeError):
     """The model inputs are malformed (missing attention mask under padding, wrong shapes, ...)."""
 
 
+class CompileError(HookscopeError):
+    """A request the compiled path cannot run (run it with ``compile=False``)."""
+
+
 class StoreError(HookscopeError):
     """An activation store that is missing, foreign, incomplete, corrupted, being written by
     another process, or holding other data or another extraction than the one asked for."""
