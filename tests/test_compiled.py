@@ -273,3 +273,34 @@ def test_compiled_mlps_on_real_tokens_equal_eager_across_families(family):
     prompts = [*PROMPTS[:4], "The dog"]
     compiled = hm.extract_cache(prompts, ["all"], extraction_config=config, compile=True)
     assert_same_cache(compiled, hm.extract_cache(prompts, ["all"], extraction_config=config))
+
+
+def test_the_compiled_decoder_stops_after_the_last_layer_read(policy):
+    """Only layer 0 read: layers 1.. do not run (the eager path stops there too), the values
+    are eager's, and the decoder's layer list is whole again after the call, also after one
+    that raised. Alternating with a forward that reads every layer reuses no wrong graph."""
+    hm = HookedModel.from_hf(build_model("llama"), build_tokenizer("left"))
+    layers = hm.model_map.decoder.layers
+    assert len(layers) > 1
+    calls = []
+    layers[1].register_forward_pre_hook(lambda module, args: calls.append(1))
+    first = ExtractionConfig(extract_resid_out=True, extract_mlp_out=True, save_logits=False, layers=[0])  # fmt: skip
+    every = ExtractionConfig(extract_resid_out=True, save_logits=False)
+    for config in (first, every, first):
+        calls.clear()
+        compiled = hm.forward(PROMPTS[:3], ["last"], extraction_config=config, compile=True)
+        assert calls == ([] if config is first else [1])
+        assert hm.model_map.decoder.layers is layers
+        assert_same_cache(compiled, hm.forward(PROMPTS[:3], ["last"], extraction_config=config))
+
+    forward = next(iter(hm.__dict__["_compiled_forwards"].values()))
+    assert forward.cut is not None and len(forward.cut.kept) == 1
+
+    def fail(*args):
+        assert len(hm.model_map.decoder.layers) == 1
+        raise RuntimeError("in the graph")
+
+    forward.compiled = fail
+    with pytest.raises(RuntimeError, match="in the graph"):
+        hm.forward(PROMPTS[:3], ["last"], extraction_config=first, compile=True)
+    assert hm.model_map.decoder.layers is layers

@@ -35,7 +35,8 @@ attention function, vision points, dictionary features and reconstruction errors
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,6 +153,8 @@ class CompiledForward:
         self.real = RealTokens() if dynamic else None
         if self.real is not None:
             self.hooks += unpadding_hooks(_unpaddable_mlps(hm.model_map, sites), self.real)
+        # nothing is read after the last extracted layer: the decoder runs its layers up to it
+        self.cut = None if save_logits else LayersCut.after(hm.model_map, extraction.last_layer())
         self.compiled: Callable[..., dict[str, torch.Tensor]] = torch.compile(
             self._run, dynamic=dynamic
         )
@@ -178,13 +181,47 @@ class CompiledForward:
             # (the process-wide setting is left as the user set it)
             limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
             with torch._dynamo.config.patch(recompile_limit=limit):
-                with installed(self.hf_model, self.hooks):
+                with installed(self.hf_model, self.hooks), LayersCut.applied(self.cut):
                     return self.compiled(model_inputs)
         finally:
             self.slots.found.clear()
             self.slots.index = self.slots.keep = None
             if self.real is not None:
                 self.real.index = None
+
+
+@dataclass
+class LayersCut:
+    """The decoder's layer list cut after the last layer a forward reads: while applied, the
+    decoder's ``spec.layers`` attribute (``layers``, GPT-2's ``h``) holds the first layers only,
+    the same modules; the eager path stops there by raising, which a compiled graph cannot."""
+
+    decoder: nn.Module
+    attribute: str
+    full: nn.ModuleList
+    kept: nn.ModuleList
+
+    @classmethod
+    def after(cls, model_map: Any, last_layer: int | None) -> LayersCut | None:
+        """The cut after ``last_layer`` (None: nothing to cut, or a later point is read)."""
+        full = getattr(model_map.decoder, model_map.spec.layers)
+        if last_layer is None or last_layer + 1 >= len(full):
+            return None
+        kept = nn.ModuleList(list(full)[: last_layer + 1])
+        return cls(model_map.decoder, model_map.spec.layers, full, kept)
+
+    @staticmethod
+    @contextmanager
+    def applied(cut: LayersCut | None) -> Iterator[None]:
+        """Run the block with ``cut`` applied (nothing for None); the full list is back after."""
+        if cut is None:
+            yield
+            return
+        setattr(cut.decoder, cut.attribute, cut.kept)
+        try:
+            yield
+        finally:
+            setattr(cut.decoder, cut.attribute, cut.full)
 
 
 def _unpaddable_mlps(model_map: Any, sites: list[CaptureSite]) -> list[nn.Module]:
