@@ -71,6 +71,12 @@ GUIDE = {
         "Add an `ArchSpec` entry for the model_type (one dataclass of attribute names) or open an "
         "issue with the printed children list.",
     ),
+    "compiled_unpad": (
+        "compile=True on a model whose MLP returns something other than one tensor (a tuple "
+        "with extra outputs beside the hidden states): the compiled path runs "
+        "each MLP on the batch's real tokens only and must scatter its output back.",
+        "Pass compile=False for this model (the eager path runs every MLP as it is).",
+    ),
     "compiled": (
         "compile=True was asked for something the compiled graph cannot hold: interventions, "
         "extra or persistent hooks (Python callbacks), attention patterns or per-head q/k/v "

@@ -304,3 +304,29 @@ def test_the_compiled_decoder_stops_after_the_last_layer_read(policy):
     with pytest.raises(RuntimeError, match="in the graph"):
         hm.forward(PROMPTS[:3], ["last"], extraction_config=first, compile=True)
     assert hm.model_map.decoder.layers is layers
+
+
+def test_a_graph_traced_on_another_model_or_before_a_hook_is_not_reused_without_it(policy):
+    """dynamo shares a code object's graphs between all models of one class and by default does
+    not guard on module hooks: model B's own torch hook (here one that doubles an MLP's down
+    projection, a module without hooks when A was traced) ran not at all when model A, of the
+    same architecture, had compiled first. Likewise a hook added to A after its first compiled
+    call."""
+    config = ExtractionConfig(extract_resid_out=True, save_logits=False)
+    model_a = HookedModel.from_hf(build_model("llama"), build_tokenizer("left"))
+    model_b = HookedModel.from_hf(build_model("llama", seed=1), build_tokenizer("left"))
+
+    def doubled(module, args, output):
+        return output * 2
+
+    model_a.forward(PROMPTS[:3], ["last"], extraction_config=config, compile=True)
+    for model in (model_b, model_a):
+        handle = model.model_map.decoder.layers[0].mlp.down_proj.register_forward_hook(doubled)
+        try:
+            compiled = model.forward(PROMPTS[:3], ["last"], extraction_config=config, compile=True)
+            eager = model.forward(PROMPTS[:3], ["last"], extraction_config=config)
+        finally:
+            handle.remove()
+        plain = model.forward(PROMPTS[:3], ["last"], extraction_config=config)
+        assert not torch.allclose(eager["resid_out_0"], plain["resid_out_0"])  # the hook acts
+        assert_same_cache(compiled, eager)

@@ -178,9 +178,12 @@ class CompiledForward:
         self.slots.found.clear()
         try:
             # one graph per bucket: allow that many recompiles during hookscope's calls only
-            # (the process-wide setting is left as the user set it)
+            # (the process-wide setting is left as the user set it). Guards on module hooks:
+            # dynamo skips them by default, and all models of one class share a code object's
+            # graphs, so a graph traced on another model (or before a hook was added) would run
+            # here without this model's own hooks.
             limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
-            with torch._dynamo.config.patch(recompile_limit=limit):
+            with torch._dynamo.config.patch(recompile_limit=limit, skip_nnmodule_hook_guards=False):
                 with installed(self.hf_model, self.hooks), LayersCut.applied(self.cut):
                     return self.compiled(model_inputs)
         finally:
