@@ -31,7 +31,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
-from common import compiled_limit, interleaved, machine, paired_ratio, varied_prompts  # noqa: E402
+from common import (  # noqa: E402
+    compiled_limit,
+    interleaved,
+    machine,
+    paired_ratio,
+    steady_allocator,
+    varied_prompts,
+)
 
 from hookscope import ExtractionConfig, HookedModel  # noqa: E402
 from hookscope.compiled import BUCKET, dynamic_shapes  # noqa: E402
@@ -45,8 +52,17 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--allocator",
+        choices=["steady", "default"],
+        default="steady",
+        help="glibc malloc with fixed thresholds (common.steady_allocator), or its default",
+    )
     parser.add_argument("--write", action="store_true", help="rewrite RESULTS_compile.md")
     args = parser.parse_args()
+    args.allocator = (
+        args.allocator if args.allocator == "default" or steady_allocator() else "default"
+    )
 
     hm = HookedModel.from_pretrained()
     hm.config.batch_size = args.batch_size
@@ -118,14 +134,21 @@ def render(args, lengths, times, first_pass, difference, n_batches) -> str:
             "",
             f"Machine: {machine()} | OMP threads {os.environ.get('OMP_NUM_THREADS', 'default')}",
             f"Command: `python benchmarks/bench_compile.py --prompts {args.prompts} "
-            f"--batch-size {args.batch_size} --repeats {args.repeats}`",
+            f"--batch-size {args.batch_size} --repeats {args.repeats} --allocator {args.allocator}` "
+            "(malloc: "
+            + (
+                "fixed thresholds, common.steady_allocator"
+                if args.allocator == "steady"
+                else "glibc's default, adaptive"
+            )
+            + ")",
             "",
             f"SmolLM2-135M-Instruct, float32, SDPA; {args.prompts} prompts of "
             f"{min(lengths)}-{max(lengths)} tokens (mean {statistics.mean(lengths):.0f}), "
             f"{n_batches} batches of {args.batch_size} sorted by length; resid_out of all 30 "
             f"layers at the last token, save_logits=False. Compiled variants: "
             + (
-                "dynamic shapes, each batch at its own length"
+                "dynamic shapes, each batch at its own length (hookscope: MLPs on real tokens only)"
                 if dynamic_shapes("cpu")
                 else f"each batch padded to a multiple of {BUCKET} tokens"
             )
