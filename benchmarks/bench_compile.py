@@ -58,7 +58,7 @@ def main() -> None:
         default="steady",
         help="glibc malloc with fixed thresholds (common.steady_allocator), or its default",
     )
-    parser.add_argument("--write", action="store_true", help="rewrite RESULTS_compile.md")
+    parser.add_argument("--write", action="store_true", help="rewrite RESULTS_compile.md's report (its notes stay)")
     args = parser.parse_args()
     args.allocator = (
         args.allocator if args.allocator == "default" or steady_allocator() else "default"
@@ -115,7 +115,15 @@ def main() -> None:
     report = render(args, lengths, times, first_pass, difference, len(batches))
     print(report)
     if args.write:
-        (Path(__file__).parent / "RESULTS_compile.md").write_text(report)
+        write_keeping_notes(Path(__file__).parent / "RESULTS_compile.md", report)
+
+
+def write_keeping_notes(path: Path, report: str) -> None:
+    """Replace the generated report at the top of ``path``; the hand-written sections after it
+    (each starting ``## ``) stay."""
+    old = path.read_text() if path.exists() else ""
+    notes = old[old.index("\n## ") + 1 :] if "\n## " in old else ""
+    path.write_text(report.rstrip("\n") + "\n\n" + notes if notes else report)
 
 
 def render(args, lengths, times, first_pass, difference, n_batches) -> str:
