@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from tiny_models import PROMPTS, build_model, build_tokenizer
+from torch import nn
 
 import hookscope.compiled
 from hookscope import ExtractionConfig, HookedModel, InputError, Steer
@@ -85,8 +86,9 @@ def test_compiled_dataset_ragged_slots_and_average(hm, policy):
 def test_one_graph_no_break_and_bounded_compiles(policy):
     """Capture is inside the graph (no graph break per layer). Buckets: batches of new lengths
     in a seen bucket reuse its graph, a longer batch compiles once for its bucket. Dynamic
-    shapes: one graph for every length (short batches padded to batch_size rows). Another model of the same shape reuses
-    the graph with its own weights (per-head outputs read its own W_O)."""
+    shapes: one graph for every length (short batches padded to batch_size rows). Another model of
+    the same shape reuses the graph with its own weights (per-head outputs read its own W_O), and
+    so do later calls of one model."""
     from torch._dynamo.utils import counters
 
     config = ExtractionConfig(extract_resid_out=True, extract_head_out=True, save_logits=False)
@@ -99,6 +101,14 @@ def test_one_graph_no_break_and_bounded_compiles(policy):
         assert_same_cache(compiled, eager)
     assert dict(counters["graph_break"]) == {}
     graphs = {"buckets": 2, "dynamic": GRAPHS_DYNAMIC}[policy]  # buckets: two, two graphs
+    assert counters["stats"]["unique_graphs"] == graphs
+    # the same model called again, as over a dataset: no graph more (state the hooks pass
+    # within a call, left over from the last one, once recompiled the whole graph)
+    for prompts in (PROMPTS[:2], [PROMPTS[3]], PROMPTS[2:4]):
+        assert_same_cache(
+            hm.forward(prompts, ["last"], extraction_config=config, compile=True),
+            hm.forward(prompts, ["last"], extraction_config=config),
+        )
     assert counters["stats"]["unique_graphs"] == graphs
 
 
@@ -237,6 +247,28 @@ def test_unpadding_hooks_run_each_mlp_on_real_tokens_only():
     assert float(outputs[0][mask & ~fillers].abs().min()) > 0.0
     own = mask & ~fillers
     torch.testing.assert_close(unpadded[own], plain[own], atol=1e-6, rtol=1e-6)
+
+
+def test_an_mlp_called_another_way_runs_padded_unchanged():
+    """An MLP called with a keyword other than hidden_states, or with a second per-token tensor,
+    is not unpadded (its output is the plain one at every position), and never raises."""
+    from hookscope.compiled_unpad import RealTokens, unpadding_hooks
+    from hookscope.hooks import installed
+
+    class Scaled(nn.Module):
+        def forward(self, x, gate=None):
+            return x * 2 if gate is None else x * gate
+
+    hidden = torch.randn(2, 5, 4)
+    real = RealTokens()
+    real.index = torch.tensor([1, 2, 3, 4, 6, 7])  # some of the 10 positions are padding
+    mlp = Scaled()
+    for call in (lambda: mlp(x=hidden), lambda: mlp(hidden, hidden + 1)):
+        with installed(mlp, unpadding_hooks([mlp], real)):
+            through_hooks = call()
+        torch.testing.assert_close(through_hooks, call(), atol=0, rtol=0)
+    with installed(mlp, unpadding_hooks([mlp], real)):  # the usual call: padding zeroed
+        assert float(mlp(hidden).reshape(10, 4)[[0, 5, 8, 9]].abs().max()) == 0.0
 
 
 def test_the_compiled_path_gathers_real_tokens_under_dynamic_shapes_only(monkeypatch, policy):

@@ -190,7 +190,7 @@ class CompiledForward:
             self.slots.found.clear()
             self.slots.index = self.slots.keep = None
             if self.real is not None:
-                self.real.index = None
+                self.real.clear()
 
 
 @dataclass

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .errors import CompileError
-from .hooks import ModuleHook, input_tensor
+from .hooks import ModuleHook
 
 
 class RealTokens:
@@ -40,6 +40,16 @@ class RealTokens:
 
     def __init__(self) -> None:
         self.index: torch.Tensor | None = None
+        # each MLP's padded shape, passed from its gather hook to its scatter hook within a call
+        self.padded_shapes: list[dict[str, torch.Size | None]] = []
+
+    def clear(self) -> None:
+        """After a call: no index, and every MLP's shape forgotten, so that the next call enters
+        the graph with the state it was traced with (dynamo guards on it: a shape left from
+        the previous call recompiled the whole graph once)."""
+        self.index = None
+        for shapes in self.padded_shapes:
+            shapes.clear()
 
     @staticmethod
     def of(model_inputs: dict[str, Any], own_rows: int) -> torch.Tensor:
@@ -63,12 +73,19 @@ def unpadding_hooks(mlps: list[nn.Module], real: RealTokens) -> list[ModuleHook]
 
 def _hook_pair(real: RealTokens) -> tuple[Any, Any]:
     padded_shape: dict[str, torch.Size | None] = {}  # this MLP's call: [rows, seq, d], or None
+    real.padded_shapes.append(padded_shape)
 
     def gather(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
-        hidden = input_tensor(module, args, kwargs)
+        hidden = args[0] if args else kwargs.get("hidden_states")
         others = [a for a in (*args[1:], *kwargs.values()) if isinstance(a, torch.Tensor)]
-        if real.index is None or hidden.dim() != 3 or any(a is not hidden for a in others):
-            padded_shape["shape"] = None  # other per-token inputs: run this MLP padded
+        if (
+            real.index is None
+            or not isinstance(hidden, torch.Tensor)
+            or hidden.dim() != 3
+            or any(a is not hidden for a in others)
+        ):
+            # called another way, or with other per-token inputs: this MLP runs padded
+            padded_shape["shape"] = None
             return None
         padded_shape["shape"] = hidden.shape
         tokens = hidden.reshape(-1, hidden.shape[-1]).index_select(0, real.index).unsqueeze(0)
