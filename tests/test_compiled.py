@@ -389,3 +389,27 @@ def test_a_user_hook_inside_an_unpadded_mlp_sees_every_position():
                 handle.remove()
         assert_same_cache(compiled, eager)
     assert dict(counters["graph_break"]) == {}
+
+
+def test_a_user_pre_hook_on_the_hf_model_runs_without_logits():
+    """Without logits the compiled path called the decoder alone, so a torch pre-hook of the
+    user's on the HF model (here one that rewrites the input ids), which the eager path runs,
+    silently did not run. Removed again, the decoder alone runs again."""
+    hm = HookedModel.from_hf(build_model("llama"), build_tokenizer("right"))
+    hm.config.batch_size = 4
+    config = ExtractionConfig(extract_resid_out=True, save_logits=False)
+
+    def rewrite_ids(module, args, kwargs):
+        return args, {**kwargs, "input_ids": kwargs["input_ids"].clamp(max=7)}
+
+    for hooked in (True, False):
+        handle = (
+            hm.hf_model.register_forward_pre_hook(rewrite_ids, with_kwargs=True) if hooked else None
+        )
+        try:
+            compiled = hm.forward(PROMPTS[:3], ["last", 0], extraction_config=config, compile=True)
+            eager = hm.forward(PROMPTS[:3], ["last", 0], extraction_config=config)
+        finally:
+            if handle is not None:
+                handle.remove()
+        assert_same_cache(compiled, eager)

@@ -141,11 +141,20 @@ class CompiledForward:
     its capture hooks (the same function objects on every call, so dynamo's guards on module
     hooks hold) and the ``torch.compile`` d function that runs the model with them."""
 
-    def __init__(self, hm: Any, extraction: ExtractionPlan, save_logits: bool, dynamic: bool):
+    def __init__(
+        self,
+        hm: Any,
+        extraction: ExtractionPlan,
+        save_logits: bool,
+        dynamic: bool,
+        pre_hooked: bool = False,
+    ):
         self.hf_model = hm.hf_model
         self.save_logits = save_logits
-        # without logits the decoder alone runs (no unembedding of every position)
-        self.target: nn.Module = hm.hf_model if save_logits else hm.model_map.decoder
+        # without logits the decoder alone runs (no unembedding of every position), unless a
+        # module above it has pre-hooks (a user's torch hooks, which the eager path runs)
+        whole = save_logits or pre_hooked
+        self.target: nn.Module = hm.hf_model if whole else hm.model_map.decoder
         self.slots = _Slots()
         sites = plan_capture(extraction.points, hm.model_map)
         self.hooks = [_in_graph_hook(site, self.slots) for site in sites]
@@ -243,11 +252,23 @@ def compiled_forward_for(
 ) -> CompiledForward:
     """The :class:`CompiledForward` of ``hm`` for these points and shape policy (built once,
     kept on ``hm``)."""
-    key = (tuple(p.name for p in extraction.points), save_logits, dynamic)
+    pre_hooked = not save_logits and _pre_hooked_above(hm.hf_model, hm.model_map.decoder)
+    key = (tuple(p.name for p in extraction.points), save_logits, dynamic, pre_hooked)
     store = hm.__dict__.setdefault("_compiled_forwards", {})
     if key not in store:
-        store[key] = CompiledForward(hm, extraction, save_logits, dynamic)
+        store[key] = CompiledForward(hm, extraction, save_logits, dynamic, pre_hooked)
     return store[key]
+
+
+def _pre_hooked_above(hf_model: nn.Module, decoder: nn.Module) -> bool:
+    """Whether the HF model, or a module between it and the decoder, has forward pre-hooks
+    (a user's torch hooks: the decoder called alone would skip them)."""
+    for name, module in hf_model.named_modules():
+        if module is decoder:
+            path = name.split(".") if name else []
+            above = [hf_model.get_submodule(".".join(path[:i])) for i in range(len(path))]
+            return any(m._forward_pre_hooks for m in above)
+    return False
 
 
 @dataclass
