@@ -413,3 +413,18 @@ def test_a_user_pre_hook_on_the_hf_model_runs_without_logits():
             if handle is not None:
                 handle.remove()
         assert_same_cache(compiled, eager)
+
+
+def test_per_head_points_read_a_replaced_weight():
+    """Per-head outputs are read through a block of W_O planned at the first compiled call: a
+    weight replaced since (``load_state_dict(assign=True)``, ``o_proj.weight = ...``) left
+    head_out on the old weight while the model ran the new one."""
+    hm = HookedModel.from_hf(build_model("llama"), build_tokenizer("left"))
+    config = ExtractionConfig(extract_head_out=True, extract_resid_out=True, save_logits=False)
+    hm.forward(PROMPTS[:3], ["last"], extraction_config=config, compile=True)
+    state = {name: value * 1.5 for name, value in hm.hf_model.state_dict().items()}
+    hm.hf_model.load_state_dict(state, assign=True)
+    o_proj = hm.model_map.decoder.layers[1].self_attn.o_proj
+    o_proj.weight = nn.Parameter(o_proj.weight.detach() * 2)
+    compiled = hm.forward(PROMPTS[:3], ["last"], extraction_config=config, compile=True)
+    assert_same_cache(compiled, hm.forward(PROMPTS[:3], ["last"], extraction_config=config))

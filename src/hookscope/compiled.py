@@ -157,6 +157,7 @@ class CompiledForward:
         self.target: nn.Module = hm.hf_model if whole else hm.model_map.decoder
         self.slots = _Slots()
         sites = plan_capture(extraction.points, hm.model_map)
+        self.projections = _projections(sites)
         self.hooks = [_in_graph_hook(site, self.slots) for site in sites]
         # dynamic shapes: MLPs over real tokens only (compiled_unpad), after the capture hooks
         self.real = RealTokens() if dynamic else None
@@ -251,13 +252,27 @@ def compiled_forward_for(
     hm: Any, extraction: ExtractionPlan, save_logits: bool, dynamic: bool
 ) -> CompiledForward:
     """The :class:`CompiledForward` of ``hm`` for these points and shape policy (built once,
-    kept on ``hm``)."""
+    kept on ``hm``; built again when a weight its per-head points read was replaced)."""
     pre_hooked = not save_logits and _pre_hooked_above(hm.hf_model, hm.model_map.decoder)
     key = (tuple(p.name for p in extraction.points), save_logits, dynamic, pre_hooked)
     store = hm.__dict__.setdefault("_compiled_forwards", {})
-    if key not in store:
-        store[key] = CompiledForward(hm, extraction, save_logits, dynamic, pre_hooked)
-    return store[key]
+    forward = store.get(key)
+    if forward is None or forward.projections != _projections(
+        plan_capture(extraction.points, hm.model_map)
+    ):
+        forward = store[key] = CompiledForward(hm, extraction, save_logits, dynamic, pre_hooked)
+    return forward
+
+
+def _projections(sites: list[CaptureSite]) -> list[int | None]:
+    """Where each block of ``W_O`` the sites' per-head points are read through lives: a view
+    of the weight taken when planned, stale once the weight is replaced (``module.weight =
+    ...``, ``load_state_dict(assign=True)``); the eager path plans every call."""
+    return [
+        None if where.project is None else where.project.data_ptr()
+        for site in sites
+        for _, where in site.writes
+    ]
 
 
 def _pre_hooked_above(hf_model: nn.Module, decoder: nn.Module) -> bool:
