@@ -233,10 +233,9 @@ def test_unpadding_hooks_run_each_mlp_on_real_tokens_only():
     assert real.index.numel() == int(mask[:3].sum())
     seen, outputs = [], []
     mlps = [layer.mlp for layer in hm.model_map.layers]
-    hooks = unpadding_hooks(mlps, real) + [
-        ModuleHook(mlps[0].down_proj, lambda m, a, k: seen.append(a[0].shape), "input"),
-        ModuleHook(mlps[0], lambda m, a, o: outputs.append(o)),
-    ]
+    down_proj = mlps[0].down_proj.forward  # not a hook: a hook inside an MLP keeps it padded
+    mlps[0].down_proj.forward = lambda x: seen.append(x.shape) or down_proj(x)
+    hooks = unpadding_hooks(mlps, real) + [ModuleHook(mlps[0], lambda m, a, o: outputs.append(o))]
     with installed(hm.hf_model, hooks), torch.no_grad():
         unpadded = hm.model_map.decoder(**inputs).last_hidden_state
     assert seen == [torch.Size([1, real.index.numel(), hm.hf_model.config.intermediate_size])]
@@ -362,3 +361,70 @@ def test_a_graph_traced_on_another_model_or_before_a_hook_is_not_reused_without_
         plain = model.forward(PROMPTS[:3], ["last"], extraction_config=config)
         assert not torch.allclose(eager["resid_out_0"], plain["resid_out_0"])  # the hook acts
         assert_same_cache(compiled, eager)
+
+
+def test_a_user_hook_inside_an_unpadded_mlp_sees_every_position():
+    """A torch hook of the user's on a module inside an MLP (here: add to each row's last
+    position of layer 0's down projection) saw the batch's real tokens flattened to
+    ``[1, n_real, d]`` under dynamic shapes, and edited one token of the whole batch: that
+    MLP runs padded, as eager. Removed again, the MLPs are unpadded again (no stale graph)."""
+    from torch._dynamo.utils import counters
+
+    hm = HookedModel.from_hf(build_model("llama"), build_tokenizer("left"))
+    hm.config.batch_size = 4
+    config = ExtractionConfig(extract_resid_out=True, extract_mlp_out=True, save_logits=False)
+
+    def steer_last(module, args, output):
+        return torch.cat([output[:, :-1], output[:, -1:] + 1.0], dim=1)
+
+    down_proj = hm.model_map.decoder.layers[0].mlp.down_proj
+    counters.clear()
+    for hooked in (True, False, True):
+        handle = down_proj.register_forward_hook(steer_last) if hooked else None
+        try:
+            compiled = hm.forward(PROMPTS[:3], ["last", 0], extraction_config=config, compile=True)
+            eager = hm.forward(PROMPTS[:3], ["last", 0], extraction_config=config)
+        finally:
+            if handle is not None:
+                handle.remove()
+        assert_same_cache(compiled, eager)
+    assert dict(counters["graph_break"]) == {}
+
+
+def test_a_user_pre_hook_on_the_hf_model_runs_without_logits():
+    """Without logits the compiled path called the decoder alone, so a torch pre-hook of the
+    user's on the HF model (here one that rewrites the input ids), which the eager path runs,
+    silently did not run. Removed again, the decoder alone runs again."""
+    hm = HookedModel.from_hf(build_model("llama"), build_tokenizer("right"))
+    hm.config.batch_size = 4
+    config = ExtractionConfig(extract_resid_out=True, save_logits=False)
+
+    def rewrite_ids(module, args, kwargs):
+        return args, {**kwargs, "input_ids": kwargs["input_ids"].clamp(max=7)}
+
+    for hooked in (True, False):
+        handle = (
+            hm.hf_model.register_forward_pre_hook(rewrite_ids, with_kwargs=True) if hooked else None
+        )
+        try:
+            compiled = hm.forward(PROMPTS[:3], ["last", 0], extraction_config=config, compile=True)
+            eager = hm.forward(PROMPTS[:3], ["last", 0], extraction_config=config)
+        finally:
+            if handle is not None:
+                handle.remove()
+        assert_same_cache(compiled, eager)
+
+
+def test_per_head_points_read_a_replaced_weight():
+    """Per-head outputs are read through a block of W_O planned at the first compiled call: a
+    weight replaced since (``load_state_dict(assign=True)``, ``o_proj.weight = ...``) left
+    head_out on the old weight while the model ran the new one."""
+    hm = HookedModel.from_hf(build_model("llama"), build_tokenizer("left"))
+    config = ExtractionConfig(extract_head_out=True, extract_resid_out=True, save_logits=False)
+    hm.forward(PROMPTS[:3], ["last"], extraction_config=config, compile=True)
+    state = {name: value * 1.5 for name, value in hm.hf_model.state_dict().items()}
+    hm.hf_model.load_state_dict(state, assign=True)
+    o_proj = hm.model_map.decoder.layers[1].self_attn.o_proj
+    o_proj.weight = nn.Parameter(o_proj.weight.detach() * 2)
+    compiled = hm.forward(PROMPTS[:3], ["last"], extraction_config=config, compile=True)
+    assert_same_cache(compiled, hm.forward(PROMPTS[:3], ["last"], extraction_config=config))

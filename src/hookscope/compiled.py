@@ -141,13 +141,23 @@ class CompiledForward:
     its capture hooks (the same function objects on every call, so dynamo's guards on module
     hooks hold) and the ``torch.compile`` d function that runs the model with them."""
 
-    def __init__(self, hm: Any, extraction: ExtractionPlan, save_logits: bool, dynamic: bool):
+    def __init__(
+        self,
+        hm: Any,
+        extraction: ExtractionPlan,
+        save_logits: bool,
+        dynamic: bool,
+        pre_hooked: bool = False,
+    ):
         self.hf_model = hm.hf_model
         self.save_logits = save_logits
-        # without logits the decoder alone runs (no unembedding of every position)
-        self.target: nn.Module = hm.hf_model if save_logits else hm.model_map.decoder
+        # without logits the decoder alone runs (no unembedding of every position), unless a
+        # module above it has pre-hooks (a user's torch hooks, which the eager path runs)
+        whole = save_logits or pre_hooked
+        self.target: nn.Module = hm.hf_model if whole else hm.model_map.decoder
         self.slots = _Slots()
         sites = plan_capture(extraction.points, hm.model_map)
+        self.projections = _projections(sites)
         self.hooks = [_in_graph_hook(site, self.slots) for site in sites]
         # dynamic shapes: MLPs over real tokens only (compiled_unpad), after the capture hooks
         self.real = RealTokens() if dynamic else None
@@ -242,12 +252,38 @@ def compiled_forward_for(
     hm: Any, extraction: ExtractionPlan, save_logits: bool, dynamic: bool
 ) -> CompiledForward:
     """The :class:`CompiledForward` of ``hm`` for these points and shape policy (built once,
-    kept on ``hm``)."""
-    key = (tuple(p.name for p in extraction.points), save_logits, dynamic)
+    kept on ``hm``; built again when a weight its per-head points read was replaced)."""
+    pre_hooked = not save_logits and _pre_hooked_above(hm.hf_model, hm.model_map.decoder)
+    key = (tuple(p.name for p in extraction.points), save_logits, dynamic, pre_hooked)
     store = hm.__dict__.setdefault("_compiled_forwards", {})
-    if key not in store:
-        store[key] = CompiledForward(hm, extraction, save_logits, dynamic)
-    return store[key]
+    forward = store.get(key)
+    if forward is None or forward.projections != _projections(
+        plan_capture(extraction.points, hm.model_map)
+    ):
+        forward = store[key] = CompiledForward(hm, extraction, save_logits, dynamic, pre_hooked)
+    return forward
+
+
+def _projections(sites: list[CaptureSite]) -> list[int | None]:
+    """Where each block of ``W_O`` the sites' per-head points are read through lives: a view
+    of the weight taken when planned, stale once the weight is replaced (``module.weight =
+    ...``, ``load_state_dict(assign=True)``); the eager path plans every call."""
+    return [
+        None if where.project is None else where.project.data_ptr()
+        for site in sites
+        for _, where in site.writes
+    ]
+
+
+def _pre_hooked_above(hf_model: nn.Module, decoder: nn.Module) -> bool:
+    """Whether the HF model, or a module between it and the decoder, has forward pre-hooks
+    (a user's torch hooks: the decoder called alone would skip them)."""
+    for name, module in hf_model.named_modules():
+        if module is decoder:
+            path = name.split(".") if name else []
+            above = [hf_model.get_submodule(".".join(path[:i])) for i in range(len(path))]
+            return any(m._forward_pre_hooks for m in above)
+    return False
 
 
 @dataclass

@@ -71,6 +71,12 @@ def unpadding_hooks(mlps: list[nn.Module], real: RealTokens) -> list[ModuleHook]
     return hooks
 
 
+def _hooked_inside(mlp: nn.Module) -> bool:
+    """Whether a module strictly inside ``mlp`` has forward hooks (a user's: hookscope puts
+    none inside an MLP it unpads). Checked at each call, in the graph (dynamo guards on hooks)."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in mlp.modules() if m is not mlp)
+
+
 def _hook_pair(real: RealTokens) -> tuple[Any, Any]:
     padded_shape: dict[str, torch.Size | None] = {}  # this MLP's call: [rows, seq, d], or None
     real.padded_shapes.append(padded_shape)
@@ -83,8 +89,11 @@ def _hook_pair(real: RealTokens) -> tuple[Any, Any]:
             or not isinstance(hidden, torch.Tensor)
             or hidden.dim() != 3
             or any(a is not hidden for a in others)
+            or _hooked_inside(module)
         ):
-            # called another way, or with other per-token inputs: this MLP runs padded
+            # called another way, with other per-token inputs, or with a user's torch hook on a
+            # module inside it (it would see [1, n_real, ...], not [rows, seq, ...]: a hook
+            # that edits position -1 would edit one token of the batch): this MLP runs padded
             padded_shape["shape"] = None
             return None
         padded_shape["shape"] = hidden.shape
