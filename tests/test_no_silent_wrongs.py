@@ -216,3 +216,19 @@ def test_one_intervention_is_a_list_of_one(hm):
         assert torch.equal(hm.forward(PROMPTS[0], ["last"])["logits"], as_list)
     finally:
         hm.clean_interventions()
+
+
+@pytest.mark.parametrize(
+    "flag", ["sort_by_length", "overwrite", "progress", "move_to_cpu_after_forward"]
+)
+@pytest.mark.parametrize("value", ["no", None, 0])
+def test_extract_cache_flags_that_are_not_bools_are_refused(hm, flag, value):
+    """``sort_by_length="no"`` is truthy and None falsy: before, either ran silently."""
+    with pytest.raises(InputError, match=f"{flag} must be True or False, got {value!r}"):
+        hm.extract_cache(PROMPTS[:2], ["last"], names=["resid_out_0"], **{flag: value})
+
+
+@pytest.mark.parametrize("output_dir", [3, b"acts", ["acts"]])
+def test_an_output_dir_that_is_no_path_is_refused_by_name(hm, output_dir):
+    with pytest.raises(InputError, match=r"output_dir must be a folder path .* got"):
+        hm.extract_cache(PROMPTS[:2], ["last"], names=["resid_out_0"], output_dir=output_dir)

@@ -5,6 +5,7 @@ reference design's methods (``compute_patching``, ``predict``, ...) on top."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -422,7 +423,7 @@ class HookedModel:
         """
         check_model_kwargs(model_kwargs, self.hf_model, HookedModel.forward)
         config = _extraction_config(extraction_config, names, self.model_map)
-        _check_compile_flag(compile)
+        _check_flags(compile=compile)
         plan = plan_call(
             self,
             inputs,
@@ -505,7 +506,14 @@ class HookedModel:
             :class:`ActivationStore` written to ``output_dir``.
         """
         check_model_kwargs(model_kwargs, self.hf_model, HookedModel.extract_cache)
-        _check_compile_flag(compile)
+        _check_flags(
+            compile=compile,
+            sort_by_length=sort_by_length,
+            overwrite=overwrite,
+            progress=progress,
+            move_to_cpu_after_forward=move_to_cpu_after_forward,
+        )
+        _check_output_dir(output_dir)
         config = _extraction_config(extraction_config, names, self.model_map)
         run = DatasetRun(
             self,
@@ -570,10 +578,19 @@ class HookedModel:
         )
 
 
-def _check_compile_flag(compile: Any) -> None:
-    """Refuse a ``compile`` that is not a bool (``"no"`` or ``"False"`` would compile)."""
-    if not isinstance(compile, bool):
-        raise InputError(f"compile must be True or False, got {compile!r}.")
+def _check_flags(**flags: Any) -> None:
+    """Refuse a flag that is not a bool (``compile="no"`` or ``"False"`` would compile)."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise InputError(f"{name} must be True or False, got {value!r}.")
+
+
+def _check_output_dir(output_dir: Any) -> None:
+    """Refuse an ``output_dir`` that is no path (``3`` would fail deep in ``os``)."""
+    if output_dir is not None and not isinstance(output_dir, str | os.PathLike):
+        raise InputError(
+            f"output_dir must be a folder path (str or pathlib.Path) or None, got {output_dir!r}."
+        )
 
 
 def _is_compile_wrapper(model: nn.Module) -> bool:
