@@ -5,6 +5,8 @@ refusals. One tiny Llama per padding side, few shapes: every new shape compiles 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 from tiny_models import PROMPTS, build_model, build_tokenizer
@@ -46,6 +48,25 @@ def assert_same_cache(compiled, eager, tolerance=1e-5):
             torch.testing.assert_close(compiled[key], eager[key], atol=tolerance, rtol=tolerance)
         else:
             assert compiled[key] == eager[key], key
+
+
+@contextmanager
+def torch_hook(register, active=True):
+    """A user's torch hook (``register()`` returns its handle) held for the block, if active."""
+    handle = register() if active else None
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def compiled_and_eager(hm, config, prompts=PROMPTS[:3], positions=("last", 0)):
+    """The same forward compiled and eager."""
+    return tuple(
+        hm.forward(prompts, list(positions), extraction_config=config, compile=compile)
+        for compile in (True, False)
+    )
 
 
 def test_compiled_forward_equals_eager_and_hf_hidden_states(hm, policy):
@@ -352,12 +373,9 @@ def test_a_graph_traced_on_another_model_or_before_a_hook_is_not_reused_without_
 
     model_a.forward(PROMPTS[:3], ["last"], extraction_config=config, compile=True)
     for model in (model_b, model_a):
-        handle = model.model_map.decoder.layers[0].mlp.down_proj.register_forward_hook(doubled)
-        try:
-            compiled = model.forward(PROMPTS[:3], ["last"], extraction_config=config, compile=True)
-            eager = model.forward(PROMPTS[:3], ["last"], extraction_config=config)
-        finally:
-            handle.remove()
+        down_proj = model.model_map.decoder.layers[0].mlp.down_proj
+        with torch_hook(lambda: down_proj.register_forward_hook(doubled)):  # noqa: B023
+            compiled, eager = compiled_and_eager(model, config, positions=["last"])
         plain = model.forward(PROMPTS[:3], ["last"], extraction_config=config)
         assert not torch.allclose(eager["resid_out_0"], plain["resid_out_0"])  # the hook acts
         assert_same_cache(compiled, eager)
@@ -380,14 +398,8 @@ def test_a_user_hook_inside_an_unpadded_mlp_sees_every_position():
     down_proj = hm.model_map.decoder.layers[0].mlp.down_proj
     counters.clear()
     for hooked in (True, False, True):
-        handle = down_proj.register_forward_hook(steer_last) if hooked else None
-        try:
-            compiled = hm.forward(PROMPTS[:3], ["last", 0], extraction_config=config, compile=True)
-            eager = hm.forward(PROMPTS[:3], ["last", 0], extraction_config=config)
-        finally:
-            if handle is not None:
-                handle.remove()
-        assert_same_cache(compiled, eager)
+        with torch_hook(lambda: down_proj.register_forward_hook(steer_last), hooked):
+            assert_same_cache(*compiled_and_eager(hm, config))
     assert dict(counters["graph_break"]) == {}
 
 
@@ -403,16 +415,9 @@ def test_a_user_pre_hook_on_the_hf_model_runs_without_logits():
         return args, {**kwargs, "input_ids": kwargs["input_ids"].clamp(max=7)}
 
     for hooked in (True, False):
-        handle = (
-            hm.hf_model.register_forward_pre_hook(rewrite_ids, with_kwargs=True) if hooked else None
-        )
-        try:
-            compiled = hm.forward(PROMPTS[:3], ["last", 0], extraction_config=config, compile=True)
-            eager = hm.forward(PROMPTS[:3], ["last", 0], extraction_config=config)
-        finally:
-            if handle is not None:
-                handle.remove()
-        assert_same_cache(compiled, eager)
+        register = lambda: hm.hf_model.register_forward_pre_hook(rewrite_ids, with_kwargs=True)  # noqa: E731
+        with torch_hook(register, hooked):
+            assert_same_cache(*compiled_and_eager(hm, config))
 
 
 def test_per_head_points_read_a_replaced_weight():
