@@ -58,11 +58,13 @@ def main() -> None:
         default="steady",
         help="glibc malloc with fixed thresholds (common.steady_allocator), or its default",
     )
-    parser.add_argument("--write", action="store_true", help="rewrite RESULTS_compile.md's report (its notes stay)")
-    args = parser.parse_args()
-    args.allocator = (
-        args.allocator if args.allocator == "default" or steady_allocator() else "default"
+    parser.add_argument(
+        "--write", action="store_true", help="rewrite RESULTS_compile.md's report (its notes stay)"
     )
+    args = parser.parse_args()
+    if args.allocator == "steady" and not steady_allocator():
+        print("fixed malloc thresholds not available here: glibc's default", flush=True)
+        args.allocator = "default"
 
     hm = HookedModel.from_pretrained()
     hm.config.batch_size = args.batch_size

@@ -397,9 +397,12 @@ def test_a_user_hook_inside_an_unpadded_mlp_sees_every_position():
 
     down_proj = hm.model_map.decoder.layers[0].mlp.down_proj
     counters.clear()
+    plain = hm.forward(PROMPTS[:3], ["last", 0], extraction_config=config)
     for hooked in (True, False, True):
         with torch_hook(lambda: down_proj.register_forward_hook(steer_last), hooked):
-            assert_same_cache(*compiled_and_eager(hm, config))
+            compiled, eager = compiled_and_eager(hm, config)
+        assert torch.equal(eager["mlp_out_0"], plain["mlp_out_0"]) != hooked  # the hook acts
+        assert_same_cache(compiled, eager)
     assert dict(counters["graph_break"]) == {}
 
 
@@ -414,10 +417,13 @@ def test_a_user_pre_hook_on_the_hf_model_runs_without_logits():
     def rewrite_ids(module, args, kwargs):
         return args, {**kwargs, "input_ids": kwargs["input_ids"].clamp(max=7)}
 
+    plain = hm.forward(PROMPTS[:3], ["last", 0], extraction_config=config)
     for hooked in (True, False):
         register = lambda: hm.hf_model.register_forward_pre_hook(rewrite_ids, with_kwargs=True)  # noqa: E731
         with torch_hook(register, hooked):
-            assert_same_cache(*compiled_and_eager(hm, config))
+            compiled, eager = compiled_and_eager(hm, config)
+        assert torch.equal(eager["resid_out_1"], plain["resid_out_1"]) != hooked  # the hook acts
+        assert_same_cache(compiled, eager)
 
 
 def test_per_head_points_read_a_replaced_weight():

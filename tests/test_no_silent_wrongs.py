@@ -228,6 +228,14 @@ def test_extract_cache_flags_that_are_not_bools_are_refused(hm, flag, value):
         hm.extract_cache(PROMPTS[:2], ["last"], names=["resid_out_0"], **{flag: value})
 
 
+@pytest.mark.parametrize(
+    "call, flag", [("forward", "compile"), ("forward", "move_to_cpu"), ("generate", "return_text")]
+)
+def test_flags_of_forward_and_generate_that_are_not_bools_are_refused(hm, call, flag):
+    with pytest.raises(InputError, match=f"{flag} must be True or False, got 'no'"):
+        getattr(hm, call)(PROMPTS[0], **{flag: "no"})
+
+
 @pytest.mark.parametrize("output_dir", [3, b"acts", ["acts"]])
 def test_an_output_dir_that_is_no_path_is_refused_by_name(hm, output_dir):
     with pytest.raises(InputError, match=r"output_dir must be a folder path .* got"):

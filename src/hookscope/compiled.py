@@ -147,6 +147,7 @@ class CompiledForward:
         self,
         hm: Any,
         extraction: ExtractionPlan,
+        sites: list[CaptureSite],
         save_logits: bool,
         dynamic: bool,
         pre_hooked: bool = False,
@@ -158,7 +159,6 @@ class CompiledForward:
         whole = save_logits or pre_hooked
         self.target: nn.Module = hm.hf_model if whole else hm.model_map.decoder
         self.slots = _Slots()
-        sites = plan_capture(extraction.points, hm.model_map)
         self.projections = _projections(sites)
         self.hooks = [_in_graph_hook(site, self.slots) for site in sites]
         # dynamic shapes: MLPs over real tokens only (compiled_unpad), after the capture hooks
@@ -259,10 +259,11 @@ def compiled_forward_for(
     key = (tuple(p.name for p in extraction.points), save_logits, dynamic, pre_hooked)
     store = hm.__dict__.setdefault("_compiled_forwards", {})
     forward = store.get(key)
-    if forward is None or forward.projections != _projections(
-        plan_capture(extraction.points, hm.model_map)
-    ):
-        forward = store[key] = CompiledForward(hm, extraction, save_logits, dynamic, pre_hooked)
+    sites = plan_capture(extraction.points, hm.model_map)  # planned every call, as eagerly
+    if forward is None or forward.projections != _projections(sites):
+        forward = store[key] = CompiledForward(
+            hm, extraction, sites, save_logits, dynamic, pre_hooked
+        )
     return forward
 
 

@@ -423,7 +423,7 @@ class HookedModel:
         """
         check_model_kwargs(model_kwargs, self.hf_model, HookedModel.forward)
         config = _extraction_config(extraction_config, names, self.model_map)
-        _check_flags(compile=compile)
+        _check_flags(compile=compile, move_to_cpu=move_to_cpu)
         plan = plan_call(
             self,
             inputs,
@@ -566,6 +566,7 @@ class HookedModel:
         """
         from .generation import generate
 
+        _check_flags(return_text=return_text)
         return generate(
             self,
             inputs,
